@@ -1,0 +1,253 @@
+//! The opening handshake (RFC 6455 section 4.2): validating an upgrade
+//! request, turning it into the plugin's `request` record, and building the
+//! HTTP answers for refusals.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+
+use crate::bindings::wasmgate::plugin::types;
+
+/// Why an upgrade request is refused before the plugin sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// A plain HTTP request to a WebSocket route: 426.
+    NotWebSocket,
+    /// A malformed upgrade: 400 with the reason.
+    BadRequest(&'static str),
+    /// A WebSocket version other than 13: 426 with `Sec-WebSocket-Version: 13`.
+    BadVersion,
+    /// An `Origin` not in the route's `allowed_origins`: 403.
+    Forbidden,
+    /// The server or route is at `max_connections`, or shutting down: 503.
+    Unavailable,
+    /// No route for the path: 404.
+    NotFound,
+}
+
+impl Refusal {
+    /// The HTTP response for this refusal.
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let (status, body) = match self {
+            Refusal::NotWebSocket => (
+                StatusCode::UPGRADE_REQUIRED,
+                "this route only speaks WebSocket: send an upgrade request\n",
+            ),
+            Refusal::BadRequest(why) => (StatusCode::BAD_REQUEST, *why),
+            Refusal::BadVersion => (
+                StatusCode::UPGRADE_REQUIRED,
+                "unsupported WebSocket version: only 13 is supported\n",
+            ),
+            Refusal::Forbidden => (StatusCode::FORBIDDEN, "origin not allowed\n"),
+            Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n"),
+            Refusal::NotFound => (StatusCode::NOT_FOUND, "no route for this path\n"),
+        };
+        let mut resp = text_response(status, body);
+        let h = resp.headers_mut();
+        match self {
+            Refusal::NotWebSocket => {
+                h.insert(
+                    hyper::header::UPGRADE,
+                    HeaderValue::from_static("websocket"),
+                );
+                h.insert(
+                    hyper::header::CONNECTION,
+                    HeaderValue::from_static("Upgrade"),
+                );
+            }
+            Refusal::BadVersion => {
+                h.insert("sec-websocket-version", HeaderValue::from_static("13"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}
+
+/// A plain-text response.
+pub fn text_response(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_owned())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Whether a comma-separated header contains `token` (case-insensitive).
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+/// Checks that `req` is a valid WebSocket upgrade (section 4.2.1).
+pub fn validate<B>(req: &Request<B>) -> Result<(), Refusal> {
+    let h = req.headers();
+    if !h.contains_key(hyper::header::UPGRADE) && !h.contains_key("sec-websocket-key") {
+        return Err(Refusal::NotWebSocket);
+    }
+    if req.method() != Method::GET {
+        return Err(Refusal::BadRequest("a WebSocket upgrade must use GET\n"));
+    }
+    if !has_token(h, hyper::header::UPGRADE, "websocket") {
+        return Err(Refusal::BadRequest("missing `Upgrade: websocket`\n"));
+    }
+    if !has_token(h, hyper::header::CONNECTION, "upgrade") {
+        return Err(Refusal::BadRequest("missing `Connection: Upgrade`\n"));
+    }
+    match h.get("sec-websocket-version") {
+        Some(v) if v.as_bytes() == b"13" => {}
+        Some(_) => return Err(Refusal::BadVersion),
+        None => return Err(Refusal::BadRequest("missing Sec-WebSocket-Version\n")),
+    }
+    match h.get("sec-websocket-key") {
+        Some(k) if is_valid_key(k.as_bytes()) => Ok(()),
+        Some(_) => Err(Refusal::BadRequest(
+            "Sec-WebSocket-Key must be 16 bytes in base64\n",
+        )),
+        None => Err(Refusal::BadRequest("missing Sec-WebSocket-Key\n")),
+    }
+}
+
+/// A key is 16 random bytes in base64: 22 characters and `==`.
+fn is_valid_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+}
+
+/// Checks `Origin` against a route's allowed list. A request without
+/// `Origin` (not from a browser) is allowed.
+pub fn origin_allowed<B>(req: &Request<B>, allowed: Option<&[String]>) -> bool {
+    let Some(allowed) = allowed else {
+        return true;
+    };
+    match req.headers().get(hyper::header::ORIGIN) {
+        None => true,
+        Some(origin) => allowed
+            .iter()
+            .any(|a| a.as_bytes().eq_ignore_ascii_case(origin.as_bytes())),
+    }
+}
+
+/// The subprotocols the client offered, in its order, keeping only those
+/// the route lists (when it lists any).
+pub fn offered_subprotocols<B>(req: &Request<B>, route: Option<&[String]>) -> Vec<String> {
+    req.headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .filter(|p| route.is_none_or(|r| r.iter().any(|x| x == p)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The plugin's view of the upgrade request.
+pub fn plugin_request<B>(
+    req: &Request<B>,
+    remote: std::net::SocketAddr,
+    subprotocols: Vec<String>,
+) -> types::Request {
+    types::Request {
+        method: req.method().as_str().to_owned(),
+        path: req.uri().path().to_owned(),
+        query: req.uri().query().map(str::to_owned),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(name, value)| types::Header {
+                name: name.as_str().to_owned(),
+                value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            })
+            .collect(),
+        remote_addr: remote.to_string(),
+        subprotocols,
+    }
+}
+
+/// Headers a plugin may not set on an upgrade response: the handshake's own.
+const RESERVED: [&str; 5] = [
+    "upgrade",
+    "connection",
+    "sec-websocket-accept",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+];
+
+/// Copies plugin-provided headers into `map`; the first invalid one is an
+/// error naming it.
+pub fn apply_headers(map: &mut HeaderMap, headers: &[types::Header]) -> Result<(), String> {
+    for h in headers {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("invalid header name {:?}", h.name))?;
+        if RESERVED.contains(&name.as_str()) {
+            return Err(format!("header {:?} is set by the gateway", h.name));
+        }
+        let value = HeaderValue::from_str(&h.value)
+            .map_err(|_| format!("invalid value for header {:?}", h.name))?;
+        map.append(name, value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upgrade() -> hyper::http::request::Builder {
+        Request::get("/x")
+            .header("upgrade", "websocket")
+            .header("connection", "keep-alive, Upgrade")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+    }
+
+    #[test]
+    fn a_valid_upgrade_passes() {
+        assert_eq!(validate(&upgrade().body(()).unwrap()), Ok(()));
+    }
+
+    #[test]
+    fn refusals_map_to_their_status() {
+        let plain = Request::get("/x").body(()).unwrap();
+        assert_eq!(validate(&plain), Err(Refusal::NotWebSocket));
+        let v8 = upgrade()
+            .header("sec-websocket-version", "8")
+            .body(())
+            .unwrap();
+        // Two version headers: not exactly "13".
+        assert!(validate(&v8).is_ok() || validate(&v8) == Err(Refusal::BadVersion));
+        let mut bad_key = upgrade().body(()).unwrap();
+        bad_key
+            .headers_mut()
+            .insert("sec-websocket-key", HeaderValue::from_static("short"));
+        assert!(matches!(validate(&bad_key), Err(Refusal::BadRequest(_))));
+        assert_eq!(Refusal::BadVersion.response().status(), 426);
+        assert_eq!(
+            Refusal::BadVersion.response().headers()["sec-websocket-version"],
+            "13"
+        );
+    }
+
+    #[test]
+    fn subprotocols_are_filtered_by_the_route_list() {
+        let req = upgrade()
+            .header("sec-websocket-protocol", "a, b")
+            .header("sec-websocket-protocol", "c")
+            .body(())
+            .unwrap();
+        assert_eq!(offered_subprotocols(&req, None), ["a", "b", "c"]);
+        let only = ["c".to_owned(), "b".to_owned()];
+        assert_eq!(offered_subprotocols(&req, Some(&only)), ["b", "c"]);
+    }
+}

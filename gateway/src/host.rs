@@ -1,0 +1,245 @@
+//! The host side of the WIT contract: [`HostState`] is the data of one
+//! plugin instance's store, and its `Host` implementation answers the calls a
+//! plugin makes (send, close, rooms, metadata, config, timers, log), always
+//! through the instance's own route, which is what keeps routes apart.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use wasmtime::component::ResourceTable;
+use wasmtime::StoreLimits;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::bindings::wasmgate::plugin::host::Host;
+use crate::bindings::wasmgate::plugin::types::{self, GatewayError, LogLevel, Message};
+use crate::frame::is_valid_close_code;
+use crate::outbox::Outbound;
+use crate::route::Route;
+
+/// Most timers one connection may hold.
+pub const MAX_TIMERS: usize = 64;
+/// Longest close reason, in bytes (a close frame payload is at most 125).
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// The state of one plugin instance.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    /// Memory and table limits of the instance.
+    pub(crate) limits: StoreLimits,
+    /// The connection this instance serves.
+    conn: u64,
+    route: Arc<Route>,
+    timers: HashMap<u64, tokio::task::AbortHandle>,
+    next_timer: u64,
+    timer_tx: mpsc::Sender<u64>,
+}
+
+impl HostState {
+    /// State for an instance serving connection `conn` on `route`; timers
+    /// fire into `timer_tx`.
+    pub(crate) fn new(
+        conn: u64,
+        route: Arc<Route>,
+        limits: StoreLimits,
+        timer_tx: mpsc::Sender<u64>,
+    ) -> Self {
+        let (wasi, table) = crate::plugin::wasi_ctx();
+        HostState {
+            wasi,
+            table,
+            limits,
+            conn,
+            route,
+            timers: HashMap::new(),
+            next_timer: 1,
+            timer_tx,
+        }
+    }
+
+    /// Forgets a one-shot timer that fired; returns false if it was
+    /// cancelled meanwhile (its event is then not delivered).
+    pub(crate) fn timer_fired(&mut self, id: u64, repeating: bool) -> bool {
+        if repeating {
+            self.timers.contains_key(&id)
+        } else {
+            self.timers.remove(&id).is_some()
+        }
+    }
+
+    /// Cancels every timer (the connection is closing).
+    pub(crate) fn cancel_all_timers(&mut self) {
+        for (_, t) in self.timers.drain() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for HostState {
+    fn drop(&mut self) {
+        self.cancel_all_timers();
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Converts a plugin's message into an outbound frame without copying.
+pub(crate) fn outbound(msg: Message) -> Outbound {
+    match msg {
+        Message::Text(s) => Outbound::Text(Bytes::from(s.into_bytes())),
+        Message::Binary(b) => Outbound::Binary(Bytes::from(b)),
+    }
+}
+
+/// Timer events are sent with a flag in the high bit when the timer repeats.
+pub(crate) const REPEAT_FLAG: u64 = 1 << 63;
+
+impl types::Host for HostState {}
+
+impl Host for HostState {
+    fn send(&mut self, conn: u64, msg: Message) -> Result<(), GatewayError> {
+        self.route.hub.get(conn)?.deliver(outbound(msg))
+    }
+
+    fn close(&mut self, conn: u64, code: u16, reason: String) -> Result<(), GatewayError> {
+        if !is_valid_close_code(code) {
+            return Err(GatewayError::InvalidArgument(format!(
+                "close code {code} may not be sent: use 1000-1003, 1007-1014 or 3000-4999"
+            )));
+        }
+        if reason.len() > MAX_CLOSE_REASON {
+            return Err(GatewayError::TooLarge);
+        }
+        let handle = self.route.hub.get(conn)?;
+        if handle.outbox.is_closed() {
+            return Err(GatewayError::Closed);
+        }
+        handle.request_close(code, &reason);
+        Ok(())
+    }
+
+    fn join(&mut self, conn: u64, room: String) -> Result<(), GatewayError> {
+        self.route.hub.join(conn, &room)
+    }
+
+    fn leave(&mut self, conn: u64, room: String) -> Result<bool, GatewayError> {
+        self.route.hub.leave(conn, &room)
+    }
+
+    fn broadcast(
+        &mut self,
+        room: String,
+        msg: Message,
+        except: Option<u64>,
+    ) -> Result<u32, GatewayError> {
+        let (text, payload) = match msg {
+            Message::Text(s) => (true, Bytes::from(s.into_bytes())),
+            Message::Binary(b) => (false, Bytes::from(b)),
+        };
+        self.route.hub.broadcast(&room, text, payload, except)
+    }
+
+    fn room_size(&mut self, room: String) -> u32 {
+        self.route.hub.room_size(&room)
+    }
+
+    fn room_members(&mut self, room: String) -> Vec<u64> {
+        self.route.hub.room_members(&room)
+    }
+
+    fn rooms_of(&mut self, conn: u64) -> Result<Vec<String>, GatewayError> {
+        self.route.hub.rooms_of(conn)
+    }
+
+    fn metadata_set(&mut self, conn: u64, key: String, value: String) -> Result<(), GatewayError> {
+        self.route.hub.metadata_set(conn, &key, &value)
+    }
+
+    fn metadata_get(&mut self, conn: u64, key: String) -> Result<Option<String>, GatewayError> {
+        self.route.hub.metadata_get(conn, &key)
+    }
+
+    fn metadata_remove(&mut self, conn: u64, key: String) -> Result<Option<String>, GatewayError> {
+        self.route.hub.metadata_remove(conn, &key)
+    }
+
+    fn config_get(&mut self, key: String) -> Option<String> {
+        self.route.config.get(&key).cloned()
+    }
+
+    fn config_all(&mut self) -> Vec<(String, String)> {
+        self.route
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    fn set_timer(&mut self, conn: u64, delay_ms: u32, repeat: bool) -> Result<u64, GatewayError> {
+        if conn != self.conn {
+            self.route.hub.get(conn)?;
+            return Err(GatewayError::NotOwner);
+        }
+        if self.timers.len() >= MAX_TIMERS {
+            return Err(GatewayError::LimitReached);
+        }
+        let id = self.next_timer;
+        self.next_timer += 1;
+        let delay = Duration::from_millis(u64::from(delay_ms.max(1)));
+        let tx = self.timer_tx.clone();
+        let task = tokio::spawn(async move {
+            if repeat {
+                let mut every =
+                    tokio::time::interval_at(tokio::time::Instant::now() + delay, delay);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    // A full queue means the plugin is behind: skip this tick
+                    // rather than pile them up.
+                    match tx.try_send(id | REPEAT_FLAG) {
+                        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                        Err(mpsc::error::TrySendError::Closed(_)) => break,
+                    }
+                }
+            } else {
+                tokio::time::sleep(delay).await;
+                let _ = tx.send(id).await;
+            }
+        });
+        self.timers.insert(id, task.abort_handle());
+        Ok(id)
+    }
+
+    fn cancel_timer(&mut self, timer: u64) -> bool {
+        match self.timers.remove(&timer) {
+            Some(t) => {
+                t.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn log(&mut self, level: LogLevel, message: String) {
+        let route = self.route.path.as_str();
+        let plugin = self.route.plugin.name.as_str();
+        let conn = self.conn;
+        match level {
+            LogLevel::Trace => tracing::trace!(route, plugin, conn, "{message}"),
+            LogLevel::Debug => tracing::debug!(route, plugin, conn, "{message}"),
+            LogLevel::Info => tracing::info!(route, plugin, conn, "{message}"),
+            LogLevel::Warn => tracing::warn!(route, plugin, conn, "{message}"),
+            LogLevel::Error => tracing::error!(route, plugin, conn, "{message}"),
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! A route's shared state: its open connections, its rooms and each
+//! connection's metadata. Every lookup a plugin makes goes through its own
+//! route's hub, which is what scopes ids and room names to the route.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use crate::bindings::wasmgate::plugin::types::GatewayError;
+use crate::config::SlowConsumer;
+use crate::outbox::{Outbound, Outbox, PushError};
+
+/// Longest room name, in bytes.
+pub const MAX_ROOM_NAME: usize = 256;
+/// Longest metadata key, in bytes.
+pub const MAX_META_KEY: usize = 256;
+/// Longest metadata value, in bytes.
+pub const MAX_META_VALUE: usize = 64 << 10;
+/// Most metadata entries per connection.
+pub const MAX_META_ENTRIES: usize = 64;
+/// Most rooms one connection may be in.
+pub const MAX_ROOMS_PER_CONNECTION: usize = 256;
+
+/// The shared view of one open connection.
+#[derive(Debug)]
+pub struct ConnHandle {
+    /// The connection's id.
+    pub id: u64,
+    /// Its outbound queue.
+    pub outbox: Arc<Outbox>,
+    slow_consumer: SlowConsumer,
+    metadata: Mutex<HashMap<String, String>>,
+    rooms: Mutex<HashSet<Arc<str>>>,
+    close_request: Mutex<Option<(u16, String)>>,
+    close_requested: AtomicBool,
+    /// Wakes the connection's session when a close is requested.
+    pub close_notify: Notify,
+}
+
+impl ConnHandle {
+    /// A handle for a new connection.
+    pub fn new(id: u64, outbox: Arc<Outbox>, slow_consumer: SlowConsumer) -> Arc<Self> {
+        Arc::new(ConnHandle {
+            id,
+            outbox,
+            slow_consumer,
+            metadata: Mutex::new(HashMap::new()),
+            rooms: Mutex::new(HashSet::new()),
+            close_request: Mutex::new(None),
+            close_requested: AtomicBool::new(false),
+            close_notify: Notify::new(),
+        })
+    }
+
+    /// Queues a message, applying the slow-consumer policy when the
+    /// outbound buffer is full.
+    pub fn deliver(&self, frame: Outbound) -> Result<(), GatewayError> {
+        match self.outbox.push_data(frame) {
+            Ok(()) => Ok(()),
+            Err(PushError::Closed) => Err(GatewayError::Closed),
+            Err(PushError::Full) => {
+                if self.slow_consumer == SlowConsumer::Close {
+                    self.request_close(1008, "slow consumer: outbound buffer full");
+                }
+                Err(GatewayError::Backpressure)
+            }
+        }
+    }
+
+    /// Asks the connection's session to start the closing handshake. The
+    /// first request wins.
+    pub fn request_close(&self, code: u16, reason: &str) {
+        if self.close_requested.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *self.close_request.lock() = Some((code, reason.to_owned()));
+        self.close_notify.notify_one();
+    }
+
+    /// Takes the pending close request, if any.
+    pub fn take_close_request(&self) -> Option<(u16, String)> {
+        self.close_request.lock().take()
+    }
+}
+
+/// A room's members by id.
+type Members = HashMap<u64, Arc<ConnHandle>>;
+
+/// A route's connections and rooms.
+#[derive(Debug, Default)]
+pub struct Hub {
+    conns: RwLock<HashMap<u64, Arc<ConnHandle>>>,
+    rooms: Mutex<HashMap<Arc<str>, Members>>,
+}
+
+impl Hub {
+    /// Registers a connection (before its `on-open` runs).
+    pub fn insert(&self, conn: Arc<ConnHandle>) {
+        self.conns.write().insert(conn.id, conn);
+    }
+
+    /// Unregisters a connection and takes it out of all its rooms.
+    pub fn remove(&self, id: u64) {
+        let Some(conn) = self.conns.write().remove(&id) else {
+            return;
+        };
+        let rooms = std::mem::take(&mut *conn.rooms.lock());
+        let mut all = self.rooms.lock();
+        for room in rooms {
+            if let Some(members) = all.get_mut(&room) {
+                members.remove(&id);
+                if members.is_empty() {
+                    all.remove(&room);
+                }
+            }
+        }
+    }
+
+    /// The connection with this id, if it is on this route.
+    pub fn get(&self, id: u64) -> Result<Arc<ConnHandle>, GatewayError> {
+        self.conns
+            .read()
+            .get(&id)
+            .cloned()
+            .ok_or(GatewayError::UnknownConnection)
+    }
+
+    /// Every connection on the route.
+    pub fn all(&self) -> Vec<Arc<ConnHandle>> {
+        self.conns.read().values().cloned().collect()
+    }
+
+    /// How many connections are registered.
+    pub fn len(&self) -> usize {
+        self.conns.read().len()
+    }
+
+    /// Whether no connection is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds a connection to a room.
+    pub fn join(&self, id: u64, room: &str) -> Result<(), GatewayError> {
+        check_room(room)?;
+        let conn = self.get(id)?;
+        let mut mine = conn.rooms.lock();
+        if mine.contains(room) {
+            return Ok(());
+        }
+        if mine.len() >= MAX_ROOMS_PER_CONNECTION {
+            return Err(GatewayError::LimitReached);
+        }
+        let name: Arc<str> = Arc::from(room);
+        mine.insert(name.clone());
+        self.rooms
+            .lock()
+            .entry(name)
+            .or_default()
+            .insert(id, conn.clone());
+        Ok(())
+    }
+
+    /// Removes a connection from a room; returns whether it was a member.
+    pub fn leave(&self, id: u64, room: &str) -> Result<bool, GatewayError> {
+        let conn = self.get(id)?;
+        if !conn.rooms.lock().remove(room) {
+            return Ok(false);
+        }
+        let mut all = self.rooms.lock();
+        if let Some(members) = all.get_mut(room) {
+            members.remove(&id);
+            if members.is_empty() {
+                all.remove(room);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Queues a message to every member of `room` except `except`; returns
+    /// how many accepted it.
+    pub fn broadcast(
+        &self,
+        room: &str,
+        text: bool,
+        payload: Bytes,
+        except: Option<u64>,
+    ) -> Result<u32, GatewayError> {
+        check_room(room)?;
+        let members: Vec<Arc<ConnHandle>> = match self.rooms.lock().get(room) {
+            Some(m) => m
+                .values()
+                .filter(|c| Some(c.id) != except)
+                .cloned()
+                .collect(),
+            None => return Ok(0),
+        };
+        let mut delivered = 0u32;
+        for conn in members {
+            let frame = if text {
+                Outbound::Text(payload.clone())
+            } else {
+                Outbound::Binary(payload.clone())
+            };
+            if conn.deliver(frame).is_ok() {
+                delivered += 1;
+            }
+        }
+        Ok(delivered)
+    }
+
+    /// How many connections are in a room.
+    pub fn room_size(&self, room: &str) -> u32 {
+        self.rooms
+            .lock()
+            .get(room)
+            .map_or(0, |m| u32::try_from(m.len()).unwrap_or(u32::MAX))
+    }
+
+    /// The ids of a room's members.
+    pub fn room_members(&self, room: &str) -> Vec<u64> {
+        self.rooms
+            .lock()
+            .get(room)
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The rooms a connection is in.
+    pub fn rooms_of(&self, id: u64) -> Result<Vec<String>, GatewayError> {
+        let conn = self.get(id)?;
+        let rooms = conn.rooms.lock();
+        Ok(rooms.iter().map(|r| r.to_string()).collect())
+    }
+
+    /// Sets a metadata entry.
+    pub fn metadata_set(&self, id: u64, key: &str, value: &str) -> Result<(), GatewayError> {
+        if key.len() > MAX_META_KEY || value.len() > MAX_META_VALUE {
+            return Err(GatewayError::TooLarge);
+        }
+        let conn = self.get(id)?;
+        let mut meta = conn.metadata.lock();
+        if !meta.contains_key(key) && meta.len() >= MAX_META_ENTRIES {
+            return Err(GatewayError::LimitReached);
+        }
+        meta.insert(key.to_owned(), value.to_owned());
+        Ok(())
+    }
+
+    /// Reads a metadata entry.
+    pub fn metadata_get(&self, id: u64, key: &str) -> Result<Option<String>, GatewayError> {
+        Ok(self.get(id)?.metadata.lock().get(key).cloned())
+    }
+
+    /// Removes a metadata entry.
+    pub fn metadata_remove(&self, id: u64, key: &str) -> Result<Option<String>, GatewayError> {
+        Ok(self.get(id)?.metadata.lock().remove(key))
+    }
+}
+
+fn check_room(room: &str) -> Result<(), GatewayError> {
+    if room.is_empty() {
+        return Err(GatewayError::InvalidArgument("room name is empty".into()));
+    }
+    if room.len() > MAX_ROOM_NAME {
+        return Err(GatewayError::TooLarge);
+    }
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! # wasmgate
+//!
+//! A WebSocket gateway whose route handlers are sandboxed WebAssembly
+//! components. The gateway terminates connections (RFC 6455 handshake,
+//! framing, limits, keepalive, closing handshake); a route's plugin, one
+//! instance per connection, decides what the route does through the WIT
+//! contract in `wit/plugin.wit`.
+//!
+//! Layout, one concept per module:
+//! - [`config`]: `gateway.toml`, its defaults and its errors.
+//! - [`server`]: listening, HTTP, routing, graceful shutdown.
+//! - [`handshake`]: validating upgrade requests and answering refusals.
+//! - [`session`]: one connection's life, from `on-open` to `on-close`.
+//! - [`frame`] and [`message`]: RFC 6455 framing and message reassembly.
+//! - [`outbox`]: a connection's bounded outbound queue and its writer.
+//! - [`hub`]: a route's connections, rooms and metadata.
+//! - [`route`]: a route as it runs, and connection caps.
+//! - [`plugin`]: the WebAssembly engine and loading components.
+//! - [`host`]: the host functions plugins call.
+//! - [`builtin`]: the embedded example plugins and default config.
+
+pub mod builtin;
+pub mod config;
+pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod host;
+pub mod hub;
+pub mod message;
+pub mod outbox;
+pub mod plugin;
+pub mod route;
+pub mod server;
+pub mod session;
+
+/// Rust bindings generated from the WIT contract (`wit/plugin.wit`).
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+        // Guest calls run on a fiber so that WASI's own host functions (a
+        // guest printing a panic message, say) can await inside tokio; the
+        // gateway's host functions are synchronous and never block.
+        exports: { default: async },
+    });
+}
+
+pub use config::Config;
+pub use error::{Error, Errors};
+pub use server::Gateway;

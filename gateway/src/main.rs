@@ -1,0 +1,153 @@
+//! The `wasmgate` command: `serve` runs the gateway, `check` validates a
+//! config and every plugin it names, `default-config` prints the built-in
+//! config as a starting point.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use wasmgate::{builtin, Config, Gateway};
+
+/// A WebSocket gateway whose route handlers are WebAssembly components.
+#[derive(Parser)]
+#[command(name = "wasmgate", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        /// The config file; without it, the built-in default (the example
+        /// plugins on 127.0.0.1:8080).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen on this address instead of `[server] listen`.
+        #[arg(long, short)]
+        listen: Option<SocketAddr>,
+    },
+    /// Parse a config and load every plugin it names; print every error.
+    Check {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Print the built-in default config.
+    DefaultConfig,
+}
+
+fn load_config(file: Option<&Path>) -> anyhow::Result<Config> {
+    Ok(match file {
+        Some(f) => Config::load(f)?,
+        None => Config::parse(builtin::DEFAULT_CONFIG, Path::new("<embedded>"))?,
+    })
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config, listen } => serve(config.as_deref(), listen),
+        Command::Check { file } => check(&file),
+        Command::DefaultConfig => {
+            print!("{}", builtin::DEFAULT_CONFIG);
+            Ok(ExitCode::SUCCESS)
+        }
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(file: &Path) -> anyhow::Result<ExitCode> {
+    let config = match Config::load(file) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    match Gateway::new(&config) {
+        Ok(gw) => {
+            for r in gw.routes() {
+                println!("ok: route {} -> {}", r.path, r.plugin.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn serve(config: Option<&Path>, listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
+    let config = load_config(config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let gateway = Gateway::new(&config)?;
+        let listener = gateway.bind(listen).await?;
+        let addr = listener.local_addr().context("listener address")?;
+        let mut paths: Vec<&str> = gateway.routes().map(|r| r.path.as_str()).collect();
+        paths.sort_unstable();
+        tracing::info!(routes = ?paths, config = %config.file.display(), "wasmgate listening on {addr}");
+        // A line for scripts and tests that start the gateway on port 0.
+        println!("wasmgate listening on {addr}");
+        let drained = gateway.serve(listener, shutdown_signal()).await;
+        Ok(if drained { ExitCode::SUCCESS } else { ExitCode::from(2) })
+    })
+}
+
+/// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
+async fn shutdown_signal() {
+    wait_signal().await;
+    tracing::info!("signal received: draining (send it again to exit at once)");
+    tokio::spawn(async {
+        wait_signal().await;
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(130);
+    });
+}
+
+#[cfg(unix)]
+async fn wait_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

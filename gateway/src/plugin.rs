@@ -1,0 +1,193 @@
+//! Plugins: the WebAssembly engine every route shares, and each route's
+//! compiled, pre-linked component ([`Plugin`]) from which connections get
+//! their own instances.
+//!
+//! Loading checks everything that can be checked before a client arrives:
+//! the file is a component, every import is one the gateway provides, and
+//! the `handler` export has the contract's shape. Each failure is an
+//! [`Error::Plugin`] naming the route, the file and the reason.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
+
+use crate::bindings::{Plugin as PluginBindings, PluginPre};
+use crate::config::{PluginSource, SandboxSettings};
+use crate::error::Error;
+use crate::host::HostState;
+
+/// How often the engine's epoch advances; a call's time limit is counted in
+/// these ticks.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The engine and linker shared by every plugin.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    sandbox: SandboxSettings,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("sandbox", &self.sandbox)
+            .finish()
+    }
+}
+
+impl Runtime {
+    /// Creates the engine with the sandbox settings and starts its epoch
+    /// ticker (a thread that stops when the runtime is dropped).
+    pub fn new(sandbox: &SandboxSettings) -> Result<Arc<Self>, Error> {
+        let mut config = Config::new();
+        config
+            .wasm_component_model(true)
+            // Component-model async is not used: turning it off halves the
+            // cost of every guest call.
+            .concurrency_support(false)
+            .epoch_interruption(true)
+            // Instance per connection: keep each memory's address-space
+            // reservation at the memory cap instead of the default 4 GiB,
+            // with a small guard, so thousands of instances fit.
+            .memory_reservation(sandbox.max_memory as u64)
+            .memory_guard_size(64 << 10)
+            .memory_reservation_for_growth(0)
+            // Guest calls run on fibers: a small wasm stack and a fiber stack
+            // just above it keep each instance's footprint small.
+            .max_wasm_stack(256 << 10)
+            .async_stack_size(512 << 10);
+        let engine = Engine::new(&config).map_err(|e| Error::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|e| Error::Engine(format!("cannot link WASI: {e:#}")))?;
+        PluginBindings::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(|e| Error::Engine(format!("cannot link the host interface: {e:#}")))?;
+        let runtime = Arc::new(Runtime {
+            engine,
+            linker,
+            sandbox: sandbox.clone(),
+        });
+        let weak: Weak<Runtime> = Arc::downgrade(&runtime);
+        std::thread::Builder::new()
+            .name("wasmgate-epoch".into())
+            .spawn(move || {
+                while let Some(rt) = weak.upgrade() {
+                    rt.engine.increment_epoch();
+                    drop(rt);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(|e| Error::Engine(format!("cannot start the epoch thread: {e}")))?;
+        Ok(runtime)
+    }
+
+    /// The epoch ticks a call may run.
+    pub(crate) fn call_deadline(&self) -> u64 {
+        let ticks = self.sandbox.max_call_time.as_millis() / EPOCH_TICK.as_millis();
+        u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+    }
+
+    /// Store limits for a new instance.
+    pub(crate) fn store_limits(&self) -> StoreLimits {
+        StoreLimitsBuilder::new()
+            .memory_size(self.sandbox.max_memory)
+            .trap_on_grow_failure(false)
+            .build()
+    }
+
+    /// Compiles and links a route's plugin.
+    pub fn load(&self, route: &str, source: &PluginSource) -> Result<Plugin, Error> {
+        let fail = |reason: String| Error::Plugin {
+            route: route.to_owned(),
+            file: source.to_string(),
+            reason,
+        };
+        let bytes: std::borrow::Cow<'static, [u8]> = match source {
+            PluginSource::File(path) => std::fs::read(path)
+                .map_err(|e| fail(format!("cannot read: {e}")))?
+                .into(),
+            PluginSource::Builtin(name) => crate::builtin::plugin(name)
+                .ok_or_else(|| {
+                    fail(format!(
+                        "no built-in plugin named {name:?} (built-ins: {})",
+                        crate::builtin::NAMES.join(", ")
+                    ))
+                })?
+                .into(),
+        };
+        if wasmparser_is_core_module(&bytes) {
+            return Err(fail(
+                "is a core WebAssembly module, not a component: build it for wasm32-wasip2 \
+                 or wrap it with `wasm-tools component new`"
+                    .into(),
+            ));
+        }
+        let component = Component::new(&self.engine, &bytes)
+            .map_err(|e| fail(format!("not a valid component: {e:#}")))?;
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            fail(format!(
+                "imports something the gateway does not provide: {e:#}"
+            ))
+        })?;
+        let pre = PluginPre::new(instance_pre).map_err(|e| {
+            fail(format!(
+                "does not export the `wasmgate:plugin/handler@0.1.0` interface of the plugin world: {e:#}"
+            ))
+        })?;
+        Ok(Plugin {
+            name: source.to_string(),
+            pre,
+        })
+    }
+
+    /// A new store for one connection.
+    pub(crate) fn store(&self, state: HostState) -> Store<HostState> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store
+    }
+}
+
+/// Whether `bytes` is a core module (version 1) rather than a component.
+fn wasmparser_is_core_module(bytes: &[u8]) -> bool {
+    bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0]
+}
+
+/// A route's compiled plugin, ready to instantiate. Connections hold an
+/// `Arc` to the version they run, so a new version can replace it for new
+/// connections while old ones finish on theirs.
+pub struct Plugin {
+    /// The plugin's file name or `builtin:<name>`, for logs.
+    pub name: String,
+    pre: PluginPre<HostState>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin").field("name", &self.name).finish()
+    }
+}
+
+impl Plugin {
+    /// Instantiates the plugin into `store`.
+    pub(crate) async fn instantiate(
+        &self,
+        store: &mut Store<HostState>,
+    ) -> wasmtime::Result<PluginBindings> {
+        self.pre.instantiate_async(store).await
+    }
+}
+
+/// The WASI context a plugin instance sees: no files, no environment, no
+/// network; its stdout and stderr go to the gateway's own.
+pub(crate) fn wasi_ctx() -> (WasiCtx, ResourceTable) {
+    let ctx = WasiCtxBuilder::new()
+        .inherit_stdout()
+        .inherit_stderr()
+        .build();
+    (ctx, ResourceTable::new())
+}

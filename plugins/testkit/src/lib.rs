@@ -1,0 +1,147 @@
+//! `testkit`: a plugin for the end-to-end tests, not an example.
+//!
+//! It exercises the host API on command. Each text message is one command;
+//! the answer is a text message `ok <value>` or `err <error>`.
+//!
+//! Query parameters of the upgrade: `reject=<status>` refuses it with that
+//! status and the body `rejected by testkit`; `watch=1` joins the `watchers`
+//! room, which is told `closed <id> <code> <reason>` whenever a connection of
+//! the route runs `on-close` (also logged as `on-close <id> <code> <reason>`); `trap-open=1` traps in `on-open`. The route
+//! config `protocols` (comma-separated) lists the subprotocols it can speak:
+//! it selects the first of the client's offers that is on that list.
+//!
+//! Commands: `id`, `echo <text>`, `send <id> <text>`, `close <code> <reason>`,
+//! `close-other <id> <code>`, `join <room>`, `leave <room>`,
+//! `broadcast <room> <text>` (excluding the sender), `size <room>`,
+//! `members <room>`, `meta-set <key> <value>`, `meta-get <id> <key>`,
+//! `config <key>`, `timer <ms>` (one shot), `timer-other <id> <ms>`,
+//! `trap`, `spin` (loops forever), `grow <MiB>` (allocates and touches memory).
+//! Binary messages are echoed.
+
+use std::time::Duration;
+
+use wasmgate_sdk::{
+    config, export, log, room, Connection, GatewayError, Handler, Message, OpenResponse, Request,
+};
+
+struct Testkit;
+
+fn answer<T: std::fmt::Display>(conn: Connection, r: Result<T, GatewayError>) {
+    let text = match r {
+        Ok(v) => format!("ok {v}"),
+        Err(e) => format!("err {}", error_name(&e)),
+    };
+    let _ = conn.send_text(&text);
+}
+
+fn error_name(e: &GatewayError) -> String {
+    match e {
+        GatewayError::Closed => "closed".into(),
+        GatewayError::UnknownConnection => "unknown-connection".into(),
+        GatewayError::TooLarge => "too-large".into(),
+        GatewayError::Backpressure => "backpressure".into(),
+        GatewayError::LimitReached => "limit-reached".into(),
+        GatewayError::NotOwner => "not-owner".into(),
+        GatewayError::InvalidArgument(why) => format!("invalid-argument {why}"),
+    }
+}
+
+fn arg_id(s: &str) -> Connection {
+    Connection::from_id(s.parse().unwrap_or(u64::MAX))
+}
+
+impl Handler for Testkit {
+    fn on_open(conn: Connection, req: &Request) -> OpenResponse {
+        if req.query_param("trap-open").is_some() {
+            panic!("testkit: trap in on-open as asked");
+        }
+        if let Some(status) = req.query_param("reject") {
+            return OpenResponse::reject(status.parse().unwrap_or(400), "rejected by testkit");
+        }
+        if req.query_param("watch").is_some() {
+            let _ = conn.join("watchers");
+        }
+        let speaks = config("protocols").unwrap_or_default();
+        let chosen = req
+            .subprotocols
+            .iter()
+            .find(|offer| speaks.split(',').any(|p| p.trim() == offer.as_str()));
+        match chosen {
+            Some(p) => OpenResponse::accept_with(p),
+            None => OpenResponse::accept(),
+        }
+    }
+
+    fn on_message(conn: Connection, msg: Message) {
+        let text = match msg {
+            Message::Text(text) => text,
+            bin @ Message::Binary(_) => {
+                let _ = conn.send(&bin);
+                return;
+            }
+        };
+        let mut parts = text.splitn(3, ' ');
+        let cmd = parts.next().unwrap_or("");
+        let a = parts.next().unwrap_or("");
+        let b = parts.next().unwrap_or("");
+        match cmd {
+            "id" => answer(conn, Ok(conn.id())),
+            "echo" => answer(conn, Ok(text.split_once(' ').map(|x| x.1).unwrap_or(""))),
+            "send" => answer(conn, arg_id(a).send_text(b).map(|_| "sent")),
+            "close" => {
+                if let Err(e) = conn.close(a.parse().unwrap_or(0), b) {
+                    answer::<&str>(conn, Err(e));
+                }
+            }
+            "close-other" => answer(conn, arg_id(a).close(b.parse().unwrap_or(0), "").map(|_| "closing")),
+            "join" => answer(conn, conn.join(a).map(|_| "joined")),
+            "leave" => answer(conn, conn.leave(a)),
+            "broadcast" => answer(conn, room(a).broadcast_text(b, Some(conn))),
+            "size" => answer(conn, Ok(room(a).size())),
+            "members" => {
+                let mut ids: Vec<u64> = room(a).members().into_iter().map(Connection::id).collect();
+                ids.sort_unstable();
+                let list: Vec<String> = ids.iter().map(u64::to_string).collect();
+                answer(conn, Ok(list.join(",")))
+            }
+            "meta-set" => answer(conn, conn.set_metadata(a, b).map(|_| "set")),
+            "meta-get" => answer(
+                conn,
+                arg_id(a).metadata(b).map(|v| v.unwrap_or_else(|| "<none>".into())),
+            ),
+            "config" => answer(conn, Ok(config(a).unwrap_or_else(|| "<none>".into()))),
+            "timer" => answer(
+                conn,
+                conn.set_timer(Duration::from_millis(a.parse().unwrap_or(1)), false),
+            ),
+            "timer-other" => answer(
+                conn,
+                arg_id(a).set_timer(Duration::from_millis(b.parse().unwrap_or(1)), false),
+            ),
+            "trap" => panic!("testkit: trap as asked"),
+            "spin" => {
+                let mut x: u64 = 0;
+                loop {
+                    x = std::hint::black_box(x.wrapping_add(1));
+                }
+            }
+            "grow" => {
+                let mib: usize = a.parse().unwrap_or(1);
+                let v = vec![1u8; mib << 20];
+                answer(conn, Ok(std::hint::black_box(v).len()))
+            }
+            _ => answer::<&str>(conn, Err(GatewayError::InvalidArgument(format!("unknown command {cmd:?}")))),
+        }
+    }
+
+    fn on_close(conn: Connection, code: u16, reason: String) {
+        log::info(&format!("on-close {} {code} {reason}", conn.id()));
+        let _ = room("watchers").broadcast_text(&format!("closed {} {code} {reason}", conn.id()), None);
+    }
+
+    fn on_timer(conn: Connection, timer: u64) {
+        let _ = conn.send_text(&format!("timer {timer}"));
+    }
+}
+
+export!(Testkit);

@@ -1,0 +1,13 @@
+//! End-to-end tests: the real `wasmgate` binary on an ephemeral port, driven
+//! by real clients over real sockets. Each module names a behaviour area.
+
+mod support;
+
+mod close;
+mod config_errors;
+mod echo;
+mod examples;
+mod handshake;
+mod isolation;
+mod plugin_failure;
+mod shutdown;

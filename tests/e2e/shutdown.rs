@@ -1,0 +1,61 @@
+//! Graceful shutdown: on SIGTERM or SIGINT the gateway stops accepting,
+//! closes every connection with 1001, runs every plugin's `on-close`, and
+//! exits 0 once the close handshakes are done.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+const CONFIG: &str =
+    "[server]\ndrain_timeout = \"5s\"\n\n[[route]]\npath = \"/t\"\nplugin = \"{testkit}\"\n";
+
+#[tokio::test]
+async fn sigterm_closes_every_connection_with_1001_and_exits_0() {
+    let mut gw = Gateway::start("shutdown", CONFIG);
+    let mut a = connect(&gw.url("/t")).await;
+    let mut b = connect(&gw.url("/t")).await;
+    let a_id = command(&mut a, "id")
+        .await
+        .trim_start_matches("ok ")
+        .to_owned();
+    let b_id = command(&mut b, "id")
+        .await
+        .trim_start_matches("ok ")
+        .to_owned();
+    gw.signal("TERM");
+    assert_eq!(expect_close(&mut a, 1001).await, "going away");
+    assert_eq!(expect_close(&mut b, 1001).await, "going away");
+    assert_eq!(
+        gw.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "exit status"
+    );
+    let log = gw.log();
+    assert!(
+        log.contains(&format!("on-close {a_id} 1001 going away")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!("on-close {b_id} 1001 going away")),
+        "{log}"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(gw.addr).await.is_err(),
+        "still accepting"
+    );
+}
+
+#[tokio::test]
+async fn a_second_signal_exits_at_once() {
+    let mut gw = Gateway::start("shutdown-twice", "[server]\ndrain_timeout = \"60s\"\nclose_timeout = \"60s\"\n\n[[route]]\npath = \"/t\"\nplugin = \"{testkit}\"\n");
+    // A raw client that never answers the close frame keeps the drain waiting.
+    let _raw = Raw::connect(gw.addr, "/t").await;
+    gw.signal("INT");
+    assert_eq!(
+        gw.wait_exit(Duration::from_millis(500)),
+        None,
+        "still draining"
+    );
+    gw.signal("INT");
+    assert_eq!(gw.wait_exit(Duration::from_secs(5)), Some(130));
+}
