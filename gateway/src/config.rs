@@ -82,6 +82,18 @@ pub enum SlowConsumer {
     Drop,
 }
 
+/// How a route's plugin receives data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Deliver {
+    /// Whole messages (`on-message`), reassembled and capped by
+    /// `max_message_size`.
+    Message,
+    /// Each fragment as it arrives (`on-fragment`), capped by
+    /// `max_frame_size`: messages of any total size stream through.
+    Fragments,
+}
+
 /// The limits a connection runs with: the `[server]` defaults overridden by
 /// its route.
 #[derive(Debug, Clone, PartialEq)]
@@ -139,6 +151,8 @@ pub struct RouteSettings {
     pub subprotocols: Option<Vec<String>>,
     /// Most open connections on this route (`None`: only the server cap).
     pub max_connections: Option<usize>,
+    /// Whole messages or fragments.
+    pub deliver: Deliver,
 }
 
 /// The limit keys allowed both in `[server]` (defaults) and in `[[route]]`
@@ -182,6 +196,7 @@ limit_keys! {
         config: BTreeMap<String, String>,
         allowed_origins: Option<Vec<String>>,
         subprotocols: Option<Vec<String>>,
+        deliver: Option<Deliver>,
     }
 }
 
@@ -398,6 +413,7 @@ impl Config {
                 allowed_origins: r.allowed_origins,
                 subprotocols: r.subprotocols,
                 max_connections: r.max_connections,
+                deliver: r.deliver.unwrap_or(Deliver::Message),
             });
         }
         if routes.is_empty() {

@@ -4,8 +4,9 @@
 //! The reader is the gateway's own rather than fastwebsockets': it is
 //! cancel-safe (a connection's task selects between reading and its timers),
 //! it rejects an oversized frame from its header before buffering any of it,
-//! it enforces client masking, and it leaves RSV bits to the caller so that a
-//! negotiated extension (RFC 7692) can claim them.
+//! it enforces client masking, it validates text as UTF-8 as the bytes
+//! arrive (so a bad byte fails the connection before the frame or message is
+//! complete), and it leaves RSV1 to a negotiated extension (RFC 7692).
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -167,6 +168,67 @@ pub struct FrameReader {
     want: usize,
     /// Whether a negotiated extension claims RSV1 (none does yet).
     allow_rsv1: bool,
+    /// The kind of the fragmented message in progress: `Some(true)` text.
+    message_text: Option<bool>,
+    /// UTF-8 state of the text message in progress.
+    utf8: Utf8Stream,
+    /// Payload bytes of the incomplete frame already unmasked and checked.
+    checked: usize,
+}
+
+/// Incremental UTF-8 validation over chunks that may split a character.
+#[derive(Debug, Default)]
+pub struct Utf8Stream {
+    tail: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Validates the next chunk; an incomplete character at its end is kept
+    /// for the next chunk.
+    pub fn feed(&mut self, data: &[u8]) -> Result<(), ProtocolError> {
+        let mut rest = data;
+        if !self.tail.is_empty() {
+            // Complete the split character with up to 3 bytes of this chunk.
+            let take = rest.len().min(4 - self.tail.len());
+            let had = self.tail.len();
+            let mut joined = std::mem::take(&mut self.tail);
+            joined.extend_from_slice(&rest[..take]);
+            match std::str::from_utf8(&joined) {
+                Ok(_) => rest = &rest[take..],
+                Err(e) if e.valid_up_to() > 0 => rest = &rest[e.valid_up_to() - had..],
+                Err(e) if e.error_len().is_none() => {
+                    self.tail = joined;
+                    return Ok(());
+                }
+                Err(_) => return Err(ProtocolError::InvalidUtf8),
+            }
+        }
+        match std::str::from_utf8(rest) {
+            Ok(_) => Ok(()),
+            Err(e) if e.error_len().is_none() => {
+                self.tail = rest[e.valid_up_to()..].to_vec();
+                Ok(())
+            }
+            Err(_) => Err(ProtocolError::InvalidUtf8),
+        }
+    }
+
+    /// Ends a message: no character may be left incomplete.
+    pub fn finish(&mut self) -> Result<(), ProtocolError> {
+        if self.tail.is_empty() {
+            Ok(())
+        } else {
+            self.tail.clear();
+            Err(ProtocolError::InvalidUtf8)
+        }
+    }
+}
+
+/// `mask` as it applies from payload offset `offset` on.
+fn rotate(mask: [u8; 4], offset: usize) -> [u8; 4] {
+    let mut m = mask;
+    m.rotate_left(offset % 4);
+    m
 }
 
 /// Read at least this much at a time.
@@ -185,6 +247,9 @@ impl FrameReader {
             max_frame_size,
             want: 0,
             allow_rsv1: false,
+            message_text: None,
+            utf8: Utf8Stream::default(),
+            checked: 0,
         }
     }
 
@@ -262,15 +327,47 @@ impl FrameReader {
         }
         // Fits in usize: it is at most max_frame_size.
         let total = header + len as usize;
-        if b.len() < total {
+        if b.len() < header {
             self.want = total;
             return Ok(None);
         }
         let mask = [b[header - 4], b[header - 3], b[header - 2], b[header - 1]];
+        let is_text = match opcode {
+            OpCode::Text => true,
+            OpCode::Continuation => self.message_text == Some(true),
+            _ => false,
+        };
+        let available = b.len().min(total).saturating_sub(header);
+        if is_text && available > self.checked {
+            // Unmask and check what has arrived so far, so invalid text
+            // fails the connection before the rest of the frame arrives.
+            let chunk = &mut self.buf[header + self.checked..header + available];
+            fastwebsockets::unmask(chunk, rotate(mask, self.checked));
+            self.utf8.feed(chunk)?;
+            self.checked = available;
+        }
+        if self.buf.len() < total {
+            self.want = total;
+            return Ok(None);
+        }
         let mut payload = self.buf.split_to(total);
         payload.advance(header);
-        fastwebsockets::unmask(&mut payload, mask);
+        let checked = std::mem::take(&mut self.checked);
+        if !is_text {
+            fastwebsockets::unmask(&mut payload, mask);
+        }
         self.want = 0;
+        match opcode {
+            OpCode::Text | OpCode::Binary if self.message_text.is_none() => {
+                self.message_text = (!fin).then_some(opcode == OpCode::Text);
+            }
+            OpCode::Continuation if fin => self.message_text = None,
+            _ => {}
+        }
+        if is_text && fin {
+            self.utf8.finish()?;
+        }
+        debug_assert!(!is_text || checked == payload.len());
         Ok(Some(Frame {
             fin,
             rsv1,
@@ -373,6 +470,54 @@ mod tests {
         assert_eq!(r.parse().unwrap_err(), ProtocolError::FragmentedControl);
         let mut r = FrameReader::new(&masked(0x83, b""), 1024);
         assert_eq!(r.parse().unwrap_err(), ProtocolError::UnknownOpcode(3));
+    }
+
+    fn reader(frames: &[(u8, &[u8])]) -> FrameReader {
+        let bytes: Vec<u8> = frames.iter().flat_map(|(b0, p)| masked(*b0, p)).collect();
+        FrameReader::new(&bytes, 1024)
+    }
+
+    fn parse_all(r: &mut FrameReader) -> Result<usize, ProtocolError> {
+        let mut n = 0;
+        while r.parse()?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    #[test]
+    fn text_is_validated_across_fragments_and_a_character_may_span_them() {
+        let euro = "a€".as_bytes();
+        let mut r = reader(&[(0x01, &euro[..2]), (0x00, &euro[2..3]), (0x80, &euro[3..])]);
+        assert_eq!(parse_all(&mut r), Ok(3));
+        // Binary fragments are not checked.
+        let mut r = reader(&[(0x02, &[0xFF]), (0x80, &[0xFE])]);
+        assert_eq!(parse_all(&mut r), Ok(2));
+    }
+
+    #[test]
+    fn invalid_text_fails_at_the_first_bad_fragment_and_final_must_complete_a_character() {
+        let mut r = reader(&[(0x01, b"ok"), (0x00, &[0xCE, 0xBA, 0xF4, 0x90])]);
+        assert_eq!(parse_all(&mut r), Err(ProtocolError::InvalidUtf8));
+        let mut r = reader(&[(0x01, b"a"), (0x80, &[0xE2, 0x82])]);
+        assert_eq!(parse_all(&mut r), Err(ProtocolError::InvalidUtf8));
+        let mut r = reader(&[(0x81, &[0xE2, 0x82])]);
+        assert_eq!(parse_all(&mut r), Err(ProtocolError::InvalidUtf8));
+    }
+
+    #[test]
+    fn invalid_text_fails_before_its_frame_is_complete() {
+        // A 20-byte text frame of which only "ok" and a bad byte arrived.
+        let full = masked(0x81, b"ok\xFFxxxxxxxxxxxxxxxxx");
+        let mut r = FrameReader::new(&full[..2 + 4 + 3], 1024);
+        assert_eq!(r.parse().unwrap_err(), ProtocolError::InvalidUtf8);
+        // Valid bytes so far: no frame yet, no error.
+        let full = masked(0x81, "héllo wörld, all good".as_bytes());
+        let mut r = FrameReader::new(&full[..2 + 4 + 5], 1024);
+        assert!(matches!(r.parse(), Ok(None)));
+        r.buf.extend_from_slice(&full[2 + 4 + 5..]);
+        let f = r.parse().unwrap().unwrap();
+        assert_eq!(&f.payload[..], "héllo wörld, all good".as_bytes());
     }
 
     #[test]

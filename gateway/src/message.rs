@@ -1,6 +1,7 @@
-//! Reassembly of fragmented messages (RFC 6455 section 5.4), with the total
-//! size capped by `max_message_size` and text validated as UTF-8 as each
-//! fragment arrives, so a bad byte fails the connection at once.
+//! Reassembly of fragmented messages (RFC 6455 section 5.4) with the total
+//! size capped by `max_message_size`, or passing fragments through one by
+//! one (`deliver = "fragments"`). Text has already been validated as UTF-8 by
+//! the frame reader as its bytes arrived.
 
 use bytes::{Bytes, BytesMut};
 
@@ -15,14 +16,25 @@ pub enum Message {
     Binary(Bytes),
 }
 
+/// One fragment passed through as it arrived (`deliver = "fragments"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fragment {
+    /// Whether the message is text.
+    pub text: bool,
+    /// Whether this is the message's first fragment.
+    pub first: bool,
+    /// Whether this is the message's final fragment.
+    pub fin: bool,
+    /// The payload.
+    pub data: BytesMut,
+}
+
 /// Collects data frames into messages.
 #[derive(Debug)]
 pub struct Assembler {
     max_message_size: usize,
     /// The message in progress: whether it is text, and its bytes so far.
     partial: Option<(bool, BytesMut)>,
-    /// How much of a partial text message is known to be valid UTF-8.
-    validated: usize,
 }
 
 impl Assembler {
@@ -31,7 +43,6 @@ impl Assembler {
         Assembler {
             max_message_size,
             partial: None,
-            validated: 0,
         }
     }
 
@@ -52,9 +63,7 @@ impl Assembler {
                 if frame.fin {
                     return finish(text, frame.payload).map(Some);
                 }
-                self.validated = 0;
                 self.partial = Some((text, frame.payload));
-                self.check_utf8(false)?;
                 Ok(None)
             }
             (OpCode::Continuation, Some((_, buf))) => {
@@ -62,7 +71,6 @@ impl Assembler {
                     return Err(too_large);
                 }
                 buf.extend_from_slice(&frame.payload);
-                self.check_utf8(frame.fin)?;
                 if !frame.fin {
                     return Ok(None);
                 }
@@ -74,25 +82,37 @@ impl Assembler {
             (OpCode::Close | OpCode::Ping | OpCode::Pong, _) => Ok(None),
         }
     }
+}
 
-    /// Validates the bytes of a partial text message received since the
-    /// last check. An incomplete character at the end is allowed unless this
-    /// was the final fragment.
-    fn check_utf8(&mut self, fin: bool) -> Result<(), ProtocolError> {
-        let Some((true, buf)) = self.partial.as_ref() else {
-            return Ok(());
+/// Passes data frames through one by one, enforcing fragment order,
+/// without keeping them.
+#[derive(Debug, Default)]
+pub struct Streamer {
+    /// The kind of the message in progress, if any.
+    current: Option<bool>,
+}
+
+impl Streamer {
+    /// Checks a data frame and returns it as a fragment.
+    pub fn push(&mut self, frame: Frame) -> Result<Fragment, ProtocolError> {
+        let (text, first) = match (frame.opcode, self.current) {
+            (OpCode::Text | OpCode::Binary, Some(_)) => {
+                return Err(ProtocolError::ExpectedContinuation)
+            }
+            (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
+            (OpCode::Continuation, Some(text)) => (text, false),
+            (OpCode::Text | OpCode::Binary, None) => (frame.opcode == OpCode::Text, true),
+            (OpCode::Close | OpCode::Ping | OpCode::Pong, _) => {
+                return Err(ProtocolError::UnknownOpcode(0x8))
+            }
         };
-        match std::str::from_utf8(&buf[self.validated..]) {
-            Ok(_) => {
-                self.validated = buf.len();
-                Ok(())
-            }
-            Err(e) if e.error_len().is_none() && !fin => {
-                self.validated += e.valid_up_to();
-                Ok(())
-            }
-            Err(_) => Err(ProtocolError::InvalidUtf8),
-        }
+        self.current = (!frame.fin).then_some(text);
+        Ok(Fragment {
+            text,
+            first,
+            fin: frame.fin,
+            data: frame.payload,
+        })
     }
 }
 
@@ -135,41 +155,26 @@ mod tests {
     }
 
     #[test]
-    fn invalid_utf8_fails_at_the_first_bad_fragment() {
-        let mut a = Assembler::new(100);
-        assert_eq!(a.push(frame(false, OpCode::Text, b"ok")), Ok(None));
-        assert_eq!(
-            a.push(frame(
-                false,
-                OpCode::Continuation,
-                &[0xCE, 0xBA, 0xF4, 0x90]
-            )),
-            Err(ProtocolError::InvalidUtf8)
-        );
-    }
-
-    #[test]
-    fn a_final_fragment_ending_mid_character_is_invalid() {
-        let mut a = Assembler::new(100);
-        assert_eq!(a.push(frame(false, OpCode::Text, b"a")), Ok(None));
-        assert_eq!(
-            a.push(frame(true, OpCode::Continuation, &[0xE2, 0x82])),
-            Err(ProtocolError::InvalidUtf8)
-        );
-        let mut a = Assembler::new(100);
-        assert_eq!(
-            a.push(frame(true, OpCode::Text, &[0xE2, 0x82])),
-            Err(ProtocolError::InvalidUtf8)
-        );
-    }
-
-    #[test]
     fn the_total_of_fragments_is_capped() {
         let mut a = Assembler::new(10);
         assert_eq!(a.push(frame(false, OpCode::Binary, &[0; 6])), Ok(None));
         assert_eq!(
             a.push(frame(true, OpCode::Continuation, &[0; 5])),
             Err(ProtocolError::MessageTooLarge { limit: 10 })
+        );
+    }
+
+    #[test]
+    fn streamed_fragments_pass_through_in_order() {
+        let mut s = Streamer::default();
+        let f = s.push(frame(false, OpCode::Text, b"ab")).unwrap();
+        assert!(f.first && !f.fin && f.text);
+        let f = s.push(frame(true, OpCode::Continuation, b"c")).unwrap();
+        assert!(!f.first && f.fin && f.text);
+        s.push(frame(false, OpCode::Binary, &[0xFF])).unwrap();
+        assert_eq!(
+            s.push(frame(true, OpCode::Binary, b"")),
+            Err(ProtocolError::ExpectedContinuation)
         );
     }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use crate::config::{Limits, RouteSettings};
+use crate::config::{Deliver, Limits, RouteSettings};
 use crate::hub::Hub;
 use crate::plugin::Plugin;
 
@@ -28,6 +28,8 @@ pub struct Route {
     pub subprotocols: Option<Vec<String>>,
     /// Most open connections on this route.
     pub max_connections: Option<usize>,
+    /// Whole messages or fragments.
+    pub deliver: Deliver,
     active: AtomicUsize,
 }
 
@@ -43,6 +45,7 @@ impl Route {
             allowed_origins: settings.allowed_origins.clone(),
             subprotocols: settings.subprotocols.clone(),
             max_connections: settings.max_connections,
+            deliver: settings.deliver,
             active: AtomicUsize::new(0),
         }
     }

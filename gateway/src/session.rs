@@ -18,10 +18,11 @@ use wasmtime::Store;
 
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
 use crate::bindings::Plugin as PluginBindings;
+use crate::config::Deliver;
 use crate::frame::{parse_close, FrameReader, OpCode, ProtocolError, ReadError};
 use crate::host::{HostState, REPEAT_FLAG};
 use crate::hub::ConnHandle;
-use crate::message::{Assembler, Message};
+use crate::message::{Assembler, Fragment, Message, Streamer};
 use crate::outbox::{run_writer, Outbound, Outbox};
 use crate::plugin::Runtime;
 use crate::route::{Route, Slot};
@@ -193,6 +194,8 @@ impl Session {
         let limits = self.route.limits.clone();
         let mut reader = FrameReader::new(&initial, limits.max_frame_size);
         let mut assembler = Assembler::new(limits.max_message_size);
+        let mut streamer = Streamer::default();
+        let streaming = self.route.deliver == Deliver::Fragments;
         let conn = self.conn.clone();
 
         // Set once we have sent a close frame: the code and reason `on-close`
@@ -250,10 +253,24 @@ impl Session {
                                     outbox.push_close(close.clone());
                                     break close.unwrap_or((1005, String::new()));
                                 }
-                                Err(e) => closing = self.fail(&e),
+                                Err(e) => {
+                                    // The peer has sent its close frame, if a
+                                    // malformed one: answer and end at once.
+                                    if let Some((code, reason, _)) = self.fail(&e) {
+                                        break (code, reason);
+                                    }
+                                }
                             }
                         }
                         _ if closing.is_some() => {}
+                        _ if streaming => match streamer.push(frame) {
+                            Ok(fragment) => {
+                                if !self.deliver_fragment(fragment).await {
+                                    closing = self.start_close(1011, "internal error".into());
+                                }
+                            }
+                            Err(e) => closing = self.fail(&e),
+                        },
                         _ => match assembler.push(frame) {
                             Ok(Some(msg)) => {
                                 if !self.deliver(msg).await {
@@ -334,6 +351,26 @@ impl Session {
             .call_on_message(&mut self.store, self.id, &msg)
             .await;
         self.after_call("on-message", r).is_some()
+    }
+
+    /// Delivers a fragment to the plugin; false if the plugin failed.
+    async fn deliver_fragment(&mut self, fragment: Fragment) -> bool {
+        if self.trapped {
+            return false;
+        }
+        let fragment = types::Fragment {
+            text: fragment.text,
+            first: fragment.first,
+            fin: fragment.fin,
+            data: Vec::from(fragment.data),
+        };
+        self.before_call();
+        let r = self
+            .plugin
+            .wasmgate_plugin_handler()
+            .call_on_fragment(&mut self.store, self.id, &fragment)
+            .await;
+        self.after_call("on-fragment", r).is_some()
     }
 
     /// Sends our close frame and waits for the peer's.

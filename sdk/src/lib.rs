@@ -64,7 +64,7 @@ pub mod bindings {
 
 use bindings::wasmgate::plugin::host;
 pub use bindings::wasmgate::plugin::types::{
-    Accept, GatewayError, Header, LogLevel, Message, OpenResponse, Reject, Request,
+    Accept, Fragment, GatewayError, Header, LogLevel, Message, OpenResponse, Reject, Request,
 };
 
 /// Identifies a timer started with [`Connection::set_timer`].
@@ -82,6 +82,12 @@ pub trait Handler {
     /// A complete message arrived.
     fn on_message(conn: Connection, msg: Message) {
         let _ = (conn, msg);
+    }
+
+    /// On routes with `deliver = "fragments"`: a fragment of a message
+    /// arrived (instead of [`Handler::on_message`]).
+    fn on_fragment(conn: Connection, fragment: Fragment) {
+        let _ = (conn, fragment);
     }
 
     /// The connection closed (exactly once per accepted connection).
@@ -108,6 +114,9 @@ macro_rules! export {
                 }
                 fn on_message(conn: u64, msg: $crate::Message) {
                     <$handler as $crate::Handler>::on_message($crate::Connection::from_id(conn), msg)
+                }
+                fn on_fragment(conn: u64, fragment: $crate::Fragment) {
+                    <$handler as $crate::Handler>::on_fragment($crate::Connection::from_id(conn), fragment)
                 }
                 fn on_close(conn: u64, code: u16, reason: ::std::string::String) {
                     <$handler as $crate::Handler>::on_close(

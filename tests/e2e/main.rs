@@ -9,5 +9,6 @@ mod echo;
 mod examples;
 mod handshake;
 mod isolation;
+mod limits;
 mod plugin_failure;
 mod shutdown;

@@ -107,6 +107,11 @@ impl Gateway {
         format!("ws://{}{path}", self.addr)
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Everything the gateway logged so far.
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()

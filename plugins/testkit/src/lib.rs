@@ -16,13 +16,23 @@
 //! `members <room>`, `meta-set <key> <value>`, `meta-get <id> <key>`,
 //! `config <key>`, `timer <ms>` (one shot), `timer-other <id> <ms>`,
 //! `trap`, `spin` (loops forever), `grow <MiB>` (allocates and touches memory).
-//! Binary messages are echoed.
+//! Binary messages are echoed. On a `deliver = "fragments"` route, each
+//! message's final fragment is answered with
+//! `fragments <text|binary> <count> bytes <total>`.
 
 use std::time::Duration;
 
+use std::cell::Cell;
+
 use wasmgate_sdk::{
-    config, export, log, room, Connection, GatewayError, Handler, Message, OpenResponse, Request,
+    config, export, log, room, Connection, Fragment, GatewayError, Handler, Message, OpenResponse,
+    Request,
 };
+
+thread_local! {
+    // The message being streamed on a `deliver = "fragments"` route.
+    static FRAGMENTS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+}
 
 struct Testkit;
 
@@ -137,6 +147,16 @@ impl Handler for Testkit {
     fn on_close(conn: Connection, code: u16, reason: String) {
         log::info(&format!("on-close {} {code} {reason}", conn.id()));
         let _ = room("watchers").broadcast_text(&format!("closed {} {code} {reason}", conn.id()), None);
+    }
+
+    fn on_fragment(conn: Connection, fragment: Fragment) {
+        let (count, bytes) = if fragment.first { (0, 0) } else { FRAGMENTS.get() };
+        let now = (count + 1, bytes + fragment.data.len() as u64);
+        FRAGMENTS.set(now);
+        if fragment.fin {
+            let kind = if fragment.text { "text" } else { "binary" };
+            let _ = conn.send_text(&format!("fragments {kind} {} bytes {}", now.0, now.1));
+        }
     }
 
     fn on_timer(conn: Connection, timer: u64) {

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Runs the native baseline and the gateway's echo route under identical load,
+# one after the other in the same run, and prints each figure with the ratio
+# gateway/baseline. Results: target/bench/results.jsonl and a Markdown table
+# on stdout (paste it into docs/performance.md).
+#
+#   bench/run.sh            every scenario
+#   bench/run.sh quick      shorter runs (3 s each), for a smoke test
+#
+# Servers are pinned to CPU 0 and the load generator to CPU 1 when the machine
+# has two or more; runs are refused while other processes use much CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER_RUN=10
+[ "${1:-}" = quick ] && SECONDS_PER_RUN=3
+
+cargo build --release -p wasmgate -p wasmgate-bench >&2
+BIN=target/release
+OUT=target/bench
+mkdir -p "$OUT"
+: > "$OUT/results.jsonl"
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+if [ "$(nproc)" -ge 2 ]; then SERVER_CPU="taskset -c 0"; LOAD_CPU="taskset -c 1"; else SERVER_CPU=""; LOAD_CPU=""; fi
+
+# Refuse to measure on a busy machine: other processes' CPU use over 1 s.
+busy() {
+    read -r _ u1 n1 s1 i1 w1 q1 sq1 _ < /proc/stat
+    sleep 1
+    read -r _ u2 n2 s2 i2 w2 q2 sq2 _ < /proc/stat
+    local busy=$(( (u2+n2+s2+q2+sq2) - (u1+n1+s1+q1+sq1) )) total=$(( (u2+n2+s2+i2+w2+q2+sq2) - (u1+n1+s1+i1+w1+q1+sq1) ))
+    echo $(( 100 * busy / (total > 0 ? total : 1) ))
+}
+load=$(busy)
+if [ "$load" -gt 20 ]; then
+    echo "bench: refusing to run: the machine is ${load}% busy before starting" >&2
+    exit 1
+fi
+
+start_server() { # name -> sets PID, ADDR
+    local log="$OUT/$1.log"
+    if [ "$1" = baseline ]; then
+        $SERVER_CPU "$BIN/baseline" --listen 127.0.0.1:9100 >"$log" 2>&1 &
+        ADDR=127.0.0.1:9100
+    else
+        RUST_LOG=warn $SERVER_CPU "$BIN/wasmgate" serve --config bench/gateway.toml >"$log" 2>&1 &
+        ADDR=127.0.0.1:9101
+    fi
+    PID=$!
+    for _ in $(seq 1 200); do grep -q "listening on" "$log" && return 0; sleep 0.05; done
+    echo "bench: $1 did not start" >&2; cat "$log" >&2; exit 1
+}
+
+run() { # scenario-name loadgen-args...
+    local name=$1; shift
+    for server in baseline gateway; do
+        start_server "$server"
+        local args=("$@")
+        [ "${args[0]}" = idle ] && args+=(--pid "$PID")
+        $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --label "$name/$server" "${args[@]}" | tee -a "$OUT/results.jsonl" >&2
+        kill "$PID"; wait "$PID" 2>/dev/null || true
+        sleep 0.5
+    done
+}
+
+run "echo 100x32B x1"    echo --conns 100 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN"
+run "echo 100x32B x16"   echo --conns 100 --size 32 --inflight 16 --seconds "$SECONDS_PER_RUN"
+run "echo 10x16KiB x1"   echo --conns 10 --size 16384 --inflight 1 --seconds "$SECONDS_PER_RUN"
+run "echo 1000x32B x1"   echo --conns 1000 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN"
+run "setup rate"         setup --concurrency 16 --seconds "$SECONDS_PER_RUN"
+run "idle 10000"         idle --conns 10000
+
+python3 - "$OUT/results.jsonl" "$load" <<'PY'
+import json, sys, platform, datetime
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in rows:
+    name, server = r["label"].rsplit("/", 1)
+    by.setdefault(name, {})[server] = r
+print(f"Run {datetime.date.today()} on {platform.node()} ({open('/proc/cpuinfo').read().count('processor')} CPUs), other load before start {sys.argv[2]}%\n")
+print("| scenario | metric | baseline | gateway | gateway/baseline |")
+print("|---|---|---|---|---|")
+metrics = {"echo": ["msgs_per_s", "mb_per_s", "p50_us", "p99_us", "p999_us", "errors"],
+           "setup": ["conns_per_s", "errors"], "idle": ["kib_per_conn", "errors"]}
+for name, pair in by.items():
+    b, g = pair.get("baseline"), pair.get("gateway")
+    if not b or not g:
+        continue
+    for m in metrics[b["mode"]]:
+        ratio = f"{g[m] / b[m]:.2f}" if b[m] else "-"
+        print(f"| {name} | {m} | {b[m]} | {g[m]} | {ratio} |")
+PY

@@ -1,0 +1,367 @@
+//! The load generator: drives any `ws://` echo endpoint and prints one JSON
+//! line of results. Its client is hand-rolled (pre-built masked frames, no
+//! per-message allocation) so that it is not the bottleneck.
+//!
+//! Modes:
+//! - `echo`: N connections, each keeping K messages of S bytes in flight for
+//!   a duration; msgs/s, MB/s, p50/p99/p999 round-trip latency, errors.
+//! - `setup`: connections per second, each one opened, handshaken, used for
+//!   one echo and closed, by C concurrent workers.
+//! - `idle`: opens N connections that stay idle and reports the server's RSS
+//!   growth per connection (read from /proc/PID/status).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[derive(Parser)]
+struct Args {
+    /// Server address.
+    #[arg(long, default_value = "127.0.0.1:9100")]
+    addr: SocketAddr,
+    /// Request path of the echo endpoint.
+    #[arg(long, default_value = "/echo")]
+    path: String,
+    /// A label copied into the JSON line.
+    #[arg(long, default_value = "")]
+    label: String,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Round trips on N connections with K messages in flight each.
+    Echo {
+        #[arg(long, default_value_t = 100)]
+        conns: usize,
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        #[arg(long, default_value_t = 1)]
+        inflight: usize,
+        /// Measured seconds (after one second of warm-up).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Connection setup rate.
+    Setup {
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Server memory per idle connection.
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        conns: usize,
+        /// The server's process id.
+        #[arg(long)]
+        pid: u32,
+    },
+}
+
+/// A masked client frame (FIN set) carrying `payload`.
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n if n <= 0xFFFF => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x1f, 0x8b, 0x3c, 0x5d];
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+/// Opens a WebSocket connection; returns the stream and any bytes read past
+/// the handshake.
+async fn open(addr: SocketAddr, path: &str) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr).await.context("connect")?;
+    s.set_nodelay(true)?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            if !buf.starts_with(b"HTTP/1.1 101") {
+                bail!("upgrade refused: {}", String::from_utf8_lossy(&buf[..i]));
+            }
+            return Ok((s, buf[i + 4..].to_vec()));
+        }
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("closed during handshake");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// Takes complete server frames off the front of `buf`; returns how many
+/// data frames (text or binary) were removed.
+fn take_frames(buf: &mut Vec<u8>) -> anyhow::Result<usize> {
+    let mut pos = 0;
+    let mut data = 0;
+    loop {
+        let b = &buf[pos..];
+        if b.len() < 2 {
+            break;
+        }
+        let (hdr, len) = match b[1] & 0x7F {
+            126 if b.len() >= 4 => (4, u16::from_be_bytes([b[2], b[3]]) as usize),
+            127 if b.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&b[2..10]);
+                (10, u64::from_be_bytes(n) as usize)
+            }
+            126 | 127 => break,
+            n => (2, n as usize),
+        };
+        if b.len() < hdr + len {
+            break;
+        }
+        match b[0] & 0x0F {
+            0x1 | 0x2 => data += 1,
+            0x8 => bail!("server closed the connection"),
+            _ => {}
+        }
+        pos += hdr + len;
+    }
+    buf.drain(..pos);
+    Ok(data)
+}
+
+struct ConnResult {
+    latencies: Vec<u64>,
+    errors: u64,
+}
+
+async fn echo_conn(
+    addr: SocketAddr,
+    path: String,
+    size: usize,
+    inflight: usize,
+    measure_from: Instant,
+    until: Instant,
+) -> ConnResult {
+    let mut result = ConnResult {
+        latencies: Vec::new(),
+        errors: 0,
+    };
+    let (mut s, mut buf) = match open(addr, &path).await {
+        Ok(x) => x,
+        Err(_) => {
+            result.errors += 1;
+            return result;
+        }
+    };
+    let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    let frame = client_frame(0x2, &payload);
+    let mut sent: VecDeque<Instant> = VecDeque::with_capacity(inflight);
+    let mut out = Vec::with_capacity(frame.len() * inflight);
+    for _ in 0..inflight {
+        out.extend_from_slice(&frame);
+        sent.push_back(Instant::now());
+    }
+    if s.write_all(&out).await.is_err() {
+        result.errors += 1;
+        return result;
+    }
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = match tokio::time::timeout_at(until.into(), s.read(&mut chunk)).await {
+            Err(_) => break,
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                result.errors += 1;
+                break;
+            }
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let got = match take_frames(&mut buf) {
+            Ok(g) => g,
+            Err(_) => {
+                result.errors += 1;
+                break;
+            }
+        };
+        let now = Instant::now();
+        out.clear();
+        for _ in 0..got {
+            if let Some(t) = sent.pop_front() {
+                if t >= measure_from {
+                    result.latencies.push((now - t).as_nanos() as u64);
+                }
+            }
+            if now < until {
+                out.extend_from_slice(&frame);
+                sent.push_back(now);
+            }
+        }
+        if !out.is_empty() && s.write_all(&out).await.is_err() {
+            result.errors += 1;
+            break;
+        }
+    }
+    let _ = s
+        .write_all(&client_frame(0x8, &1000u16.to_be_bytes()))
+        .await;
+    result
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let line = rt.block_on(run(&args))?;
+    println!("{line}");
+    Ok(())
+}
+
+async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
+    match args.mode {
+        Mode::Echo {
+            conns,
+            size,
+            inflight,
+            seconds,
+        } => {
+            let start = Instant::now();
+            let measure_from = start + Duration::from_secs(1);
+            let until = measure_from + Duration::from_secs(seconds);
+            let tasks: Vec<_> = (0..conns)
+                .map(|_| {
+                    tokio::spawn(echo_conn(
+                        args.addr,
+                        args.path.clone(),
+                        size,
+                        inflight,
+                        measure_from,
+                        until,
+                    ))
+                })
+                .collect();
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            for t in tasks {
+                let r = t.await?;
+                latencies.extend(r.latencies);
+                errors += r.errors;
+            }
+            latencies.sort_unstable();
+            let msgs = latencies.len() as f64 / seconds as f64;
+            Ok(serde_json::json!({
+                "label": args.label, "mode": "echo", "conns": conns, "size": size, "inflight": inflight,
+                "seconds": seconds, "msgs_per_s": msgs.round(),
+                "mb_per_s": (msgs * size as f64 / 1e6 * 100.0).round() / 100.0,
+                "p50_us": percentile(&latencies, 0.50), "p99_us": percentile(&latencies, 0.99),
+                "p999_us": percentile(&latencies, 0.999), "errors": errors,
+            }))
+        }
+        Mode::Setup {
+            concurrency,
+            seconds,
+        } => {
+            let until = Instant::now() + Duration::from_secs(seconds);
+            let frame = client_frame(0x2, b"ping-pong-32-bytes-of-payload!!!");
+            let close = client_frame(0x8, &1000u16.to_be_bytes());
+            let tasks: Vec<_> = (0..concurrency)
+                .map(|_| {
+                    let (addr, path, frame, close) =
+                        (args.addr, args.path.clone(), frame.clone(), close.clone());
+                    tokio::spawn(async move {
+                        let (mut done, mut errors) = (0u64, 0u64);
+                        let mut chunk = [0u8; 4096];
+                        while Instant::now() < until {
+                            let ok = async {
+                                let (mut s, mut buf) = open(addr, &path).await?;
+                                s.write_all(&frame).await?;
+                                while take_frames(&mut buf)? == 0 {
+                                    let n = s.read(&mut chunk).await?;
+                                    if n == 0 {
+                                        bail!("eof");
+                                    }
+                                    buf.extend_from_slice(&chunk[..n]);
+                                }
+                                s.write_all(&close).await?;
+                                // Wait for the server's close and EOF.
+                                while s.read(&mut chunk).await? > 0 {}
+                                anyhow::Ok(())
+                            }
+                            .await;
+                            match ok {
+                                Ok(()) => done += 1,
+                                Err(_) => errors += 1,
+                            }
+                        }
+                        (done, errors)
+                    })
+                })
+                .collect();
+            let (mut done, mut errors) = (0, 0);
+            for t in tasks {
+                let (d, e) = t.await?;
+                done += d;
+                errors += e;
+            }
+            Ok(serde_json::json!({
+                "label": args.label, "mode": "setup", "concurrency": concurrency,
+                "conns_per_s": (done as f64 / seconds as f64).round(), "errors": errors,
+            }))
+        }
+        Mode::Idle { conns, pid } => {
+            let before = rss_kib(pid)?;
+            let mut open_conns = Vec::with_capacity(conns);
+            let mut errors = 0u64;
+            for _ in 0..conns {
+                match open(args.addr, &args.path).await {
+                    Ok(c) => open_conns.push(c),
+                    Err(_) => errors += 1,
+                }
+            }
+            // Let the server settle (session tasks started, buffers sized).
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let after = rss_kib(pid)?;
+            let n = open_conns.len().max(1) as f64;
+            Ok(serde_json::json!({
+                "label": args.label, "mode": "idle", "conns": open_conns.len(),
+                "rss_before_kib": before, "rss_after_kib": after,
+                "kib_per_conn": ((after.saturating_sub(before)) as f64 / n * 100.0).round() / 100.0,
+                "errors": errors,
+            }))
+        }
+    }
+}
