@@ -192,6 +192,7 @@ async fn handle(
     {
         Opened::Accept(session, accept) => (session, accept),
         Opened::Failed => return internal(),
+        Opened::Unavailable => return Refusal::Unavailable.response(),
         Opened::Reject(reject) => {
             let status = StatusCode::from_u16(reject.status)
                 .ok()

@@ -50,8 +50,10 @@ pub enum Opened {
     Accept(Box<Session>, types::Accept),
     /// Rejected by the plugin with an HTTP response.
     Reject(types::Reject),
-    /// The plugin could not be instantiated or trapped.
+    /// The plugin trapped in `on-open`.
     Failed,
+    /// No instance could be created (resources exhausted: memory, maps).
+    Unavailable,
 }
 
 impl Session {
@@ -79,7 +81,7 @@ impl Session {
                     "cannot instantiate the plugin: {e:#}"
                 );
                 route.hub.remove(id);
-                return Opened::Failed;
+                return Opened::Unavailable;
             }
         };
         let mut session = Session {
