@@ -16,10 +16,7 @@ const TESTKIT: &str = "[server]\nmax_frame_size = \"64KiB\"\nmax_message_size = 
 async fn watched(gw: &Gateway) -> (Ws, Ws, String) {
     let mut watcher = connect(&gw.url("/t?watch=1")).await;
     let mut ws = connect(&gw.url("/t")).await;
-    let id = command(&mut ws, "id")
-        .await
-        .trim_start_matches("ok ")
-        .to_owned();
+    let id = conn_id(&mut ws).await;
     assert_eq!(command(&mut watcher, "size watchers").await, "ok 1");
     (watcher, ws, id)
 }
@@ -63,12 +60,7 @@ async fn on_close_runs_exactly_once_after_an_abrupt_tcp_drop() {
     let gw = Gateway::start("close-drop", TESTKIT);
     let mut watcher = connect(&gw.url("/t?watch=1")).await;
     let mut raw = Raw::connect(gw.addr, "/t").await;
-    raw.send_frame(0x81, b"id", true).await;
-    let (_, answer) = raw.read_frame().await.expect("id");
-    let id = String::from_utf8(answer)
-        .unwrap()
-        .trim_start_matches("ok ")
-        .to_owned();
+    let id = raw.id().await;
     drop(raw);
     assert_eq!(next_text(&mut watcher).await, format!("closed {id} 1006 "));
     expect_silence(&mut watcher, Duration::from_millis(300)).await;
@@ -79,12 +71,7 @@ async fn empty_close_frame_is_reported_as_1005() {
     let gw = Gateway::start("close-empty", TESTKIT);
     let mut watcher = connect(&gw.url("/t?watch=1")).await;
     let mut raw = Raw::connect(gw.addr, "/t").await;
-    raw.send_frame(0x81, b"id", true).await;
-    let (_, answer) = raw.read_frame().await.expect("id");
-    let id = String::from_utf8(answer)
-        .unwrap()
-        .trim_start_matches("ok ")
-        .to_owned();
+    let id = raw.id().await;
     raw.send_frame(0x88, b"", true).await;
     let (b0, payload) = raw.read_frame().await.expect("close echo");
     assert_eq!((b0, payload.len()), (0x88, 0));
@@ -166,12 +153,7 @@ async fn a_protocol_error_is_reported_to_the_plugin_with_its_code() {
     let gw = Gateway::start("close-protocol-plugin", TESTKIT);
     let mut watcher = connect(&gw.url("/t?watch=1")).await;
     let mut raw = Raw::connect(gw.addr, "/t").await;
-    raw.send_frame(0x81, b"id", true).await;
-    let (_, answer) = raw.read_frame().await.expect("id");
-    let id = String::from_utf8(answer)
-        .unwrap()
-        .trim_start_matches("ok ")
-        .to_owned();
+    let id = raw.id().await;
     raw.send_frame(0x81, &[0xFF], true).await;
     assert_eq!(raw.expect_close().await, 1007);
     let note = next_text(&mut watcher).await;

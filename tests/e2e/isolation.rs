@@ -12,10 +12,7 @@ async fn a_plugin_cannot_reach_another_routes_connections_or_rooms() {
     let gw = Gateway::start("isolation", TWO_ROUTES);
     let mut a = connect(&gw.url("/a")).await;
     let mut b = connect(&gw.url("/b")).await;
-    let a_id = command(&mut a, "id")
-        .await
-        .trim_start_matches("ok ")
-        .to_owned();
+    let a_id = conn_id(&mut a).await;
     command(&mut a, "meta-set secret 42").await;
 
     assert_eq!(
@@ -65,10 +62,7 @@ async fn a_plugin_can_close_another_connection_of_its_route() {
     let gw = Gateway::start("isolation-close", TWO_ROUTES);
     let mut a = connect(&gw.url("/a")).await;
     let mut a2 = connect(&gw.url("/a")).await;
-    let a_id = command(&mut a, "id")
-        .await
-        .trim_start_matches("ok ")
-        .to_owned();
+    let a_id = conn_id(&mut a).await;
     assert_eq!(
         command(&mut a2, &format!("close-other {a_id} 4002")).await,
         "ok closing"

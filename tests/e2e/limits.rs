@@ -142,12 +142,7 @@ async fn a_peer_that_misses_the_pong_is_dropped_and_the_plugin_sees_1006() {
     // A tungstenite client answers pings by itself and stays.
     let mut polite = connect(&gw.url("/t?watch=1")).await;
     let mut raw = Raw::connect(gw.addr, "/t").await;
-    raw.send_frame(0x81, b"id", true).await;
-    let (_, answer) = raw.read_frame().await.expect("id");
-    let id = String::from_utf8(answer)
-        .unwrap()
-        .trim_start_matches("ok ")
-        .to_owned();
+    let id = raw.id().await;
     // The raw client sees the gateway's ping and ignores it.
     let (b0, _) = raw.read_frame().await.expect("ping");
     assert_eq!(b0, 0x89, "a ping");
@@ -170,12 +165,7 @@ async fn a_slow_consumer_is_closed_with_1008_while_its_room_keeps_receiving() {
     slow.send_frame(0x81, b"join room", true).await;
     let (_, joined) = slow.read_frame().await.expect("joined");
     assert_eq!(joined, b"ok joined");
-    slow.send_frame(0x81, b"id", true).await;
-    let (_, answer) = slow.read_frame().await.expect("id");
-    let slow_id = String::from_utf8(answer)
-        .unwrap()
-        .trim_start_matches("ok ")
-        .to_owned();
+    let slow_id = slow.id().await;
     let mut fast = connect(&gw.url("/t")).await;
     assert_eq!(command(&mut fast, "join room").await, "ok joined");
     let mut sender = connect(&gw.url("/t")).await;
@@ -221,12 +211,7 @@ async fn with_the_drop_policy_a_slow_consumers_messages_are_dropped_and_it_stays
         "[[route]]\npath = \"/t\"\nplugin = \"{testkit}\"\nmax_outbound_buffer = \"64KiB\"\nslow_consumer = \"drop\"\n",
     );
     let mut slow = Raw::connect(gw.addr, "/t").await;
-    slow.send_frame(0x81, b"id", true).await;
-    let (_, answer) = slow.read_frame().await.expect("id");
-    let slow_id = String::from_utf8(answer)
-        .unwrap()
-        .trim_start_matches("ok ")
-        .to_owned();
+    let slow_id = slow.id().await;
     let mut sender = connect(&gw.url("/t")).await;
     let chunk = "y".repeat(32 << 10);
     let mut refused = 0;

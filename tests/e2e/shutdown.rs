@@ -14,14 +14,8 @@ async fn sigterm_closes_every_connection_with_1001_and_exits_0() {
     let mut gw = Gateway::start("shutdown", CONFIG);
     let mut a = connect(&gw.url("/t")).await;
     let mut b = connect(&gw.url("/t")).await;
-    let a_id = command(&mut a, "id")
-        .await
-        .trim_start_matches("ok ")
-        .to_owned();
-    let b_id = command(&mut b, "id")
-        .await
-        .trim_start_matches("ok ")
-        .to_owned();
+    let a_id = conn_id(&mut a).await;
+    let b_id = conn_id(&mut b).await;
     gw.signal("TERM");
     assert_eq!(expect_close(&mut a, 1001).await, "going away");
     assert_eq!(expect_close(&mut b, 1001).await, "going away");

@@ -197,6 +197,12 @@ pub async fn command(ws: &mut Ws, cmd: &str) -> String {
     next_text(ws).await
 }
 
+/// Asks a testkit connection for its id.
+pub async fn conn_id(ws: &mut Ws) -> String {
+    let answer = command(ws, "id").await;
+    answer.strip_prefix("ok ").expect("ok <id>").to_owned()
+}
+
 /// Expects the connection to be closed with `code`, completes the closing
 /// handshake, and returns the reason.
 pub async fn expect_close(ws: &mut Ws, code: u16) -> String {
@@ -381,6 +387,14 @@ impl Raw {
                 return None;
             }
         }
+    }
+
+    /// Asks a testkit connection for its id.
+    pub async fn id(&mut self) -> String {
+        self.send_frame(0x81, b"id", true).await;
+        let (_, answer) = self.read_frame().await.expect("id");
+        let answer = String::from_utf8(answer).expect("UTF-8");
+        answer.strip_prefix("ok ").expect("ok <id>").to_owned()
     }
 
     /// Reads frames until a close frame; its code.
