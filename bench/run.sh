@@ -4,8 +4,9 @@
 # gateway/baseline. Results: target/bench/results.jsonl and a Markdown table
 # on stdout (paste it into docs/performance.md).
 #
-#   bench/run.sh            every scenario
-#   bench/run.sh quick      shorter runs (3 s each), for a smoke test
+#   bench/run.sh                 every scenario
+#   bench/run.sh quick           shorter runs (3 s each), for a smoke test
+#   bench/run.sh full|quick WORD only the scenarios whose name contains WORD
 #
 # Servers are pinned to CPU 0 and the load generator to CPU 1 when the machine
 # has two or more; runs are refused while other processes use much CPU.
@@ -13,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=10
 [ "${1:-}" = quick ] && SECONDS_PER_RUN=3
+ONLY=${2:-}
 
 cargo build --release -p wasmgate -p wasmgate-bench >&2
 BIN=target/release
@@ -20,6 +22,14 @@ OUT=target/bench
 mkdir -p "$OUT"
 : > "$OUT/results.jsonl"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+# One plugin instance per connection takes about 10 memory maps; the kernel's
+# default vm.max_map_count (65530) stops at about 6,000 instances.
+MAPS=$(cat /proc/sys/vm/max_map_count)
+if [ "$MAPS" -lt 262144 ]; then
+    if sysctl -qw vm.max_map_count=262144 2>/dev/null; then MAPS=262144; else
+        echo "bench: vm.max_map_count is $MAPS and cannot be raised: the idle scenario will hit it" >&2; fi
+fi
+echo "bench: vm.max_map_count=$MAPS" >&2
 
 if [ "$(nproc)" -ge 2 ]; then SERVER_CPU="taskset -c 0"; LOAD_CPU="taskset -c 1"; else SERVER_CPU=""; LOAD_CPU=""; fi
 
@@ -53,6 +63,7 @@ start_server() { # name -> sets PID, ADDR
 
 run() { # scenario-name loadgen-args...
     local name=$1; shift
+    [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]] && return 0
     for server in baseline gateway; do
         start_server "$server"
         local args=("$@")
@@ -77,11 +88,11 @@ by = {}
 for r in rows:
     name, server = r["label"].rsplit("/", 1)
     by.setdefault(name, {})[server] = r
-print(f"Run {datetime.date.today()} on {platform.node()} ({open('/proc/cpuinfo').read().count('processor')} CPUs), other load before start {sys.argv[2]}%\n")
+print(f"Run {datetime.date.today()} on {platform.node()} ({open('/proc/cpuinfo').read().count('processor')} CPUs), other load before start {sys.argv[2]}%, vm.max_map_count {open('/proc/sys/vm/max_map_count').read().strip()}\n")
 print("| scenario | metric | baseline | gateway | gateway/baseline |")
 print("|---|---|---|---|---|")
 metrics = {"echo": ["msgs_per_s", "mb_per_s", "p50_us", "p99_us", "p999_us", "errors"],
-           "setup": ["conns_per_s", "errors"], "idle": ["kib_per_conn", "errors"]}
+           "setup": ["conns_per_s", "errors"], "idle": ["kib_per_conn", "pss_kib_per_conn", "errors"]}
 for name, pair in by.items():
     b, g = pair.get("baseline"), pair.get("gateway")
     if not b or not g:

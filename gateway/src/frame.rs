@@ -174,6 +174,8 @@ pub struct FrameReader {
     utf8: Utf8Stream,
     /// Payload bytes of the incomplete frame already unmasked and checked.
     checked: usize,
+    /// How much room to make before the next read.
+    chunk: usize,
 }
 
 /// Incremental UTF-8 validation over chunks that may split a character.
@@ -231,8 +233,11 @@ fn rotate(mask: [u8; 4], offset: usize) -> [u8; 4] {
     m
 }
 
-/// Read at least this much at a time.
+/// Read up to this much at a time on a busy connection.
 const READ_CHUNK: usize = 16 << 10;
+/// What an idle connection's buffer starts with; it doubles each time a read
+/// fills it, up to [`READ_CHUNK`].
+const FIRST_CHUNK: usize = 512;
 /// Grow the buffer for a large frame at most this much per read.
 const MAX_RESERVE: usize = 1 << 20;
 
@@ -240,7 +245,7 @@ impl FrameReader {
     /// A reader that starts with `initial` (bytes read past the HTTP
     /// request) and refuses frames over `max_frame_size`.
     pub fn new(initial: &[u8], max_frame_size: usize) -> Self {
-        let mut buf = BytesMut::with_capacity(READ_CHUNK.max(initial.len()));
+        let mut buf = BytesMut::with_capacity(FIRST_CHUNK.max(initial.len()));
         buf.extend_from_slice(initial);
         FrameReader {
             buf,
@@ -250,6 +255,7 @@ impl FrameReader {
             message_text: None,
             utf8: Utf8Stream::default(),
             checked: 0,
+            chunk: FIRST_CHUNK,
         }
     }
 
@@ -262,13 +268,17 @@ impl FrameReader {
             if let Some(frame) = self.parse()? {
                 return Ok(frame);
             }
-            let spare = self.buf.capacity() - self.buf.len();
-            if spare < READ_CHUNK {
+            if self.buf.capacity() - self.buf.len() < self.chunk {
                 let missing = self.want.saturating_sub(self.buf.len());
-                self.buf.reserve(missing.clamp(READ_CHUNK, MAX_RESERVE));
+                self.buf.reserve(missing.clamp(self.chunk, MAX_RESERVE));
             }
-            if io.read_buf(&mut self.buf).await? == 0 {
+            let spare = self.buf.capacity() - self.buf.len();
+            let n = io.read_buf(&mut self.buf).await?;
+            if n == 0 {
                 return Err(ReadError::Eof);
+            }
+            if n == spare {
+                self.chunk = (self.chunk * 2).min(READ_CHUNK);
             }
         }
     }

@@ -195,7 +195,8 @@ const COPY_LIMIT: usize = 64 << 10;
 /// write side down. Nothing is written after a close frame.
 pub async fn run_writer<W: AsyncWrite + Unpin>(outbox: Arc<Outbox>, mut io: W) {
     let mut batch = VecDeque::new();
-    let mut buf = BytesMut::with_capacity(16 << 10);
+    // Grows with use: an idle connection holds no write buffer.
+    let mut buf = BytesMut::new();
     let mut closed = false;
     'outer: while outbox.take(&mut batch).await {
         for frame in batch.drain(..) {
@@ -241,7 +242,7 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(outbox: Arc<Outbox>, mut io: W) {
             buf.clear();
         }
         if buf.capacity() > 1 << 20 {
-            buf = BytesMut::with_capacity(16 << 10);
+            buf = BytesMut::new();
         }
     }
     let _ = io.flush().await;

@@ -11,7 +11,10 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder,
+};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 use crate::bindings::{Plugin as PluginBindings, PluginPre};
@@ -39,9 +42,10 @@ impl std::fmt::Debug for Runtime {
 }
 
 impl Runtime {
-    /// Creates the engine with the sandbox settings and starts its epoch
-    /// ticker (a thread that stops when the runtime is dropped).
-    pub fn new(sandbox: &SandboxSettings) -> Result<Arc<Self>, Error> {
+    /// Creates the engine with the sandbox settings, with room for
+    /// `max_instances` plugin instances at once, and starts its epoch ticker
+    /// (a thread that stops when the runtime is dropped).
+    pub fn new(sandbox: &SandboxSettings, max_instances: usize) -> Result<Arc<Self>, Error> {
         let mut config = Config::new();
         config
             .wasm_component_model(true)
@@ -58,7 +62,11 @@ impl Runtime {
             // Guest calls run on fibers: a small wasm stack and a fiber stack
             // just above it keep each instance's footprint small.
             .max_wasm_stack(256 << 10)
-            .async_stack_size(512 << 10);
+            .async_stack_size(512 << 10)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool(
+                sandbox,
+                max_instances,
+            )));
         let engine = Engine::new(&config).map_err(|e| Error::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -150,6 +158,28 @@ impl Runtime {
         store.epoch_deadline_trap();
         store
     }
+}
+
+/// The instance pool: one slot per possible connection, reserved up front
+/// (address space only) and reused, so that creating and dropping an
+/// instance maps and unmaps nothing and thousands of instances share a few
+/// large mappings instead of hitting `vm.max_map_count`.
+fn pool(sandbox: &SandboxSettings, max_instances: usize) -> PoolingAllocationConfig {
+    let n = u32::try_from(max_instances.max(1)).unwrap_or(u32::MAX / 8);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(n)
+        // A component is a few core instances (the guest, WASI adapters,
+        // shims); these per-component caps leave room for JS and Python
+        // guests, the totals for the typical Rust or C one.
+        .max_core_instances_per_component(16)
+        .max_memories_per_component(4)
+        .max_tables_per_component(8)
+        .total_core_instances(n.saturating_mul(6))
+        .total_memories(n.saturating_mul(2))
+        .total_tables(n.saturating_mul(4))
+        .total_stacks(n)
+        .max_memory_size(sandbox.max_memory);
+    pool
 }
 
 /// Whether `bytes` is a core module (version 1) rather than a component.

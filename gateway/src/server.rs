@@ -48,7 +48,7 @@ impl Gateway {
     /// Creates the engine and loads every route's plugin, collecting every
     /// error rather than stopping at the first.
     pub fn new(config: &Config) -> Result<Gateway, Errors> {
-        let runtime = Runtime::new(&config.sandbox)?;
+        let runtime = Runtime::new(&config.sandbox, config.server.max_connections)?;
         let mut routes = HashMap::new();
         let mut errors = Vec::new();
         for r in &config.routes {
@@ -62,6 +62,7 @@ impl Gateway {
         if !errors.is_empty() {
             return Err(Errors(errors));
         }
+        check_map_count(config.server.max_connections);
         Ok(Gateway {
             shared: Arc::new(Shared {
                 settings: config.server.clone(),
@@ -130,6 +131,33 @@ impl Gateway {
             tracing::warn!(left, "drain_timeout passed with connections still open");
         }
         drained
+    }
+}
+
+/// Memory maps one plugin instance takes (its memory, tables and fiber
+/// stack are each carved out of the instance pool with their own protection).
+const MAPS_PER_INSTANCE: usize = 12;
+
+/// Warns when the kernel's map limit cannot hold `max_connections` plugin
+/// instances: upgrades past it would be answered 503.
+fn check_map_count(max_connections: usize) {
+    let Some(limit) = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse::<usize>().ok())
+    else {
+        return;
+    };
+    let needed = max_connections.saturating_mul(MAPS_PER_INSTANCE) + 4096;
+    if needed > limit {
+        tracing::warn!(
+            max_connections,
+            vm_max_map_count = limit,
+            "max_connections needs about {needed} memory maps for plugin instances but \
+             vm.max_map_count is {limit}: about {} connections will fit, the rest get 503. \
+             Raise it (sysctl -w vm.max_map_count={}) or lower max_connections",
+            limit.saturating_sub(4096) / MAPS_PER_INSTANCE,
+            needed.next_power_of_two()
+        );
     }
 }
 
@@ -248,8 +276,15 @@ async fn handle(
         }
         let upgraded = ws.into_inner().into_inner();
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => session.run(parts.io.into_inner(), parts.read_buf).await,
-            Err(upgraded) => session.run(TokioIo::new(upgraded), Bytes::new()).await,
+            Ok(parts) => {
+                // Owned halves of a plain TCP stream: no lock per read or write.
+                let (rd, wr) = parts.io.into_inner().into_split();
+                session.run(rd, wr, parts.read_buf).await
+            }
+            Err(upgraded) => {
+                let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+                session.run(rd, wr, Bytes::new()).await
+            }
         }
     });
     resp

@@ -184,17 +184,20 @@ impl Session {
         self.after_call("on-close", r);
     }
 
-    /// Runs the connection over `io` (`initial` holds bytes the client sent
-    /// right after its request) until it closes.
-    pub async fn run<IO>(mut self, io: IO, initial: Bytes)
+    /// Runs the connection over the two halves of its socket (`initial`
+    /// holds bytes the client sent right after its request) until it closes.
+    pub async fn run<R, W>(mut self, mut rd: R, wr: W, initial: Bytes)
     where
-        IO: AsyncRead + AsyncWrite + Send + 'static,
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
     {
-        let (mut rd, wr) = tokio::io::split(io);
         let outbox = self.conn.outbox.clone();
         let mut writer = tokio::spawn(run_writer(outbox.clone(), wr));
         let limits = self.route.limits.clone();
         let mut reader = FrameReader::new(&initial, limits.max_frame_size);
+        // `initial` is a slice of hyper's whole read buffer: holding it would
+        // keep that buffer alive for the life of the connection.
+        drop(initial);
         let mut assembler = Assembler::new(limits.max_message_size);
         let mut streamer = Streamer::default();
         let streaming = self.route.deliver == Deliver::Fragments;
@@ -207,10 +210,26 @@ impl Session {
         let mut last_tx = last_rx;
         let mut written = 0u64;
         let mut ping_sent: Option<Instant> = None;
+        let wake = tokio::time::sleep_until(next_deadline(
+            &limits, &closing, last_rx, last_tx, ping_sent, last_rx,
+        ));
+        tokio::pin!(wake);
 
         let (code, reason) = loop {
-            let now = Instant::now();
-            let deadline = next_deadline(&limits, &closing, last_rx, last_tx, ping_sent, now);
+            // The timer is only moved earlier here (a close or a ping is now
+            // due sooner); activity that moves it later is seen when it fires,
+            // so a busy connection does not re-register a timer per frame.
+            let deadline = next_deadline(
+                &limits,
+                &closing,
+                last_rx,
+                last_tx,
+                ping_sent,
+                Instant::now(),
+            );
+            if deadline < wake.deadline() {
+                wake.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
                 _ = conn.close_notify.notified(), if closing.is_none() => {
@@ -285,35 +304,39 @@ impl Session {
                     }
                 }
                 _ = outbox.wait_dead(), if closing.is_none() => break (1006, String::new()),
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = &mut wake => {
                     let now = Instant::now();
                     if let Some((code, reason, until)) = &closing {
                         if now >= *until {
                             break (*code, reason.clone());
                         }
-                        continue;
-                    }
-                    let w = outbox.written();
-                    if w != written {
-                        written = w;
-                        last_tx = now;
-                    }
-                    if let Some(sent) = ping_sent {
-                        if now >= sent + limits.pong_timeout {
-                            tracing::debug!(route = %self.route.path, conn = self.id, "no pong: dropping the connection");
-                            break (1006, String::new());
+                    } else {
+                        let w = outbox.written();
+                        if w != written {
+                            written = w;
+                            last_tx = now;
                         }
-                    } else if let Some(every) = limits.ping_interval {
-                        if now >= last_rx + every {
-                            outbox.push_control(Outbound::Ping(Bytes::new()));
-                            ping_sent = Some(now);
+                        if let Some(sent) = ping_sent {
+                            if now >= sent + limits.pong_timeout {
+                                tracing::debug!(route = %self.route.path, conn = self.id, "no pong: dropping the connection");
+                                break (1006, String::new());
+                            }
+                        } else if let Some(every) = limits.ping_interval {
+                            if now >= last_rx + every {
+                                outbox.push_control(Outbound::Ping(Bytes::new()));
+                                ping_sent = Some(now);
+                            }
+                        }
+                        if let Some(idle) = limits.idle_timeout {
+                            if now >= last_rx.max(last_tx) + idle {
+                                closing = self.start_close(1001, "idle timeout".into());
+                            }
                         }
                     }
-                    if let Some(idle) = limits.idle_timeout {
-                        if now >= last_rx.max(last_tx) + idle {
-                            closing = self.start_close(1001, "idle timeout".into());
-                        }
-                    }
+                    // Re-arm for whatever is due next (activity since the
+                    // timer was set may have moved it later).
+                    let next = next_deadline(&limits, &closing, last_rx, last_tx, ping_sent, now);
+                    wake.as_mut().reset(next.max(now + Duration::from_millis(1)));
                 }
             }
         };

@@ -27,11 +27,7 @@ async fn a_trapping_plugin_closes_its_connection_with_1011_and_others_keep_echoi
     assert_still_serving(&gw, &mut bystander).await;
     // Another connection of the same route has its own instance.
     assert_eq!(command(&mut neighbour, "echo fine").await, "ok fine");
-    let log = gw.log();
-    let line = log
-        .lines()
-        .find(|l| l.contains("plugin failed"))
-        .unwrap_or_else(|| panic!("no failure logged:\n{log}"));
+    let line = gw.wait_log("plugin failed");
     assert!(line.contains("route=/t"), "{line}");
     assert!(line.contains("testkit.wasm"), "{line}");
     assert!(line.contains("export=\"on-message\""), "{line}");
@@ -71,5 +67,5 @@ async fn a_trap_in_on_open_refuses_the_upgrade_with_500() {
     assert_eq!(reply.status, 500);
     let mut ws = connect(&gw.url("/t")).await;
     assert_eq!(command(&mut ws, "echo ok").await, "ok ok");
-    assert!(gw.log().contains("export=\"on-open\""));
+    gw.wait_log("export=\"on-open\"");
 }

@@ -24,15 +24,8 @@ async fn sigterm_closes_every_connection_with_1001_and_exits_0() {
         Some(0),
         "exit status"
     );
-    let log = gw.log();
-    assert!(
-        log.contains(&format!("on-close {a_id} 1001 going away")),
-        "{log}"
-    );
-    assert!(
-        log.contains(&format!("on-close {b_id} 1001 going away")),
-        "{log}"
-    );
+    gw.wait_log(&format!("on-close {a_id} 1001 going away"));
+    gw.wait_log(&format!("on-close {b_id} 1001 going away"));
     assert!(
         tokio::net::TcpStream::connect(gw.addr).await.is_err(),
         "still accepting"

@@ -117,6 +117,22 @@ impl Gateway {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits until the log has a line containing `text`; that line.
+    pub fn wait_log(&self, text: &str) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(line) = self.log().lines().find(|l| l.contains(text)) {
+                return line.to_owned();
+            }
+            assert!(
+                start.elapsed() < WAIT,
+                "no log line with {text:?}:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends a signal to the gateway process.
     pub fn signal(&self, sig: &str) {
         let ok = Command::new("kill")

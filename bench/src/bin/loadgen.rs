@@ -62,6 +62,9 @@ enum Mode {
         /// The server's process id.
         #[arg(long)]
         pid: u32,
+        /// Keep the connections open this many seconds after measuring.
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
     },
 }
 
@@ -232,13 +235,24 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+/// A `kB` field of a /proc file of `pid`.
+fn proc_kib(pid: u32, file: &str, field: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
+        .with_context(|| format!("no {field} in /proc/{pid}/{file}"))
+}
+
+/// Resident set size: every mapped page, shared pages once per mapping.
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    proc_kib(pid, "status", "VmRSS:")
+}
+
+/// Proportional set size: shared pages divided among their mappings (the
+/// copy-on-write module image every plugin instance maps counts once).
+fn pss_kib(pid: u32) -> anyhow::Result<u64> {
+    proc_kib(pid, "smaps_rollup", "Pss:")
 }
 
 fn main() -> anyhow::Result<()> {
@@ -342,8 +356,9 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
                 "conns_per_s": (done as f64 / seconds as f64).round(), "errors": errors,
             }))
         }
-        Mode::Idle { conns, pid } => {
+        Mode::Idle { conns, pid, hold } => {
             let before = rss_kib(pid)?;
+            let pss_before = pss_kib(pid)?;
             let mut open_conns = Vec::with_capacity(conns);
             let mut errors = 0u64;
             for _ in 0..conns {
@@ -355,11 +370,15 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             // Let the server settle (session tasks started, buffers sized).
             tokio::time::sleep(Duration::from_secs(2)).await;
             let after = rss_kib(pid)?;
+            let pss_after = pss_kib(pid)?;
+            eprintln!("loadgen: {} connections open", open_conns.len());
+            tokio::time::sleep(Duration::from_secs(hold)).await;
             let n = open_conns.len().max(1) as f64;
             Ok(serde_json::json!({
                 "label": args.label, "mode": "idle", "conns": open_conns.len(),
                 "rss_before_kib": before, "rss_after_kib": after,
                 "kib_per_conn": ((after.saturating_sub(before)) as f64 / n * 100.0).round() / 100.0,
+                "pss_kib_per_conn": ((pss_after.saturating_sub(pss_before)) as f64 / n * 100.0).round() / 100.0,
                 "errors": errors,
             }))
         }
