@@ -16,6 +16,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::bindings::wasmgate::plugin::host::Host;
 use crate::bindings::wasmgate::plugin::types::{self, GatewayError, LogLevel, Message};
 use crate::frame::is_valid_close_code;
+use crate::hub::ConnHandle;
 use crate::outbox::Outbound;
 use crate::route::Route;
 
@@ -32,6 +33,8 @@ pub struct HostState {
     pub(crate) limits: StoreLimits,
     /// The connection this instance serves.
     conn: u64,
+    /// Its handle: replies to it skip the hub's lookup.
+    own: Arc<ConnHandle>,
     route: Arc<Route>,
     timers: HashMap<u64, tokio::task::AbortHandle>,
     next_timer: u64,
@@ -42,7 +45,7 @@ impl HostState {
     /// State for an instance serving connection `conn` on `route`; timers
     /// fire into `timer_tx`.
     pub(crate) fn new(
-        conn: u64,
+        own: Arc<ConnHandle>,
         route: Arc<Route>,
         limits: StoreLimits,
         timer_tx: mpsc::Sender<u64>,
@@ -52,12 +55,18 @@ impl HostState {
             wasi,
             table,
             limits,
-            conn,
+            conn: own.id,
+            own,
             route,
             timers: HashMap::new(),
             next_timer: 1,
             timer_tx,
         }
+    }
+
+    /// The instance's resource table.
+    pub(crate) fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
     }
 
     /// Forgets a one-shot timer that fired; returns false if it was
@@ -108,6 +117,9 @@ impl types::Host for HostState {}
 
 impl Host for HostState {
     fn send(&mut self, conn: u64, msg: Message) -> Result<(), GatewayError> {
+        if conn == self.conn {
+            return self.own.deliver(outbound(msg));
+        }
         self.route.hub.get(conn)?.deliver(outbound(msg))
     }
 

@@ -17,6 +17,7 @@
 //! - [`route`]: a route as it runs, and connection caps.
 //! - [`plugin`]: the WebAssembly engine and loading components.
 //! - [`host`]: the host functions plugins call.
+//! - [`wasi`]: the WASI plugins see, callable without blocking.
 //! - [`builtin`]: the embedded example plugins and default config.
 
 pub mod builtin;
@@ -32,16 +33,13 @@ pub mod plugin;
 pub mod route;
 pub mod server;
 pub mod session;
+pub mod wasi;
 
 /// Rust bindings generated from the WIT contract (`wit/plugin.wit`).
 pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "plugin",
-        // Guest calls run on a fiber so that WASI's own host functions (a
-        // guest printing a panic message, say) can await inside tokio; the
-        // gateway's host functions are synchronous and never block.
-        exports: { default: async },
     });
 }
 

@@ -152,6 +152,14 @@ impl Outbox {
         }
     }
 
+    /// Removes and returns everything queued, without writing it (for
+    /// benchmarks and tests that have no socket behind the queue).
+    pub fn drain(&self) -> Vec<Outbound> {
+        let mut q = self.queue.lock();
+        q.bytes = 0;
+        q.frames.drain(..).collect()
+    }
+
     /// Messages refused because the queue was full.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)

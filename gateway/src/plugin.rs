@@ -59,17 +59,16 @@ impl Runtime {
             .memory_reservation(sandbox.max_memory as u64)
             .memory_guard_size(64 << 10)
             .memory_reservation_for_growth(0)
-            // Guest calls run on fibers: a small wasm stack and a fiber stack
-            // just above it keep each instance's footprint small.
+            // Guest calls run synchronously on the connection task's thread:
+            // bound the wasm stack well within a tokio worker's 2 MiB.
             .max_wasm_stack(256 << 10)
-            .async_stack_size(512 << 10)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool(
                 sandbox,
                 max_instances,
             )));
         let engine = Engine::new(&config).map_err(|e| Error::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+        crate::wasi::add_to_linker(&mut linker)
             .map_err(|e| Error::Engine(format!("cannot link WASI: {e:#}")))?;
         PluginBindings::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| Error::Engine(format!("cannot link the host interface: {e:#}")))?;
@@ -177,7 +176,6 @@ fn pool(sandbox: &SandboxSettings, max_instances: usize) -> PoolingAllocationCon
         .total_core_instances(n.saturating_mul(6))
         .total_memories(n.saturating_mul(2))
         .total_tables(n.saturating_mul(4))
-        .total_stacks(n)
         .max_memory_size(sandbox.max_memory);
     pool
 }
@@ -204,11 +202,11 @@ impl std::fmt::Debug for Plugin {
 
 impl Plugin {
     /// Instantiates the plugin into `store`.
-    pub(crate) async fn instantiate(
+    pub(crate) fn instantiate(
         &self,
         store: &mut Store<HostState>,
     ) -> wasmtime::Result<PluginBindings> {
-        self.pre.instantiate_async(store).await
+        self.pre.instantiate(store)
     }
 }
 

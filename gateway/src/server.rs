@@ -215,9 +215,7 @@ async fn handle(
         shared.runtime.clone(),
         slot,
         &request,
-    )
-    .await
-    {
+    ) {
         Opened::Accept(session, accept) => (session, accept),
         Opened::Failed => return internal(),
         Opened::Unavailable => return Refusal::Unavailable.response(),

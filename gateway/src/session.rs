@@ -59,7 +59,7 @@ pub enum Opened {
 impl Session {
     /// Registers connection `id` on its route, instantiates the plugin and
     /// runs `on-open`. A rejected or failed open leaves nothing behind.
-    pub async fn open(
+    pub fn open(
         id: u64,
         route: Arc<Route>,
         runtime: Arc<Runtime>,
@@ -70,10 +70,15 @@ impl Session {
         let conn = ConnHandle::new(id, outbox, route.limits.slow_consumer);
         route.hub.insert(conn.clone());
         let (timer_tx, timer_rx) = mpsc::channel(TIMER_QUEUE);
-        let state = HostState::new(id, route.clone(), runtime.store_limits(), timer_tx);
+        let state = HostState::new(
+            conn.clone(),
+            route.clone(),
+            runtime.store_limits(),
+            timer_tx,
+        );
         let mut store = runtime.store(state);
         store.set_epoch_deadline(runtime.call_deadline());
-        let plugin = match route.plugin.instantiate(&mut store).await {
+        let plugin = match route.plugin.instantiate(&mut store) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(
@@ -96,11 +101,11 @@ impl Session {
             _slot: slot,
         };
         session.before_call();
-        let response = session
-            .plugin
-            .wasmgate_plugin_handler()
-            .call_on_open(&mut session.store, id, request)
-            .await;
+        let response =
+            session
+                .plugin
+                .wasmgate_plugin_handler()
+                .call_on_open(&mut session.store, id, request);
         let response = session.after_call("on-open", response);
         match response {
             Some(OpenResponse::Accept(accept)) => Opened::Accept(Box::new(session), accept),
@@ -121,6 +126,11 @@ impl Session {
         self.store.data_mut().cancel_all_timers();
         self.conn.outbox.finish();
         self.route.hub.remove(self.id);
+    }
+
+    /// The connection's outbound queue.
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.conn.outbox
     }
 
     /// Asks the session to close with 1001 as soon as it runs (the gateway
@@ -157,30 +167,30 @@ impl Session {
     }
 
     /// Runs `on-timer`; false if the plugin failed.
-    async fn on_timer(&mut self, timer: u64) -> bool {
+    fn on_timer(&mut self, timer: u64) -> bool {
         if self.trapped {
             return false;
         }
         self.before_call();
-        let r = self
-            .plugin
-            .wasmgate_plugin_handler()
-            .call_on_timer(&mut self.store, self.id, timer)
-            .await;
+        let r =
+            self.plugin
+                .wasmgate_plugin_handler()
+                .call_on_timer(&mut self.store, self.id, timer);
         self.after_call("on-timer", r).is_some()
     }
 
     /// Runs `on-close` (unless the plugin trapped before).
-    async fn on_close(&mut self, code: u16, reason: &str) {
+    fn on_close(&mut self, code: u16, reason: &str) {
         if self.trapped {
             return;
         }
         self.before_call();
-        let r = self
-            .plugin
-            .wasmgate_plugin_handler()
-            .call_on_close(&mut self.store, self.id, code, reason)
-            .await;
+        let r = self.plugin.wasmgate_plugin_handler().call_on_close(
+            &mut self.store,
+            self.id,
+            code,
+            reason,
+        );
         self.after_call("on-close", r);
     }
 
@@ -240,7 +250,7 @@ impl Session {
                 Some(timer) = self.timer_rx.recv(), if closing.is_none() => {
                     let id = timer & !REPEAT_FLAG;
                     let live = self.store.data_mut().timer_fired(id, timer & REPEAT_FLAG != 0);
-                    if live && !self.on_timer(id).await {
+                    if live && !self.on_timer(id) {
                         closing = self.start_close(1011, "internal error".into());
                     }
                 }
@@ -286,7 +296,7 @@ impl Session {
                         _ if closing.is_some() => {}
                         _ if streaming => match streamer.push(frame) {
                             Ok(fragment) => {
-                                if !self.deliver_fragment(fragment).await {
+                                if !self.deliver_fragment(fragment) {
                                     closing = self.start_close(1011, "internal error".into());
                                 }
                             }
@@ -294,7 +304,7 @@ impl Session {
                         },
                         _ => match assembler.push(frame) {
                             Ok(Some(msg)) => {
-                                if !self.deliver(msg).await {
+                                if !self.deliver(msg) {
                                     closing = self.start_close(1011, "internal error".into());
                                 }
                             }
@@ -345,7 +355,7 @@ impl Session {
         // the TCP connection once it has flushed.
         outbox.finish();
         self.store.data_mut().cancel_all_timers();
-        self.on_close(code, &reason).await;
+        self.on_close(code, &reason);
         self.route.hub.remove(self.id);
         drop(rd);
         if tokio::time::timeout(limits.close_timeout, &mut writer)
@@ -360,8 +370,10 @@ impl Session {
         }
     }
 
-    /// Delivers a message to the plugin; false if the plugin failed.
-    async fn deliver(&mut self, msg: Message) -> bool {
+    /// Delivers a message to the plugin as if it had arrived from the peer
+    /// (the session loop does this for every message; the benchmarks call it
+    /// directly). Returns false if the plugin failed.
+    pub fn deliver(&mut self, msg: Message) -> bool {
         if self.trapped {
             return false;
         }
@@ -370,16 +382,15 @@ impl Session {
             Message::Binary(b) => types::Message::Binary(Vec::from(b)),
         };
         self.before_call();
-        let r = self
-            .plugin
-            .wasmgate_plugin_handler()
-            .call_on_message(&mut self.store, self.id, &msg)
-            .await;
+        let r =
+            self.plugin
+                .wasmgate_plugin_handler()
+                .call_on_message(&mut self.store, self.id, &msg);
         self.after_call("on-message", r).is_some()
     }
 
     /// Delivers a fragment to the plugin; false if the plugin failed.
-    async fn deliver_fragment(&mut self, fragment: Fragment) -> bool {
+    fn deliver_fragment(&mut self, fragment: Fragment) -> bool {
         if self.trapped {
             return false;
         }
@@ -390,11 +401,11 @@ impl Session {
             data: Vec::from(fragment.data),
         };
         self.before_call();
-        let r = self
-            .plugin
-            .wasmgate_plugin_handler()
-            .call_on_fragment(&mut self.store, self.id, &fragment)
-            .await;
+        let r = self.plugin.wasmgate_plugin_handler().call_on_fragment(
+            &mut self.store,
+            self.id,
+            &fragment,
+        );
         self.after_call("on-fragment", r).is_some()
     }
 

@@ -69,3 +69,24 @@ async fn a_trap_in_on_open_refuses_the_upgrade_with_500() {
     assert_eq!(command(&mut ws, "echo ok").await, "ok ok");
     gw.wait_log("export=\"on-open\"");
 }
+
+#[tokio::test]
+async fn a_plugin_may_print_to_stdout_and_stderr() {
+    let gw = Gateway::start("print", CONFIG);
+    let mut ws = connect(&gw.url("/t")).await;
+    assert_eq!(command(&mut ws, "print hello").await, "ok printed");
+    assert_eq!(command(&mut ws, "print again").await, "ok printed");
+    gw.wait_log("testkit: on stderr");
+}
+
+#[tokio::test]
+async fn a_plugin_that_blocks_is_closed_with_1011_and_the_log_says_why() {
+    let gw = Gateway::start("block", CONFIG);
+    let mut bystander = connect(&gw.url("/echo")).await;
+    let mut ws = connect(&gw.url("/t")).await;
+    send(&mut ws, "sleep 50").await;
+    expect_close(&mut ws, 1011).await;
+    let line = gw.wait_log("plugin failed");
+    assert!(line.contains("may not block"), "{line}");
+    assert_still_serving(&gw, &mut bystander).await;
+}

@@ -15,7 +15,8 @@
 //! `broadcast <room> <text>` (excluding the sender), `size <room>`,
 //! `members <room>`, `meta-set <key> <value>`, `meta-get <id> <key>`,
 //! `config <key>`, `timer <ms>` (one shot), `timer-other <id> <ms>`,
-//! `trap`, `spin` (loops forever), `grow <MiB>` (allocates and touches memory).
+//! `trap`, `spin` (loops forever), `grow <MiB>` (allocates and touches memory),
+//! `print <text>` (writes to stdout and stderr), `sleep <ms>` (blocks).
 //! Binary messages are echoed. On a `deliver = "fragments"` route, each
 //! message's final fragment is answered with
 //! `fragments <text|binary> <count> bytes <total>`.
@@ -129,6 +130,15 @@ impl Handler for Testkit {
                 arg_id(a).set_timer(Duration::from_millis(b.parse().unwrap_or(1)), false),
             ),
             "trap" => panic!("testkit: trap as asked"),
+            "print" => {
+                println!("testkit: {b}{a} on stdout");
+                eprintln!("testkit: on stderr");
+                answer(conn, Ok("printed"))
+            }
+            "sleep" => {
+                std::thread::sleep(Duration::from_millis(a.parse().unwrap_or(10)));
+                answer(conn, Ok("slept"))
+            }
             "spin" => {
                 let mut x: u64 = 0;
                 loop {

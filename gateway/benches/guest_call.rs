@@ -1,0 +1,88 @@
+//! The host↔guest path in isolation: one echo round trip through the echo
+//! plugin (the message lowered into guest memory, `on-message`, the guest's
+//! `send` lifted back out and queued), against the same message queued by
+//! native code, measured in the same run.
+//!
+//! Run: `cargo bench -p wasmgate --bench guest_call`
+
+use std::path::Path;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use wasmgate::message::Message;
+use wasmgate::outbox::Outbound;
+use wasmgate::plugin::Runtime;
+use wasmgate::route::{Route, Slot};
+use wasmgate::session::{Opened, Session};
+use wasmgate::Config;
+
+const CONFIG: &str = "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n";
+
+fn request() -> wasmgate::bindings::wasmgate::plugin::types::Request {
+    wasmgate::bindings::wasmgate::plugin::types::Request {
+        method: "GET".into(),
+        path: "/echo".into(),
+        query: None,
+        headers: Vec::new(),
+        remote_addr: "127.0.0.1:1".into(),
+        subprotocols: Vec::new(),
+    }
+}
+
+fn round_trip(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    // Host calls may spawn tasks (timers), as inside the gateway.
+    let _guard = rt.enter();
+    let config = Config::parse(CONFIG, Path::new("<bench>")).expect("config");
+    let runtime = Runtime::new(&config.sandbox, 16).expect("engine");
+    let plugin = runtime
+        .load("/echo", &config.routes[0].plugin)
+        .expect("echo plugin");
+    let route = Arc::new(Route::new(&config.routes[0], plugin));
+    let active = Arc::new(AtomicUsize::new(0));
+    let slot = Slot::acquire(&route, &active, 16).expect("slot");
+    let mut session = match Session::open(1, route, runtime, slot, &request()) {
+        Opened::Accept(session, _) => session,
+        _ => panic!("echo refused the connection"),
+    };
+    let outbox = session.outbox().clone();
+
+    let mut group = c.benchmark_group("echo round trip, 32 B text");
+    group.measurement_time(Duration::from_secs(5));
+    let text = "a".repeat(32);
+    group.bench_function("native: queue the reply", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                let msg = Message::Text(text.clone());
+                let Message::Text(s) = msg else {
+                    unreachable!()
+                };
+                outbox
+                    .push_data(Outbound::Text(bytes::Bytes::from(s.into_bytes())))
+                    .expect("queued");
+                assert_eq!(outbox.drain().len(), 1);
+            }
+            start.elapsed()
+        })
+    });
+    group.bench_function("wasm: echo plugin", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for _ in 0..iters {
+                assert!(session.deliver(Message::Text(text.clone())));
+                assert_eq!(outbox.drain().len(), 1);
+            }
+            start.elapsed()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, round_trip);
+criterion_main!(benches);
