@@ -63,12 +63,14 @@ start_server() { # name -> sets PID, ADDR
 
 run() { # scenario-name loadgen-args...
     local name=$1; shift
+    ROUTE=/echo
+    [ "$1" = broadcast ] && ROUTE=/broadcast
     [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]] && return 0
     for server in baseline gateway; do
         start_server "$server"
         local args=("$@")
         [ "${args[0]}" = idle ] && args+=(--pid "$PID")
-        $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --label "$name/$server" "${args[@]}" | tee -a "$OUT/results.jsonl" >&2
+        $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --path "$ROUTE" --label "$name/$server" "${args[@]}" | tee -a "$OUT/results.jsonl" >&2
         kill "$PID"; wait "$PID" 2>/dev/null || true
         sleep 0.5
     done
@@ -78,6 +80,7 @@ run "echo 100x32B x1"    echo --conns 100 --size 32 --inflight 1 --seconds "$SEC
 run "echo 100x32B x16"   echo --conns 100 --size 32 --inflight 16 --seconds "$SECONDS_PER_RUN"
 run "echo 10x16KiB x1"   echo --conns 10 --size 16384 --inflight 1 --seconds "$SECONDS_PER_RUN"
 run "echo 1000x32B x1"   echo --conns 1000 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN"
+run "broadcast 1 to 1000" broadcast --members 1000 --size 32 --inflight 16 --seconds "$SECONDS_PER_RUN"
 run "setup rate"         setup --concurrency 16 --seconds "$SECONDS_PER_RUN"
 run "idle 10000"         idle --conns 10000
 
@@ -92,7 +95,7 @@ print(f"Run {datetime.date.today()} on {platform.node()} ({open('/proc/cpuinfo')
 print("| scenario | metric | baseline | gateway | gateway/baseline |")
 print("|---|---|---|---|---|")
 metrics = {"echo": ["msgs_per_s", "mb_per_s", "p50_us", "p99_us", "p999_us", "errors"],
-           "setup": ["conns_per_s", "errors"], "idle": ["kib_per_conn", "pss_kib_per_conn", "errors"]}
+           "setup": ["conns_per_s", "errors"], "broadcast": ["deliveries_per_s", "errors"], "idle": ["kib_per_conn", "pss_kib_per_conn", "errors"]}
 for name, pair in by.items():
     b, g = pair.get("baseline"), pair.get("gateway")
     if not b or not g:

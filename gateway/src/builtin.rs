@@ -2,7 +2,7 @@
 //! serves them, so `wasmgate serve` works with no files at all.
 
 /// The names of the built-in plugins (`plugin = "builtin:<name>"`).
-pub const NAMES: [&str; 4] = ["echo", "chat", "auth", "ticker"];
+pub const NAMES: [&str; 5] = ["echo", "chat", "auth", "ticker", "fanout"];
 
 /// The bytes of a built-in plugin.
 pub fn plugin(name: &str) -> Option<&'static [u8]> {
@@ -11,6 +11,7 @@ pub fn plugin(name: &str) -> Option<&'static [u8]> {
         "chat" => include_bytes!(concat!(env!("WASMGATE_PLUGIN_DIR"), "/chat.wasm")),
         "auth" => include_bytes!(concat!(env!("WASMGATE_PLUGIN_DIR"), "/auth.wasm")),
         "ticker" => include_bytes!(concat!(env!("WASMGATE_PLUGIN_DIR"), "/ticker.wasm")),
+        "fanout" => include_bytes!(concat!(env!("WASMGATE_PLUGIN_DIR"), "/fanout.wasm")),
         _ => return None,
     })
 }

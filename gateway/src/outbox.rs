@@ -1,7 +1,8 @@
 //! A connection's outbound side: one queue bounded in bytes that every sender
 //! (the connection's own plugin, broadcasts, other connections' plugins, the
-//! gateway's pongs and closes) pushes to, and one writer task that drains it,
-//! coalescing every frame that is ready into a single write.
+//! gateway's pongs and closes) pushes to, and the [`Writer`] with which the
+//! connection's own task drains it, encoding every frame that is ready into
+//! one buffer written with as few system calls as the socket allows.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,23 +46,18 @@ struct Queue {
     bytes: usize,
     /// A close frame is queued: nothing but control frames may follow.
     closing: bool,
-    /// The writer should exit once the queue is empty.
+    /// The connection is ending: nothing more is accepted.
     finished: bool,
-    /// The writer has stopped (socket error or finished).
-    dead: bool,
 }
 
 /// The outbound queue of one connection.
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<Queue>,
-    /// Wakes the writer when frames are queued.
+    /// Wakes the connection's task when frames are queued.
     ready: Notify,
-    /// Wakes the session when the writer dies.
-    dead: Notify,
     limit: usize,
     dropped: AtomicU64,
-    written: AtomicU64,
 }
 
 impl Outbox {
@@ -71,10 +67,8 @@ impl Outbox {
         Arc::new(Outbox {
             queue: Mutex::new(Queue::default()),
             ready: Notify::new(),
-            dead: Notify::new(),
             limit,
             dropped: AtomicU64::new(0),
-            written: AtomicU64::new(0),
         })
     }
 
@@ -86,7 +80,7 @@ impl Outbox {
         };
         {
             let mut q = self.queue.lock();
-            if q.closing || q.dead || q.finished {
+            if q.closing || q.finished {
                 return Err(PushError::Closed);
             }
             if q.bytes > 0 && q.bytes + len > self.limit {
@@ -105,7 +99,7 @@ impl Outbox {
     pub fn push_control(&self, frame: Outbound) {
         {
             let mut q = self.queue.lock();
-            if q.closing || q.dead || q.finished {
+            if q.closing || q.finished {
                 return;
             }
             q.frames.push_back(frame);
@@ -118,7 +112,7 @@ impl Outbox {
     pub fn push_close(&self, close: Option<(u16, String)>) -> bool {
         {
             let mut q = self.queue.lock();
-            if q.closing || q.dead || q.finished {
+            if q.closing || q.finished {
                 return false;
             }
             q.closing = true;
@@ -128,28 +122,22 @@ impl Outbox {
         true
     }
 
-    /// Tells the writer to exit once the queue is drained, and refuses
-    /// anything more.
+    /// Refuses anything more (the connection is ending); what is queued
+    /// can still be drained.
     pub fn finish(&self) {
         self.queue.lock().finished = true;
-        self.ready.notify_one();
+    }
+
+    /// Resolves when frames may have been queued since the last
+    /// [`Writer::fill`]. Cheap to keep pinned across polls.
+    pub fn ready(&self) -> tokio::sync::futures::Notified<'_> {
+        self.ready.notified()
     }
 
     /// Whether the queue refuses data (closing or finished).
     pub fn is_closed(&self) -> bool {
         let q = self.queue.lock();
-        q.closing || q.finished || q.dead
-    }
-
-    /// Resolves when the writer has stopped.
-    pub async fn wait_dead(&self) {
-        loop {
-            let notified = self.dead.notified();
-            if self.queue.lock().dead {
-                return;
-            }
-            notified.await;
-        }
+        q.closing || q.finished
     }
 
     /// Removes and returns everything queued, without writing it (for
@@ -165,97 +153,96 @@ impl Outbox {
         self.dropped.load(Ordering::Relaxed)
     }
 
-    /// Bytes written to the socket so far.
-    pub fn written(&self) -> u64 {
-        self.written.load(Ordering::Relaxed)
-    }
-
-    /// Moves everything queued into `batch`; `false` when the writer should
-    /// stop.
-    async fn take(&self, batch: &mut VecDeque<Outbound>) -> bool {
-        loop {
-            {
-                let mut q = self.queue.lock();
-                if !q.frames.is_empty() {
-                    std::mem::swap(&mut q.frames, batch);
-                    q.bytes = 0;
-                    return true;
-                }
-                if q.finished {
-                    return false;
-                }
-            }
-            self.ready.notified().await;
+    /// Moves everything queued into `batch`; false if nothing was queued.
+    fn take(&self, batch: &mut VecDeque<Outbound>) -> bool {
+        let mut q = self.queue.lock();
+        if q.frames.is_empty() {
+            return false;
         }
-    }
-
-    fn mark_dead(&self) {
-        self.queue.lock().dead = true;
-        self.dead.notify_waiters();
+        std::mem::swap(&mut q.frames, batch);
+        q.bytes = 0;
+        true
     }
 }
 
-/// Frames at least this large are written from their own buffer rather than
-/// copied into the coalescing buffer.
-const COPY_LIMIT: usize = 64 << 10;
+/// Encoded frames on their way to the socket. The connection's task fills
+/// it from the [`Outbox`] only once everything before has been written, so
+/// memory stays bounded by `max_outbound_buffer` plus one batch.
+#[derive(Debug, Default)]
+pub struct Writer {
+    buf: BytesMut,
+    pos: usize,
+    batch: VecDeque<Outbound>,
+    /// A close frame was encoded: nothing follows it.
+    closed: bool,
+}
 
-/// Drains `outbox` into `io` until the outbox is finished, then shuts the
-/// write side down. Nothing is written after a close frame.
-pub async fn run_writer<W: AsyncWrite + Unpin>(outbox: Arc<Outbox>, mut io: W) {
-    let mut batch = VecDeque::new();
-    // Grows with use: an idle connection holds no write buffer.
-    let mut buf = BytesMut::new();
-    let mut closed = false;
-    'outer: while outbox.take(&mut batch).await {
-        for frame in batch.drain(..) {
-            if closed {
-                continue;
+impl Writer {
+    /// Whether everything encoded has been written.
+    pub fn is_empty(&self) -> bool {
+        self.pos == self.buf.len()
+    }
+
+    /// The bytes still to write.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf[self.pos..]
+    }
+
+    /// Records that `n` bytes of [`Writer::pending`] were written.
+    pub fn advance(&mut self, n: usize) {
+        self.pos += n;
+        if self.is_empty() {
+            self.pos = 0;
+            self.buf.clear();
+            if self.buf.capacity() > 1 << 20 {
+                // A large message passed: do not keep its buffer.
+                self.buf = BytesMut::new();
             }
-            let (opcode, payload) = match frame {
-                Outbound::Text(b) => (OpCode::Text, b),
-                Outbound::Binary(b) => (OpCode::Binary, b),
-                Outbound::Ping(b) => (OpCode::Ping, b),
-                Outbound::Pong(b) => (OpCode::Pong, b),
-                Outbound::Close(c) => {
-                    closed = true;
-                    let mut p = BytesMut::new();
-                    if let Some((code, reason)) = c {
-                        p.extend_from_slice(&code.to_be_bytes());
-                        p.extend_from_slice(reason.as_bytes());
-                    }
-                    (OpCode::Close, p.freeze())
-                }
-            };
-            encode_header(&mut buf, true, opcode, payload.len());
-            if payload.len() < COPY_LIMIT {
-                buf.extend_from_slice(&payload);
-            } else {
-                if io.write_all(&buf).await.is_err() || io.write_all(&payload).await.is_err() {
-                    break 'outer;
-                }
-                outbox
-                    .written
-                    .fetch_add((buf.len() + payload.len()) as u64, Ordering::Relaxed);
-                buf.clear();
-            }
-        }
-        batch.clear();
-        if !buf.is_empty() {
-            if io.write_all(&buf).await.is_err() {
-                break;
-            }
-            outbox
-                .written
-                .fetch_add(buf.len() as u64, Ordering::Relaxed);
-            buf.clear();
-        }
-        if buf.capacity() > 1 << 20 {
-            buf = BytesMut::new();
         }
     }
-    let _ = io.flush().await;
-    let _ = io.shutdown().await;
-    outbox.mark_dead();
+
+    /// Encodes everything queued in `outbox` (if all before was written);
+    /// returns whether there is anything to write.
+    pub fn fill(&mut self, outbox: &Outbox) -> bool {
+        if self.is_empty() && outbox.take(&mut self.batch) {
+            for frame in self.batch.drain(..) {
+                if self.closed {
+                    continue;
+                }
+                let (opcode, payload) = match frame {
+                    Outbound::Text(b) => (OpCode::Text, b),
+                    Outbound::Binary(b) => (OpCode::Binary, b),
+                    Outbound::Ping(b) => (OpCode::Ping, b),
+                    Outbound::Pong(b) => (OpCode::Pong, b),
+                    Outbound::Close(c) => {
+                        self.closed = true;
+                        let mut p = BytesMut::new();
+                        if let Some((code, reason)) = c {
+                            p.extend_from_slice(&code.to_be_bytes());
+                            p.extend_from_slice(reason.as_bytes());
+                        }
+                        (OpCode::Close, p.freeze())
+                    }
+                };
+                encode_header(&mut self.buf, true, opcode, payload.len());
+                self.buf.extend_from_slice(&payload);
+            }
+        }
+        !self.is_empty()
+    }
+
+    /// Writes out everything encoded and queued, then shuts the write side
+    /// down (the connection is ending).
+    pub async fn finish<W: AsyncWrite + Unpin>(&mut self, outbox: &Outbox, io: &mut W) {
+        while self.fill(outbox) {
+            match io.write(self.pending()).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => self.advance(n),
+            }
+        }
+        let _ = io.flush().await;
+        let _ = io.shutdown().await;
+    }
 }
 
 #[cfg(test)]
@@ -299,17 +286,26 @@ mod tests {
         o.push_data(Outbound::Binary(Bytes::from_static(b"bc")))
             .unwrap();
         o.push_close(Some((1000, "bye".into())));
-        o.finish();
-        let (w, mut r) = tokio::io::duplex(1024);
-        run_writer(o.clone(), w).await;
-        let mut out = Vec::new();
-        tokio::io::AsyncReadExt::read_to_end(&mut r, &mut out)
-            .await
-            .unwrap();
+        let mut w = Writer::default();
+        assert!(w.fill(&o));
         assert_eq!(
-            out,
+            w.pending(),
             [0x81, 1, b'a', 0x82, 2, b'b', b'c', 0x88, 5, 0x03, 0xE8, b'b', b'y', b'e']
         );
-        assert_eq!(o.written(), out.len() as u64);
+        // A partial write leaves the rest; nothing new is taken meanwhile.
+        w.advance(3);
+        o.push_control(Outbound::Pong(Bytes::new()));
+        assert!(w.fill(&o));
+        assert_eq!(w.pending().len(), 11);
+        w.advance(11);
+        // Nothing is encoded after the close frame.
+        let (mut tx, mut rx) = tokio::io::duplex(1024);
+        w.finish(&o, &mut tx).await;
+        drop(tx);
+        let mut out = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut rx, &mut out)
+            .await
+            .unwrap();
+        assert!(out.is_empty(), "{out:?}");
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use wasmtime::Store;
@@ -23,7 +23,7 @@ use crate::frame::{parse_close, FrameReader, OpCode, ProtocolError, ReadError};
 use crate::host::{HostState, REPEAT_FLAG};
 use crate::hub::ConnHandle;
 use crate::message::{Assembler, Fragment, Message, Streamer};
-use crate::outbox::{run_writer, Outbound, Outbox};
+use crate::outbox::{Outbound, Outbox, Writer};
 use crate::plugin::Runtime;
 use crate::route::{Route, Slot};
 
@@ -196,13 +196,14 @@ impl Session {
 
     /// Runs the connection over the two halves of its socket (`initial`
     /// holds bytes the client sent right after its request) until it closes.
-    pub async fn run<R, W>(mut self, mut rd: R, wr: W, initial: Bytes)
+    pub async fn run<R, W>(mut self, mut rd: R, mut wr: W, initial: Bytes)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
         let outbox = self.conn.outbox.clone();
-        let mut writer = tokio::spawn(run_writer(outbox.clone(), wr));
+        // This task writes too: no writer task to wake per message.
+        let mut out = Writer::default();
         let limits = self.route.limits.clone();
         let mut reader = FrameReader::new(&initial, limits.max_frame_size);
         // `initial` is a slice of hyper's whole read buffer: holding it would
@@ -218,14 +219,24 @@ impl Session {
         let mut closing: Option<(u16, String, Instant)> = None;
         let mut last_rx = Instant::now();
         let mut last_tx = last_rx;
-        let mut written = 0u64;
+        let mut wrote = false;
         let mut ping_sent: Option<Instant> = None;
         let wake = tokio::time::sleep_until(next_deadline(
             &limits, &closing, last_rx, last_tx, ping_sent, last_rx,
         ));
         tokio::pin!(wake);
+        // Waiting for a close request and for queued frames: created once and
+        // kept across iterations (a new `Notified` per frame would register
+        // and unregister a waiter each time).
+        let close_requested = conn.close_notify.notified();
+        tokio::pin!(close_requested);
+        let out_ready = outbox.ready();
+        tokio::pin!(out_ready);
 
         let (code, reason) = loop {
+            // Whatever the last step queued (an echo, a pong, a close) is
+            // encoded now and written below as soon as the socket takes it.
+            out.fill(&outbox);
             // The timer is only moved earlier here (a close or a ping is now
             // due sooner); activity that moves it later is seen when it fires,
             // so a busy connection does not re-register a timer per frame.
@@ -242,7 +253,8 @@ impl Session {
             }
             tokio::select! {
                 biased;
-                _ = conn.close_notify.notified(), if closing.is_none() => {
+                _ = &mut close_requested, if closing.is_none() => {
+                    close_requested.set(conn.close_notify.notified());
                     if let Some((code, reason)) = conn.take_close_request() {
                         closing = self.start_close(code, reason);
                     }
@@ -313,7 +325,17 @@ impl Session {
                         },
                     }
                 }
-                _ = outbox.wait_dead(), if closing.is_none() => break (1006, String::new()),
+                _ = &mut out_ready, if out.is_empty() => out_ready.set(outbox.ready()),
+                w = wr.write(out.pending()), if !out.is_empty() => match w {
+                    Ok(n) if n > 0 => {
+                        out.advance(n);
+                        wrote = true;
+                    }
+                    _ => match closing {
+                        Some((code, reason, _)) => break (code, reason),
+                        None => break (1006, String::new()),
+                    },
+                },
                 _ = &mut wake => {
                     let now = Instant::now();
                     if let Some((code, reason, until)) = &closing {
@@ -321,9 +343,7 @@ impl Session {
                             break (*code, reason.clone());
                         }
                     } else {
-                        let w = outbox.written();
-                        if w != written {
-                            written = w;
+                        if std::mem::take(&mut wrote) {
                             last_tx = now;
                         }
                         if let Some(sent) = ping_sent {
@@ -351,19 +371,14 @@ impl Session {
             }
         };
 
-        // Nothing more is written after what is queued; the writer closes
-        // the TCP connection once it has flushed.
+        // Nothing more is accepted; what is queued is written, then the TCP
+        // connection is closed.
         outbox.finish();
         self.store.data_mut().cancel_all_timers();
         self.on_close(code, &reason);
         self.route.hub.remove(self.id);
         drop(rd);
-        if tokio::time::timeout(limits.close_timeout, &mut writer)
-            .await
-            .is_err()
-        {
-            writer.abort();
-        }
+        let _ = tokio::time::timeout(limits.close_timeout, out.finish(&outbox, &mut wr)).await;
         let dropped = outbox.dropped();
         if dropped > 0 {
             tracing::info!(route = %self.route.path, conn = self.id, dropped, "messages dropped for a slow consumer");

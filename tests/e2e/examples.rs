@@ -129,3 +129,24 @@ async fn ticker_pushes_telemetry_at_the_configured_interval_until_closed() {
     assert!(took >= Duration::from_millis(450), "too fast: {took:?}");
     assert!(took < Duration::from_millis(1500), "too slow: {took:?}");
 }
+
+#[tokio::test]
+async fn fanout_delivers_each_message_unchanged_to_the_other_members_of_its_room() {
+    let gw = Gateway::start(
+        "fanout",
+        "[[route]]\npath = \"/f\"\nplugin = \"builtin:fanout\"\n",
+    );
+    let mut a = connect(&gw.url("/f?room=news")).await;
+    let mut b = connect(&gw.url("/f?room=news")).await;
+    let mut c = connect(&gw.url("/f?room=news")).await;
+    let mut other = connect(&gw.url("/f?room=sports")).await;
+    send(&mut a, "headline").await;
+    assert_eq!(next_text(&mut b).await, "headline");
+    assert_eq!(next_text(&mut c).await, "headline");
+    b.send(Message::binary(vec![9u8, 8, 7])).await.unwrap();
+    assert_eq!(next(&mut a).await, Message::binary(vec![9u8, 8, 7]));
+    assert_eq!(next(&mut c).await, Message::binary(vec![9u8, 8, 7]));
+    // The sender gets nothing back; the other room hears nothing.
+    expect_silence(&mut a, Duration::from_millis(200)).await;
+    expect_silence(&mut other, Duration::from_millis(50)).await;
+}

@@ -1,13 +1,18 @@
 //! The native ceiling: an echo server on hyper 1 + fastwebsockets with no
 //! plugin, on the same runtime settings as the gateway (tokio multi-thread,
 //! TCP_NODELAY). The benchmark compares the gateway's echo route with it.
+//! `/broadcast` is one room: every message goes to every other connection
+//! (the ceiling for the gateway's `fanout` plugin).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 
 use anyhow::Context;
 use bytes::Bytes;
 use clap::Parser;
-use fastwebsockets::{upgrade, FragmentCollector, OpCode, WebSocketError};
+use fastwebsockets::{upgrade, FragmentCollector, Frame, OpCode, Payload, WebSocketError};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -15,6 +20,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 
 /// Native echo server.
 #[derive(Parser)]
@@ -37,10 +43,64 @@ async fn echo(fut: upgrade::UpgradeFut) -> Result<(), WebSocketError> {
     Ok(())
 }
 
+/// The one room of `/broadcast`: each member's outbound queue.
+type Room = Mutex<HashMap<u64, mpsc::UnboundedSender<(OpCode, Bytes)>>>;
+
+fn room() -> &'static Room {
+    static ROOM: OnceLock<Room> = OnceLock::new();
+    ROOM.get_or_init(Default::default)
+}
+
+async fn broadcast(fut: upgrade::UpgradeFut) -> Result<(), WebSocketError> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let id = NEXT.fetch_add(1, Ordering::Relaxed);
+    let ws = fut.await?;
+    let (mut rd, mut wr) = ws.split(tokio::io::split);
+    let (tx, mut rx) = mpsc::unbounded_channel::<(OpCode, Bytes)>();
+    room().lock().expect("room").insert(id, tx);
+    let writer = tokio::spawn(async move {
+        while let Some((opcode, payload)) = rx.recv().await {
+            let frame = Frame::new(true, opcode, None, Payload::Borrowed(&payload));
+            if wr.write_frame(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    let result = async {
+        loop {
+            let frame = rd
+                .read_frame(&mut |_| async { Ok::<_, WebSocketError>(()) })
+                .await?;
+            match frame.opcode {
+                OpCode::Close => break,
+                OpCode::Text | OpCode::Binary => {
+                    let payload = Bytes::copy_from_slice(&frame.payload);
+                    for (member, tx) in room().lock().expect("room").iter() {
+                        if *member != id {
+                            let _ = tx.send((frame.opcode, payload.clone()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+    .await;
+    room().lock().expect("room").remove(&id);
+    writer.abort();
+    result
+}
+
 async fn handle(mut req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, WebSocketError> {
+    let fan_out = req.uri().path() == "/broadcast";
     let (resp, fut) = upgrade::upgrade(&mut req)?;
     tokio::spawn(async move {
-        let _ = echo(fut).await;
+        let _ = if fan_out {
+            broadcast(fut).await
+        } else {
+            echo(fut).await
+        };
     });
     Ok(resp)
 }

@@ -55,6 +55,19 @@ enum Mode {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Fan-out: one sender and M receivers in one room (the server must
+    /// send every message to every other member).
+    Broadcast {
+        #[arg(long, default_value_t = 1000)]
+        members: usize,
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        /// Messages the sender keeps in flight (counted at one receiver).
+        #[arg(long, default_value_t = 16)]
+        inflight: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Server memory per idle connection.
     Idle {
         #[arg(long, default_value_t = 10_000)]
@@ -354,6 +367,77 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             Ok(serde_json::json!({
                 "label": args.label, "mode": "setup", "concurrency": concurrency,
                 "conns_per_s": (done as f64 / seconds as f64).round(), "errors": errors,
+            }))
+        }
+        Mode::Broadcast {
+            members,
+            size,
+            inflight,
+            seconds,
+        } => {
+            use std::sync::atomic::{AtomicU64, Ordering};
+            use std::sync::Arc;
+            let delivered = Arc::new(AtomicU64::new(0));
+            let errors = Arc::new(AtomicU64::new(0));
+            let (tick_tx, mut tick_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+            let mut receivers = Vec::new();
+            for i in 0..members {
+                let (mut s, mut buf) = open(args.addr, &args.path).await?;
+                let (delivered, errors) = (delivered.clone(), errors.clone());
+                let tick = (i == 0).then(|| tick_tx.clone());
+                receivers.push(tokio::spawn(async move {
+                    let mut chunk = vec![0u8; 64 << 10];
+                    loop {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        match take_frames(&mut buf) {
+                            Ok(got) => {
+                                delivered.fetch_add(got as u64, Ordering::Relaxed);
+                                if let Some(t) = &tick {
+                                    for _ in 0..got {
+                                        let _ = t.send(());
+                                    }
+                                }
+                            }
+                            Err(_) => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                }));
+            }
+            drop(tick_tx);
+            let (mut sender, _) = open(args.addr, &args.path).await?;
+            let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+            let frame = client_frame(0x2, &payload);
+            let start = Instant::now();
+            let measure_from = start + Duration::from_secs(1);
+            let until = measure_from + Duration::from_secs(seconds);
+            for _ in 0..inflight {
+                sender.write_all(&frame).await?;
+            }
+            let mut first: Option<u64> = None;
+            while Instant::now() < until {
+                match tokio::time::timeout_at(until.into(), tick_rx.recv()).await {
+                    Ok(Some(())) => sender.write_all(&frame).await?,
+                    Ok(None) => break,
+                    Err(_) => break,
+                }
+                if first.is_none() && Instant::now() >= measure_from {
+                    first = Some(delivered.load(Ordering::Relaxed));
+                }
+            }
+            let total = delivered.load(Ordering::Relaxed) - first.unwrap_or(0);
+            for r in receivers {
+                r.abort();
+            }
+            Ok(serde_json::json!({
+                "label": args.label, "mode": "broadcast", "members": members, "size": size,
+                "inflight": inflight, "deliveries_per_s": (total as f64 / seconds as f64).round(),
+                "errors": errors.load(Ordering::Relaxed),
             }))
         }
         Mode::Idle { conns, pid, hold } => {
