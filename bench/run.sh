@@ -4,17 +4,24 @@
 # gateway/baseline. Results: target/bench/results.jsonl and a Markdown table
 # on stdout (paste it into docs/performance.md).
 #
-#   bench/run.sh                 every scenario
-#   bench/run.sh quick           shorter runs (3 s each), for a smoke test
+#   bench/run.sh                 every scenario: 3 alternating runs of each
+#                                server, 10 s each; the table shows medians
+#   bench/run.sh quick           one run of 3 s each, for a smoke test
 #   bench/run.sh full|quick WORD only the scenarios whose name contains WORD
+#
+# THREADS=N (default 0) runs both servers with the same runtime: 0 is
+# tokio's multi-thread scheduler with a worker per CPU, 1 a current-thread
+# runtime, N N workers (the gateway's `[server] threads`).
 #
 # Servers are pinned to CPU 0 and the load generator to CPU 1 when the machine
 # has two or more; runs are refused while other processes use much CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER_RUN=10
-[ "${1:-}" = quick ] && SECONDS_PER_RUN=3
+REPEAT=3
+if [ "${1:-}" = quick ]; then SECONDS_PER_RUN=3; REPEAT=1; fi
 ONLY=${2:-}
+export THREADS=${THREADS:-0}
 
 cargo build --release -p wasmgate -p wasmgate-bench >&2
 BIN=target/release
@@ -50,10 +57,11 @@ fi
 start_server() { # name -> sets PID, ADDR
     local log="$OUT/$1.log"
     if [ "$1" = baseline ]; then
-        $SERVER_CPU "$BIN/baseline" --listen 127.0.0.1:9100 >"$log" 2>&1 &
+        $SERVER_CPU "$BIN/baseline" --listen 127.0.0.1:9100 --threads "$THREADS" >"$log" 2>&1 &
         ADDR=127.0.0.1:9100
     else
-        RUST_LOG=warn $SERVER_CPU "$BIN/wasmgate" serve --config bench/gateway.toml >"$log" 2>&1 &
+        sed "s/^\[server\]$/[server]\nthreads = $THREADS/" bench/gateway.toml > "$OUT/gateway.toml"
+        RUST_LOG=warn $SERVER_CPU "$BIN/wasmgate" serve --config "$OUT/gateway.toml" >"$log" 2>&1 &
         ADDR=127.0.0.1:9101
     fi
     PID=$!
@@ -66,14 +74,14 @@ run() { # scenario-name loadgen-args...
     ROUTE=/echo
     [ "$1" = broadcast ] && ROUTE=/broadcast
     [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]] && return 0
-    for server in baseline gateway; do
+    for _ in $(seq 1 "$REPEAT"); do for server in baseline gateway; do
         start_server "$server"
         local args=("$@")
         [ "${args[0]}" = idle ] && args+=(--pid "$PID")
         $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --path "$ROUTE" --label "$name/$server" "${args[@]}" | tee -a "$OUT/results.jsonl" >&2
         kill "$PID"; wait "$PID" 2>/dev/null || true
         sleep 0.5
-    done
+    done; done
 }
 
 run "echo 100x32B x1"    echo --conns 100 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN"
@@ -85,13 +93,18 @@ run "setup rate"         setup --concurrency 16 --seconds "$SECONDS_PER_RUN"
 run "idle 10000"         idle --conns 10000
 
 python3 - "$OUT/results.jsonl" "$load" <<'PY'
-import json, sys, platform, datetime
+import json, os, sys, platform, datetime
+import statistics
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-by = {}
+runs = {}
 for r in rows:
     name, server = r["label"].rsplit("/", 1)
-    by.setdefault(name, {})[server] = r
-print(f"Run {datetime.date.today()} on {platform.node()} ({open('/proc/cpuinfo').read().count('processor')} CPUs), other load before start {sys.argv[2]}%, vm.max_map_count {open('/proc/sys/vm/max_map_count').read().strip()}\n")
+    runs.setdefault(name, {}).setdefault(server, []).append(r)
+# The median of each figure over the repeated runs.
+by = {name: {server: {k: (statistics.median(x[k] for x in rs) if isinstance(rs[0][k], (int, float)) else rs[0][k])
+                      for k in rs[0]} for server, rs in servers.items()} for name, servers in runs.items()}
+repeats = max(len(rs) for servers in runs.values() for rs in servers.values())
+print(f"Run {datetime.date.today()} on {platform.node()} ({open('/proc/cpuinfo').read().count('processor')} CPUs), other load before start {sys.argv[2]}%, medians of {repeats} run(s) per server, THREADS={os.environ.get('THREADS', '0')}, vm.max_map_count {open('/proc/sys/vm/max_map_count').read().strip()}\n")
 print("| scenario | metric | baseline | gateway | gateway/baseline |")
 print("|---|---|---|---|---|")
 metrics = {"echo": ["msgs_per_s", "mb_per_s", "p50_us", "p99_us", "p999_us", "errors"],

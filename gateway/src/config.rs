@@ -42,6 +42,9 @@ pub struct ServerSettings {
     pub max_header_size: usize,
     /// On shutdown, how long to wait for close handshakes before exiting.
     pub drain_timeout: Duration,
+    /// Worker threads: 0 for one per CPU; 1 for a single current-thread
+    /// runtime.
+    pub threads: usize,
 }
 
 /// The `[sandbox]` table: what every plugin instance may use.
@@ -184,6 +187,7 @@ limit_keys! {
         handshake_timeout: Option<Timeout>,
         max_header_size: Option<Size>,
         drain_timeout: Option<Timeout>,
+        threads: Option<usize>,
     }
 }
 
@@ -348,6 +352,7 @@ impl Config {
             handshake_timeout: required(s.handshake_timeout, Duration::from_secs(10)),
             max_header_size: s.max_header_size.map_or(16 << 10, |v| v.0.max(8192)),
             drain_timeout: required(s.drain_timeout, Duration::from_secs(10)),
+            threads: s.threads.unwrap_or(0),
         };
         let sandbox = SandboxSettings {
             max_memory: raw.sandbox.max_memory.map_or(64 << 20, |v| v.0),
@@ -499,6 +504,14 @@ mod tests {
             e.contains(":2: ") && e.contains("must start with '/'"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn threads_default_to_one_per_cpu() {
+        let c = parse("[[route]]\npath = \"/a\"\nplugin = \"a\"\n").unwrap();
+        assert_eq!(c.server.threads, 0);
+        let c = parse("[server]\nthreads = 1\n[[route]]\npath = \"/a\"\nplugin = \"a\"\n").unwrap();
+        assert_eq!(c.server.threads, 1);
     }
 
     #[test]

@@ -99,10 +99,19 @@ fn check(file: &Path) -> anyhow::Result<ExitCode> {
 
 fn serve(config: Option<&Path>, listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
     let config = load_config(config)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = match config.server.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+    .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let gateway = Gateway::new(&config)?;
         let listener = gateway.bind(listen).await?;

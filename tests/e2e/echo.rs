@@ -61,3 +61,17 @@ async fn many_messages_keep_their_order() {
         assert_eq!(next_text(&mut ws).await, i.to_string());
     }
 }
+
+#[tokio::test]
+async fn a_single_threaded_gateway_serves_the_same() {
+    let gw = Gateway::start(
+        "echo-threads-1",
+        &format!("[server]\nthreads = 1\n\n{ECHO}"),
+    );
+    let mut a = connect(&gw.url("/echo")).await;
+    let mut b = connect(&gw.url("/echo")).await;
+    send(&mut a, "one").await;
+    send(&mut b, "two").await;
+    assert_eq!(next_text(&mut a).await, "one");
+    assert_eq!(next_text(&mut b).await, "two");
+}

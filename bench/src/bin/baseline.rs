@@ -28,6 +28,10 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:9100")]
     listen: SocketAddr,
+    /// Worker threads as the gateway's `[server] threads`: 0 for one per
+    /// CPU, 1 for a current-thread runtime.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 async fn echo(fut: upgrade::UpgradeFut) -> Result<(), WebSocketError> {
@@ -107,9 +111,18 @@ async fn handle(mut req: Request<Incoming>) -> Result<Response<Empty<Bytes>>, We
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = match args.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
     rt.block_on(async move {
         let listener = TcpListener::bind(args.listen).await.context("bind")?;
         println!("baseline listening on {}", listener.local_addr()?);
