@@ -20,6 +20,8 @@
 //! - [`wasi`]: the WASI plugins see, callable without blocking.
 //! - [`builtin`]: the embedded example plugins and default config.
 
+#![warn(missing_docs)]
+
 pub mod builtin;
 pub mod config;
 pub mod error;
@@ -35,7 +37,9 @@ pub mod server;
 pub mod session;
 pub mod wasi;
 
-/// Rust bindings generated from the WIT contract (`wit/plugin.wit`).
+/// Rust bindings generated from the WIT contract (`wit/plugin.wit`); the
+/// WIT file documents every item.
+#[allow(missing_docs)]
 pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",

@@ -118,6 +118,8 @@ impl Streamer {
 
 fn finish(text: bool, payload: BytesMut) -> Result<Message, ProtocolError> {
     if text {
+        // The reader has validated these bytes already; checking again here
+        // is what lets us build the String without `unsafe`.
         String::from_utf8(Vec::from(payload))
             .map(Message::Text)
             .map_err(|_| ProtocolError::InvalidUtf8)

@@ -134,8 +134,8 @@ impl Gateway {
     }
 }
 
-/// Memory maps one plugin instance takes (its memory, tables and fiber
-/// stack are each carved out of the instance pool with their own protection).
+/// Memory maps one plugin instance takes, rounded up (its memory and tables
+/// are each carved out of the instance pool with their own protection).
 const MAPS_PER_INSTANCE: usize = 12;
 
 /// Warns when the kernel's map limit cannot hold `max_connections` plugin

@@ -48,6 +48,8 @@
 //! Build it with `cargo build --target wasm32-wasip2 --release` (crate type
 //! `cdylib`) and point a route's `plugin` at the `.wasm` file.
 
+#![warn(missing_docs)]
+
 use std::time::Duration;
 
 /// The raw bindings generated from the WIT contract. Prefer the wrappers in
