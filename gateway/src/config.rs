@@ -1,19 +1,28 @@
-//! The gateway configuration: `gateway.toml`, parsed with serde + toml into
-//! [`Config`], with every error naming the file, the line and the key.
+//! The gateway configuration: `gateway.toml`, parsed into [`Config`], with
+//! every error naming the file, the line and the key.
+//!
+//! The text is read in two steps so that one bad value does not hide the
+//! others. First the TOML syntax: a syntax error stops there. Then every key
+//! of every table is checked on its own, through serde visitors that say
+//! what form the key takes and what was found instead, and then against its
+//! bounds. [`Config::parse`] returns every error, in file order.
 //!
 //! Limits live in `[server]` as defaults and any `[[route]]` can override
 //! them; [`Limits`] is the resolved set a connection runs with. The reference
-//! with every key and its default is in `docs/config.md`.
+//! with every key, its default and its bounds is in `docs/config.md`.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::de::{self, Deserialize, Deserializer, Expected, SeqAccess, Unexpected, Visitor};
+use toml::de::{DeTable, DeValue};
 use toml::Spanned;
 
-use crate::error::Error;
+use crate::error::{Error, Errors};
 
 /// A parsed, validated configuration.
 #[derive(Debug, Clone)]
@@ -32,8 +41,10 @@ pub struct Config {
 /// The `[server]` table, resolved.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    /// Address to listen on.
-    pub listen: SocketAddr,
+    /// Address to listen on; a host name is resolved when the gateway starts.
+    pub listen: ListenAddr,
+    /// Where `listen` was set, to name it in errors: `gateway.toml:2: listen`.
+    pub listen_origin: String,
     /// Most open WebSocket connections at once; more get HTTP 503.
     pub max_connections: usize,
     /// Time a client has to send its complete upgrade request.
@@ -66,8 +77,8 @@ pub enum PluginSource {
     Builtin(String),
 }
 
-impl std::fmt::Display for PluginSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Display for PluginSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PluginSource::File(p) => write!(f, "{}", p.display()),
             PluginSource::Builtin(name) => write!(f, "builtin:{name}"),
@@ -76,8 +87,7 @@ impl std::fmt::Display for PluginSource {
 }
 
 /// What happens to a connection whose outbound buffer is full.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlowConsumer {
     /// Close it with 1008 (policy violation).
     Close,
@@ -85,9 +95,17 @@ pub enum SlowConsumer {
     Drop,
 }
 
+impl<'de> Deserialize<'de> for SlowConsumer {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Choice {
+            expecting: r#""close" or "drop""#,
+            choices: &[("close", SlowConsumer::Close), ("drop", SlowConsumer::Drop)],
+        })
+    }
+}
+
 /// How a route's plugin receives data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Deliver {
     /// Whole messages (`on-message`), reassembled and capped by
     /// `max_message_size`.
@@ -95,6 +113,18 @@ pub enum Deliver {
     /// Each fragment as it arrives (`on-fragment`), capped by
     /// `max_frame_size`: messages of any total size stream through.
     Fragments,
+}
+
+impl<'de> Deserialize<'de> for Deliver {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Choice {
+            expecting: r#""message" or "fragments""#,
+            choices: &[
+                ("message", Deliver::Message),
+                ("fragments", Deliver::Fragments),
+            ],
+        })
+    }
 }
 
 /// The limits a connection runs with: the `[server]` defaults overridden by
@@ -158,92 +188,160 @@ pub struct RouteSettings {
     pub deliver: Deliver,
 }
 
-/// The limit keys allowed both in `[server]` (defaults) and in `[[route]]`
-/// (overrides), declared once.
-macro_rules! limit_keys {
-    ($(#[$meta:meta])* struct $name:ident { $($extra:tt)* }) => {
-        $(#[$meta])*
-        #[derive(Debug, Default, Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct $name {
-            max_frame_size: Option<Size>,
-            max_message_size: Option<Size>,
-            max_outbound_buffer: Option<Size>,
-            slow_consumer: Option<SlowConsumer>,
-            idle_timeout: Option<Timeout>,
-            ping_interval: Option<Timeout>,
-            pong_timeout: Option<Timeout>,
-            close_timeout: Option<Timeout>,
-            max_connections: Option<usize>,
-            $($extra)*
+// ---------------------------------------------------------------------------
+// The listen address.
+
+/// The form a listen address takes, for error messages.
+const LISTEN_FORM: &str = r#"host:port such as "127.0.0.1:8080", "[::1]:8080" or "localhost:8080""#;
+
+/// An address to listen on, `host:port`, as written: the host is an IP
+/// address (`127.0.0.1:8080`, `[::1]:8080`) or a name (`localhost:8080`)
+/// that is resolved when the gateway starts. Parsed by [`FromStr`], which
+/// says what is wrong with a malformed one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr {
+    host: String,
+    port: u16,
+}
+
+impl ListenAddr {
+    /// The host: an IP address (without brackets) or a host name.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port (0: any free port).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+impl From<SocketAddr> for ListenAddr {
+    fn from(addr: SocketAddr) -> Self {
+        ListenAddr {
+            host: addr.ip().to_string(),
+            port: addr.port(),
         }
-    };
-}
-
-limit_keys! {
-    /// `[server]` as written.
-    struct RawServer {
-        listen: Option<SocketAddr>,
-        handshake_timeout: Option<Timeout>,
-        max_header_size: Option<Size>,
-        drain_timeout: Option<Timeout>,
-        threads: Option<usize>,
     }
 }
 
-limit_keys! {
-    /// `[[route]]` as written.
-    struct RawRoute {
-        path: Option<Spanned<String>>,
-        plugin: Option<Spanned<String>>,
-        #[serde(default)]
-        config: BTreeMap<String, String>,
-        allowed_origins: Option<Vec<String>>,
-        subprotocols: Option<Vec<String>>,
-        deliver: Option<Deliver>,
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSandbox {
-    max_memory: Option<Size>,
-    max_call_time: Option<Timeout>,
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let expected = |why: &str| format!("expected {LISTEN_FORM}, found {s:?} ({why})");
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let Some((ip, port)) = rest.split_once("]:") else {
+                return Err(expected("no port after the bracketed address"));
+            };
+            if ip.parse::<Ipv6Addr>().is_err() {
+                return Err(expected(&format!("{ip:?} is not an IPv6 address")));
+            }
+            (ip, port)
+        } else {
+            let Some((host, port)) = s.rsplit_once(':') else {
+                return Err(expected("no port"));
+            };
+            if host.is_empty() {
+                return Err(expected(&format!(
+                    "no host: \"0.0.0.0:{port}\" or \"[::]:{port}\" listens on every interface"
+                )));
+            }
+            if host.parse::<Ipv6Addr>().is_ok() {
+                return Err(expected(&format!(
+                    "an IPv6 address goes in brackets: \"[{host}]:{port}\""
+                )));
+            }
+            if host.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                && host.parse::<Ipv4Addr>().is_err()
+            {
+                return Err(expected(&format!("{host:?} is not an IPv4 address")));
+            }
+            if !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            {
+                return Err(expected(&format!("{host:?} is not a host name")));
+            }
+            (host, port)
+        };
+        if port.is_empty() {
+            return Err(expected("no port"));
+        }
+        if !port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("port {port:?} is not a number (in {s:?})"));
+        }
+        let port = port
+            .parse::<u16>()
+            .map_err(|_| format!("port {port} is out of range (0-65535)"))?;
+        Ok(ListenAddr {
+            host: host.to_owned(),
+            port,
+        })
+    }
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    server: RawServer,
-    #[serde(default)]
-    sandbox: RawSandbox,
-    #[serde(default)]
-    route: Vec<Spanned<RawRoute>>,
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ListenAddr;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(LISTEN_FORM)
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<ListenAddr, E> {
+                s.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
+
+// ---------------------------------------------------------------------------
+// Values: what each key takes, as serde visitors that say what they expect.
 
 /// A byte size: an integer, or a string such as `"64KiB"`, `"16 MiB"`.
 #[derive(Debug, Clone, Copy)]
 struct Size(usize);
 
 impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Repr {
-            Int(u64),
-            Text(String),
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a size like "1MiB" or a number of bytes"#)
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Size, E> {
+                match usize::try_from(n) {
+                    Ok(n) => Ok(Size(n)),
+                    Err(_) => Err(E::invalid_value(Unexpected::Unsigned(n), &self)),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Size, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(Unexpected::Signed(n), &self)),
+                }
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Size, E> {
+                match parse_size(s) {
+                    Some(n) => Ok(Size(n)),
+                    None => Err(E::invalid_value(Unexpected::Str(s), &self)),
+                }
+            }
         }
-        match Repr::deserialize(d)? {
-            Repr::Int(n) => usize::try_from(n)
-                .map(Size)
-                .map_err(|_| serde::de::Error::custom("size too large")),
-            Repr::Text(s) => parse_size(&s).map(Size).ok_or_else(|| {
-                serde::de::Error::custom(format!(
-                    "invalid size {s:?}: expected bytes as an integer or a number with B, KiB, MiB or GiB"
-                ))
-            }),
-        }
+        d.deserialize_any(V)
     }
 }
 
@@ -262,19 +360,69 @@ fn parse_size(s: &str) -> Option<usize> {
     n.checked_mul(mult)
 }
 
-/// A duration: a string such as `"30s"`, `"500ms"`, `"2m"`, or `"off"`
-/// (or `"0s"`) where the key allows turning it off.
+/// A size for messages: `"64KiB"` rather than `65536 bytes` where it is one.
+fn fmt_size(n: usize) -> String {
+    const UNITS: [(usize, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (unit, name) in UNITS {
+        if n >= unit && n.is_multiple_of(unit) {
+            return format!("{}{name}", n / unit);
+        }
+    }
+    match n {
+        0 => "0".to_owned(),
+        1 => "1 byte".to_owned(),
+        n => format!("{n} bytes"),
+    }
+}
+
+/// A duration: a string such as `"30s"`, `"500ms"`, `"2m"`; `"off"` (or
+/// `"0s"`) where the key can be turned off.
+struct DurationVisitor {
+    can_be_off: bool,
+}
+
+impl Visitor<'_> for DurationVisitor {
+    type Value = Option<Duration>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(r#"a duration like "30s" or "500ms""#)?;
+        if self.can_be_off {
+            f.write_str(r#", or "off""#)?;
+        }
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<Option<Duration>, E> {
+        match parse_duration(s) {
+            Some(None) if !self.can_be_off => Err(E::custom(format!(
+                "cannot be turned off: expected {}, found {}",
+                &self as &dyn Expected,
+                Found(Unexpected::Str(s))
+            ))),
+            Some(d) => Ok(d),
+            None => Err(E::invalid_value(Unexpected::Str(s), &self)),
+        }
+    }
+}
+
+/// A duration that can be turned off (`None`).
 #[derive(Debug, Clone, Copy)]
 struct Timeout(Option<Duration>);
 
 impl<'de> Deserialize<'de> for Timeout {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s).map(Timeout).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "invalid duration {s:?}: expected a number with ms, s, m or h (\"30s\"), or \"off\""
-            ))
-        })
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DurationVisitor { can_be_off: true })
+            .map(Timeout)
+    }
+}
+
+/// A duration that cannot be turned off.
+#[derive(Debug, Clone, Copy)]
+struct Period(Duration);
+
+impl<'de> Deserialize<'de> for Period {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let d = d.deserialize_any(DurationVisitor { can_be_off: false })?;
+        // The visitor refuses "off"; the fallback is never used.
+        Ok(Period(d.unwrap_or(Duration::from_secs(1))))
     }
 }
 
@@ -296,6 +444,349 @@ fn parse_duration(s: &str) -> Option<Option<Duration>> {
     Some((!d.is_zero()).then_some(d))
 }
 
+/// A count: a whole number, not negative.
+#[derive(Debug, Clone, Copy)]
+struct Count(usize);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_u64<E: de::Error>(self, n: u64) -> Result<Count, E> {
+                match usize::try_from(n) {
+                    Ok(n) => Ok(Count(n)),
+                    Err(_) => Err(E::invalid_value(Unexpected::Unsigned(n), &self)),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Count, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(Unexpected::Signed(n), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A string, described by what it is for.
+struct Text(&'static str);
+
+impl Visitor<'_> for Text {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<String, E> {
+        Ok(s.to_owned())
+    }
+}
+
+/// A list of strings, described by an example.
+struct TextList(&'static str);
+
+impl<'de> Visitor<'de> for TextList {
+    type Value = Vec<String>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut items = Vec::new();
+        loop {
+            match seq.next_element::<String>() {
+                Ok(Some(s)) => items.push(s),
+                Ok(None) => return Ok(items),
+                Err(e) => {
+                    return Err(de::Error::custom(format_args!(
+                        "item {}: {e}",
+                        items.len() + 1
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// One of a few fixed strings.
+struct Choice<T: 'static> {
+    expecting: &'static str,
+    choices: &'static [(&'static str, T)],
+}
+
+impl<T: Copy> Visitor<'_> for Choice<T> {
+    type Value = T;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.expecting)
+    }
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+        match self.choices.iter().find(|(name, _)| *name == s) {
+            Some((_, v)) => Ok(*v),
+            None => Err(E::invalid_value(Unexpected::Str(s), &self)),
+        }
+    }
+}
+
+/// What a value was, in an error message: "found a boolean".
+struct Found<'a>(Unexpected<'a>);
+
+impl fmt::Display for Found<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Unexpected::Bool(_) => f.write_str("a boolean"),
+            Unexpected::Unsigned(n) => write!(f, "the number {n}"),
+            Unexpected::Signed(n) => write!(f, "the number {n}"),
+            Unexpected::Float(x) => write!(f, "the number {x:?}"),
+            Unexpected::Str(s) => write!(f, "the string {s:?}"),
+            Unexpected::Char(c) => write!(f, "the character {c:?}"),
+            Unexpected::Seq => f.write_str("a list"),
+            Unexpected::Map => f.write_str("a table"),
+            Unexpected::Other(what) => f.write_str(what),
+            ref other => write!(f, "{other}"),
+        }
+    }
+}
+
+/// What is wrong with one value: "expected ..., found ...". The caller
+/// prefixes the key.
+#[derive(Debug)]
+struct ValueError(String);
+
+impl fmt::Display for ValueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ValueError {}
+
+impl de::Error for ValueError {
+    fn custom<T: fmt::Display>(msg: T) -> Self {
+        ValueError(msg.to_string())
+    }
+    fn invalid_type(unexp: Unexpected<'_>, exp: &dyn Expected) -> Self {
+        ValueError(format!("expected {exp}, found {}", Found(unexp)))
+    }
+    fn invalid_value(unexp: Unexpected<'_>, exp: &dyn Expected) -> Self {
+        ValueError(format!("expected {exp}, found {}", Found(unexp)))
+    }
+}
+
+/// What a TOML value is, for [`Found`].
+fn unexpected<'a>(v: &'a DeValue<'_>) -> Unexpected<'a> {
+    match v {
+        DeValue::String(s) => Unexpected::Str(s),
+        DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+            Ok(n) => Unexpected::Signed(n),
+            Err(_) => Unexpected::Other("a number"),
+        },
+        DeValue::Float(x) => Unexpected::Float(x.as_str().parse().unwrap_or(f64::NAN)),
+        DeValue::Boolean(b) => Unexpected::Bool(*b),
+        DeValue::Datetime(_) => Unexpected::Other("a date"),
+        DeValue::Array(_) => Unexpected::Seq,
+        DeValue::Table(_) => Unexpected::Map,
+    }
+}
+
+/// Hands one TOML value to a visitor, with [`ValueError`] as its error.
+struct ValueDe<'a, 'i>(&'a DeValue<'i>);
+
+impl<'de> Deserializer<'de> for ValueDe<'_, '_> {
+    type Error = ValueError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ValueError> {
+        match self.0 {
+            DeValue::String(s) => visitor.visit_str(s),
+            DeValue::Integer(i) => match i64::from_str_radix(i.as_str(), i.radix()) {
+                Ok(n) => visitor.visit_i64(n),
+                Err(_) => Err(de::Error::invalid_type(unexpected(self.0), &visitor)),
+            },
+            DeValue::Float(x) => visitor.visit_f64(x.as_str().parse().unwrap_or(f64::NAN)),
+            DeValue::Boolean(b) => visitor.visit_bool(*b),
+            DeValue::Array(items) => visitor.visit_seq(Items(items.iter())),
+            DeValue::Datetime(_) | DeValue::Table(_) => {
+                Err(de::Error::invalid_type(unexpected(self.0), &visitor))
+            }
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, ValueError> {
+        visitor.visit_some(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf unit unit_struct newtype_struct seq tuple tuple_struct
+        map struct enum identifier ignored_any
+    }
+}
+
+/// The items of a TOML array, for `visit_seq`.
+struct Items<'a, 'i>(std::slice::Iter<'a, Spanned<DeValue<'i>>>);
+
+impl<'de> SeqAccess<'de> for Items<'_, '_> {
+    type Error = ValueError;
+
+    fn next_element_seed<T: de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, ValueError> {
+        self.0
+            .next()
+            .map(|v| seed.deserialize(ValueDe(v.get_ref())))
+            .transpose()
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.0.len())
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Tables: every key checked on its own, every error kept.
+
+/// The limit keys allowed both in `[server]` (defaults) and in `[[route]]`
+/// (overrides).
+const LIMIT_KEYS: &[&str] = &[
+    "max_frame_size",
+    "max_message_size",
+    "max_outbound_buffer",
+    "slow_consumer",
+    "idle_timeout",
+    "ping_interval",
+    "pong_timeout",
+    "close_timeout",
+    "max_connections",
+];
+
+/// The keys of `[server]` besides the limits.
+const SERVER_KEYS: &[&str] = &[
+    "listen",
+    "handshake_timeout",
+    "max_header_size",
+    "drain_timeout",
+    "threads",
+];
+
+/// The keys of `[sandbox]`.
+const SANDBOX_KEYS: &[&str] = &["max_memory", "max_call_time"];
+
+/// The keys of `[[route]]` besides the limits.
+const ROUTE_KEYS: &[&str] = &[
+    "path",
+    "plugin",
+    "config",
+    "allowed_origins",
+    "subprotocols",
+    "deliver",
+];
+
+/// The smallest `max_header_size`: the documented minimum.
+const MIN_HEADER_SIZE: usize = 8 << 10;
+/// The smallest `max_memory`: one WebAssembly page.
+const MIN_MEMORY: usize = 64 << 10;
+/// The largest `max_memory`: all a 32-bit linear memory can address.
+const MAX_MEMORY: usize = 4 << 30;
+
+/// The limit keys as written (in `[server]` or one `[[route]]`).
+#[derive(Debug, Default)]
+struct RawLimits {
+    max_frame_size: Option<usize>,
+    max_message_size: Option<usize>,
+    max_outbound_buffer: Option<usize>,
+    slow_consumer: Option<SlowConsumer>,
+    idle_timeout: Option<Option<Duration>>,
+    ping_interval: Option<Option<Duration>>,
+    pong_timeout: Option<Duration>,
+    close_timeout: Option<Duration>,
+    max_connections: Option<usize>,
+}
+
+impl RawLimits {
+    /// Checks `key` if it is a limit key and keeps its value; false if it is
+    /// not one.
+    fn set(&mut self, p: &mut Parser<'_>, key: &str, at: usize, v: &DeValue<'_>) -> bool {
+        match key {
+            "max_frame_size" => self.max_frame_size = p.size(key, at, v, 1, usize::MAX),
+            "max_message_size" => self.max_message_size = p.size(key, at, v, 1, usize::MAX),
+            "max_outbound_buffer" => {
+                self.max_outbound_buffer = p.size(key, at, v, 1, usize::MAX);
+            }
+            "slow_consumer" => self.slow_consumer = p.value(key, at, v),
+            "idle_timeout" => self.idle_timeout = p.value::<Timeout>(key, at, v).map(|t| t.0),
+            "ping_interval" => self.ping_interval = p.value::<Timeout>(key, at, v).map(|t| t.0),
+            "pong_timeout" => self.pong_timeout = p.value::<Period>(key, at, v).map(|t| t.0),
+            "close_timeout" => self.close_timeout = p.value::<Period>(key, at, v).map(|t| t.0),
+            "max_connections" => self.max_connections = p.count(key, at, v, 1),
+            _ => return false,
+        }
+        true
+    }
+
+    /// `base` overridden by the keys given here.
+    fn over(&self, base: &Limits) -> Limits {
+        Limits {
+            max_frame_size: self.max_frame_size.unwrap_or(base.max_frame_size),
+            max_message_size: self.max_message_size.unwrap_or(base.max_message_size),
+            max_outbound_buffer: self.max_outbound_buffer.unwrap_or(base.max_outbound_buffer),
+            slow_consumer: self.slow_consumer.unwrap_or(base.slow_consumer),
+            idle_timeout: self.idle_timeout.unwrap_or(base.idle_timeout),
+            ping_interval: self.ping_interval.unwrap_or(base.ping_interval),
+            pong_timeout: self.pong_timeout.unwrap_or(base.pong_timeout),
+            close_timeout: self.close_timeout.unwrap_or(base.close_timeout),
+        }
+    }
+}
+
+/// `[server]` as written.
+#[derive(Debug, Default)]
+struct RawServer {
+    limits: RawLimits,
+    listen: Option<(ListenAddr, usize)>,
+    handshake_timeout: Option<Duration>,
+    max_header_size: Option<usize>,
+    drain_timeout: Option<Duration>,
+    threads: Option<usize>,
+}
+
+/// `[sandbox]` as written.
+#[derive(Debug, Default)]
+struct RawSandbox {
+    max_memory: Option<usize>,
+    max_call_time: Option<Duration>,
+}
+
+/// One `[[route]]` as written.
+#[derive(Debug, Default)]
+struct RawRoute {
+    limits: RawLimits,
+    /// The path and the offset of its key.
+    path: Option<(String, usize)>,
+    /// Whether a `path` key is there (perhaps with a bad value).
+    has_path: bool,
+    /// The plugin and the offset of its key.
+    plugin: Option<(String, usize)>,
+    /// Whether a `plugin` key is there (perhaps with a bad value).
+    has_plugin: bool,
+    config: BTreeMap<String, String>,
+    allowed_origins: Option<Vec<String>>,
+    subprotocols: Option<Vec<String>>,
+    deliver: Option<Deliver>,
+}
+
+/// The entries of a table in file order: key, the key's offset, value.
+fn entries<'a, 'i>(t: &'a DeTable<'i>) -> Vec<(&'a str, usize, &'a DeValue<'i>)> {
+    let mut v: Vec<_> = t
+        .iter()
+        .map(|(k, v)| (k.get_ref().as_ref(), k.span().start, v.get_ref()))
+        .collect();
+    v.sort_by_key(|&(_, at, _)| at);
+    v
+}
+
 /// The 1-based line of byte offset `at` in `text`.
 fn line_of(text: &str, at: usize) -> usize {
     text.as_bytes()[..at.min(text.len())]
@@ -305,9 +796,288 @@ fn line_of(text: &str, at: usize) -> usize {
         + 1
 }
 
+/// The number of single-character edits between `a` and `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, &cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// A TOML syntax error's message, starting with the key (or table header)
+/// written on its line when there is one.
+fn syntax_message(text: &str, at: usize, message: &str) -> String {
+    let bytes = text.as_bytes();
+    let at = at.min(bytes.len());
+    let start = bytes[..at]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |i| i + 1);
+    let end = bytes[start..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(bytes.len(), |i| start + i);
+    // Both ends are at a newline or an end of the text: char boundaries.
+    let line = text.get(start..end).unwrap_or_default().trim();
+    if line.starts_with('[') {
+        if let Some(close) = line.rfind(']') {
+            return format!("{}: {message}", &line[..=close]);
+        }
+        return message.to_owned();
+    }
+    let key_len = line
+        .find(|c: char| !(c.is_ascii_alphanumeric() || "_-.\"'".contains(c)))
+        .unwrap_or(line.len());
+    let (key, rest) = line.split_at(key_len);
+    if !key.is_empty() && (rest.trim_start().starts_with('=') || message.contains("`=`")) {
+        format!("{key}: {message}")
+    } else {
+        message.to_owned()
+    }
+}
+
+/// Checks a config's tables and keys, collecting every error.
+struct Parser<'a> {
+    text: &'a str,
+    file: &'a Path,
+    errors: Vec<Error>,
+}
+
+impl Parser<'_> {
+    fn error(&mut self, at: usize, message: String) {
+        self.errors.push(Error::Config {
+            file: self.file.to_owned(),
+            line: line_of(self.text, at),
+            message,
+        });
+    }
+
+    /// `v` as a `T`, or an error naming `key` (and `None`).
+    fn value<T: for<'de> Deserialize<'de>>(
+        &mut self,
+        key: &str,
+        at: usize,
+        v: &DeValue<'_>,
+    ) -> Option<T> {
+        self.visit(key, at, T::deserialize(ValueDe(v)))
+    }
+
+    /// The result of a visitor on `key`'s value: an error names `key`.
+    fn visit<T>(&mut self, key: &str, at: usize, r: Result<T, ValueError>) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.error(at, format!("{key}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// A size within `min..=max` bytes.
+    fn size(
+        &mut self,
+        key: &str,
+        at: usize,
+        v: &DeValue<'_>,
+        min: usize,
+        max: usize,
+    ) -> Option<usize> {
+        let n = self.value::<Size>(key, at, v)?.0;
+        if (min..=max).contains(&n) {
+            return Some(n);
+        }
+        let bounds = if max == usize::MAX {
+            format!("at least {}", fmt_size(min))
+        } else {
+            format!("between {} and {}", fmt_size(min), fmt_size(max))
+        };
+        self.error(
+            at,
+            format!("{key}: must be {bounds}, found {}", fmt_size(n)),
+        );
+        None
+    }
+
+    /// A whole number of at least `min`.
+    fn count(&mut self, key: &str, at: usize, v: &DeValue<'_>, min: usize) -> Option<usize> {
+        let n = self.value::<Count>(key, at, v)?.0;
+        if n < min {
+            self.error(at, format!("{key}: must be at least {min}, found {n}"));
+            return None;
+        }
+        Some(n)
+    }
+
+    /// `v` as a table (for `[name]`), or an error.
+    fn table<'a, 'i>(
+        &mut self,
+        key: &str,
+        at: usize,
+        v: &'a DeValue<'i>,
+        expected: &str,
+    ) -> Option<&'a DeTable<'i>> {
+        match v {
+            DeValue::Table(t) => Some(t),
+            other => {
+                let e: ValueError = de::Error::invalid_type(unexpected(other), &expected);
+                self.error(at, format!("{key}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// An unknown key in `table`: suggest the closest known key, or list them.
+    fn unknown(&mut self, key: &str, at: usize, table: &str, known: &[&[&str]]) {
+        let all: Vec<&str> = known.iter().flat_map(|k| k.iter().copied()).collect();
+        let closest = all
+            .iter()
+            .map(|k| (edit_distance(key, k), *k))
+            .min()
+            .filter(|&(d, _)| d <= 2 && d < key.len());
+        let message = match closest {
+            Some((_, k)) => format!("{key}: unknown key in {table}; did you mean `{k}`?"),
+            None => {
+                let list: Vec<String> = all.iter().map(|k| format!("`{k}`")).collect();
+                format!(
+                    "{key}: unknown key in {table}; expected one of {}",
+                    list.join(", ")
+                )
+            }
+        };
+        self.error(at, message);
+    }
+
+    fn server(&mut self, t: &DeTable<'_>) -> RawServer {
+        let mut s = RawServer::default();
+        for (key, at, v) in entries(t) {
+            if s.limits.set(self, key, at, v) {
+                continue;
+            }
+            match key {
+                "listen" => s.listen = self.value(key, at, v).map(|l| (l, at)),
+                "handshake_timeout" => {
+                    s.handshake_timeout = self.value::<Period>(key, at, v).map(|d| d.0)
+                }
+                "max_header_size" => {
+                    s.max_header_size = self.size(key, at, v, MIN_HEADER_SIZE, usize::MAX);
+                }
+                "drain_timeout" => s.drain_timeout = self.value::<Period>(key, at, v).map(|d| d.0),
+                "threads" => s.threads = self.count(key, at, v, 0),
+                _ => self.unknown(key, at, "[server]", &[SERVER_KEYS, LIMIT_KEYS]),
+            }
+        }
+        s
+    }
+
+    fn sandbox(&mut self, t: &DeTable<'_>) -> RawSandbox {
+        let mut s = RawSandbox::default();
+        for (key, at, v) in entries(t) {
+            match key {
+                "max_memory" => s.max_memory = self.size(key, at, v, MIN_MEMORY, MAX_MEMORY),
+                "max_call_time" => s.max_call_time = self.value::<Period>(key, at, v).map(|d| d.0),
+                _ => self.unknown(key, at, "[sandbox]", &[SANDBOX_KEYS]),
+            }
+        }
+        s
+    }
+
+    fn route(&mut self, t: &DeTable<'_>) -> RawRoute {
+        let mut r = RawRoute::default();
+        for (key, at, v) in entries(t) {
+            if r.limits.set(self, key, at, v) {
+                continue;
+            }
+            match key {
+                "path" => {
+                    r.has_path = true;
+                    let path = ValueDe(v).deserialize_any(Text(r#"a path such as "/chat""#));
+                    r.path = self
+                        .visit(key, at, path)
+                        .and_then(|p| match check_path(&p) {
+                            Ok(()) => Some((p, at)),
+                            Err(why) => {
+                                self.error(at, format!("path: {why}"));
+                                None
+                            }
+                        });
+                }
+                "plugin" => {
+                    r.has_plugin = true;
+                    let plugin = ValueDe(v)
+                        .deserialize_any(Text(r#"a component file or "builtin:<name>""#))
+                        .and_then(|p| {
+                            if p.is_empty() {
+                                Err(de::Error::invalid_value(
+                                    Unexpected::Str(&p),
+                                    &r#"a component file or "builtin:<name>""#,
+                                ))
+                            } else {
+                                Ok(p)
+                            }
+                        });
+                    r.plugin = self.visit(key, at, plugin).map(|p| (p, at));
+                }
+                "config" => {
+                    let Some(table) = self.table(key, at, v, "a table of strings ([route.config])")
+                    else {
+                        continue;
+                    };
+                    for (name, at, v) in entries(table) {
+                        let value = ValueDe(v).deserialize_any(Text(
+                            "a string (the plugin reads [route.config] values as text)",
+                        ));
+                        if let Some(value) = self.visit(&format!("config.{name}"), at, value) {
+                            r.config.insert(name.to_owned(), value);
+                        }
+                    }
+                }
+                "allowed_origins" => {
+                    let list = ValueDe(v).deserialize_any(TextList(
+                        r#"a list of origins like ["https://example.com"]"#,
+                    ));
+                    r.allowed_origins = self.visit(key, at, list);
+                }
+                "subprotocols" => {
+                    let list = ValueDe(v)
+                        .deserialize_any(TextList(r#"a list of subprotocols like ["chat.v1"]"#));
+                    r.subprotocols = self.visit(key, at, list);
+                }
+                "deliver" => r.deliver = self.value(key, at, v),
+                _ => self.unknown(key, at, "[[route]]", &[ROUTE_KEYS, LIMIT_KEYS]),
+            }
+        }
+        r
+    }
+}
+
+/// Whether `path` can be routed: exact, absolute, nothing that looks like a
+/// pattern, a query or a fragment.
+fn check_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} must start with '/'"));
+    }
+    if let Some(c) = path
+        .chars()
+        .find(|&c| matches!(c, '*' | '?' | '#') || c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "{path:?} contains {c:?}: paths are exact (the query string goes to the plugin), \
+             so wildcards ('*'), '?', '#' and whitespace are not supported"
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
-    /// Reads and validates a config file.
-    pub fn load(file: &Path) -> Result<Config, Error> {
+    /// Reads and validates a config file, reporting every error.
+    pub fn load(file: &Path) -> Result<Config, Errors> {
         let text = std::fs::read_to_string(file).map_err(|source| Error::ConfigRead {
             file: file.to_owned(),
             source,
@@ -316,138 +1086,237 @@ impl Config {
     }
 
     /// Parses and validates config text; `file` names it in errors and
-    /// anchors relative plugin paths.
-    pub fn parse(text: &str, file: &Path) -> Result<Config, Error> {
-        let err = |at: usize, message: String| Error::Config {
-            file: file.to_owned(),
-            line: line_of(text, at),
-            message,
-        };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let at = e.span().map(|s| s.start).unwrap_or(0);
-            err(at, e.message().trim().to_owned())
-        })?;
+    /// anchors relative plugin paths. Every error is reported, in file order.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, Errors> {
+        match Config::parse_partial(text, file) {
+            (Some(config), errors) if errors.is_empty() => Ok(config),
+            (_, errors) => Err(Errors(errors)),
+        }
+    }
 
-        let defaults = Limits::default();
-        let s = &raw.server;
-        let base = Limits {
-            max_frame_size: s.max_frame_size.map_or(defaults.max_frame_size, |v| v.0),
-            max_message_size: s
-                .max_message_size
-                .map_or(defaults.max_message_size, |v| v.0),
-            max_outbound_buffer: s
-                .max_outbound_buffer
-                .map_or(defaults.max_outbound_buffer, |v| v.0),
-            slow_consumer: s.slow_consumer.unwrap_or(defaults.slow_consumer),
-            idle_timeout: s.idle_timeout.map_or(defaults.idle_timeout, |v| v.0),
-            ping_interval: s.ping_interval.map_or(defaults.ping_interval, |v| v.0),
-            pong_timeout: required(s.pong_timeout, defaults.pong_timeout),
-            close_timeout: required(s.close_timeout, defaults.close_timeout),
+    /// Parses what it can, for `wasmgate check`: every error in file order,
+    /// and, unless the TOML syntax itself is broken, a config holding the
+    /// routes whose `path` and `plugin` are usable (any other bad value
+    /// replaced by its default) so that their plugins can be checked too.
+    /// Only a config that comes with no errors is valid.
+    pub fn parse_partial(text: &str, file: &Path) -> (Option<Config>, Vec<Error>) {
+        let mut p = Parser {
+            text,
+            file,
+            errors: Vec::new(),
         };
-        let server = ServerSettings {
-            listen: s
-                .listen
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
-            max_connections: s.max_connections.unwrap_or(10_000),
-            handshake_timeout: required(s.handshake_timeout, Duration::from_secs(10)),
-            max_header_size: s.max_header_size.map_or(16 << 10, |v| v.0.max(8192)),
-            drain_timeout: required(s.drain_timeout, Duration::from_secs(10)),
-            threads: s.threads.unwrap_or(0),
+        let root = match DeTable::parse(text) {
+            Ok(root) => root.into_inner(),
+            Err(e) => {
+                let at = e.span().map_or(0, |s| s.start);
+                p.error(at, syntax_message(text, at, e.message().trim()));
+                return (None, p.errors);
+            }
+        };
+
+        let mut server = RawServer::default();
+        let mut sandbox = RawSandbox::default();
+        let mut raw_routes = Vec::new();
+        let mut saw_route = false;
+        for (key, at, v) in entries(&root) {
+            match key {
+                "server" => {
+                    if let Some(t) = p.table(key, at, v, "a table ([server])") {
+                        server = p.server(t);
+                    }
+                }
+                "sandbox" => {
+                    if let Some(t) = p.table(key, at, v, "a table ([sandbox])") {
+                        sandbox = p.sandbox(t);
+                    }
+                }
+                "route" => {
+                    saw_route = true;
+                    let DeValue::Array(items) = v else {
+                        p.error(
+                            at,
+                            format!(
+                                "route: expected one [[route]] table per route (double brackets), found {}",
+                                Found(unexpected(v))
+                            ),
+                        );
+                        continue;
+                    };
+                    for item in items.iter() {
+                        let at = item.span().start;
+                        match item.get_ref() {
+                            DeValue::Table(t) => raw_routes.push((at, p.route(t))),
+                            other => p.error(
+                                at,
+                                format!(
+                                    "route: expected a [[route]] table, found {}",
+                                    Found(unexpected(other))
+                                ),
+                            ),
+                        }
+                    }
+                }
+                _ => {
+                    let home = [
+                        ("[server]", SERVER_KEYS),
+                        ("[server] or a [[route]]", LIMIT_KEYS),
+                        ("[sandbox]", SANDBOX_KEYS),
+                        ("a [[route]]", ROUTE_KEYS),
+                    ]
+                    .into_iter()
+                    .find(|(_, keys)| keys.contains(&key));
+                    match home {
+                        Some((table, _)) => p.error(
+                            at,
+                            format!("{key}: belongs in {table}, not at the top of the file"),
+                        ),
+                        None => p.unknown(key, at, "the file", &[&["server", "sandbox", "route"]]),
+                    }
+                }
+            }
+        }
+
+        let base = server.limits.over(&Limits::default());
+        let (listen, listen_origin) = match server.listen {
+            Some((listen, at)) => (
+                listen,
+                format!("{}:{}: listen", file.display(), line_of(text, at)),
+            ),
+            None => (
+                ListenAddr::from(SocketAddr::from(([127, 0, 0, 1], 8080))),
+                format!("{}: listen", file.display()),
+            ),
+        };
+        let server_settings = ServerSettings {
+            listen,
+            listen_origin,
+            max_connections: server.limits.max_connections.unwrap_or(10_000),
+            handshake_timeout: server.handshake_timeout.unwrap_or(Duration::from_secs(10)),
+            max_header_size: server.max_header_size.unwrap_or(16 << 10),
+            drain_timeout: server.drain_timeout.unwrap_or(Duration::from_secs(10)),
+            threads: server.threads.unwrap_or(0),
         };
         let sandbox = SandboxSettings {
-            max_memory: raw.sandbox.max_memory.map_or(64 << 20, |v| v.0),
-            max_call_time: required(raw.sandbox.max_call_time, Duration::from_secs(1)),
+            max_memory: sandbox.max_memory.unwrap_or(64 << 20),
+            max_call_time: sandbox.max_call_time.unwrap_or(Duration::from_secs(1)),
         };
 
-        let mut routes: Vec<RouteSettings> = Vec::new();
-        for spanned in raw.route {
-            let at = spanned.span().start;
-            let r = spanned.into_inner();
-            let path = r
-                .path
-                .ok_or_else(|| err(at, "route: missing key `path`".into()))?;
-            if !path.get_ref().starts_with('/') {
-                return Err(err(
-                    path.span().start,
-                    format!("route: `path` {:?} must start with '/'", path.get_ref()),
-                ));
-            }
-            if routes.iter().any(|x| &x.path == path.get_ref()) {
-                return Err(err(
-                    path.span().start,
-                    format!("route: `path` {:?} is already routed", path.get_ref()),
-                ));
-            }
-            let plugin = r.plugin.ok_or_else(|| {
-                err(
+        let dir = file.parent().unwrap_or(Path::new(""));
+        let mut routed: HashMap<String, usize> = HashMap::new();
+        let mut routes = Vec::new();
+        for (at, r) in raw_routes {
+            let path = match r.path {
+                Some((path, path_at)) => match routed.get(&path) {
+                    Some(first) => {
+                        p.error(
+                            path_at,
+                            format!("path: {path:?} is already routed (line {first})"),
+                        );
+                        None
+                    }
+                    None => {
+                        routed.insert(path.clone(), line_of(text, path_at));
+                        Some(path)
+                    }
+                },
+                None => {
+                    if !r.has_path {
+                        p.error(
+                            at,
+                            r#"path: missing: every [[route]] needs one, such as path = "/chat""#
+                                .to_owned(),
+                        );
+                    }
+                    None
+                }
+            };
+            if r.plugin.is_none() && !r.has_plugin {
+                let route = path
+                    .as_deref()
+                    .map_or(String::new(), |p| format!(" in route {p}"));
+                p.error(
                     at,
-                    format!("route {}: missing key `plugin`", path.get_ref()),
-                )
-            })?;
-            let line = line_of(text, plugin.span().start);
-            let source = match plugin.get_ref().strip_prefix("builtin:") {
+                    format!(
+                        "plugin: missing{route}: every [[route]] needs a component file or \"builtin:<name>\""
+                    ),
+                );
+            }
+            let (Some(path), Some((plugin, plugin_at))) = (path, r.plugin) else {
+                continue;
+            };
+            let source = match plugin.strip_prefix("builtin:") {
                 Some(name) => PluginSource::Builtin(name.to_owned()),
                 None => {
-                    let p = Path::new(plugin.get_ref());
-                    let dir = file.parent().unwrap_or(Path::new(""));
-                    PluginSource::File(if p.is_absolute() {
-                        p.to_owned()
+                    let f = Path::new(&plugin);
+                    PluginSource::File(if f.is_absolute() {
+                        f.to_owned()
                     } else {
-                        dir.join(p)
+                        dir.join(f)
                     })
                 }
             };
-            let limits = Limits {
-                max_frame_size: r.max_frame_size.map_or(base.max_frame_size, |v| v.0),
-                max_message_size: r.max_message_size.map_or(base.max_message_size, |v| v.0),
-                max_outbound_buffer: r
-                    .max_outbound_buffer
-                    .map_or(base.max_outbound_buffer, |v| v.0),
-                slow_consumer: r.slow_consumer.unwrap_or(base.slow_consumer),
-                idle_timeout: r.idle_timeout.map_or(base.idle_timeout, |v| v.0),
-                ping_interval: r.ping_interval.map_or(base.ping_interval, |v| v.0),
-                pong_timeout: required(r.pong_timeout, base.pong_timeout),
-                close_timeout: required(r.close_timeout, base.close_timeout),
-            };
             routes.push(RouteSettings {
-                path: path.into_inner(),
+                path,
                 plugin: source,
-                line,
+                line: line_of(text, plugin_at),
                 config: r.config,
-                limits,
+                limits: r.limits.over(&base),
                 allowed_origins: r.allowed_origins,
                 subprotocols: r.subprotocols,
-                max_connections: r.max_connections,
+                max_connections: r.limits.max_connections,
                 deliver: r.deliver.unwrap_or(Deliver::Message),
             });
         }
-        if routes.is_empty() {
-            return Err(err(
+        if !saw_route {
+            p.error(
                 0,
                 "no [[route]] defined: the gateway would serve nothing".into(),
-            ));
+            );
         }
-        Ok(Config {
+        let mut errors = Errors(p.errors);
+        errors.sort();
+        let config = Config {
             file: file.to_owned(),
-            server,
+            server: server_settings,
             sandbox,
             routes,
-        })
+        };
+        (Some(config), errors.0)
     }
-}
-
-/// A duration that cannot be turned off: "off" falls back to the default.
-fn required(v: Option<Timeout>, default: Duration) -> Duration {
-    v.and_then(|t| t.0).unwrap_or(default)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Config, Error> {
+    fn parse(text: &str) -> Result<Config, Errors> {
         Config::parse(text, Path::new("/etc/wasmgate/gateway.toml"))
     }
+
+    /// The error messages for `text`, without the file name.
+    fn errors(text: &str) -> Vec<String> {
+        match parse(text) {
+            Ok(_) => panic!("no error for:\n{text}"),
+            Err(e) => {
+                e.0.iter()
+                    .map(|e| {
+                        e.to_string()
+                            .trim_start_matches("/etc/wasmgate/gateway.toml:")
+                            .to_owned()
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The only error for `text`.
+    fn error(text: &str) -> String {
+        let e = errors(text);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        e[0].clone()
+    }
+
+    const ROUTE: &str = "[[route]]\npath = \"/a\"\nplugin = \"a.wasm\"\n";
 
     #[test]
     fn route_overrides_server_limits_and_resolves_plugin_paths() {
@@ -479,14 +1348,16 @@ mod tests {
 
     #[test]
     fn bad_duration_and_size_are_rejected_with_their_line() {
-        let e = parse("[server]\n\nping_interval = \"soon\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(":3: ") && e.contains("invalid duration"), "{e}");
-        let e = parse("[server]\nmax_frame_size = \"12 parsecs\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(":2: ") && e.contains("invalid size"), "{e}");
+        assert_eq!(
+            error(&format!("[server]\n\nping_interval = \"soon\"\n{ROUTE}")),
+            r#"3: ping_interval: expected a duration like "30s" or "500ms", or "off", found the string "soon""#
+        );
+        assert_eq!(
+            error(&format!(
+                "[server]\nmax_frame_size = \"12 parsecs\"\n{ROUTE}"
+            )),
+            r#"2: max_frame_size: expected a size like "1MiB" or a number of bytes, found the string "12 parsecs""#
+        );
     }
 
     #[test]
@@ -526,5 +1397,308 @@ mod tests {
         assert_eq!(parse_size("16 MiB"), Some(16 << 20));
         assert_eq!(parse_size("64KiB"), Some(64 << 10));
         assert_eq!(parse_size("1.5MiB"), None);
+    }
+
+    #[test]
+    fn type_errors_name_the_key_and_the_expected_form() {
+        let e = error(&format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\nmax_message_size = true\n{ROUTE}"
+        ));
+        assert_eq!(
+            e,
+            r#"3: max_message_size: expected a size like "1MiB" or a number of bytes, found a boolean"#
+        );
+        let e = error(&format!("[server]\nmax_connections = \"lots\"\n{ROUTE}"));
+        assert_eq!(
+            e,
+            r#"2: max_connections: expected a whole number, found the string "lots""#
+        );
+    }
+
+    #[test]
+    fn every_kind_of_value_says_what_it_expects_and_what_it_found() {
+        let cases: &[(&str, &str)] = &[
+            ("max_frame_size = -1", "max_frame_size: expected a size like \"1MiB\" or a number of bytes, found the number -1"),
+            ("max_outbound_buffer = 1.5", "max_outbound_buffer: expected a size like \"1MiB\" or a number of bytes, found the number 1.5"),
+            ("idle_timeout = 30", "idle_timeout: expected a duration like \"30s\" or \"500ms\", or \"off\", found the number 30"),
+            ("pong_timeout = \"off\"", "pong_timeout: cannot be turned off: expected a duration like \"30s\" or \"500ms\", found the string \"off\""),
+            ("close_timeout = [\"1s\"]", "close_timeout: expected a duration like \"30s\" or \"500ms\", found a list"),
+            ("max_connections = -3", "max_connections: expected a whole number, found the number -3"),
+            ("slow_consumer = \"kill\"", "slow_consumer: expected \"close\" or \"drop\", found the string \"kill\""),
+            ("slow_consumer = 1", "slow_consumer: expected \"close\" or \"drop\", found the number 1"),
+            ("deliver = \"frames\"", "deliver: expected \"message\" or \"fragments\", found the string \"frames\""),
+            ("allowed_origins = \"https://a.example\"", "allowed_origins: expected a list of origins like [\"https://example.com\"], found the string \"https://a.example\""),
+            ("allowed_origins = [\"https://a.example\", 3]", "allowed_origins: item 2: expected a string, found the number 3"),
+            ("subprotocols = { a = 1 }", "subprotocols: expected a list of subprotocols like [\"chat.v1\"], found a table"),
+            ("config = { greeting = 1 }", "config.greeting: expected a string (the plugin reads [route.config] values as text), found the number 1"),
+            ("config = \"x\"", "config: expected a table of strings ([route.config]), found the string \"x\""),
+            ("max_message_size = 1979-05-27", "max_message_size: expected a size like \"1MiB\" or a number of bytes, found a date"),
+        ];
+        for (line, want) in cases {
+            let e = error(&format!("{ROUTE}{line}\n"));
+            assert_eq!(e, format!("4: {want}"), "for {line}");
+            assert!(!e.contains("usize") && !e.contains("Repr"), "{e}");
+        }
+        let server: &[(&str, &str)] = &[
+            ("threads = \"many\"", "threads: expected a whole number, found the string \"many\""),
+            ("listen = 8080", "listen: expected host:port such as \"127.0.0.1:8080\", \"[::1]:8080\" or \"localhost:8080\", found the number 8080"),
+            ("handshake_timeout = \"0s\"", "handshake_timeout: cannot be turned off: expected a duration like \"30s\" or \"500ms\", found the string \"0s\""),
+        ];
+        for (line, want) in server {
+            let e = error(&format!("[server]\n{line}\n{ROUTE}"));
+            assert_eq!(e, format!("2: {want}"), "for {line}");
+        }
+        let e = error(&format!("[sandbox]\nmax_call_time = true\n{ROUTE}"));
+        assert_eq!(
+            e,
+            "2: max_call_time: expected a duration like \"30s\" or \"500ms\", found a boolean"
+        );
+        let e = error("[[route]]\npath = 1\nplugin = \"a\"\n");
+        assert_eq!(
+            e,
+            "2: path: expected a path such as \"/chat\", found the number 1"
+        );
+        let e = error("[[route]]\npath = \"/a\"\nplugin = false\n");
+        assert_eq!(
+            e,
+            "3: plugin: expected a component file or \"builtin:<name>\", found a boolean"
+        );
+    }
+
+    #[test]
+    fn every_error_is_reported_in_file_order() {
+        let text = "[server]\n\
+                    max_connections = \"lots\"\n\
+                    ping_interval = \"soon\"\n\
+                    [sandbox]\n\
+                    max_memory = \"1KiB\"\n\
+                    [[route]]\n\
+                    path = \"/a\"\n\
+                    plugin = \"a.wasm\"\n\
+                    max_message_size = true\n\
+                    deliver = \"frames\"\n\
+                    [[route]]\n\
+                    path = \"/a\"\n\
+                    plugin = \"b.wasm\"\n\
+                    [[route]]\n\
+                    path = \"/b/*\"\n\
+                    plugin = \"c.wasm\"\n\
+                    max_mesage_size = 1\n\
+                    [[route]]\n\
+                    plugin = \"d.wasm\"\n";
+        let lines: Vec<usize> = errors(text)
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or_default().parse().unwrap_or(0))
+            .collect();
+        assert_eq!(
+            lines,
+            [2, 3, 5, 9, 10, 12, 15, 17, 18],
+            "{:#?}",
+            errors(text)
+        );
+    }
+
+    #[test]
+    fn a_partial_config_keeps_the_routes_whose_plugin_can_be_checked() {
+        let text = "[[route]]\npath = \"/a\"\nplugin = \"a.wasm\"\nmax_message_size = true\n\
+                    [[route]]\npath = \"/b/*\"\nplugin = \"b.wasm\"\n\
+                    [[route]]\npath = \"/c\"\nplugin = \"c.wasm\"\n";
+        let (config, errors) = Config::parse_partial(text, Path::new("gateway.toml"));
+        assert_eq!(errors.len(), 2, "{errors:#?}");
+        let config = config.expect("a partial config");
+        let paths: Vec<&str> = config.routes.iter().map(|r| r.path.as_str()).collect();
+        assert_eq!(paths, ["/a", "/c"]);
+        assert_eq!(config.routes[1].line, 10);
+        assert!(Config::parse_partial("[server", Path::new("g")).0.is_none());
+    }
+
+    #[test]
+    fn toml_syntax_errors_start_with_the_key() {
+        assert_eq!(
+            error("[server]\nlisten = \nthreads = 1\n"),
+            "2: listen: string values must be quoted, expected literal string"
+        );
+        assert_eq!(
+            error("[server]\nthreads = 1\nthreads = 2\n"),
+            "3: threads: duplicate key"
+        );
+        assert_eq!(
+            error("[server]\nlisten \"x\"\n"),
+            "2: listen: key with no value, expected `=`"
+        );
+        assert_eq!(error("[server]\n[server]\n"), "2: [server]: duplicate key");
+    }
+
+    #[test]
+    fn unknown_keys_suggest_the_closest_key_or_list_them() {
+        assert_eq!(
+            error(&format!("{ROUTE}max_mesage_size = 1\n")),
+            "4: max_mesage_size: unknown key in [[route]]; did you mean `max_message_size`?"
+        );
+        let e = error(&format!("[sandbox]\nmemory_cap = 1\n{ROUTE}"));
+        assert_eq!(
+            e,
+            "2: memory_cap: unknown key in [sandbox]; expected one of `max_memory`, `max_call_time`"
+        );
+        assert_eq!(
+            error(&format!("listen = \"127.0.0.1:1\"\n{ROUTE}")),
+            "1: listen: belongs in [server], not at the top of the file"
+        );
+        assert_eq!(
+            error(&format!("[sever]\n{ROUTE}")),
+            "1: sever: unknown key in the file; did you mean `server`?"
+        );
+    }
+
+    #[test]
+    fn a_single_route_table_asks_for_double_brackets() {
+        assert_eq!(
+            error("[route]\npath = \"/a\"\nplugin = \"a\"\n"),
+            "1: route: expected one [[route]] table per route (double brackets), found a table"
+        );
+    }
+
+    #[test]
+    fn missing_path_and_plugin_are_reported_for_each_route() {
+        let e = errors("[[route]]\nplugin = \"a\"\n\n[[route]]\npath = \"/b\"\n");
+        assert_eq!(
+            e,
+            [
+                "1: path: missing: every [[route]] needs one, such as path = \"/chat\"",
+                "4: plugin: missing in route /b: every [[route]] needs a component file or \"builtin:<name>\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn listen_accepts_host_names_and_explains_bad_forms() {
+        for (text, host, port) in [
+            ("localhost:8080", "localhost", 8080),
+            ("127.0.0.1:0", "127.0.0.1", 0),
+            ("[::1]:9000", "::1", 9000),
+            ("gateway.example.com:443", "gateway.example.com", 443),
+        ] {
+            let c = parse(&format!("[server]\nlisten = \"{text}\"\n{ROUTE}")).unwrap();
+            assert_eq!(
+                (c.server.listen.host(), c.server.listen.port()),
+                (host, port)
+            );
+            assert_eq!(c.server.listen.to_string(), text);
+            assert_eq!(
+                c.server.listen_origin,
+                "/etc/wasmgate/gateway.toml:2: listen"
+            );
+        }
+        let form =
+            r#"expected host:port such as "127.0.0.1:8080", "[::1]:8080" or "localhost:8080""#;
+        for (text, want) in [
+            (":8080", format!("{form}, found \":8080\" (no host: \"0.0.0.0:8080\" or \"[::]:8080\" listens on every interface)")),
+            ("127.0.0.1:99999", "port 99999 is out of range (0-65535)".to_owned()),
+            ("nowhere", format!("{form}, found \"nowhere\" (no port)")),
+            ("localhost:http", "port \"http\" is not a number (in \"localhost:http\")".to_owned()),
+            ("::1:8080", format!("{form}, found \"::1:8080\" (an IPv6 address goes in brackets: \"[::1]:8080\")")),
+            ("127.0.0.300:80", format!("{form}, found \"127.0.0.300:80\" (\"127.0.0.300\" is not an IPv4 address)")),
+            ("http://localhost:80", format!("{form}, found \"http://localhost:80\" (\"http://localhost\" is not a host name)")),
+        ] {
+            assert_eq!(
+                error(&format!("[server]\nlisten = \"{text}\"\n{ROUTE}")),
+                format!("2: listen: {want}"),
+                "for {text}"
+            );
+            assert_eq!(text.parse::<ListenAddr>().err(), Some(want));
+        }
+    }
+
+    #[test]
+    fn documented_bounds_are_enforced() {
+        let cases = [
+            (
+                "[server]\nmax_header_size = \"1KiB\"",
+                "max_header_size: must be at least 8KiB, found 1KiB",
+            ),
+            (
+                "[server]\nmax_header_size = 8191",
+                "max_header_size: must be at least 8KiB, found 8191 bytes",
+            ),
+            (
+                "[server]\nmax_message_size = 0",
+                "max_message_size: must be at least 1 byte, found 0",
+            ),
+            (
+                "[server]\nmax_frame_size = 0",
+                "max_frame_size: must be at least 1 byte, found 0",
+            ),
+            (
+                "[server]\nmax_outbound_buffer = \"0KiB\"",
+                "max_outbound_buffer: must be at least 1 byte, found 0",
+            ),
+            (
+                "[server]\nmax_connections = 0",
+                "max_connections: must be at least 1, found 0",
+            ),
+            (
+                "[sandbox]\nmax_memory = \"1KiB\"",
+                "max_memory: must be between 64KiB and 4GiB, found 1KiB",
+            ),
+            (
+                "[sandbox]\nmax_memory = \"5GiB\"",
+                "max_memory: must be between 64KiB and 4GiB, found 5GiB",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(error(&format!("{text}\n{ROUTE}")), format!("2: {want}"));
+        }
+        assert_eq!(
+            error(&format!("{ROUTE}max_connections = 0\n")),
+            "4: max_connections: must be at least 1, found 0"
+        );
+        let c = parse(&format!(
+            "[server]\nmax_header_size = \"8KiB\"\nthreads = 100000\n[sandbox]\nmax_memory = \"4GiB\"\n{ROUTE}"
+        ))
+        .unwrap();
+        assert_eq!(c.server.max_header_size, 8192);
+        assert_eq!(c.server.threads, 100_000);
+        assert_eq!(c.sandbox.max_memory, 4 << 30);
+    }
+
+    #[test]
+    fn route_paths_are_exact_without_wildcards() {
+        for (path, c) in [
+            ("/chat/*", "'*'"),
+            ("/a?b=1", "'?'"),
+            ("/a#top", "'#'"),
+            ("/a b", "' '"),
+        ] {
+            assert_eq!(
+                error(&format!("[[route]]\npath = \"{path}\"\nplugin = \"a\"\n")),
+                format!(
+                    "2: path: {path:?} contains {c}: paths are exact (the query string goes to the plugin), \
+                     so wildcards ('*'), '?', '#' and whitespace are not supported"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn plugin_errors_can_be_located_and_sorted_with_config_errors() {
+        let plugin = Error::Plugin {
+            route: "/chat".into(),
+            file: "chat.wasm".into(),
+            reason: "cannot read".into(),
+        }
+        .located(Path::new("gateway.toml"), 12);
+        assert_eq!(
+            plugin.to_string(),
+            "gateway.toml:12: route /chat: plugin chat.wasm: cannot read"
+        );
+        let config = |line| Error::Config {
+            file: "gateway.toml".into(),
+            line,
+            message: "x".into(),
+        };
+        let mut errors = Errors(vec![config(20), plugin, config(3)]);
+        errors.sort();
+        let lines: Vec<_> = errors.0.iter().map(Error::line).collect();
+        assert_eq!(lines, [Some(3), Some(12), Some(20)]);
     }
 }

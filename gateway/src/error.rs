@@ -42,10 +42,34 @@ pub enum Error {
         reason: String,
     },
 
+    /// An error tied to a place in the config file: a plugin error at the
+    /// line of the route's `plugin` key.
+    #[error("{file}:{line}: {error}")]
+    Located {
+        /// The config file.
+        file: PathBuf,
+        /// The 1-based line.
+        line: usize,
+        /// The error.
+        error: Box<Error>,
+    },
+
     /// The WebAssembly engine could not be created with the configured
     /// sandbox settings.
     #[error("cannot create the WebAssembly engine: {0}")]
     Engine(String),
+
+    /// The host name of the listen address could not be resolved.
+    #[error("{origin}: cannot resolve host name {host:?}: {reason}")]
+    Resolve {
+        /// Where the address was given: `gateway.toml:2: listen`, or
+        /// `--listen`.
+        origin: String,
+        /// The host name.
+        host: String,
+        /// Why it could not be resolved.
+        reason: String,
+    },
 
     /// The listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
@@ -55,6 +79,25 @@ pub enum Error {
         /// The underlying I/O error.
         source: std::io::Error,
     },
+}
+
+impl Error {
+    /// The config file line the error is on, if it has one.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Error::Config { line, .. } | Error::Located { line, .. } => Some(*line),
+            _ => None,
+        }
+    }
+
+    /// This error, tied to `line` of the config `file`.
+    pub fn located(self, file: &std::path::Path, line: usize) -> Error {
+        Error::Located {
+            file: file.to_owned(),
+            line,
+            error: Box::new(self),
+        }
+    }
 }
 
 /// A list of errors found while checking a config: `wasmgate check` prints
@@ -75,6 +118,14 @@ impl std::fmt::Display for Errors {
 }
 
 impl std::error::Error for Errors {}
+
+impl Errors {
+    /// Puts the errors in file order: by line, those without a line first,
+    /// errors on the same line in the order they were found.
+    pub fn sort(&mut self) {
+        self.0.sort_by_key(Error::line);
+    }
+}
 
 impl From<Error> for Errors {
     fn from(e: Error) -> Self {

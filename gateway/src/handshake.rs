@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Version};
 
 use crate::bindings::wasmgate::plugin::types;
 
@@ -16,12 +16,22 @@ pub enum Refusal {
     NotWebSocket,
     /// A malformed upgrade: 400 with the reason.
     BadRequest(&'static str),
+    /// A header that must appear once appears more often: 400 naming it.
+    Duplicate(&'static str),
     /// A WebSocket version other than 13: 426 with `Sec-WebSocket-Version: 13`.
     BadVersion,
     /// An `Origin` not in the route's `allowed_origins`: 403.
     Forbidden,
-    /// The server or route is at `max_connections`, or shutting down: 503.
+    /// The server or route is at `max_connections`: 503.
     Unavailable,
+    /// The gateway is shutting down: 503.
+    ShuttingDown,
+    /// No plugin instance could be created (memory or the instance pool is
+    /// exhausted): 503.
+    NoInstance,
+    /// An upgrade over HTTP/1.0: 505 (section 4.1 requires HTTP/1.1 or
+    /// later).
+    HttpVersion,
     /// No route for the path: 404.
     NotFound,
 }
@@ -35,12 +45,25 @@ impl Refusal {
                 "this route only speaks WebSocket: send an upgrade request\n",
             ),
             Refusal::BadRequest(why) => (StatusCode::BAD_REQUEST, *why),
+            Refusal::Duplicate(name) => {
+                let body = format!("{name} must appear only once\n");
+                return text_response(StatusCode::BAD_REQUEST, &body);
+            }
             Refusal::BadVersion => (
                 StatusCode::UPGRADE_REQUIRED,
                 "unsupported WebSocket version: only 13 is supported\n",
             ),
             Refusal::Forbidden => (StatusCode::FORBIDDEN, "origin not allowed\n"),
             Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n"),
+            Refusal::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
+            Refusal::NoInstance => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no plugin instance available\n",
+            ),
+            Refusal::HttpVersion => (
+                StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+                "a WebSocket upgrade needs HTTP/1.1\n",
+            ),
             Refusal::NotFound => (StatusCode::NOT_FOUND, "no route for this path\n"),
         };
         let mut resp = text_response(status, body);
@@ -85,11 +108,18 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
-/// Checks that `req` is a valid WebSocket upgrade (section 4.2.1).
+/// Checks that `req` is a valid WebSocket upgrade (section 4.2.1): GET over
+/// HTTP/1.1 or later, `Upgrade: websocket`, `Connection: Upgrade`, version
+/// 13, a well-formed key, and `Host`. `Sec-WebSocket-Key`,
+/// `Sec-WebSocket-Version` and `Host` must each appear exactly once
+/// (section 11.3.1 and RFC 9112 section 3.2).
 pub fn validate<B>(req: &Request<B>) -> Result<(), Refusal> {
     let h = req.headers();
     if !h.contains_key(hyper::header::UPGRADE) && !h.contains_key("sec-websocket-key") {
         return Err(Refusal::NotWebSocket);
+    }
+    if req.version() < Version::HTTP_11 {
+        return Err(Refusal::HttpVersion);
     }
     if req.method() != Method::GET {
         return Err(Refusal::BadRequest("a WebSocket upgrade must use GET\n"));
@@ -100,18 +130,37 @@ pub fn validate<B>(req: &Request<B>) -> Result<(), Refusal> {
     if !has_token(h, hyper::header::CONNECTION, "upgrade") {
         return Err(Refusal::BadRequest("missing `Connection: Upgrade`\n"));
     }
-    match h.get("sec-websocket-version") {
+    let host = single(h, hyper::header::HOST.as_str(), "Host")?;
+    if host.is_none() {
+        return Err(Refusal::BadRequest("missing Host\n"));
+    }
+    match single(h, "sec-websocket-version", "Sec-WebSocket-Version")? {
         Some(v) if v.as_bytes() == b"13" => {}
         Some(_) => return Err(Refusal::BadVersion),
         None => return Err(Refusal::BadRequest("missing Sec-WebSocket-Version\n")),
     }
-    match h.get("sec-websocket-key") {
+    match single(h, "sec-websocket-key", "Sec-WebSocket-Key")? {
         Some(k) if is_valid_key(k.as_bytes()) => Ok(()),
         Some(_) => Err(Refusal::BadRequest(
             "Sec-WebSocket-Key must be 16 bytes in base64\n",
         )),
         None => Err(Refusal::BadRequest("missing Sec-WebSocket-Key\n")),
     }
+}
+
+/// The one value of a header that may appear at most once; 400 naming it if
+/// it appears more often.
+fn single<'a>(
+    h: &'a HeaderMap,
+    name: &str,
+    display: &'static str,
+) -> Result<Option<&'a HeaderValue>, Refusal> {
+    let mut values = h.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(Refusal::Duplicate(display));
+    }
+    Ok(first)
 }
 
 /// A key is 16 random bytes in base64: 22 characters and `==`.
@@ -206,6 +255,7 @@ mod tests {
 
     fn upgrade() -> hyper::http::request::Builder {
         Request::get("/x")
+            .header("host", "example.com")
             .header("upgrade", "websocket")
             .header("connection", "keep-alive, Upgrade")
             .header("sec-websocket-version", "13")
@@ -221,12 +271,10 @@ mod tests {
     fn refusals_map_to_their_status() {
         let plain = Request::get("/x").body(()).unwrap();
         assert_eq!(validate(&plain), Err(Refusal::NotWebSocket));
-        let v8 = upgrade()
-            .header("sec-websocket-version", "8")
-            .body(())
-            .unwrap();
-        // Two version headers: not exactly "13".
-        assert!(validate(&v8).is_ok() || validate(&v8) == Err(Refusal::BadVersion));
+        let mut v8 = upgrade().body(()).unwrap();
+        v8.headers_mut()
+            .insert("sec-websocket-version", HeaderValue::from_static("8"));
+        assert_eq!(validate(&v8), Err(Refusal::BadVersion));
         let mut bad_key = upgrade().body(()).unwrap();
         bad_key
             .headers_mut()
@@ -237,6 +285,39 @@ mod tests {
             Refusal::BadVersion.response().headers()["sec-websocket-version"],
             "13"
         );
+    }
+
+    #[test]
+    fn headers_that_must_appear_once_are_refused_when_repeated() {
+        for (name, value) in [
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+            ("host", "example.com"),
+        ] {
+            let twice = upgrade().header(name, value).body(()).unwrap();
+            assert!(
+                matches!(validate(&twice), Err(Refusal::Duplicate(_))),
+                "{name} twice"
+            );
+            assert_eq!(
+                Refusal::Duplicate("X").response().status(),
+                StatusCode::BAD_REQUEST
+            );
+        }
+    }
+
+    #[test]
+    fn an_upgrade_over_http_1_0_is_refused_with_505() {
+        let old = upgrade().version(Version::HTTP_10).body(()).unwrap();
+        assert_eq!(validate(&old), Err(Refusal::HttpVersion));
+        assert_eq!(Refusal::HttpVersion.response().status(), 505);
+    }
+
+    #[test]
+    fn an_upgrade_without_host_is_refused() {
+        let mut req = upgrade().body(()).unwrap();
+        req.headers_mut().remove("host");
+        assert!(matches!(validate(&req), Err(Refusal::BadRequest(_))));
     }
 
     #[test]

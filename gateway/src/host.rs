@@ -16,7 +16,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::bindings::wasmgate::plugin::host::Host;
 use crate::bindings::wasmgate::plugin::types::{self, GatewayError, LogLevel, Message};
 use crate::frame::is_valid_close_code;
-use crate::hub::ConnHandle;
+use crate::hub::{ClosedBy, ConnHandle};
 use crate::outbox::Outbound;
 use crate::route::Route;
 
@@ -50,7 +50,11 @@ impl HostState {
         limits: StoreLimits,
         timer_tx: mpsc::Sender<u64>,
     ) -> Self {
-        let (wasi, table) = crate::plugin::wasi_ctx();
+        let (wasi, table) = crate::plugin::wasi_ctx(crate::output::Tags {
+            route: Arc::from(route.path.as_str()),
+            plugin: Arc::from(route.plugin.name.as_str()),
+            conn: own.id,
+        });
         HostState {
             wasi,
             table,
@@ -62,6 +66,21 @@ impl HostState {
             next_timer: 1,
             timer_tx,
         }
+    }
+
+    /// The path of the route this instance serves, for logs.
+    pub(crate) fn route_path(&self) -> &str {
+        &self.route.path
+    }
+
+    /// The plugin file (or `builtin:<name>`) of this instance, for logs.
+    pub(crate) fn plugin_name(&self) -> &str {
+        &self.route.plugin.name
+    }
+
+    /// The connection this instance serves.
+    pub(crate) fn conn_id(&self) -> u64 {
+        self.conn
     }
 
     /// The instance's resource table.
@@ -136,7 +155,7 @@ impl Host for HostState {
         if handle.outbox.is_closed() {
             return Err(GatewayError::Closed);
         }
-        handle.request_close(code, &reason);
+        handle.request_close(code, &reason, ClosedBy::Plugin);
         Ok(())
     }
 
@@ -247,11 +266,11 @@ impl Host for HostState {
         let plugin = self.route.plugin.name.as_str();
         let conn = self.conn;
         match level {
-            LogLevel::Trace => tracing::trace!(route, plugin, conn, "{message}"),
-            LogLevel::Debug => tracing::debug!(route, plugin, conn, "{message}"),
-            LogLevel::Info => tracing::info!(route, plugin, conn, "{message}"),
-            LogLevel::Warn => tracing::warn!(route, plugin, conn, "{message}"),
-            LogLevel::Error => tracing::error!(route, plugin, conn, "{message}"),
+            LogLevel::Trace => tracing::trace!(route = %route, plugin = %plugin, conn, "{message}"),
+            LogLevel::Debug => tracing::debug!(route = %route, plugin = %plugin, conn, "{message}"),
+            LogLevel::Info => tracing::info!(route = %route, plugin = %plugin, conn, "{message}"),
+            LogLevel::Warn => tracing::warn!(route = %route, plugin = %plugin, conn, "{message}"),
+            LogLevel::Error => tracing::error!(route = %route, plugin = %plugin, conn, "{message}"),
         }
     }
 }

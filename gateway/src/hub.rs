@@ -25,6 +25,35 @@ pub const MAX_META_ENTRIES: usize = 64;
 /// Most rooms one connection may be in.
 pub const MAX_ROOMS_PER_CONNECTION: usize = 256;
 
+/// Who started a connection's closing handshake, for the log line written
+/// when it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClosedBy {
+    /// The peer sent the first close frame.
+    Peer,
+    /// The route's plugin called `close`.
+    Plugin,
+    /// The gateway: a protocol error, a limit, a failed plugin, shutdown.
+    Gateway,
+    /// Nobody: the TCP connection ended without a closing handshake (1006).
+    Abnormal,
+}
+
+impl ClosedBy {
+    /// The name used in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClosedBy::Peer => "peer",
+            ClosedBy::Plugin => "plugin",
+            ClosedBy::Gateway => "gateway",
+            ClosedBy::Abnormal => "abnormal",
+        }
+    }
+}
+
+/// A request to start the closing handshake: code, reason, and who asked.
+pub type CloseRequest = (u16, String, ClosedBy);
+
 /// The shared view of one open connection.
 #[derive(Debug)]
 pub struct ConnHandle {
@@ -35,7 +64,7 @@ pub struct ConnHandle {
     slow_consumer: SlowConsumer,
     metadata: Mutex<HashMap<String, String>>,
     rooms: Mutex<HashSet<Arc<str>>>,
-    close_request: Mutex<Option<(u16, String)>>,
+    close_request: Mutex<Option<CloseRequest>>,
     close_requested: AtomicBool,
     /// Wakes the connection's session when a close is requested.
     pub close_notify: Notify,
@@ -64,25 +93,29 @@ impl ConnHandle {
             Err(PushError::Closed) => Err(GatewayError::Closed),
             Err(PushError::Full) => {
                 if self.slow_consumer == SlowConsumer::Close {
-                    self.request_close(1008, "slow consumer: outbound buffer full");
+                    self.request_close(
+                        1008,
+                        "slow consumer: outbound buffer full",
+                        ClosedBy::Gateway,
+                    );
                 }
                 Err(GatewayError::Backpressure)
             }
         }
     }
 
-    /// Asks the connection's session to start the closing handshake. The
-    /// first request wins.
-    pub fn request_close(&self, code: u16, reason: &str) {
+    /// Asks the connection's session to start the closing handshake with
+    /// `code` and `reason`, on behalf of `by`. The first request wins.
+    pub fn request_close(&self, code: u16, reason: &str, by: ClosedBy) {
         if self.close_requested.swap(true, Ordering::AcqRel) {
             return;
         }
-        *self.close_request.lock() = Some((code, reason.to_owned()));
+        *self.close_request.lock() = Some((code, reason.to_owned(), by));
         self.close_notify.notify_one();
     }
 
     /// Takes the pending close request, if any.
-    pub fn take_close_request(&self) -> Option<(u16, String)> {
+    pub fn take_close_request(&self) -> Option<CloseRequest> {
         self.close_request.lock().take()
     }
 }

@@ -18,7 +18,9 @@
 //! - [`plugin`]: the WebAssembly engine and loading components.
 //! - [`host`]: the host functions plugins call.
 //! - [`wasi`]: the WASI plugins see, callable without blocking.
+//! - [`output`]: a plugin's stdout and stderr, as tagged log lines.
 //! - [`builtin`]: the embedded example plugins and default config.
+//! - [`reload`]: hot reload, starting with watching plugin and config files.
 
 #![warn(missing_docs)]
 
@@ -31,7 +33,9 @@ pub mod host;
 pub mod hub;
 pub mod message;
 pub mod outbox;
+pub mod output;
 pub mod plugin;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod session;

@@ -2,13 +2,13 @@
 //! config and every plugin it names, `default-config` prints the built-in
 //! config as a starting point.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use wasmgate::{builtin, Config, Gateway};
+use wasmgate::config::ListenAddr;
+use wasmgate::{builtin, Config, Errors, Gateway};
 
 /// A WebSocket gateway whose route handlers are WebAssembly components.
 #[derive(Parser)]
@@ -26,11 +26,13 @@ enum Command {
         /// plugins on 127.0.0.1:8080).
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Listen on this address instead of `[server] listen`.
+        /// Listen on this address instead of `[server] listen`: host:port
+        /// such as 127.0.0.1:8080, [::1]:8080 or localhost:8080.
         #[arg(long, short)]
-        listen: Option<SocketAddr>,
+        listen: Option<ListenAddr>,
     },
-    /// Parse a config and load every plugin it names; print every error.
+    /// Parse a config and load every plugin it names; print every error,
+    /// in file order.
     Check {
         /// The config file.
         file: PathBuf,
@@ -67,37 +69,55 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Each of several errors on its own line; the gateway's own
+            // errors already say everything (their source included).
+            if let Some(errors) = e.downcast_ref::<Errors>() {
+                for e in &errors.0 {
+                    eprintln!("error: {e}");
+                }
+            } else if let Some(e) = e.downcast_ref::<wasmgate::Error>() {
+                eprintln!("error: {e}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
 fn check(file: &Path) -> anyhow::Result<ExitCode> {
-    let config = match Config::load(file) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(ExitCode::FAILURE);
-        }
+    let (config, errors) = match std::fs::read_to_string(file) {
+        Ok(text) => Config::parse_partial(&text, file),
+        Err(source) => (
+            None,
+            vec![wasmgate::Error::ConfigRead {
+                file: file.to_owned(),
+                source,
+            }],
+        ),
     };
-    match Gateway::new(&config) {
-        Ok(gw) => {
-            for r in gw.routes() {
-                println!("ok: route {} -> {}", r.path, r.plugin.name);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(errors) => {
-            for e in &errors.0 {
-                eprintln!("error: {e}");
-            }
-            Ok(ExitCode::FAILURE)
+    let mut errors = Errors(errors);
+    // The plugins of every route whose path and plugin are usable are loaded
+    // even when other keys are wrong, so that one run reports everything.
+    if let Some(config) = &config {
+        if let Err(plugin_errors) = Gateway::new(config) {
+            errors.0.extend(plugin_errors.0);
         }
     }
+    errors.sort();
+    if !errors.0.is_empty() {
+        for e in &errors.0 {
+            eprintln!("error: {e}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    for r in config.iter().flat_map(|c| &c.routes) {
+        println!("ok: route {} -> {}", r.path, r.plugin);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-fn serve(config: Option<&Path>, listen: Option<SocketAddr>) -> anyhow::Result<ExitCode> {
+fn serve(config: Option<&Path>, listen: Option<ListenAddr>) -> anyhow::Result<ExitCode> {
     let config = load_config(config)?;
     let runtime = match config.server.threads {
         1 => tokio::runtime::Builder::new_current_thread()
@@ -119,8 +139,12 @@ fn serve(config: Option<&Path>, listen: Option<SocketAddr>) -> anyhow::Result<Ex
         let mut paths: Vec<&str> = gateway.routes().map(|r| r.path.as_str()).collect();
         paths.sort_unstable();
         tracing::info!(routes = ?paths, config = %config.file.display(), "wasmgate listening on {addr}");
-        // A line for scripts and tests that start the gateway on port 0.
-        println!("wasmgate listening on {addr}");
+        // A line on stdout for scripts and tests that start the gateway on
+        // port 0; on a terminal the log line above already says it.
+        if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+            println!("wasmgate listening on {addr}");
+        }
+        ignore_hangup();
         let drained = gateway.serve(listener, shutdown_signal()).await;
         Ok(if drained { ExitCode::SUCCESS } else { ExitCode::from(2) })
     })
@@ -155,6 +179,26 @@ async fn wait_signal() {
         }
     }
 }
+
+/// SIGHUP's default action would kill the gateway without a close frame:
+/// catch it and say so.
+#[cfg(unix)]
+fn ignore_hangup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::hangup()) {
+        Ok(mut hup) => {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP received: nothing to reload; still serving");
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot catch SIGHUP: {e}"),
+    }
+}
+
+#[cfg(not(unix))]
+fn ignore_hangup() {}
 
 #[cfg(not(unix))]
 async fn wait_signal() {

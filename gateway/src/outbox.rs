@@ -175,9 +175,16 @@ pub struct Writer {
     batch: VecDeque<Outbound>,
     /// A close frame was encoded: nothing follows it.
     closed: bool,
+    /// Text and binary frames encoded so far.
+    messages: u64,
 }
 
 impl Writer {
+    /// Text and binary messages encoded for the socket so far.
+    pub fn messages_sent(&self) -> u64 {
+        self.messages
+    }
+
     /// Whether everything encoded has been written.
     pub fn is_empty(&self) -> bool {
         self.pos == self.buf.len()
@@ -210,8 +217,14 @@ impl Writer {
                     continue;
                 }
                 let (opcode, payload) = match frame {
-                    Outbound::Text(b) => (OpCode::Text, b),
-                    Outbound::Binary(b) => (OpCode::Binary, b),
+                    Outbound::Text(b) => {
+                        self.messages += 1;
+                        (OpCode::Text, b)
+                    }
+                    Outbound::Binary(b) => {
+                        self.messages += 1;
+                        (OpCode::Binary, b)
+                    }
                     Outbound::Ping(b) => (OpCode::Ping, b),
                     Outbound::Pong(b) => (OpCode::Pong, b),
                     Outbound::Close(c) => {

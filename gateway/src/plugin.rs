@@ -7,6 +7,8 @@
 //! the `handler` export has the contract's shape. Each failure is an
 //! [`Error::Plugin`] naming the route, the file and the reason.
 
+pub mod cache;
+
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -21,6 +23,7 @@ use crate::bindings::{Plugin as PluginBindings, PluginPre};
 use crate::config::{PluginSource, SandboxSettings};
 use crate::error::Error;
 use crate::host::HostState;
+use crate::output::{GuestOutput, Stream, Tags};
 
 /// How often the engine's epoch advances; a call's time limit is counted in
 /// these ticks.
@@ -97,6 +100,11 @@ impl Runtime {
         u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
     }
 
+    /// The longest a handler call may run (`[sandbox] max_call_time`).
+    pub(crate) fn max_call_time(&self) -> Duration {
+        self.sandbox.max_call_time
+    }
+
     /// Store limits for a new instance.
     pub(crate) fn store_limits(&self) -> StoreLimits {
         StoreLimitsBuilder::new()
@@ -107,10 +115,12 @@ impl Runtime {
 
     /// Compiles and links a route's plugin.
     pub fn load(&self, route: &str, source: &PluginSource) -> Result<Plugin, Error> {
+        // One line per error: wasmtime's errors (and their causes) can span
+        // several.
         let fail = |reason: String| Error::Plugin {
             route: route.to_owned(),
             file: source.to_string(),
-            reason,
+            reason: reason.split_whitespace().collect::<Vec<_>>().join(" "),
         };
         let bytes: std::borrow::Cow<'static, [u8]> = match source {
             PluginSource::File(path) => std::fs::read(path)
@@ -125,6 +135,19 @@ impl Runtime {
                 })?
                 .into(),
         };
+        if !bytes.starts_with(b"\0asm") {
+            let head: String = bytes
+                .iter()
+                .take(8)
+                .flat_map(|&b| std::ascii::escape_default(b))
+                .map(char::from)
+                .collect();
+            return Err(fail(if bytes.is_empty() {
+                "not a WebAssembly file (it is empty)".to_owned()
+            } else {
+                format!("not a WebAssembly file (starts with \"{head}\")")
+            }));
+        }
         if wasmparser_is_core_module(&bytes) {
             return Err(fail(
                 "is a core WebAssembly module, not a component: build it for wasm32-wasip2 \
@@ -216,11 +239,11 @@ impl Plugin {
 }
 
 /// The WASI context a plugin instance sees: no files, no environment, no
-/// network; its stdout and stderr go to the gateway's own.
-pub(crate) fn wasi_ctx() -> (WasiCtx, ResourceTable) {
+/// network; its stdout and stderr become log lines tagged with `tags`.
+pub(crate) fn wasi_ctx(tags: Tags) -> (WasiCtx, ResourceTable) {
     let ctx = WasiCtxBuilder::new()
-        .inherit_stdout()
-        .inherit_stderr()
+        .stdout(GuestOutput::new(Stream::Stdout, tags.clone()))
+        .stderr(GuestOutput::new(Stream::Stderr, tags))
         .build();
     (ctx, ResourceTable::new())
 }

@@ -1,11 +1,18 @@
-//! One WebSocket connection from upgrade to close: the plugin instance that
-//! serves it, and the task that reads frames, delivers events to the
-//! plugin, answers pings, keeps the connection alive, and runs the closing
-//! handshake. Its writes go through the connection's [`Outbox`].
+//! One WebSocket connection from upgrade to close, as one state machine.
 //!
-//! The plugin is opened by [`Session::open`] while the HTTP upgrade is still
-//! pending (so it can choose a subprotocol or refuse), and runs with
-//! [`Session::run`] once the upgrade completes.
+//! A session is created by [`Session::open`] while the HTTP upgrade is still
+//! pending (the plugin's `on-open` may choose a subprotocol or refuse), and
+//! runs with [`Session::run`] once the upgrade completes. Its [`Stage`] is
+//! what keeps the contract's promise: once `on-open` has accepted, `on-close`
+//! runs exactly once however the connection ends: the upgrade failing (the
+//! client reset during the 101), a close handshake, a protocol error, the
+//! peer vanishing, shutdown, or the session being dropped (the runtime
+//! stopping). Only a plugin that trapped is not called again.
+//!
+//! The run loop is split into named parts: [`Keepalive`] (pings, pong and
+//! idle deadlines), [`Phase`] (open, or closing with the code that
+//! `on-close` will report), plugin delivery through [`Guest`], and the
+//! connection's writes through its [`Outbox`].
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +25,10 @@ use wasmtime::Store;
 
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
 use crate::bindings::Plugin as PluginBindings;
-use crate::config::Deliver;
-use crate::frame::{parse_close, FrameReader, OpCode, ProtocolError, ReadError};
+use crate::config::{Deliver, Limits};
+use crate::frame::{parse_close, Frame, FrameReader, OpCode, ProtocolError, ReadError};
 use crate::host::{HostState, REPEAT_FLAG};
-use crate::hub::ConnHandle;
+use crate::hub::{ClosedBy, ConnHandle};
 use crate::message::{Assembler, Fragment, Message, Streamer};
 use crate::outbox::{Outbound, Outbox, Writer};
 use crate::plugin::Runtime;
@@ -30,23 +37,171 @@ use crate::route::{Route, Slot};
 /// Timer events queued for a connection before ticks are skipped.
 const TIMER_QUEUE: usize = 64;
 
+/// A plugin instance serving one connection: its store, its bindings, and
+/// whether it may still be entered. Every call is synchronous, bounded by
+/// `max_call_time`, and a failure is logged once with the route, the plugin
+/// file, the export and the connection.
+pub struct Guest {
+    store: Store<HostState>,
+    bindings: PluginBindings,
+    runtime: Arc<Runtime>,
+    /// The plugin trapped: its instance may not be entered again.
+    trapped: bool,
+}
+
+impl Guest {
+    /// Arms the time limit of the next call.
+    fn before_call(&mut self) {
+        self.store.set_epoch_deadline(self.runtime.call_deadline());
+    }
+
+    /// Checks how a call went. A trap or error is logged with the route, the
+    /// plugin, the export and the connection, marks the instance dead, and
+    /// yields `None`.
+    fn after_call<T>(&mut self, export: &'static str, result: wasmtime::Result<T>) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.trapped = true;
+                let state = self.store.data_mut();
+                state.cancel_all_timers();
+                let why = match e.downcast_ref::<wasmtime::Trap>() {
+                    Some(wasmtime::Trap::Interrupt) => format!(
+                        "exceeded max_call_time ({:?}) and was interrupted",
+                        self.runtime.max_call_time()
+                    ),
+                    _ => e.root_cause().to_string(),
+                };
+                // The guest's backtrace keeps its lines, after the fields.
+                let backtrace = e
+                    .downcast_ref::<wasmtime::WasmBacktrace>()
+                    .map(|bt| format!("\n{bt}"))
+                    .unwrap_or_default();
+                tracing::error!(
+                    route = %state.route_path(),
+                    plugin = %state.plugin_name(),
+                    export,
+                    conn = state.conn_id(),
+                    backtrace = %backtrace,
+                    "plugin failed; closing its connection with 1011: {why}"
+                );
+                None
+            }
+        }
+    }
+
+    /// Runs `on-open`; `None` if the plugin failed.
+    fn on_open(&mut self, id: u64, request: &types::Request) -> Option<OpenResponse> {
+        self.before_call();
+        let r = self
+            .bindings
+            .wasmgate_plugin_handler()
+            .call_on_open(&mut self.store, id, request);
+        self.after_call("on-open", r)
+    }
+
+    /// Runs `on-message`; false if the plugin failed (now or before).
+    fn on_message(&mut self, id: u64, msg: Message) -> bool {
+        if self.trapped {
+            return false;
+        }
+        let msg = match msg {
+            Message::Text(s) => types::Message::Text(s),
+            Message::Binary(b) => types::Message::Binary(Vec::from(b)),
+        };
+        self.before_call();
+        let r = self
+            .bindings
+            .wasmgate_plugin_handler()
+            .call_on_message(&mut self.store, id, &msg);
+        self.after_call("on-message", r).is_some()
+    }
+
+    /// Runs `on-fragment`; false if the plugin failed (now or before).
+    fn on_fragment(&mut self, id: u64, fragment: Fragment) -> bool {
+        if self.trapped {
+            return false;
+        }
+        let fragment = types::Fragment {
+            text: fragment.text,
+            first: fragment.first,
+            fin: fragment.fin,
+            data: Vec::from(fragment.data),
+        };
+        self.before_call();
+        let r = self.bindings.wasmgate_plugin_handler().call_on_fragment(
+            &mut self.store,
+            id,
+            &fragment,
+        );
+        self.after_call("on-fragment", r).is_some()
+    }
+
+    /// Runs `on-timer` if the timer is still live; false if the plugin
+    /// failed (now or before).
+    fn on_timer(&mut self, id: u64, event: u64) -> bool {
+        if self.trapped {
+            return false;
+        }
+        let timer = event & !REPEAT_FLAG;
+        let live = self
+            .store
+            .data_mut()
+            .timer_fired(timer, event & REPEAT_FLAG != 0);
+        if !live {
+            return true;
+        }
+        self.before_call();
+        let r = self
+            .bindings
+            .wasmgate_plugin_handler()
+            .call_on_timer(&mut self.store, id, timer);
+        self.after_call("on-timer", r).is_some()
+    }
+
+    /// Runs `on-close` unless the plugin trapped before.
+    fn on_close(&mut self, id: u64, code: u16, reason: &str) {
+        if self.trapped {
+            return;
+        }
+        self.before_call();
+        let r = self.bindings.wasmgate_plugin_handler().call_on_close(
+            &mut self.store,
+            id,
+            code,
+            reason,
+        );
+        self.after_call("on-close", r);
+    }
+}
+
+/// Where a session is in its life; decides what ending it owes the plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// `on-open` has not accepted (yet): ending runs no `on-close`.
+    Opening,
+    /// `on-open` accepted: ending must run `on-close` exactly once.
+    Accepted,
+    /// Ended: `on-close` ran (or was not owed) and the connection left its
+    /// route.
+    Ended,
+}
+
 /// A connection's plugin instance and everything needed to run it.
 pub struct Session {
     id: u64,
     route: Arc<Route>,
-    runtime: Arc<Runtime>,
     conn: Arc<ConnHandle>,
-    store: Store<HostState>,
-    plugin: PluginBindings,
+    guest: Guest,
     timer_rx: mpsc::Receiver<u64>,
-    /// The plugin trapped: its instance may not be entered again.
-    trapped: bool,
+    stage: Stage,
     _slot: Slot,
 }
 
 /// How `on-open` went.
 pub enum Opened {
-    /// Accepted: run the session once the upgrade completes.
+    /// Accepted: run the session once the upgrade completes (or drop it,
+    /// which still runs `on-close`).
     Accept(Box<Session>, types::Accept),
     /// Rejected by the plugin with an HTTP response.
     Reject(types::Reject),
@@ -77,8 +232,9 @@ impl Session {
             timer_tx,
         );
         let mut store = runtime.store(state);
+        // Instantiation runs the guest's start functions: bound them too.
         store.set_epoch_deadline(runtime.call_deadline());
-        let plugin = match route.plugin.instantiate(&mut store) {
+        let bindings = match route.plugin.instantiate(&mut store) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(
@@ -92,40 +248,36 @@ impl Session {
         let mut session = Session {
             id,
             route,
-            runtime,
             conn,
-            store,
-            plugin,
+            guest: Guest {
+                store,
+                bindings,
+                runtime,
+                trapped: false,
+            },
             timer_rx,
-            trapped: false,
+            stage: Stage::Opening,
             _slot: slot,
         };
-        session.before_call();
-        let response =
-            session
-                .plugin
-                .wasmgate_plugin_handler()
-                .call_on_open(&mut session.store, id, request);
-        let response = session.after_call("on-open", response);
-        match response {
-            Some(OpenResponse::Accept(accept)) => Opened::Accept(Box::new(session), accept),
+        match session.guest.on_open(id, request) {
+            Some(OpenResponse::Accept(accept)) => {
+                session.stage = Stage::Accepted;
+                Opened::Accept(Box::new(session), accept)
+            }
             Some(OpenResponse::Reject(reject)) => {
-                session.discard();
+                session.end(1006, "");
                 Opened::Reject(reject)
             }
             None => {
-                session.discard();
+                session.end(1006, "");
                 Opened::Failed
             }
         }
     }
 
-    /// Drops a connection that never opened: its rooms, metadata and timers
-    /// go, and the plugin's `on-close` does not run.
-    pub fn discard(mut self) {
-        self.store.data_mut().cancel_all_timers();
-        self.conn.outbox.finish();
-        self.route.hub.remove(self.id);
+    /// The connection's id.
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The connection's outbound queue.
@@ -136,71 +288,43 @@ impl Session {
     /// Asks the session to close with 1001 as soon as it runs (the gateway
     /// began shutting down during the upgrade).
     pub fn request_shutdown(&self) {
-        self.conn.request_close(1001, "going away");
+        self.conn
+            .request_close(1001, "going away", ClosedBy::Gateway);
     }
 
-    /// Arms the time limit of the next call into the plugin.
-    fn before_call(&mut self) {
-        self.store.set_epoch_deadline(self.runtime.call_deadline());
-    }
-
-    /// Checks how a call into the plugin went. A trap or error is logged
-    /// with the route, the plugin and the export, marks the instance dead
-    /// (it may not be entered again), and yields `None`.
-    fn after_call<T>(&mut self, export: &'static str, result: wasmtime::Result<T>) -> Option<T> {
-        match result {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.trapped = true;
-                self.store.data_mut().cancel_all_timers();
-                tracing::error!(
-                    route = %self.route.path,
-                    plugin = %self.route.plugin.name,
-                    export,
-                    conn = self.id,
-                    error = %format!("{e:?}").replace('\n', " | "),
-                    "plugin failed; closing its connection with 1011"
-                );
-                None
-            }
-        }
-    }
-
-    /// Runs `on-timer`; false if the plugin failed.
-    fn on_timer(&mut self, timer: u64) -> bool {
-        if self.trapped {
-            return false;
-        }
-        self.before_call();
-        let r =
-            self.plugin
-                .wasmgate_plugin_handler()
-                .call_on_timer(&mut self.store, self.id, timer);
-        self.after_call("on-timer", r).is_some()
-    }
-
-    /// Runs `on-close` (unless the plugin trapped before).
-    fn on_close(&mut self, code: u16, reason: &str) {
-        if self.trapped {
+    /// Ends the connection: runs `on-close` with `code` and `reason` if
+    /// `on-open` accepted and the plugin has not trapped, then takes the
+    /// connection off its route (rooms, metadata, timers). Does nothing the
+    /// second time.
+    fn end(&mut self, code: u16, reason: &str) {
+        if self.stage == Stage::Ended {
             return;
         }
-        self.before_call();
-        let r = self.plugin.wasmgate_plugin_handler().call_on_close(
-            &mut self.store,
-            self.id,
-            code,
-            reason,
-        );
-        self.after_call("on-close", r);
+        self.conn.outbox.finish();
+        self.guest.store.data_mut().cancel_all_timers();
+        if self.stage == Stage::Accepted {
+            self.guest.on_close(self.id, code, reason);
+        }
+        self.stage = Stage::Ended;
+        self.route.hub.remove(self.id);
+    }
+
+    /// Delivers a message to the plugin as if it had arrived from the peer
+    /// (the session loop does this for every message; the benchmarks call it
+    /// directly). Returns false if the plugin failed.
+    pub fn deliver(&mut self, msg: Message) -> bool {
+        self.guest.on_message(self.id, msg)
     }
 
     /// Runs the connection over the two halves of its socket (`initial`
-    /// holds bytes the client sent right after its request) until it closes.
+    /// holds bytes the client sent right after its request) until it closes,
+    /// then runs `on-close` and writes out what is queued.
     pub async fn run<R, W>(mut self, mut rd: R, mut wr: W, initial: Bytes)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        let started = Instant::now();
         let outbox = self.conn.outbox.clone();
         // This task writes too: no writer task to wake per message.
         let mut out = Writer::default();
@@ -209,266 +333,399 @@ impl Session {
         // `initial` is a slice of hyper's whole read buffer: holding it would
         // keep that buffer alive for the life of the connection.
         drop(initial);
-        let mut assembler = Assembler::new(limits.max_message_size);
-        let mut streamer = Streamer::default();
-        let streaming = self.route.deliver == Deliver::Fragments;
-        let conn = self.conn.clone();
-
-        // Set once we have sent a close frame: the code and reason `on-close`
-        // reports, and when we stop waiting for the peer's answer.
-        let mut closing: Option<(u16, String, Instant)> = None;
-        let mut last_rx = Instant::now();
-        let mut last_tx = last_rx;
-        let mut wrote = false;
-        let mut ping_sent: Option<Instant> = None;
-        let wake = tokio::time::sleep_until(next_deadline(
-            &limits, &closing, last_rx, last_tx, ping_sent, last_rx,
-        ));
+        let mut inbound = Inbound::new(&self.route);
+        let mut phase = Phase::Open;
+        let mut keepalive = Keepalive::new(started);
+        let wake = tokio::time::sleep_until(keepalive.next_deadline(&limits, &phase, started));
         tokio::pin!(wake);
         // Waiting for a close request and for queued frames: created once and
         // kept across iterations (a new `Notified` per frame would register
         // and unregister a waiter each time).
+        let conn = self.conn.clone();
         let close_requested = conn.close_notify.notified();
         tokio::pin!(close_requested);
         let out_ready = outbox.ready();
         tokio::pin!(out_ready);
 
-        let (code, reason) = loop {
+        let ending = loop {
             // Whatever the last step queued (an echo, a pong, a close) is
             // encoded now and written below as soon as the socket takes it.
             out.fill(&outbox);
             // The timer is only moved earlier here (a close or a ping is now
             // due sooner); activity that moves it later is seen when it fires,
             // so a busy connection does not re-register a timer per frame.
-            let deadline = next_deadline(
-                &limits,
-                &closing,
-                last_rx,
-                last_tx,
-                ping_sent,
-                Instant::now(),
-            );
+            let deadline = keepalive.next_deadline(&limits, &phase, Instant::now());
             if deadline < wake.deadline() {
                 wake.as_mut().reset(deadline);
             }
             tokio::select! {
                 biased;
-                _ = &mut close_requested, if closing.is_none() => {
+                _ = &mut close_requested, if phase.is_open() => {
                     close_requested.set(conn.close_notify.notified());
-                    if let Some((code, reason)) = conn.take_close_request() {
-                        closing = self.start_close(code, reason);
+                    if let Some((code, reason, by)) = conn.take_close_request() {
+                        phase = self.start_close(code, reason, by);
                     }
                 }
-                Some(timer) = self.timer_rx.recv(), if closing.is_none() => {
-                    let id = timer & !REPEAT_FLAG;
-                    let live = self.store.data_mut().timer_fired(id, timer & REPEAT_FLAG != 0);
-                    if live && !self.on_timer(id) {
-                        closing = self.start_close(1011, "internal error".into());
+                Some(event) = self.timer_rx.recv(), if phase.is_open() => {
+                    if !self.guest.on_timer(self.id, event) {
+                        phase = self.plugin_failed();
                     }
                 }
                 read = reader.read_frame(&mut rd) => {
-                    last_rx = Instant::now();
-                    ping_sent = None;
-                    let frame = match read {
-                        Ok(frame) => frame,
+                    keepalive.received(Instant::now());
+                    match read {
+                        Ok(frame) => {
+                            if let Some(end) = self.on_frame(frame, &mut phase, &mut inbound) {
+                                break end;
+                            }
+                        }
                         Err(ReadError::Protocol(e)) => {
-                            if let Some((code, reason, _)) = closing {
-                                break (code, reason);
+                            if let Phase::Closing(c) = phase {
+                                break c.into_ending();
                             }
                             tracing::debug!(route = %self.route.path, conn = self.id, "protocol error: {e}");
-                            closing = self.fail(&e);
-                            continue;
+                            phase = self.fail(&e);
                         }
-                        Err(ReadError::Eof | ReadError::Io(_)) => match closing {
-                            Some((code, reason, _)) => break (code, reason),
-                            None => break (1006, String::new()),
-                        },
-                    };
-                    match frame.opcode {
-                        OpCode::Ping => outbox.push_control(Outbound::Pong(frame.payload.freeze())),
-                        OpCode::Pong => {}
-                        OpCode::Close => {
-                            if let Some((code, reason, _)) = closing {
-                                break (code, reason);
-                            }
-                            match parse_close(&frame.payload) {
-                                Ok(close) => {
-                                    outbox.push_close(close.clone());
-                                    break close.unwrap_or((1005, String::new()));
-                                }
-                                Err(e) => {
-                                    // The peer has sent its close frame, if a
-                                    // malformed one: answer and end at once.
-                                    if let Some((code, reason, _)) = self.fail(&e) {
-                                        break (code, reason);
-                                    }
-                                }
-                            }
-                        }
-                        _ if closing.is_some() => {}
-                        _ if streaming => match streamer.push(frame) {
-                            Ok(fragment) => {
-                                if !self.deliver_fragment(fragment) {
-                                    closing = self.start_close(1011, "internal error".into());
-                                }
-                            }
-                            Err(e) => closing = self.fail(&e),
-                        },
-                        _ => match assembler.push(frame) {
-                            Ok(Some(msg)) => {
-                                if !self.deliver(msg) {
-                                    closing = self.start_close(1011, "internal error".into());
-                                }
-                            }
-                            Ok(None) => {}
-                            Err(e) => closing = self.fail(&e),
-                        },
+                        Err(ReadError::Eof | ReadError::Io(_)) => break phase.ending_on_eof(),
                     }
                 }
                 _ = &mut out_ready, if out.is_empty() => out_ready.set(outbox.ready()),
                 w = wr.write(out.pending()), if !out.is_empty() => match w {
                     Ok(n) if n > 0 => {
                         out.advance(n);
-                        wrote = true;
+                        keepalive.wrote();
                     }
-                    _ => match closing {
-                        Some((code, reason, _)) => break (code, reason),
-                        None => break (1006, String::new()),
-                    },
+                    _ => break phase.ending_on_eof(),
                 },
                 _ = &mut wake => {
                     let now = Instant::now();
-                    if let Some((code, reason, until)) = &closing {
-                        if now >= *until {
-                            break (*code, reason.clone());
-                        }
-                    } else {
-                        if std::mem::take(&mut wrote) {
-                            last_tx = now;
-                        }
-                        if let Some(sent) = ping_sent {
-                            if now >= sent + limits.pong_timeout {
+                    match &phase {
+                        Phase::Closing(c) if now >= c.until => break c.clone().into_ending(),
+                        Phase::Closing(_) => {}
+                        Phase::Open => match keepalive.due(&limits, now) {
+                            Due::Nothing => {}
+                            Due::Ping => outbox.push_control(Outbound::Ping(Bytes::new())),
+                            Due::NoPong => {
                                 tracing::debug!(route = %self.route.path, conn = self.id, "no pong: dropping the connection");
-                                break (1006, String::new());
+                                break Ending::abnormal();
                             }
-                        } else if let Some(every) = limits.ping_interval {
-                            if now >= last_rx + every {
-                                outbox.push_control(Outbound::Ping(Bytes::new()));
-                                ping_sent = Some(now);
+                            Due::Idle => {
+                                phase = self.start_close(1001, "idle timeout".into(), ClosedBy::Gateway);
                             }
-                        }
-                        if let Some(idle) = limits.idle_timeout {
-                            if now >= last_rx.max(last_tx) + idle {
-                                closing = self.start_close(1001, "idle timeout".into());
-                            }
-                        }
+                        },
                     }
                     // Re-arm for whatever is due next (activity since the
                     // timer was set may have moved it later).
-                    let next = next_deadline(&limits, &closing, last_rx, last_tx, ping_sent, now);
+                    let next = keepalive.next_deadline(&limits, &phase, now);
                     wake.as_mut().reset(next.max(now + Duration::from_millis(1)));
                 }
             }
         };
 
-        // Nothing more is accepted; what is queued is written, then the TCP
-        // connection is closed.
-        outbox.finish();
-        self.store.data_mut().cancel_all_timers();
-        self.on_close(code, &reason);
-        self.route.hub.remove(self.id);
+        // Nothing more is accepted; `on-close` runs; what is queued is
+        // written, then the TCP connection is closed.
+        self.end(ending.code, &ending.reason);
         drop(rd);
         let _ = tokio::time::timeout(limits.close_timeout, out.finish(&outbox, &mut wr)).await;
+        tracing::debug!(
+            route = %self.route.path,
+            conn = self.id,
+            code = ending.code,
+            reason = %ending.reason,
+            closed_by = ending.by.as_str(),
+            duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            messages_in = inbound.messages,
+            messages_out = out.messages_sent(),
+            "connection closed"
+        );
         let dropped = outbox.dropped();
         if dropped > 0 {
             tracing::info!(route = %self.route.path, conn = self.id, dropped, "messages dropped for a slow consumer");
         }
     }
 
-    /// Delivers a message to the plugin as if it had arrived from the peer
-    /// (the session loop does this for every message; the benchmarks call it
-    /// directly). Returns false if the plugin failed.
-    pub fn deliver(&mut self, msg: Message) -> bool {
-        if self.trapped {
-            return false;
+    /// Handles one frame from the peer; `Some` when the connection has ended.
+    fn on_frame(
+        &mut self,
+        frame: Frame,
+        phase: &mut Phase,
+        inbound: &mut Inbound,
+    ) -> Option<Ending> {
+        match frame.opcode {
+            OpCode::Ping => {
+                self.conn
+                    .outbox
+                    .push_control(Outbound::Pong(frame.payload.freeze()));
+            }
+            OpCode::Pong => {}
+            OpCode::Close => {
+                if let Phase::Closing(c) = phase {
+                    // The peer answered our close: the handshake is done.
+                    return Some(c.clone().into_ending());
+                }
+                match parse_close(&frame.payload) {
+                    Ok(close) => {
+                        self.conn.outbox.push_close(close.clone());
+                        let (code, reason) = close.unwrap_or((1005, String::new()));
+                        return Some(Ending {
+                            code,
+                            reason,
+                            by: ClosedBy::Peer,
+                        });
+                    }
+                    // The peer has sent its close frame, if a malformed
+                    // one: answer and end at once.
+                    Err(e) => {
+                        if let Phase::Closing(c) = self.fail(&e) {
+                            return Some(c.into_ending());
+                        }
+                    }
+                }
+            }
+            // Data after a close frame was sent is ignored (section 5.5.1).
+            _ if !phase.is_open() => {}
+            _ => match inbound.push(frame) {
+                Ok(Some(Delivery::Message(msg))) => {
+                    inbound.messages += 1;
+                    if !self.guest.on_message(self.id, msg) {
+                        *phase = self.plugin_failed();
+                    }
+                }
+                Ok(Some(Delivery::Fragment(fragment))) => {
+                    if fragment.fin {
+                        inbound.messages += 1;
+                    }
+                    if !self.guest.on_fragment(self.id, fragment) {
+                        *phase = self.plugin_failed();
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => *phase = self.fail(&e),
+            },
         }
-        let msg = match msg {
-            Message::Text(s) => types::Message::Text(s),
-            Message::Binary(b) => types::Message::Binary(Vec::from(b)),
-        };
-        self.before_call();
-        let r =
-            self.plugin
-                .wasmgate_plugin_handler()
-                .call_on_message(&mut self.store, self.id, &msg);
-        self.after_call("on-message", r).is_some()
-    }
-
-    /// Delivers a fragment to the plugin; false if the plugin failed.
-    fn deliver_fragment(&mut self, fragment: Fragment) -> bool {
-        if self.trapped {
-            return false;
-        }
-        let fragment = types::Fragment {
-            text: fragment.text,
-            first: fragment.first,
-            fin: fragment.fin,
-            data: Vec::from(fragment.data),
-        };
-        self.before_call();
-        let r = self.plugin.wasmgate_plugin_handler().call_on_fragment(
-            &mut self.store,
-            self.id,
-            &fragment,
-        );
-        self.after_call("on-fragment", r).is_some()
+        None
     }
 
     /// Sends our close frame and waits for the peer's.
-    fn start_close(&mut self, code: u16, reason: String) -> Option<(u16, String, Instant)> {
+    fn start_close(&mut self, code: u16, reason: String, by: ClosedBy) -> Phase {
         self.conn.outbox.push_close(Some((code, reason.clone())));
-        Some((
+        Phase::Closing(Closing {
             code,
             reason,
-            Instant::now() + self.route.limits.close_timeout,
-        ))
+            by,
+            until: Instant::now() + self.route.limits.close_timeout,
+        })
+    }
+
+    /// Closes with 1011 after the plugin failed (the failure is logged).
+    fn plugin_failed(&mut self) -> Phase {
+        self.start_close(1011, "internal error".into(), ClosedBy::Gateway)
     }
 
     /// Fails the connection for a protocol error with its close code.
-    fn fail(&mut self, e: &ProtocolError) -> Option<(u16, String, Instant)> {
+    fn fail(&mut self, e: &ProtocolError) -> Phase {
         let mut reason = e.to_string();
         reason.truncate(crate::host::MAX_CLOSE_REASON);
-        self.start_close(e.close_code(), reason)
+        self.start_close(e.close_code(), reason, ClosedBy::Gateway)
     }
 }
 
-/// When the session must next wake up with no I/O: the end of the closing
-/// handshake, a ping, a pong deadline or the idle timeout.
-fn next_deadline(
-    limits: &crate::config::Limits,
-    closing: &Option<(u16, String, Instant)>,
-    last_rx: Instant,
-    last_tx: Instant,
-    ping_sent: Option<Instant>,
-    now: Instant,
-) -> Instant {
-    if let Some((_, _, until)) = closing {
-        return *until;
-    }
-    let far = now + Duration::from_secs(3600);
-    let mut next = far;
-    match ping_sent {
-        Some(sent) => next = next.min(sent + limits.pong_timeout),
-        None => {
-            if let Some(every) = limits.ping_interval {
-                next = next.min(last_rx + every);
-            }
+impl Drop for Session {
+    /// A session dropped before it ended (its upgrade failed, or the runtime
+    /// is stopping) still owes its plugin `on-close`: the peer is gone
+    /// without a closing handshake, so 1006.
+    fn drop(&mut self) {
+        if self.stage != Stage::Ended {
+            self.end(1006, "");
         }
     }
-    if let Some(idle) = limits.idle_timeout {
-        // Wake at the idle deadline by what we know was received; writes
-        // are checked when we wake.
-        next = next.min(last_rx.max(last_tx) + idle);
+}
+
+/// How a connection ended: what `on-close` is told, and who closed.
+#[derive(Debug, Clone)]
+struct Ending {
+    code: u16,
+    reason: String,
+    by: ClosedBy,
+}
+
+impl Ending {
+    /// The peer vanished without a closing handshake.
+    fn abnormal() -> Ending {
+        Ending {
+            code: 1006,
+            reason: String::new(),
+            by: ClosedBy::Abnormal,
+        }
     }
-    next
+}
+
+/// Our close frame is sent; we wait for the peer's until `until`.
+#[derive(Debug, Clone)]
+struct Closing {
+    code: u16,
+    reason: String,
+    by: ClosedBy,
+    until: Instant,
+}
+
+impl Closing {
+    fn into_ending(self) -> Ending {
+        Ending {
+            code: self.code,
+            reason: self.reason,
+            by: self.by,
+        }
+    }
+}
+
+/// The connection's phase in the closing handshake (RFC 6455 section 7).
+#[derive(Debug)]
+enum Phase {
+    /// Data flows both ways.
+    Open,
+    /// We sent a close frame: `on-close` will report its code.
+    Closing(Closing),
+}
+
+impl Phase {
+    fn is_open(&self) -> bool {
+        matches!(self, Phase::Open)
+    }
+
+    /// The TCP connection ended: after our close frame, the handshake is as
+    /// done as it will be; before it, the peer vanished (1006).
+    fn ending_on_eof(&self) -> Ending {
+        match self {
+            Phase::Closing(c) => c.clone().into_ending(),
+            Phase::Open => Ending::abnormal(),
+        }
+    }
+}
+
+/// Data frames on their way to the plugin: whole messages or fragments,
+/// per the route's `deliver`.
+struct Inbound {
+    assembler: Assembler,
+    streamer: Streamer,
+    streaming: bool,
+    /// Messages delivered (or whose final fragment was).
+    messages: u64,
+}
+
+/// What one data frame yields for the plugin.
+enum Delivery {
+    Message(Message),
+    Fragment(Fragment),
+}
+
+impl Inbound {
+    fn new(route: &Route) -> Inbound {
+        Inbound {
+            assembler: Assembler::new(route.limits.max_message_size),
+            streamer: Streamer::default(),
+            streaming: route.deliver == Deliver::Fragments,
+            messages: 0,
+        }
+    }
+
+    fn push(&mut self, frame: Frame) -> Result<Option<Delivery>, ProtocolError> {
+        if self.streaming {
+            self.streamer
+                .push(frame)
+                .map(|f| Some(Delivery::Fragment(f)))
+        } else {
+            Ok(self.assembler.push(frame)?.map(Delivery::Message))
+        }
+    }
+}
+
+/// Keepalive bookkeeping: when the peer last sent, when we last wrote, and
+/// an outstanding ping.
+struct Keepalive {
+    last_rx: Instant,
+    last_tx: Instant,
+    /// Something was written since the last wake-up (folded into `last_tx`
+    /// then, so that writing costs no clock read).
+    wrote: bool,
+    ping_sent: Option<Instant>,
+}
+
+/// What keepalive asks for when the session wakes.
+enum Due {
+    Nothing,
+    /// Send a ping.
+    Ping,
+    /// A ping went unanswered for `pong_timeout`: drop the connection.
+    NoPong,
+    /// Nothing in either direction for `idle_timeout`: close with 1001.
+    Idle,
+}
+
+impl Keepalive {
+    fn new(now: Instant) -> Keepalive {
+        Keepalive {
+            last_rx: now,
+            last_tx: now,
+            wrote: false,
+            ping_sent: None,
+        }
+    }
+
+    /// A frame (or an error) arrived from the peer.
+    fn received(&mut self, now: Instant) {
+        self.last_rx = now;
+        self.ping_sent = None;
+    }
+
+    /// Bytes were written to the peer.
+    fn wrote(&mut self) {
+        self.wrote = true;
+    }
+
+    /// Checks the deadlines at `now`.
+    fn due(&mut self, limits: &Limits, now: Instant) -> Due {
+        if std::mem::take(&mut self.wrote) {
+            self.last_tx = now;
+        }
+        if let Some(sent) = self.ping_sent {
+            if now >= sent + limits.pong_timeout {
+                return Due::NoPong;
+            }
+        } else if let Some(every) = limits.ping_interval {
+            if now >= self.last_rx + every {
+                self.ping_sent = Some(now);
+                return Due::Ping;
+            }
+        }
+        if let Some(idle) = limits.idle_timeout {
+            if now >= self.last_rx.max(self.last_tx) + idle {
+                return Due::Idle;
+            }
+        }
+        Due::Nothing
+    }
+
+    /// When the session must next wake up with no I/O: the end of the
+    /// closing handshake, a ping, a pong deadline or the idle timeout.
+    fn next_deadline(&self, limits: &Limits, phase: &Phase, now: Instant) -> Instant {
+        if let Phase::Closing(c) = phase {
+            return c.until;
+        }
+        let mut next = now + Duration::from_secs(3600);
+        match self.ping_sent {
+            Some(sent) => next = next.min(sent + limits.pong_timeout),
+            None => {
+                if let Some(every) = limits.ping_interval {
+                    next = next.min(self.last_rx + every);
+                }
+            }
+        }
+        if let Some(idle) = limits.idle_timeout {
+            // Wake at the idle deadline by what we know was received; writes
+            // are checked when we wake.
+            next = next.min(self.last_rx.max(self.last_tx) + idle);
+        }
+        next
+    }
 }

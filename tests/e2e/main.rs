@@ -9,6 +9,7 @@ mod echo;
 mod examples;
 mod handshake;
 mod isolation;
+mod lifecycle;
 mod limits;
 mod plugin_failure;
 mod shutdown;

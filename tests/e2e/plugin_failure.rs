@@ -31,6 +31,13 @@ async fn a_trapping_plugin_closes_its_connection_with_1011_and_others_keep_echoi
     assert!(line.contains("route=/t"), "{line}");
     assert!(line.contains("testkit.wasm"), "{line}");
     assert!(line.contains("export=\"on-message\""), "{line}");
+    // The guest's panic message is a log line tied to its route and
+    // connection, not anonymous output on the gateway's stderr.
+    let panic = gw.wait_log("testkit: trap as asked");
+    assert!(
+        panic.contains("route=/t") && panic.contains("conn=") && panic.contains("stderr"),
+        "{panic}"
+    );
 }
 
 #[tokio::test]
@@ -47,6 +54,12 @@ async fn a_runaway_handler_is_interrupted_after_max_call_time() {
         start.elapsed()
     );
     assert_still_serving(&gw, &mut bystander).await;
+    let line = gw.wait_log("plugin failed");
+    assert!(
+        line.contains("exceeded max_call_time (200ms)"),
+        "the log names the limit: {line}"
+    );
+    assert!(!line.contains("wasm trap: interrupt"), "{line}");
 }
 
 #[tokio::test]
@@ -76,7 +89,14 @@ async fn a_plugin_may_print_to_stdout_and_stderr() {
     let mut ws = connect(&gw.url("/t")).await;
     assert_eq!(command(&mut ws, "print hello").await, "ok printed");
     assert_eq!(command(&mut ws, "print again").await, "ok printed");
-    gw.wait_log("testkit: on stderr");
+    let id = conn_id(&mut ws).await;
+    for text in ["testkit: on stderr", "testkit: again on stdout"] {
+        let line = gw.wait_log(text);
+        assert!(
+            line.contains("route=/t") && line.contains(&format!("conn={id}")),
+            "output is tagged with its route and connection: {line}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -6,7 +6,9 @@
 //! Query parameters of the upgrade: `reject=<status>` refuses it with that
 //! status and the body `rejected by testkit`; `watch=1` joins the `watchers`
 //! room, which is told `closed <id> <code> <reason>` whenever a connection of
-//! the route runs `on-close` (also logged as `on-close <id> <code> <reason>`); `trap-open=1` traps in `on-open`. The route
+//! the route runs `on-close` (also logged as `on-close <id> <code> <reason>`); `trap-open=1` traps in `on-open`.
+//! Every `on-open` is logged as `on-open <id>`, so that tests can match
+//! opens with closes. The route
 //! config `protocols` (comma-separated) lists the subprotocols it can speak:
 //! it selects the first of the client's offers that is on that list.
 //!
@@ -63,6 +65,7 @@ fn arg_id(s: &str) -> Connection {
 
 impl Handler for Testkit {
     fn on_open(conn: Connection, req: &Request) -> OpenResponse {
+        log::info(&format!("on-open {}", conn.id()));
         if req.query_param("trap-open").is_some() {
             panic!("testkit: trap in on-open as asked");
         }

@@ -1,0 +1,211 @@
+//! The on-disk cache of compiled plugins.
+//!
+//! Compiling a component is the slow part of loading it (milliseconds for a
+//! small Rust plugin, seconds for a JavaScript or Python one). The cache keeps
+//! each compiled component as a file named by a SHA-256 over the
+//! component's bytes, the engine's compatibility hash (wasmtime's own summary
+//! of every setting that changes compiled code) and the gateway's and
+//! wasmtime's versions. A restart, or a reload of a plugin seen before,
+//! maps that file instead of compiling.
+//!
+//! Trust: a cached file is native code that wasmtime maps without checking
+//! it, so the folder must be writable by the gateway's user only (it is
+//! created with mode 0700). Entries are written to a temporary name and
+//! renamed into place, so a crash or a concurrent gateway never leaves a
+//! torn entry. A cache that cannot be read or written is logged and skipped:
+//! the plugin is compiled as if there were no cache.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::Engine;
+
+/// A folder of compiled components, for one engine configuration.
+#[derive(Debug, Clone)]
+pub struct CompileCache {
+    dir: PathBuf,
+    /// What every key includes besides the component: engine settings and
+    /// versions.
+    salt: [u8; 32],
+}
+
+/// Whether a component came from the cache or was compiled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Mapped from a cached file.
+    Cached,
+    /// Compiled now (and stored, if the cache is on).
+    Compiled,
+}
+
+impl CompileCache {
+    /// A cache in `dir` for components compiled by `engine`.
+    pub fn new(dir: PathBuf, engine: &Engine) -> CompileCache {
+        let mut h = StableHasher(Sha256::new());
+        engine.precompile_compatibility_hash().hash(&mut h);
+        env!("CARGO_PKG_VERSION").hash(&mut h);
+        let salt: [u8; 32] = h.0.finalize().into();
+        CompileCache { dir, salt }
+    }
+
+    /// The default folder: `$XDG_CACHE_HOME/wasmgate/compiled`, else
+    /// `$HOME/.cache/wasmgate/compiled`; `None` if neither variable is set.
+    pub fn default_dir() -> Option<PathBuf> {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))?;
+        Some(base.join("wasmgate").join("compiled"))
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file a component with these bytes is cached in.
+    fn entry(&self, bytes: &[u8]) -> PathBuf {
+        let mut h = Sha256::new();
+        h.update(self.salt);
+        h.update(bytes);
+        let key: [u8; 32] = h.finalize().into();
+        let name: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        self.dir.join(format!("{name}.cwasm"))
+    }
+
+    /// The compiled component for `bytes`: from the cache when present,
+    /// otherwise compiled and stored. Compilation errors are returned as is;
+    /// cache errors are logged and skipped.
+    pub fn load(&self, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<(Component, Origin)> {
+        let entry = self.entry(bytes);
+        if entry.is_file() {
+            // SAFETY: the file was written by `Component::serialize` of an
+            // engine with the same compatibility hash (it is in the key), into
+            // a folder only the gateway's user can write (see the module
+            // header). wasmtime still checks the header and version.
+            match unsafe { Component::deserialize_file(engine, &entry) } {
+                Ok(c) => return Ok((c, Origin::Cached)),
+                Err(e) => tracing::warn!(
+                    file = %entry.display(),
+                    "ignoring an unusable compiled-plugin cache entry: {e:#}"
+                ),
+            }
+        }
+        let component = Component::new(engine, bytes)?;
+        if let Err(e) = self.store(&entry, &component) {
+            tracing::warn!(
+                dir = %self.dir.display(),
+                "cannot write the compiled-plugin cache (plugins still load, compiled each time): {e}"
+            );
+        }
+        Ok((component, Origin::Compiled))
+    }
+
+    fn store(&self, entry: &Path, component: &Component) -> std::io::Result<()> {
+        create_private_dir(&self.dir)?;
+        let bytes = component
+            .serialize()
+            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, entry).inspect_err(|_| {
+            let _ = std::fs::remove_file(&tmp);
+        })
+    }
+}
+
+/// Creates `dir` (and its parents) readable and writable by this user only.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir)
+}
+
+/// Feeds `Hash` output into SHA-256, so that the key does not depend on a
+/// hasher whose algorithm may change between Rust releases.
+struct StableHasher(Sha256);
+
+impl Hasher for StableHasher {
+    fn finish(&self) -> u64 {
+        0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("wasmgate-cache-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn a_component_compiled_once_is_mapped_from_the_cache_the_second_time() {
+        let engine = Engine::default();
+        let bytes = empty_component();
+        let cache = CompileCache::new(scratch("hit"), &engine);
+        assert_eq!(
+            cache.load(&engine, &bytes).map(|c| c.1).ok(),
+            Some(Origin::Compiled)
+        );
+        assert_eq!(
+            cache.load(&engine, &bytes).map(|c| c.1).ok(),
+            Some(Origin::Cached)
+        );
+        // Another engine configuration has its own entries.
+        let mut config = wasmtime::Config::new();
+        config.epoch_interruption(true);
+        let other = Engine::new(&config).expect("engine");
+        let cache2 = CompileCache::new(cache.dir().to_owned(), &other);
+        assert_eq!(
+            cache2.load(&other, &bytes).map(|c| c.1).ok(),
+            Some(Origin::Compiled)
+        );
+    }
+
+    #[test]
+    fn a_corrupt_entry_is_ignored_and_replaced() {
+        let engine = Engine::default();
+        let bytes = empty_component();
+        let cache = CompileCache::new(scratch("corrupt"), &engine);
+        create_private_dir(cache.dir()).expect("dir");
+        std::fs::write(cache.entry(&bytes), b"garbage").expect("write");
+        assert_eq!(
+            cache.load(&engine, &bytes).map(|c| c.1).ok(),
+            Some(Origin::Compiled)
+        );
+        assert_eq!(
+            cache.load(&engine, &bytes).map(|c| c.1).ok(),
+            Some(Origin::Cached)
+        );
+    }
+
+    #[test]
+    fn an_unwritable_cache_still_compiles() {
+        let engine = Engine::default();
+        let cache = CompileCache::new(PathBuf::from("/proc/wasmgate-no-such-dir"), &engine);
+        assert_eq!(
+            cache.load(&engine, &empty_component()).map(|c| c.1).ok(),
+            Some(Origin::Compiled)
+        );
+    }
+
+    /// The smallest valid component: the header of an empty one.
+    fn empty_component() -> Vec<u8> {
+        b"\0asm\x0d\0\x01\0".to_vec()
+    }
+}
