@@ -11,11 +11,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use wasmgate::message::Message;
-use wasmgate::outbox::Outbound;
+use wasmgate::connection::outbox::Outbound;
+use wasmgate::connection::session::{Opened, Session};
 use wasmgate::plugin::Runtime;
-use wasmgate::route::{Route, Slot};
-use wasmgate::session::{Opened, Session};
+use wasmgate::protocol::message::Message;
+use wasmgate::routing::route::{Route, Slot};
 use wasmgate::Config;
 
 const CONFIG: &str = "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n";
@@ -39,14 +39,15 @@ fn round_trip(c: &mut Criterion) {
     // Host calls may spawn tasks (timers), as inside the gateway.
     let _guard = rt.enter();
     let config = Config::parse(CONFIG, Path::new("<bench>")).expect("config");
-    let runtime = Runtime::new(&config.sandbox, 16).expect("engine");
+    let runtime = Runtime::new(&config.sandbox, 16, None).expect("engine");
     let plugin = runtime
         .load("/echo", &config.routes[0].plugin)
         .expect("echo plugin");
-    let route = Arc::new(Route::new(&config.routes[0], plugin));
+    let route = Arc::new(Route::new(config.routes[0].clone(), Arc::new(plugin)));
     let active = Arc::new(AtomicUsize::new(0));
-    let slot = Slot::acquire(&route, &active, 16).expect("slot");
-    let mut session = match Session::open(1, route, runtime, slot, &request()) {
+    let slot = Slot::acquire(&route, None, &active, 16).expect("slot");
+    let version = route.current();
+    let mut session = match Session::open(1, route, version, runtime, slot, &request()) {
         Opened::Accept(session, _) => session,
         _ => panic!("echo refused the connection"),
     };

@@ -166,7 +166,7 @@ impl Default for Limits {
 }
 
 /// One `[[route]]`, resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteSettings {
     /// The exact request path, for example `/chat`.
     pub path: String,

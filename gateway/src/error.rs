@@ -2,7 +2,7 @@
 //! bad config file, a plugin that fails to load, a listener that cannot bind).
 //!
 //! Errors on live connections never surface here: a protocol error closes its
-//! connection with a close code (see [`crate::frame::ProtocolError`]) and a
+//! connection with a close code (see [`crate::protocol::frame::ProtocolError`]) and a
 //! plugin failure closes its connection with 1011.
 
 use std::path::PathBuf;

@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 
 use crate::bindings::wasmgate::plugin::types::GatewayError;
 use crate::config::SlowConsumer;
-use crate::outbox::{Outbound, Outbox, PushError};
+use crate::connection::outbox::{Outbound, Outbox, PushError};
 
 /// Longest room name, in bytes.
 pub const MAX_ROOM_NAME: usize = 256;

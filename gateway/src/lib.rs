@@ -6,40 +6,36 @@
 //! instance per connection, decides what the route does through the WIT
 //! contract in `wit/plugin.wit`.
 //!
-//! Layout, one concept per module:
-//! - [`config`]: `gateway.toml`, its defaults and its errors.
-//! - [`server`]: listening, HTTP, routing, graceful shutdown.
-//! - [`handshake`]: validating upgrade requests and answering refusals.
-//! - [`session`]: one connection's life, from `on-open` to `on-close`.
-//! - [`frame`] and [`message`]: RFC 6455 framing and message reassembly.
-//! - [`outbox`]: a connection's bounded outbound queue and its writer.
-//! - [`hub`]: a route's connections, rooms and metadata.
-//! - [`route`]: a route as it runs, and connection caps.
-//! - [`plugin`]: the WebAssembly engine and loading components.
-//! - [`host`]: the host functions plugins call.
-//! - [`wasi`]: the WASI plugins see, callable without blocking.
-//! - [`output`]: a plugin's stdout and stderr, as tagged log lines.
-//! - [`builtin`]: the embedded example plugins and default config.
-//! - [`reload`]: hot reload, starting with watching plugin and config files.
+//! Layout, by layer, lowest first; each folder's `mod.rs` says what it owns:
+//! - [`protocol`]: RFC 6455 on the wire (frames, messages, the opening
+//!   handshake's checks). No WebAssembly.
+//! - [`connection`]: one connection as it runs: its lifecycle state machine
+//!   and event loop, keepalive, its outbound queue.
+//! - [`hub`]: a route's connections, rooms and metadata, shared by its
+//!   connections and reached by plugins through host calls.
+//! - [`plugin`]: the WebAssembly engine, loading and caching components, an
+//!   instance and the calls into it, the host functions, WASI, plugin output.
+//! - [`routing`]: routes as they run (their current version, swapped on
+//!   reload) and the table from paths to routes.
+//! - [`server`]: listening, HTTP, upgrades, applying reloads, graceful
+//!   shutdown.
+//! - [`reload`]: watching plugin and config files and SIGHUP, and asking the
+//!   server to apply what changed.
+//! - [`config`], [`error`], [`builtin`]: `gateway.toml`, the error type, the
+//!   embedded example plugins and default config.
 
 #![warn(missing_docs)]
 
 pub mod builtin;
 pub mod config;
+pub mod connection;
 pub mod error;
-pub mod frame;
-pub mod handshake;
-pub mod host;
 pub mod hub;
-pub mod message;
-pub mod outbox;
-pub mod output;
 pub mod plugin;
+pub mod protocol;
 pub mod reload;
-pub mod route;
+pub mod routing;
 pub mod server;
-pub mod session;
-pub mod wasi;
 
 /// Rust bindings generated from the WIT contract (`wit/plugin.wit`); the
 /// WIT file documents every item.

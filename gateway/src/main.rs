@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use wasmgate::config::ListenAddr;
+use wasmgate::reload::Reloader;
 use wasmgate::{builtin, Config, Errors, Gateway};
 
 /// A WebSocket gateway whose route handlers are WebAssembly components.
@@ -30,15 +31,45 @@ enum Command {
         /// such as 127.0.0.1:8080, [::1]:8080 or localhost:8080.
         #[arg(long, short)]
         listen: Option<ListenAddr>,
+        /// Do not watch the config and plugin files (SIGHUP still reloads).
+        #[arg(long)]
+        no_watch: bool,
+        #[command(flatten)]
+        cache: CacheArgs,
     },
     /// Parse a config and load every plugin it names; print every error,
     /// in file order.
     Check {
         /// The config file.
         file: PathBuf,
+        #[command(flatten)]
+        cache: CacheArgs,
     },
     /// Print the built-in default config.
     DefaultConfig,
+}
+
+/// Where compiled plugins are cached.
+#[derive(clap::Args)]
+struct CacheArgs {
+    /// Do not cache compiled plugins (each start compiles every plugin).
+    #[arg(long)]
+    no_cache: bool,
+    /// The compiled-plugin cache folder [default: $XDG_CACHE_HOME/wasmgate/compiled,
+    /// else ~/.cache/wasmgate/compiled].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+impl CacheArgs {
+    fn dir(&self) -> Option<PathBuf> {
+        if self.no_cache {
+            return None;
+        }
+        self.cache_dir
+            .clone()
+            .or_else(wasmgate::plugin::cache::CompileCache::default_dir)
+    }
 }
 
 fn load_config(file: Option<&Path>) -> anyhow::Result<Config> {
@@ -59,8 +90,13 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { config, listen } => serve(config.as_deref(), listen),
-        Command::Check { file } => check(&file),
+        Command::Serve {
+            config,
+            listen,
+            no_watch,
+            cache,
+        } => serve(config.as_deref(), listen, !no_watch, cache.dir()),
+        Command::Check { file, cache } => check(&file, cache.dir()),
         Command::DefaultConfig => {
             print!("{}", builtin::DEFAULT_CONFIG);
             Ok(ExitCode::SUCCESS)
@@ -85,7 +121,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(file: &Path) -> anyhow::Result<ExitCode> {
+fn check(file: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let (config, errors) = match std::fs::read_to_string(file) {
         Ok(text) => Config::parse_partial(&text, file),
         Err(source) => (
@@ -100,7 +136,7 @@ fn check(file: &Path) -> anyhow::Result<ExitCode> {
     // The plugins of every route whose path and plugin are usable are loaded
     // even when other keys are wrong, so that one run reports everything.
     if let Some(config) = &config {
-        if let Err(plugin_errors) = Gateway::new(config) {
+        if let Err(plugin_errors) = Gateway::new(config, cache_dir) {
             errors.0.extend(plugin_errors.0);
         }
     }
@@ -117,8 +153,13 @@ fn check(file: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn serve(config: Option<&Path>, listen: Option<ListenAddr>) -> anyhow::Result<ExitCode> {
-    let config = load_config(config)?;
+fn serve(
+    config_file: Option<&Path>,
+    listen: Option<ListenAddr>,
+    watch: bool,
+    cache_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let config = load_config(config_file)?;
     let runtime = match config.server.threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -133,10 +174,12 @@ fn serve(config: Option<&Path>, listen: Option<ListenAddr>) -> anyhow::Result<Ex
     }
     .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let gateway = Gateway::new(&config)?;
+        let gateway = Gateway::new(&config, cache_dir)?;
+        gateway.log_routes();
         let listener = gateway.bind(listen).await?;
         let addr = listener.local_addr().context("listener address")?;
-        let mut paths: Vec<&str> = gateway.routes().map(|r| r.path.as_str()).collect();
+        let routes = gateway.routes();
+        let mut paths: Vec<&str> = routes.iter().map(|r| r.path.as_str()).collect();
         paths.sort_unstable();
         tracing::info!(routes = ?paths, config = %config.file.display(), "wasmgate listening on {addr}");
         // A line on stdout for scripts and tests that start the gateway on
@@ -144,7 +187,10 @@ fn serve(config: Option<&Path>, listen: Option<ListenAddr>) -> anyhow::Result<Ex
         if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
             println!("wasmgate listening on {addr}");
         }
-        ignore_hangup();
+        // Hot reload: file changes (unless --no-watch) and SIGHUP.
+        let reloader = Reloader::new(gateway.clone(), config_file.map(Path::to_owned), watch)
+            .context("cannot start hot reload")?;
+        tokio::spawn(reloader.run());
         let drained = gateway.serve(listener, shutdown_signal()).await;
         Ok(if drained { ExitCode::SUCCESS } else { ExitCode::from(2) })
     })
@@ -179,26 +225,6 @@ async fn wait_signal() {
         }
     }
 }
-
-/// SIGHUP's default action would kill the gateway without a close frame:
-/// catch it and say so.
-#[cfg(unix)]
-fn ignore_hangup() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::hangup()) {
-        Ok(mut hup) => {
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP received: nothing to reload; still serving");
-                }
-            });
-        }
-        Err(e) => tracing::warn!("cannot catch SIGHUP: {e}"),
-    }
-}
-
-#[cfg(not(unix))]
-fn ignore_hangup() {}
 
 #[cfg(not(unix))]
 async fn wait_signal() {

@@ -12,4 +12,5 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod plugin_failure;
+mod reload;
 mod shutdown;

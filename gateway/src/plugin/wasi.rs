@@ -28,7 +28,7 @@ use wasmtime_wasi_io::bindings::wasi::io::streams::{
 use wasmtime_wasi_io::poll::DynPollable;
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
-use crate::host::HostState;
+use crate::plugin::host::HostState;
 
 /// Why a blocking WASI call was refused.
 const WOULD_BLOCK: &str = "a wasmgate plugin may not block its connection \

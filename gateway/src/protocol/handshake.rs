@@ -1,13 +1,11 @@
 //! The opening handshake (RFC 6455 section 4.2): validating an upgrade
-//! request, turning it into the plugin's `request` record, and building the
-//! HTTP answers for refusals.
+//! request, filtering the subprotocols offered, and building the HTTP
+//! answers for refusals.
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode, Version};
-
-use crate::bindings::wasmgate::plugin::types;
 
 /// Why an upgrade request is refused before the plugin sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,54 +197,6 @@ pub fn offered_subprotocols<B>(req: &Request<B>, route: Option<&[String]>) -> Ve
         .filter(|p| route.is_none_or(|r| r.iter().any(|x| x == p)))
         .map(str::to_owned)
         .collect()
-}
-
-/// The plugin's view of the upgrade request.
-pub fn plugin_request<B>(
-    req: &Request<B>,
-    remote: std::net::SocketAddr,
-    subprotocols: Vec<String>,
-) -> types::Request {
-    types::Request {
-        method: req.method().as_str().to_owned(),
-        path: req.uri().path().to_owned(),
-        query: req.uri().query().map(str::to_owned),
-        headers: req
-            .headers()
-            .iter()
-            .map(|(name, value)| types::Header {
-                name: name.as_str().to_owned(),
-                value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
-            })
-            .collect(),
-        remote_addr: remote.to_string(),
-        subprotocols,
-    }
-}
-
-/// Headers a plugin may not set on an upgrade response: the handshake's own.
-const RESERVED: [&str; 5] = [
-    "upgrade",
-    "connection",
-    "sec-websocket-accept",
-    "sec-websocket-protocol",
-    "sec-websocket-extensions",
-];
-
-/// Copies plugin-provided headers into `map`; the first invalid one is an
-/// error naming it.
-pub fn apply_headers(map: &mut HeaderMap, headers: &[types::Header]) -> Result<(), String> {
-    for h in headers {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| format!("invalid header name {:?}", h.name))?;
-        if RESERVED.contains(&name.as_str()) {
-            return Err(format!("header {:?} is set by the gateway", h.name));
-        }
-        let value = HeaderValue::from_str(&h.value)
-            .map_err(|_| format!("invalid value for header {:?}", h.name))?;
-        map.append(name, value);
-    }
-    Ok(())
 }
 
 #[cfg(test)]

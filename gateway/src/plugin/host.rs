@@ -1,9 +1,11 @@
 //! The host side of the WIT contract: [`HostState`] is the data of one
 //! plugin instance's store, and its `Host` implementation answers the calls a
 //! plugin makes (send, close, rooms, metadata, config, timers, log), always
-//! through the instance's own route, which is what keeps routes apart.
+//! through the instance's own route's hub, which is what keeps routes apart.
+//! An instance holds what it needs of its route (the hub and a [`Scope`]),
+//! never the route itself.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,10 +17,21 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::wasmgate::plugin::host::Host;
 use crate::bindings::wasmgate::plugin::types::{self, GatewayError, LogLevel, Message};
-use crate::frame::is_valid_close_code;
-use crate::hub::{ClosedBy, ConnHandle};
-use crate::outbox::Outbound;
-use crate::route::Route;
+use crate::connection::outbox::Outbound;
+use crate::hub::{ClosedBy, ConnHandle, Hub};
+use crate::protocol::frame::is_valid_close_code;
+
+/// What a plugin instance knows of its route: names for logs and the
+/// `[route.config]` values. One per route version, shared by its instances.
+#[derive(Debug)]
+pub struct Scope {
+    /// The route's path.
+    pub route: Arc<str>,
+    /// The plugin file (or `builtin:<name>`).
+    pub plugin: Arc<str>,
+    /// The `[route.config]` values.
+    pub config: BTreeMap<String, String>,
+}
 
 /// Most timers one connection may hold.
 pub const MAX_TIMERS: usize = 64;
@@ -35,24 +48,26 @@ pub struct HostState {
     conn: u64,
     /// Its handle: replies to it skip the hub's lookup.
     own: Arc<ConnHandle>,
-    route: Arc<Route>,
+    hub: Arc<Hub>,
+    scope: Arc<Scope>,
     timers: HashMap<u64, tokio::task::AbortHandle>,
     next_timer: u64,
     timer_tx: mpsc::Sender<u64>,
 }
 
 impl HostState {
-    /// State for an instance serving connection `conn` on `route`; timers
-    /// fire into `timer_tx`.
+    /// State for an instance serving connection `own` in `hub`, seeing its
+    /// route through `scope`; timers fire into `timer_tx`.
     pub(crate) fn new(
         own: Arc<ConnHandle>,
-        route: Arc<Route>,
+        hub: Arc<Hub>,
+        scope: Arc<Scope>,
         limits: StoreLimits,
         timer_tx: mpsc::Sender<u64>,
     ) -> Self {
-        let (wasi, table) = crate::plugin::wasi_ctx(crate::output::Tags {
-            route: Arc::from(route.path.as_str()),
-            plugin: Arc::from(route.plugin.name.as_str()),
+        let (wasi, table) = crate::plugin::engine::wasi_ctx(crate::plugin::output::Tags {
+            route: scope.route.clone(),
+            plugin: scope.plugin.clone(),
             conn: own.id,
         });
         HostState {
@@ -61,7 +76,8 @@ impl HostState {
             limits,
             conn: own.id,
             own,
-            route,
+            hub,
+            scope,
             timers: HashMap::new(),
             next_timer: 1,
             timer_tx,
@@ -70,12 +86,12 @@ impl HostState {
 
     /// The path of the route this instance serves, for logs.
     pub(crate) fn route_path(&self) -> &str {
-        &self.route.path
+        &self.scope.route
     }
 
     /// The plugin file (or `builtin:<name>`) of this instance, for logs.
     pub(crate) fn plugin_name(&self) -> &str {
-        &self.route.plugin.name
+        &self.scope.plugin
     }
 
     /// The connection this instance serves.
@@ -139,7 +155,7 @@ impl Host for HostState {
         if conn == self.conn {
             return self.own.deliver(outbound(msg));
         }
-        self.route.hub.get(conn)?.deliver(outbound(msg))
+        self.hub.get(conn)?.deliver(outbound(msg))
     }
 
     fn close(&mut self, conn: u64, code: u16, reason: String) -> Result<(), GatewayError> {
@@ -151,7 +167,7 @@ impl Host for HostState {
         if reason.len() > MAX_CLOSE_REASON {
             return Err(GatewayError::TooLarge);
         }
-        let handle = self.route.hub.get(conn)?;
+        let handle = self.hub.get(conn)?;
         if handle.outbox.is_closed() {
             return Err(GatewayError::Closed);
         }
@@ -160,11 +176,11 @@ impl Host for HostState {
     }
 
     fn join(&mut self, conn: u64, room: String) -> Result<(), GatewayError> {
-        self.route.hub.join(conn, &room)
+        self.hub.join(conn, &room)
     }
 
     fn leave(&mut self, conn: u64, room: String) -> Result<bool, GatewayError> {
-        self.route.hub.leave(conn, &room)
+        self.hub.leave(conn, &room)
     }
 
     fn broadcast(
@@ -177,39 +193,39 @@ impl Host for HostState {
             Message::Text(s) => (true, Bytes::from(s.into_bytes())),
             Message::Binary(b) => (false, Bytes::from(b)),
         };
-        self.route.hub.broadcast(&room, text, payload, except)
+        self.hub.broadcast(&room, text, payload, except)
     }
 
     fn room_size(&mut self, room: String) -> u32 {
-        self.route.hub.room_size(&room)
+        self.hub.room_size(&room)
     }
 
     fn room_members(&mut self, room: String) -> Vec<u64> {
-        self.route.hub.room_members(&room)
+        self.hub.room_members(&room)
     }
 
     fn rooms_of(&mut self, conn: u64) -> Result<Vec<String>, GatewayError> {
-        self.route.hub.rooms_of(conn)
+        self.hub.rooms_of(conn)
     }
 
     fn metadata_set(&mut self, conn: u64, key: String, value: String) -> Result<(), GatewayError> {
-        self.route.hub.metadata_set(conn, &key, &value)
+        self.hub.metadata_set(conn, &key, &value)
     }
 
     fn metadata_get(&mut self, conn: u64, key: String) -> Result<Option<String>, GatewayError> {
-        self.route.hub.metadata_get(conn, &key)
+        self.hub.metadata_get(conn, &key)
     }
 
     fn metadata_remove(&mut self, conn: u64, key: String) -> Result<Option<String>, GatewayError> {
-        self.route.hub.metadata_remove(conn, &key)
+        self.hub.metadata_remove(conn, &key)
     }
 
     fn config_get(&mut self, key: String) -> Option<String> {
-        self.route.config.get(&key).cloned()
+        self.scope.config.get(&key).cloned()
     }
 
     fn config_all(&mut self) -> Vec<(String, String)> {
-        self.route
+        self.scope
             .config
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
@@ -218,7 +234,7 @@ impl Host for HostState {
 
     fn set_timer(&mut self, conn: u64, delay_ms: u32, repeat: bool) -> Result<u64, GatewayError> {
         if conn != self.conn {
-            self.route.hub.get(conn)?;
+            self.hub.get(conn)?;
             return Err(GatewayError::NotOwner);
         }
         if self.timers.len() >= MAX_TIMERS {
@@ -262,8 +278,8 @@ impl Host for HostState {
     }
 
     fn log(&mut self, level: LogLevel, message: String) {
-        let route = self.route.path.as_str();
-        let plugin = self.route.plugin.name.as_str();
+        let route = &*self.scope.route;
+        let plugin = &*self.scope.plugin;
         let conn = self.conn;
         match level {
             LogLevel::Trace => tracing::trace!(route = %route, plugin = %plugin, conn, "{message}"),

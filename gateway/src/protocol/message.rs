@@ -5,7 +5,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use crate::frame::{Frame, OpCode, ProtocolError};
+use crate::protocol::frame::{Frame, OpCode, ProtocolError};
 
 /// A complete data message.
 #[derive(Debug, Clone, PartialEq, Eq)]

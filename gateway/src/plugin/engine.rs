@@ -1,4 +1,4 @@
-//! Plugins: the WebAssembly engine every route shares, and each route's
+//! The WebAssembly engine every route shares ([`Runtime`]), and a route's
 //! compiled, pre-linked component ([`Plugin`]) from which connections get
 //! their own instances.
 //!
@@ -7,10 +7,9 @@
 //! the `handler` export has the contract's shape. Each failure is an
 //! [`Error::Plugin`] naming the route, the file and the reason.
 
-pub mod cache;
-
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
@@ -22,8 +21,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 use crate::bindings::{Plugin as PluginBindings, PluginPre};
 use crate::config::{PluginSource, SandboxSettings};
 use crate::error::Error;
-use crate::host::HostState;
-use crate::output::{GuestOutput, Stream, Tags};
+use crate::plugin::cache::{CompileCache, Origin};
+use crate::plugin::host::HostState;
+use crate::plugin::output::{GuestOutput, Stream, Tags};
+use crate::reload::watch::ContentHash;
 
 /// How often the engine's epoch advances; a call's time limit is counted in
 /// these ticks.
@@ -34,6 +35,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<HostState>,
     sandbox: SandboxSettings,
+    cache: Option<CompileCache>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -46,9 +48,14 @@ impl std::fmt::Debug for Runtime {
 
 impl Runtime {
     /// Creates the engine with the sandbox settings, with room for
-    /// `max_instances` plugin instances at once, and starts its epoch ticker
-    /// (a thread that stops when the runtime is dropped).
-    pub fn new(sandbox: &SandboxSettings, max_instances: usize) -> Result<Arc<Self>, Error> {
+    /// `max_instances` plugin instances at once and compiled plugins cached
+    /// in `cache_dir` (`None`: no cache), and starts its epoch ticker (a
+    /// thread that stops when the runtime is dropped).
+    pub fn new(
+        sandbox: &SandboxSettings,
+        max_instances: usize,
+        cache_dir: Option<PathBuf>,
+    ) -> Result<Arc<Self>, Error> {
         let mut config = Config::new();
         config
             .wasm_component_model(true)
@@ -71,14 +78,16 @@ impl Runtime {
             )));
         let engine = Engine::new(&config).map_err(|e| Error::Engine(format!("{e:#}")))?;
         let mut linker = Linker::new(&engine);
-        crate::wasi::add_to_linker(&mut linker)
+        crate::plugin::wasi::add_to_linker(&mut linker)
             .map_err(|e| Error::Engine(format!("cannot link WASI: {e:#}")))?;
         PluginBindings::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
             .map_err(|e| Error::Engine(format!("cannot link the host interface: {e:#}")))?;
+        let cache = cache_dir.map(|dir| CompileCache::new(dir, &engine));
         let runtime = Arc::new(Runtime {
             engine,
             linker,
             sandbox: sandbox.clone(),
+            cache,
         });
         let weak: Weak<Runtime> = Arc::downgrade(&runtime);
         std::thread::Builder::new()
@@ -113,28 +122,32 @@ impl Runtime {
             .build()
     }
 
-    /// Compiles and links a route's plugin.
+    /// The sandbox settings the engine was built with.
+    pub fn sandbox(&self) -> &SandboxSettings {
+        &self.sandbox
+    }
+
+    /// The compiled-plugin cache folder, if caching is on.
+    pub fn cache_dir(&self) -> Option<&std::path::Path> {
+        self.cache.as_ref().map(CompileCache::dir)
+    }
+
+    /// Reads, compiles and links a route's plugin.
     pub fn load(&self, route: &str, source: &PluginSource) -> Result<Plugin, Error> {
-        // One line per error: wasmtime's errors (and their causes) can span
-        // several.
-        let fail = |reason: String| Error::Plugin {
-            route: route.to_owned(),
-            file: source.to_string(),
-            reason: reason.split_whitespace().collect::<Vec<_>>().join(" "),
-        };
-        let bytes: std::borrow::Cow<'static, [u8]> = match source {
-            PluginSource::File(path) => std::fs::read(path)
-                .map_err(|e| fail(format!("cannot read: {e}")))?
-                .into(),
-            PluginSource::Builtin(name) => crate::builtin::plugin(name)
-                .ok_or_else(|| {
-                    fail(format!(
-                        "no built-in plugin named {name:?} (built-ins: {})",
-                        crate::builtin::NAMES.join(", ")
-                    ))
-                })?
-                .into(),
-        };
+        let bytes = read_source(source).map_err(|reason| plugin_error(route, source, reason))?;
+        self.load_bytes(route, source, &bytes)
+    }
+
+    /// Compiles (or maps from the cache) and links a plugin from its bytes.
+    /// Blocking: compilation can take seconds; call it off the async
+    /// runtime's threads when serving.
+    pub fn load_bytes(
+        &self,
+        route: &str,
+        source: &PluginSource,
+        bytes: &[u8],
+    ) -> Result<Plugin, Error> {
+        let fail = |reason: String| plugin_error(route, source, reason);
         if !bytes.starts_with(b"\0asm") {
             let head: String = bytes
                 .iter()
@@ -148,15 +161,19 @@ impl Runtime {
                 format!("not a WebAssembly file (starts with \"{head}\")")
             }));
         }
-        if wasmparser_is_core_module(&bytes) {
+        if wasmparser_is_core_module(bytes) {
             return Err(fail(
                 "is a core WebAssembly module, not a component: build it for wasm32-wasip2 \
                  or wrap it with `wasm-tools component new`"
                     .into(),
             ));
         }
-        let component = Component::new(&self.engine, &bytes)
-            .map_err(|e| fail(format!("not a valid component: {e:#}")))?;
+        let started = Instant::now();
+        let (component, origin) = match &self.cache {
+            Some(cache) => cache.load(&self.engine, bytes),
+            None => Component::new(&self.engine, bytes).map(|c| (c, Origin::Compiled)),
+        }
+        .map_err(|e| fail(format!("not a valid component: {e:#}")))?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
             fail(format!(
                 "imports something the gateway does not provide: {e:#}"
@@ -169,6 +186,10 @@ impl Runtime {
         })?;
         Ok(Plugin {
             name: source.to_string(),
+            source: source.clone(),
+            hash: ContentHash::of(bytes),
+            origin,
+            load_time: started.elapsed(),
             pre,
         })
     }
@@ -208,6 +229,33 @@ fn pool(sandbox: &SandboxSettings, max_instances: usize) -> PoolingAllocationCon
     pool
 }
 
+/// A plugin error for `route` and `source`, on one line: wasmtime's errors
+/// (and their causes) can span several.
+fn plugin_error(route: &str, source: &PluginSource, reason: String) -> Error {
+    Error::Plugin {
+        route: route.to_owned(),
+        file: source.to_string(),
+        reason: reason.split_whitespace().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// The bytes of a plugin: its file, or the built-in component.
+pub fn read_source(source: &PluginSource) -> Result<Vec<u8>, String> {
+    match source {
+        PluginSource::File(path) => std::fs::read(path).map_err(|e| format!("cannot read: {e}")),
+        PluginSource::Builtin(name) => {
+            crate::builtin::plugin(name)
+                .map(<[u8]>::to_vec)
+                .ok_or_else(|| {
+                    format!(
+                        "no built-in plugin named {name:?} (built-ins: {})",
+                        crate::builtin::NAMES.join(", ")
+                    )
+                })
+        }
+    }
+}
+
 /// Whether `bytes` is a core module (version 1) rather than a component.
 fn wasmparser_is_core_module(bytes: &[u8]) -> bool {
     bytes.len() >= 8 && bytes[..4] == *b"\0asm" && bytes[4..8] == [1, 0, 0, 0]
@@ -219,12 +267,23 @@ fn wasmparser_is_core_module(bytes: &[u8]) -> bool {
 pub struct Plugin {
     /// The plugin's file name or `builtin:<name>`, for logs.
     pub name: String,
+    /// Where it was loaded from.
+    pub source: PluginSource,
+    /// The SHA-256 of its bytes.
+    pub hash: ContentHash,
+    /// Whether it was compiled or mapped from the cache.
+    pub origin: Origin,
+    /// How long compiling (or mapping) and linking took.
+    pub load_time: Duration,
     pre: PluginPre<HostState>,
 }
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Plugin").field("name", &self.name).finish()
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("hash", &self.hash)
+            .finish()
     }
 }
 

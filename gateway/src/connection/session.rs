@@ -21,159 +21,21 @@ use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use wasmtime::Store;
 
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
-use crate::bindings::Plugin as PluginBindings;
-use crate::config::{Deliver, Limits};
-use crate::frame::{parse_close, Frame, FrameReader, OpCode, ProtocolError, ReadError};
-use crate::host::{HostState, REPEAT_FLAG};
+use crate::config::Deliver;
+use crate::connection::keepalive::{Due, Keepalive};
+use crate::connection::outbox::{Outbound, Outbox, Writer};
 use crate::hub::{ClosedBy, ConnHandle};
-use crate::message::{Assembler, Fragment, Message, Streamer};
-use crate::outbox::{Outbound, Outbox, Writer};
+use crate::plugin::host::{HostState, MAX_CLOSE_REASON};
+use crate::plugin::instance::Guest;
 use crate::plugin::Runtime;
-use crate::route::{Route, Slot};
+use crate::protocol::frame::{parse_close, Frame, FrameReader, OpCode, ProtocolError, ReadError};
+use crate::protocol::message::{Assembler, Fragment, Message, Streamer};
+use crate::routing::route::{Route, RouteVersion, Slot};
 
 /// Timer events queued for a connection before ticks are skipped.
 const TIMER_QUEUE: usize = 64;
-
-/// A plugin instance serving one connection: its store, its bindings, and
-/// whether it may still be entered. Every call is synchronous, bounded by
-/// `max_call_time`, and a failure is logged once with the route, the plugin
-/// file, the export and the connection.
-pub struct Guest {
-    store: Store<HostState>,
-    bindings: PluginBindings,
-    runtime: Arc<Runtime>,
-    /// The plugin trapped: its instance may not be entered again.
-    trapped: bool,
-}
-
-impl Guest {
-    /// Arms the time limit of the next call.
-    fn before_call(&mut self) {
-        self.store.set_epoch_deadline(self.runtime.call_deadline());
-    }
-
-    /// Checks how a call went. A trap or error is logged with the route, the
-    /// plugin, the export and the connection, marks the instance dead, and
-    /// yields `None`.
-    fn after_call<T>(&mut self, export: &'static str, result: wasmtime::Result<T>) -> Option<T> {
-        match result {
-            Ok(v) => Some(v),
-            Err(e) => {
-                self.trapped = true;
-                let state = self.store.data_mut();
-                state.cancel_all_timers();
-                let why = match e.downcast_ref::<wasmtime::Trap>() {
-                    Some(wasmtime::Trap::Interrupt) => format!(
-                        "exceeded max_call_time ({:?}) and was interrupted",
-                        self.runtime.max_call_time()
-                    ),
-                    _ => e.root_cause().to_string(),
-                };
-                // The guest's backtrace keeps its lines, after the fields.
-                let backtrace = e
-                    .downcast_ref::<wasmtime::WasmBacktrace>()
-                    .map(|bt| format!("\n{bt}"))
-                    .unwrap_or_default();
-                tracing::error!(
-                    route = %state.route_path(),
-                    plugin = %state.plugin_name(),
-                    export,
-                    conn = state.conn_id(),
-                    backtrace = %backtrace,
-                    "plugin failed; closing its connection with 1011: {why}"
-                );
-                None
-            }
-        }
-    }
-
-    /// Runs `on-open`; `None` if the plugin failed.
-    fn on_open(&mut self, id: u64, request: &types::Request) -> Option<OpenResponse> {
-        self.before_call();
-        let r = self
-            .bindings
-            .wasmgate_plugin_handler()
-            .call_on_open(&mut self.store, id, request);
-        self.after_call("on-open", r)
-    }
-
-    /// Runs `on-message`; false if the plugin failed (now or before).
-    fn on_message(&mut self, id: u64, msg: Message) -> bool {
-        if self.trapped {
-            return false;
-        }
-        let msg = match msg {
-            Message::Text(s) => types::Message::Text(s),
-            Message::Binary(b) => types::Message::Binary(Vec::from(b)),
-        };
-        self.before_call();
-        let r = self
-            .bindings
-            .wasmgate_plugin_handler()
-            .call_on_message(&mut self.store, id, &msg);
-        self.after_call("on-message", r).is_some()
-    }
-
-    /// Runs `on-fragment`; false if the plugin failed (now or before).
-    fn on_fragment(&mut self, id: u64, fragment: Fragment) -> bool {
-        if self.trapped {
-            return false;
-        }
-        let fragment = types::Fragment {
-            text: fragment.text,
-            first: fragment.first,
-            fin: fragment.fin,
-            data: Vec::from(fragment.data),
-        };
-        self.before_call();
-        let r = self.bindings.wasmgate_plugin_handler().call_on_fragment(
-            &mut self.store,
-            id,
-            &fragment,
-        );
-        self.after_call("on-fragment", r).is_some()
-    }
-
-    /// Runs `on-timer` if the timer is still live; false if the plugin
-    /// failed (now or before).
-    fn on_timer(&mut self, id: u64, event: u64) -> bool {
-        if self.trapped {
-            return false;
-        }
-        let timer = event & !REPEAT_FLAG;
-        let live = self
-            .store
-            .data_mut()
-            .timer_fired(timer, event & REPEAT_FLAG != 0);
-        if !live {
-            return true;
-        }
-        self.before_call();
-        let r = self
-            .bindings
-            .wasmgate_plugin_handler()
-            .call_on_timer(&mut self.store, id, timer);
-        self.after_call("on-timer", r).is_some()
-    }
-
-    /// Runs `on-close` unless the plugin trapped before.
-    fn on_close(&mut self, id: u64, code: u16, reason: &str) {
-        if self.trapped {
-            return;
-        }
-        self.before_call();
-        let r = self.bindings.wasmgate_plugin_handler().call_on_close(
-            &mut self.store,
-            id,
-            code,
-            reason,
-        );
-        self.after_call("on-close", r);
-    }
-}
 
 /// Where a session is in its life; decides what ending it owes the plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +53,9 @@ enum Stage {
 pub struct Session {
     id: u64,
     route: Arc<Route>,
+    /// The route's version when the connection opened: its settings and
+    /// plugin, kept for the connection's life.
+    version: Arc<RouteVersion>,
     conn: Arc<ConnHandle>,
     guest: Guest,
     timer_rx: mpsc::Receiver<u64>,
@@ -217,28 +82,28 @@ impl Session {
     pub fn open(
         id: u64,
         route: Arc<Route>,
+        version: Arc<RouteVersion>,
         runtime: Arc<Runtime>,
         slot: Slot,
         request: &types::Request,
     ) -> Opened {
-        let outbox = Outbox::new(route.limits.max_outbound_buffer);
-        let conn = ConnHandle::new(id, outbox, route.limits.slow_consumer);
+        let limits = &version.settings.limits;
+        let outbox = Outbox::new(limits.max_outbound_buffer);
+        let conn = ConnHandle::new(id, outbox, limits.slow_consumer);
         route.hub.insert(conn.clone());
         let (timer_tx, timer_rx) = mpsc::channel(TIMER_QUEUE);
         let state = HostState::new(
             conn.clone(),
-            route.clone(),
+            route.hub.clone(),
+            version.scope.clone(),
             runtime.store_limits(),
             timer_tx,
         );
-        let mut store = runtime.store(state);
-        // Instantiation runs the guest's start functions: bound them too.
-        store.set_epoch_deadline(runtime.call_deadline());
-        let bindings = match route.plugin.instantiate(&mut store) {
-            Ok(p) => p,
+        let guest = match Guest::new(runtime, &version.plugin, state) {
+            Ok(g) => g,
             Err(e) => {
                 tracing::error!(
-                    route = %route.path, plugin = %route.plugin.name, conn = id,
+                    route = %route.path, plugin = %version.plugin.name, conn = id,
                     "cannot instantiate the plugin: {e:#}"
                 );
                 route.hub.remove(id);
@@ -248,13 +113,9 @@ impl Session {
         let mut session = Session {
             id,
             route,
+            version,
             conn,
-            guest: Guest {
-                store,
-                bindings,
-                runtime,
-                trapped: false,
-            },
+            guest,
             timer_rx,
             stage: Stage::Opening,
             _slot: slot,
@@ -301,7 +162,7 @@ impl Session {
             return;
         }
         self.conn.outbox.finish();
-        self.guest.store.data_mut().cancel_all_timers();
+        self.guest.state_mut().cancel_all_timers();
         if self.stage == Stage::Accepted {
             self.guest.on_close(self.id, code, reason);
         }
@@ -328,15 +189,19 @@ impl Session {
         let outbox = self.conn.outbox.clone();
         // This task writes too: no writer task to wake per message.
         let mut out = Writer::default();
-        let limits = self.route.limits.clone();
+        let limits = self.version.settings.limits.clone();
         let mut reader = FrameReader::new(&initial, limits.max_frame_size);
         // `initial` is a slice of hyper's whole read buffer: holding it would
         // keep that buffer alive for the life of the connection.
         drop(initial);
-        let mut inbound = Inbound::new(&self.route);
+        let mut inbound = Inbound::new(&self.version);
         let mut phase = Phase::Open;
         let mut keepalive = Keepalive::new(started);
-        let wake = tokio::time::sleep_until(keepalive.next_deadline(&limits, &phase, started));
+        let wake = tokio::time::sleep_until(
+            phase
+                .deadline()
+                .unwrap_or_else(|| keepalive.next_deadline(&limits, started)),
+        );
         tokio::pin!(wake);
         // Waiting for a close request and for queued frames: created once and
         // kept across iterations (a new `Notified` per frame would register
@@ -354,7 +219,9 @@ impl Session {
             // The timer is only moved earlier here (a close or a ping is now
             // due sooner); activity that moves it later is seen when it fires,
             // so a busy connection does not re-register a timer per frame.
-            let deadline = keepalive.next_deadline(&limits, &phase, Instant::now());
+            let deadline = phase
+                .deadline()
+                .unwrap_or_else(|| keepalive.next_deadline(&limits, Instant::now()));
             if deadline < wake.deadline() {
                 wake.as_mut().reset(deadline);
             }
@@ -416,7 +283,7 @@ impl Session {
                     }
                     // Re-arm for whatever is due next (activity since the
                     // timer was set may have moved it later).
-                    let next = keepalive.next_deadline(&limits, &phase, now);
+                    let next = phase.deadline().unwrap_or_else(|| keepalive.next_deadline(&limits, now));
                     wake.as_mut().reset(next.max(now + Duration::from_millis(1)));
                 }
             }
@@ -513,7 +380,7 @@ impl Session {
             code,
             reason,
             by,
-            until: Instant::now() + self.route.limits.close_timeout,
+            until: Instant::now() + self.version.settings.limits.close_timeout,
         })
     }
 
@@ -525,7 +392,7 @@ impl Session {
     /// Fails the connection for a protocol error with its close code.
     fn fail(&mut self, e: &ProtocolError) -> Phase {
         let mut reason = e.to_string();
-        reason.truncate(crate::host::MAX_CLOSE_REASON);
+        reason.truncate(MAX_CLOSE_REASON);
         self.start_close(e.close_code(), reason, ClosedBy::Gateway)
     }
 }
@@ -593,6 +460,14 @@ impl Phase {
         matches!(self, Phase::Open)
     }
 
+    /// While closing, when we stop waiting for the peer's close frame.
+    fn deadline(&self) -> Option<Instant> {
+        match self {
+            Phase::Open => None,
+            Phase::Closing(c) => Some(c.until),
+        }
+    }
+
     /// The TCP connection ended: after our close frame, the handshake is as
     /// done as it will be; before it, the peer vanished (1006).
     fn ending_on_eof(&self) -> Ending {
@@ -620,11 +495,12 @@ enum Delivery {
 }
 
 impl Inbound {
-    fn new(route: &Route) -> Inbound {
+    fn new(version: &RouteVersion) -> Inbound {
+        let settings = &version.settings;
         Inbound {
-            assembler: Assembler::new(route.limits.max_message_size),
+            assembler: Assembler::new(settings.limits.max_message_size),
             streamer: Streamer::default(),
-            streaming: route.deliver == Deliver::Fragments,
+            streaming: settings.deliver == Deliver::Fragments,
             messages: 0,
         }
     }
@@ -637,95 +513,5 @@ impl Inbound {
         } else {
             Ok(self.assembler.push(frame)?.map(Delivery::Message))
         }
-    }
-}
-
-/// Keepalive bookkeeping: when the peer last sent, when we last wrote, and
-/// an outstanding ping.
-struct Keepalive {
-    last_rx: Instant,
-    last_tx: Instant,
-    /// Something was written since the last wake-up (folded into `last_tx`
-    /// then, so that writing costs no clock read).
-    wrote: bool,
-    ping_sent: Option<Instant>,
-}
-
-/// What keepalive asks for when the session wakes.
-enum Due {
-    Nothing,
-    /// Send a ping.
-    Ping,
-    /// A ping went unanswered for `pong_timeout`: drop the connection.
-    NoPong,
-    /// Nothing in either direction for `idle_timeout`: close with 1001.
-    Idle,
-}
-
-impl Keepalive {
-    fn new(now: Instant) -> Keepalive {
-        Keepalive {
-            last_rx: now,
-            last_tx: now,
-            wrote: false,
-            ping_sent: None,
-        }
-    }
-
-    /// A frame (or an error) arrived from the peer.
-    fn received(&mut self, now: Instant) {
-        self.last_rx = now;
-        self.ping_sent = None;
-    }
-
-    /// Bytes were written to the peer.
-    fn wrote(&mut self) {
-        self.wrote = true;
-    }
-
-    /// Checks the deadlines at `now`.
-    fn due(&mut self, limits: &Limits, now: Instant) -> Due {
-        if std::mem::take(&mut self.wrote) {
-            self.last_tx = now;
-        }
-        if let Some(sent) = self.ping_sent {
-            if now >= sent + limits.pong_timeout {
-                return Due::NoPong;
-            }
-        } else if let Some(every) = limits.ping_interval {
-            if now >= self.last_rx + every {
-                self.ping_sent = Some(now);
-                return Due::Ping;
-            }
-        }
-        if let Some(idle) = limits.idle_timeout {
-            if now >= self.last_rx.max(self.last_tx) + idle {
-                return Due::Idle;
-            }
-        }
-        Due::Nothing
-    }
-
-    /// When the session must next wake up with no I/O: the end of the
-    /// closing handshake, a ping, a pong deadline or the idle timeout.
-    fn next_deadline(&self, limits: &Limits, phase: &Phase, now: Instant) -> Instant {
-        if let Phase::Closing(c) = phase {
-            return c.until;
-        }
-        let mut next = now + Duration::from_secs(3600);
-        match self.ping_sent {
-            Some(sent) => next = next.min(sent + limits.pong_timeout),
-            None => {
-                if let Some(every) = limits.ping_interval {
-                    next = next.min(self.last_rx + every);
-                }
-            }
-        }
-        if let Some(idle) = limits.idle_timeout {
-            // Wake at the idle deadline by what we know was received; writes
-            // are checked when we wake.
-            next = next.min(self.last_rx.max(self.last_tx) + idle);
-        }
-        next
     }
 }

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
-use crate::frame::{encode_header, OpCode};
+use crate::protocol::frame::{encode_header, OpCode};
 
 /// A frame waiting to be written.
 #[derive(Debug, Clone)]

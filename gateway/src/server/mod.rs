@@ -1,44 +1,49 @@
 //! The server: loads every route's plugin, accepts TCP connections, serves
-//! HTTP/1.1 with hyper, routes upgrade requests to their route's plugin, and
-//! shuts down gracefully (stop accepting, 1001 to every connection, wait up
-//! to `drain_timeout` for the close handshakes).
+//! HTTP/1.1 with hyper, hands upgrade requests to [`upgrade`], applies
+//! reloads (a new config or a new plugin file, as the reload module asks),
+//! and shuts down gracefully (stop accepting, 1001 to every connection,
+//! wait up to `drain_timeout` for the close handshakes).
 
-use std::collections::HashMap;
+mod apply;
+mod upgrade;
+
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ServerSettings};
 use crate::error::{Error, Errors};
-use crate::handshake::{self, Refusal};
 use crate::hub::ClosedBy;
 use crate::plugin::Runtime;
-use crate::route::{Route, Slot};
-use crate::session::{Opened, Session};
+use crate::routing::route::Route;
+use crate::routing::router::{Router, Table};
 
-/// A configured gateway: every plugin loaded, not yet listening.
-#[derive(Debug)]
+/// A configured gateway: every plugin loaded, not yet listening. Cheap to
+/// clone: clones share the same routes and connections.
+#[derive(Debug, Clone)]
 pub struct Gateway {
     shared: Arc<Shared>,
 }
 
 #[derive(Debug)]
 struct Shared {
+    /// `[server]` as loaded at start: a reload that changes it is logged as
+    /// needing a restart.
     settings: ServerSettings,
-    routes: HashMap<String, Arc<Route>>,
+    router: Router,
     runtime: Arc<Runtime>,
+    /// The config now applied.
+    config: Mutex<Arc<Config>>,
     active: Arc<AtomicUsize>,
     next_id: AtomicU64,
     shutting_down: AtomicBool,
@@ -47,15 +52,16 @@ struct Shared {
 
 impl Gateway {
     /// Creates the engine and loads every route's plugin, collecting every
-    /// error rather than stopping at the first.
-    pub fn new(config: &Config) -> Result<Gateway, Errors> {
-        let runtime = Runtime::new(&config.sandbox, config.server.max_connections)?;
-        let mut routes = HashMap::new();
+    /// error rather than stopping at the first. Compiled plugins are cached
+    /// in `cache_dir` (`None`: no cache).
+    pub fn new(config: &Config, cache_dir: Option<PathBuf>) -> Result<Gateway, Errors> {
+        let runtime = Runtime::new(&config.sandbox, config.server.max_connections, cache_dir)?;
+        let mut routes = Vec::new();
         let mut errors = Vec::new();
         for r in &config.routes {
             match runtime.load(&r.path, &r.plugin) {
                 Ok(plugin) => {
-                    routes.insert(r.path.clone(), Arc::new(Route::new(r, plugin)));
+                    routes.push(Arc::new(Route::new(r.clone(), Arc::new(plugin))));
                 }
                 // A plugin error points at the route's `plugin` key.
                 Err(e) => errors.push(e.located(&config.file, r.line)),
@@ -67,8 +73,9 @@ impl Gateway {
         Ok(Gateway {
             shared: Arc::new(Shared {
                 settings: config.server.clone(),
-                routes,
+                router: Router::new(Table::new(routes)),
                 runtime,
+                config: Mutex::new(Arc::new(config.clone())),
                 active: Arc::new(AtomicUsize::new(0)),
                 next_id: AtomicU64::new(1),
                 shutting_down: AtomicBool::new(false),
@@ -108,9 +115,22 @@ impl Gateway {
         Err(failed.unwrap_or_else(|| unresolved("it has no addresses".to_owned())))
     }
 
-    /// The routes served, in no particular order.
-    pub fn routes(&self) -> impl Iterator<Item = &Arc<Route>> {
-        self.shared.routes.values()
+    /// The routes served now, in config order.
+    pub fn routes(&self) -> Vec<Arc<Route>> {
+        self.shared.router.load().routes().to_vec()
+    }
+
+    /// The config now applied.
+    pub fn config(&self) -> Arc<Config> {
+        self.shared.config.lock().clone()
+    }
+
+    /// Logs, for every route, the plugin it serves (file, content hash,
+    /// version, and whether it was compiled or mapped from the cache).
+    pub fn log_routes(&self) {
+        for route in self.shared.router.load().routes() {
+            apply::log_serving(route, &route.current());
+        }
     }
 
     /// Serves `listener` until `shutdown` resolves, then drains: every
@@ -140,9 +160,10 @@ impl Gateway {
         }
         drop(listener);
         shared.shutting_down.store(true, Ordering::SeqCst);
-        let open: usize = shared.routes.values().map(|r| r.hub.len()).sum();
+        let table = shared.router.load();
+        let open: usize = table.routes().iter().map(|r| r.hub.len()).sum();
         tracing::info!(open, "shutting down: closing every connection with 1001");
-        for route in shared.routes.values() {
+        for route in table.routes() {
             for conn in route.hub.all() {
                 conn.request_close(1001, "going away", ClosedBy::Gateway);
             }
@@ -152,7 +173,7 @@ impl Gateway {
             .await
             .is_ok();
         if !drained {
-            let left: usize = shared.routes.values().map(|r| r.hub.len()).sum();
+            let left: usize = table.routes().iter().map(|r| r.hub.len()).sum();
             tracing::warn!(left, "drain_timeout passed with connections still open");
         }
         drained
@@ -198,7 +219,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, remote: Socket
         let shared = shared.clone();
         service_fn(move |req| {
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(handle(shared, req, remote).await) }
+            async move { Ok::<_, Infallible>(upgrade::handle(shared, req, remote).await) }
         })
     };
     let conn = http1::Builder::new()
@@ -210,133 +231,4 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, remote: Socket
     if let Err(e) = conn.await {
         tracing::debug!(%remote, "HTTP connection ended: {e}");
     }
-}
-
-/// Answers one HTTP request: a refusal, the plugin's rejection, or `101`
-/// with the session spawned to run once the upgrade completes.
-///
-/// Once the plugin's `on-open` has accepted, the session owns the promise of
-/// `on-close`: every path below that gives up on the connection (a bad
-/// subprotocol or header from the plugin, a failed upgrade) drops the
-/// session, which runs `on-close` with 1006.
-async fn handle(
-    shared: Arc<Shared>,
-    mut req: Request<Incoming>,
-    remote: SocketAddr,
-) -> Response<Full<Bytes>> {
-    let path = req.uri().path();
-    let Some(route) = shared.routes.get(path).cloned() else {
-        return refuse(Refusal::NotFound, remote, path);
-    };
-    if let Err(refusal) = handshake::validate(&req) {
-        return refuse(refusal, remote, &route.path);
-    }
-    if !handshake::origin_allowed(&req, route.allowed_origins.as_deref()) {
-        return refuse(Refusal::Forbidden, remote, &route.path);
-    }
-    if shared.shutting_down.load(Ordering::SeqCst) {
-        return refuse(Refusal::ShuttingDown, remote, &route.path);
-    }
-    let Some(slot) = Slot::acquire(&route, &shared.active, shared.settings.max_connections) else {
-        return refuse(Refusal::Unavailable, remote, &route.path);
-    };
-    let offered = handshake::offered_subprotocols(&req, route.subprotocols.as_deref());
-    let request = handshake::plugin_request(&req, remote, offered);
-    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
-    let internal =
-        || handshake::text_response(StatusCode::INTERNAL_SERVER_ERROR, "plugin failed\n");
-    let (session, accept) = match Session::open(
-        id,
-        route.clone(),
-        shared.runtime.clone(),
-        slot,
-        &request,
-    ) {
-        Opened::Accept(session, accept) => (session, accept),
-        Opened::Failed => {
-            tracing::debug!(%remote, route = %route.path, conn = id, status = 500, "upgrade refused: on-open failed");
-            return internal();
-        }
-        Opened::Unavailable => {
-            return refuse(Refusal::NoInstance, remote, &route.path);
-        }
-        Opened::Reject(reject) => {
-            let status = StatusCode::from_u16(reject.status)
-                .ok()
-                .filter(|s| s.is_client_error() || s.is_server_error())
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            tracing::debug!(%remote, route = %route.path, conn = id, status = status.as_u16(), "upgrade refused by the plugin");
-            let mut resp = Response::new(Full::new(Bytes::from(reject.body)));
-            *resp.status_mut() = status;
-            if let Err(why) = handshake::apply_headers(resp.headers_mut(), &reject.headers) {
-                tracing::error!(route = %route.path, plugin = %route.plugin.name, "on-open rejection: {why}");
-                return internal();
-            }
-            return resp;
-        }
-    };
-    let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
-        Ok(r) => r,
-        Err(e) => {
-            drop(session);
-            tracing::debug!(%remote, route = %route.path, "invalid upgrade request: {e}");
-            return Refusal::BadRequest("invalid upgrade request\n").response();
-        }
-    };
-    let mut resp = resp.map(|_| Full::new(Bytes::new()));
-    if let Some(p) = &accept.subprotocol {
-        let valid = request.subprotocols.contains(p);
-        match hyper::header::HeaderValue::from_str(p) {
-            Ok(v) if valid => {
-                resp.headers_mut().insert("sec-websocket-protocol", v);
-            }
-            _ => {
-                tracing::error!(route = %route.path, plugin = %route.plugin.name, "on-open selected subprotocol {p:?}, which the client did not offer");
-                drop(session);
-                return internal();
-            }
-        }
-    }
-    if let Err(why) = handshake::apply_headers(resp.headers_mut(), &accept.headers) {
-        tracing::error!(route = %route.path, plugin = %route.plugin.name, "on-open accept: {why}");
-        drop(session);
-        return internal();
-    }
-    tracing::debug!(%remote, route = %route.path, conn = id, "connection accepted");
-    let shared2 = shared.clone();
-    shared.tasks.spawn(async move {
-        let ws = match upgrade.await {
-            Ok(ws) => ws,
-            Err(e) => {
-                // The client went away before the upgrade completed: the
-                // session's drop runs `on-close` with 1006.
-                tracing::debug!(%remote, conn = session.id(), "upgrade failed: {e}");
-                return;
-            }
-        };
-        if shared2.shutting_down.load(Ordering::SeqCst) {
-            session.request_shutdown();
-        }
-        let upgraded = ws.into_inner().into_inner();
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                // Owned halves of a plain TCP stream: no lock per read or write.
-                let (rd, wr) = parts.io.into_inner().into_split();
-                session.run(rd, wr, parts.read_buf).await
-            }
-            Err(upgraded) => {
-                let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
-                session.run(rd, wr, Bytes::new()).await
-            }
-        }
-    });
-    resp
-}
-
-/// Answers a refused upgrade, logged at debug level with its status and
-/// reason.
-fn refuse(refusal: Refusal, remote: SocketAddr, path: &str) -> Response<Full<Bytes>> {
-    let resp = refusal.response();
-    tracing::debug!(%remote, path, status = resp.status().as_u16(), reason = ?refusal, "upgrade refused");
-    resp
 }

@@ -1,0 +1,182 @@
+//! One plugin instance serving one connection ([`Guest`]): its store, its
+//! bindings, and the calls into it. Every call is synchronous (no fiber),
+//! bounded by `max_call_time` through the engine's epoch, and a failure is
+//! logged once with the route, the plugin file, the export and the
+//! connection; the instance is not entered again after it trapped.
+
+use std::sync::Arc;
+
+use wasmtime::Store;
+
+use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
+use crate::bindings::Plugin as PluginBindings;
+use crate::plugin::host::{HostState, REPEAT_FLAG};
+use crate::plugin::{Plugin, Runtime};
+use crate::protocol::message::{Fragment, Message};
+
+/// A plugin instance serving one connection: its store, its bindings, and
+/// whether it may still be entered. Every call is synchronous, bounded by
+/// `max_call_time`, and a failure is logged once with the route, the plugin
+/// file, the export and the connection.
+pub struct Guest {
+    store: Store<HostState>,
+    bindings: PluginBindings,
+    runtime: Arc<Runtime>,
+    /// The plugin trapped: its instance may not be entered again.
+    trapped: bool,
+}
+
+impl Guest {
+    /// Arms the time limit of the next call.
+    pub(crate) fn before_call(&mut self) {
+        self.store.set_epoch_deadline(self.runtime.call_deadline());
+    }
+
+    /// Checks how a call went. A trap or error is logged with the route, the
+    /// plugin, the export and the connection, marks the instance dead, and
+    /// yields `None`.
+    pub(crate) fn after_call<T>(
+        &mut self,
+        export: &'static str,
+        result: wasmtime::Result<T>,
+    ) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.trapped = true;
+                let state = self.store.data_mut();
+                state.cancel_all_timers();
+                let why = match e.downcast_ref::<wasmtime::Trap>() {
+                    Some(wasmtime::Trap::Interrupt) => format!(
+                        "exceeded max_call_time ({:?}) and was interrupted",
+                        self.runtime.max_call_time()
+                    ),
+                    _ => e.root_cause().to_string(),
+                };
+                // The guest's backtrace keeps its lines, after the fields.
+                let backtrace = e
+                    .downcast_ref::<wasmtime::WasmBacktrace>()
+                    .map(|bt| format!("\n{bt}"))
+                    .unwrap_or_default();
+                tracing::error!(
+                    route = %state.route_path(),
+                    plugin = %state.plugin_name(),
+                    export,
+                    conn = state.conn_id(),
+                    backtrace = %backtrace,
+                    "plugin failed; closing its connection with 1011: {why}"
+                );
+                None
+            }
+        }
+    }
+
+    /// Runs `on-open`; `None` if the plugin failed.
+    pub fn on_open(&mut self, id: u64, request: &types::Request) -> Option<OpenResponse> {
+        self.before_call();
+        let r = self
+            .bindings
+            .wasmgate_plugin_handler()
+            .call_on_open(&mut self.store, id, request);
+        self.after_call("on-open", r)
+    }
+
+    /// Runs `on-message`; false if the plugin failed (now or before).
+    pub fn on_message(&mut self, id: u64, msg: Message) -> bool {
+        if self.trapped {
+            return false;
+        }
+        let msg = match msg {
+            Message::Text(s) => types::Message::Text(s),
+            Message::Binary(b) => types::Message::Binary(Vec::from(b)),
+        };
+        self.before_call();
+        let r = self
+            .bindings
+            .wasmgate_plugin_handler()
+            .call_on_message(&mut self.store, id, &msg);
+        self.after_call("on-message", r).is_some()
+    }
+
+    /// Runs `on-fragment`; false if the plugin failed (now or before).
+    pub fn on_fragment(&mut self, id: u64, fragment: Fragment) -> bool {
+        if self.trapped {
+            return false;
+        }
+        let fragment = types::Fragment {
+            text: fragment.text,
+            first: fragment.first,
+            fin: fragment.fin,
+            data: Vec::from(fragment.data),
+        };
+        self.before_call();
+        let r = self.bindings.wasmgate_plugin_handler().call_on_fragment(
+            &mut self.store,
+            id,
+            &fragment,
+        );
+        self.after_call("on-fragment", r).is_some()
+    }
+
+    /// Runs `on-timer` if the timer is still live; false if the plugin
+    /// failed (now or before).
+    pub fn on_timer(&mut self, id: u64, event: u64) -> bool {
+        if self.trapped {
+            return false;
+        }
+        let timer = event & !REPEAT_FLAG;
+        let live = self
+            .store
+            .data_mut()
+            .timer_fired(timer, event & REPEAT_FLAG != 0);
+        if !live {
+            return true;
+        }
+        self.before_call();
+        let r = self
+            .bindings
+            .wasmgate_plugin_handler()
+            .call_on_timer(&mut self.store, id, timer);
+        self.after_call("on-timer", r).is_some()
+    }
+
+    /// Runs `on-close` unless the plugin trapped before.
+    pub fn on_close(&mut self, id: u64, code: u16, reason: &str) {
+        if self.trapped {
+            return;
+        }
+        self.before_call();
+        let r = self.bindings.wasmgate_plugin_handler().call_on_close(
+            &mut self.store,
+            id,
+            code,
+            reason,
+        );
+        self.after_call("on-close", r);
+    }
+}
+
+impl Guest {
+    /// Instantiates `plugin` for the connection whose host state is `state`;
+    /// the guest's start functions run within `max_call_time`.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        plugin: &Plugin,
+        state: HostState,
+    ) -> wasmtime::Result<Guest> {
+        let mut store = runtime.store(state);
+        store.set_epoch_deadline(runtime.call_deadline());
+        let bindings = plugin.instantiate(&mut store)?;
+        Ok(Guest {
+            store,
+            bindings,
+            runtime,
+            trapped: false,
+        })
+    }
+
+    /// The instance's host state.
+    pub fn state_mut(&mut self) -> &mut HostState {
+        self.store.data_mut()
+    }
+}

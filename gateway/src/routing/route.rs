@@ -1,0 +1,134 @@
+//! A route as it runs: its path, its hub (connections, rooms, metadata),
+//! its connection count, and its current [`RouteVersion`] (settings and
+//! plugin), which a reload swaps atomically. A connection takes the version
+//! current when it opens and keeps it (`on_reload = "keep"`), so an old
+//! version's compiled code lives exactly as long as its last connection.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::config::RouteSettings;
+use crate::hub::Hub;
+use crate::plugin::host::Scope;
+use crate::plugin::Plugin;
+
+/// One version of a route: the settings and plugin that new connections
+/// get from the moment it is installed.
+#[derive(Debug)]
+pub struct RouteVersion {
+    /// Limits, origins, subprotocols, delivery mode and config values.
+    pub settings: RouteSettings,
+    /// The compiled plugin.
+    pub plugin: Arc<Plugin>,
+    /// What the plugin's host calls see of the route.
+    pub scope: Arc<Scope>,
+    /// 1 for the version loaded at start, then one more per plugin swap.
+    pub version: u64,
+}
+
+/// One routed path.
+#[derive(Debug)]
+pub struct Route {
+    /// The request path.
+    pub path: String,
+    /// Connections, rooms and metadata of this route; kept across versions.
+    pub hub: Arc<Hub>,
+    current: ArcSwap<RouteVersion>,
+    last_version: AtomicU64,
+    active: AtomicUsize,
+}
+
+impl Route {
+    /// A route serving `plugin` with `settings` (version 1).
+    pub fn new(settings: RouteSettings, plugin: Arc<Plugin>) -> Route {
+        let path = settings.path.clone();
+        Route {
+            current: ArcSwap::from_pointee(version(settings, plugin, 1)),
+            path,
+            hub: Arc::new(Hub::default()),
+            last_version: AtomicU64::new(1),
+            active: AtomicUsize::new(0),
+        }
+    }
+
+    /// The version new connections get now.
+    pub fn current(&self) -> Arc<RouteVersion> {
+        self.current.load_full()
+    }
+
+    /// Installs new settings and plugin for new connections; returns the
+    /// new version. Connections already open keep theirs.
+    pub fn install(&self, settings: RouteSettings, plugin: Arc<Plugin>) -> Arc<RouteVersion> {
+        let n = self.last_version.fetch_add(1, Ordering::AcqRel) + 1;
+        let v = Arc::new(version(settings, plugin, n));
+        self.current.store(v.clone());
+        v
+    }
+
+    /// Open connections (and upgrades in progress) on this route.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+}
+
+fn version(settings: RouteSettings, plugin: Arc<Plugin>, n: u64) -> RouteVersion {
+    let scope = Arc::new(Scope {
+        route: Arc::from(settings.path.as_str()),
+        plugin: Arc::from(plugin.name.as_str()),
+        config: settings.config.clone(),
+    });
+    RouteVersion {
+        settings,
+        plugin,
+        scope,
+        version: n,
+    }
+}
+
+/// Counts one connection against its route's and the server's caps for as
+/// long as it lives.
+#[derive(Debug)]
+pub struct Slot {
+    route: Arc<Route>,
+    server: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    /// Takes a slot, or `None` if the route (capped at `route_max`) or the
+    /// server (capped at `server_max`) is full.
+    pub fn acquire(
+        route: &Arc<Route>,
+        route_max: Option<usize>,
+        server: &Arc<AtomicUsize>,
+        server_max: usize,
+    ) -> Option<Slot> {
+        if !take(server, server_max) {
+            return None;
+        }
+        if !take(&route.active, route_max.unwrap_or(usize::MAX)) {
+            server.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot {
+            route: route.clone(),
+            server: server.clone(),
+        })
+    }
+}
+
+fn take(counter: &AtomicUsize, max: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.route.active.fetch_sub(1, Ordering::AcqRel);
+        self.server.fetch_sub(1, Ordering::AcqRel);
+    }
+}

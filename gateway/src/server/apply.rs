@@ -1,0 +1,274 @@
+//! Applying a reload to the running gateway: a new plugin file for the
+//! routes that serve it, or a whole new config.
+//!
+//! Nothing half-applies. Every plugin a change needs is compiled first, off
+//! the async runtime's threads; only when all of them loaded is anything
+//! swapped, each route's version in one atomic store and the routing table
+//! in another. A plugin that fails to load leaves its route's current
+//! version serving, and the error names the route, the file and the reason.
+//! Connections keep the version they opened with (`on_reload = "keep"`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::Gateway;
+use crate::config::{Config, PluginSource, RouteSettings};
+use crate::error::{Error, Errors};
+use crate::hub::ClosedBy;
+use crate::plugin::cache::Origin;
+use crate::plugin::engine::read_source;
+use crate::plugin::Plugin;
+use crate::reload::watch::ContentHash;
+use crate::routing::route::{Route, RouteVersion};
+use crate::routing::router::Table;
+
+/// Logs what a route now serves:
+/// `route /chat: now serving plugins/chat.wasm sha256:3f2a9c0b1d2e (version 4, compiled in 35 ms)`.
+pub(super) fn log_serving(route: &Route, version: &RouteVersion) {
+    let plugin = &version.plugin;
+    let how = match plugin.origin {
+        Origin::Compiled => "compiled",
+        Origin::Cached => "from cache",
+    };
+    tracing::info!(
+        "route {}: now serving {} {} (version {}, {how} in {} ms)",
+        route.path,
+        plugin.name,
+        plugin.hash,
+        version.version,
+        plugin.load_time.as_millis()
+    );
+}
+
+/// What a route's plugin will be after a config reload.
+enum Next {
+    /// The same bytes as now: keep the compiled plugin.
+    Same(Arc<Plugin>),
+    /// Newly loaded.
+    New(Arc<Plugin>),
+}
+
+impl Gateway {
+    /// A plugin file changed on disk: every route serving it loads the new
+    /// bytes and, if they load, serves them to new connections. `content` is
+    /// the file's bytes and hash, or why it could not be read (deleted).
+    pub async fn apply_plugin_change(
+        &self,
+        path: &Path,
+        content: Result<(Vec<u8>, ContentHash), String>,
+    ) {
+        let table = self.shared.router.load();
+        let serving: Vec<Arc<Route>> = table
+            .routes()
+            .iter()
+            .filter(|r| matches!(&r.current().plugin.source, PluginSource::File(p) if p == path))
+            .cloned()
+            .collect();
+        if serving.is_empty() {
+            return;
+        }
+        let (bytes, hash) = match content {
+            Ok(c) => c,
+            Err(reason) => {
+                for route in &serving {
+                    keeps_serving(route, &format!("plugin {}: {reason}", path.display()));
+                }
+                return;
+            }
+        };
+        let bytes = Arc::new(bytes);
+        for route in serving {
+            let current = route.current();
+            if current.plugin.hash == hash {
+                continue;
+            }
+            let runtime = self.shared.runtime.clone();
+            let (path_, source, bytes) = (
+                route.path.clone(),
+                current.plugin.source.clone(),
+                bytes.clone(),
+            );
+            let loaded =
+                tokio::task::spawn_blocking(move || runtime.load_bytes(&path_, &source, &bytes))
+                    .await;
+            match loaded {
+                Ok(Ok(plugin)) => {
+                    let v = route.install(current.settings.clone(), Arc::new(plugin));
+                    log_serving(&route, &v);
+                }
+                Ok(Err(e)) => keeps_serving(&route, &plugin_reason(&e)),
+                Err(e) => keeps_serving(&route, &format!("loading failed: {e}")),
+            }
+        }
+    }
+
+    /// Applies a new config: routes added start serving, routes removed
+    /// close their connections with 1001 (their `on-close` runs), changed
+    /// settings and plugins apply to new connections. Every plugin is loaded
+    /// (or kept, when its bytes did not change) before anything is applied;
+    /// on any error nothing is, and the errors are returned.
+    pub async fn apply_config(&self, config: Config) -> Result<(), Errors> {
+        let old = self.config();
+        warn_restart_only(&old, &config);
+        let table = self.shared.router.load();
+        let runtime = self.shared.runtime.clone();
+        let current: Vec<Option<Arc<RouteVersion>>> = config
+            .routes
+            .iter()
+            .map(|r| table.get(&r.path).map(|route| route.current()))
+            .collect();
+        let config = Arc::new(config);
+        let plan = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || load_all(&runtime, &config, &current))
+        }
+        .await
+        .map_err(|e| Errors(vec![Error::Engine(format!("loading failed: {e}"))]))??;
+
+        let mut routes = Vec::with_capacity(config.routes.len());
+        for (settings, next) in config.routes.iter().zip(plan) {
+            let route = match (table.get(&settings.path), next) {
+                (Some(route), Next::Same(plugin)) => {
+                    let now = route.current();
+                    if !same_settings(&now.settings, settings) {
+                        route.install(settings.clone(), plugin);
+                        tracing::info!(
+                            "route {}: new settings apply to new connections",
+                            route.path
+                        );
+                    }
+                    route.clone()
+                }
+                (Some(route), Next::New(plugin)) => {
+                    let v = route.install(settings.clone(), plugin);
+                    log_serving(route, &v);
+                    route.clone()
+                }
+                (None, Next::Same(plugin) | Next::New(plugin)) => {
+                    let route = Arc::new(Route::new(settings.clone(), plugin));
+                    log_serving(&route, &route.current());
+                    route
+                }
+            };
+            routes.push(route);
+        }
+        self.shared.router.store(Table::new(routes));
+        for gone in table
+            .routes()
+            .iter()
+            .filter(|r| config.routes.iter().all(|s| s.path != r.path))
+        {
+            let open = gone.hub.len();
+            tracing::info!(route = %gone.path, open, "route removed: closing its connections with 1001");
+            for conn in gone.hub.all() {
+                conn.request_close(1001, "route removed", ClosedBy::Gateway);
+            }
+        }
+        *self.shared.config.lock() = config;
+        Ok(())
+    }
+}
+
+/// Loads every route's plugin of `config`, reusing a route's current plugin
+/// when its bytes are unchanged; every error, or the plan.
+fn load_all(
+    runtime: &crate::plugin::Runtime,
+    config: &Config,
+    current: &[Option<Arc<RouteVersion>>],
+) -> Result<Vec<Next>, Errors> {
+    let mut plan = Vec::new();
+    let mut errors = Vec::new();
+    for (settings, now) in config.routes.iter().zip(current) {
+        let located = |e: Error| e.located(&config.file, settings.line);
+        let bytes = match read_source(&settings.plugin) {
+            Ok(b) => b,
+            Err(reason) => {
+                errors.push(located(Error::Plugin {
+                    route: settings.path.clone(),
+                    file: settings.plugin.to_string(),
+                    reason,
+                }));
+                continue;
+            }
+        };
+        let hash = ContentHash::of(&bytes);
+        if let Some(now) = now {
+            if now.plugin.source == settings.plugin && now.plugin.hash == hash {
+                plan.push(Next::Same(now.plugin.clone()));
+                continue;
+            }
+        }
+        match runtime.load_bytes(&settings.path, &settings.plugin, &bytes) {
+            Ok(p) => plan.push(Next::New(Arc::new(p))),
+            Err(e) => errors.push(located(e)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(plan)
+    } else {
+        Err(Errors(errors))
+    }
+}
+
+/// Whether two route settings are the same but for where they are written.
+fn same_settings(a: &RouteSettings, b: &RouteSettings) -> bool {
+    let mut b = b.clone();
+    b.line = a.line;
+    *a == b
+}
+
+/// Logs that `route` keeps its current version because of `reason`.
+fn keeps_serving(route: &Route, reason: &str) {
+    let v = route.current();
+    tracing::error!(
+        "route {}: {reason}; keeps serving {} {} (version {})",
+        route.path,
+        v.plugin.name,
+        v.plugin.hash,
+        v.version
+    );
+}
+
+/// The reason part of a plugin load error (the route is named by the caller).
+fn plugin_reason(e: &Error) -> String {
+    match e {
+        Error::Plugin { file, reason, .. } => format!("plugin {file}: {reason}"),
+        other => other.to_string(),
+    }
+}
+
+/// Logs the changes a reload cannot apply without a restart.
+fn warn_restart_only(old: &Config, new: &Config) {
+    let (o, n) = (&old.server, &new.server);
+    let mut keys = Vec::new();
+    if o.listen != n.listen {
+        keys.push("listen");
+    }
+    if o.max_connections != n.max_connections {
+        keys.push("max_connections");
+    }
+    if o.threads != n.threads {
+        keys.push("threads");
+    }
+    if o.handshake_timeout != n.handshake_timeout {
+        keys.push("handshake_timeout");
+    }
+    if o.max_header_size != n.max_header_size {
+        keys.push("max_header_size");
+    }
+    if o.drain_timeout != n.drain_timeout {
+        keys.push("drain_timeout");
+    }
+    if old.sandbox.max_memory != new.sandbox.max_memory {
+        keys.push("[sandbox] max_memory");
+    }
+    if old.sandbox.max_call_time != new.sandbox.max_call_time {
+        keys.push("[sandbox] max_call_time");
+    }
+    if !keys.is_empty() {
+        tracing::warn!(
+            "config reload: {} changed; these take effect at the next restart (the rest is applied now)",
+            keys.join(", ")
+        );
+    }
+}

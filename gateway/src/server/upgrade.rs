@@ -1,0 +1,208 @@
+//! Answering one HTTP request on a WebSocket route: the checks before the
+//! plugin runs (route, handshake, origin, capacity), the plugin's `on-open`,
+//! the `101 Switching Protocols` and the session spawned on the upgraded
+//! connection. Refusals are logged at debug level with their status.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use super::Shared;
+use crate::bindings::wasmgate::plugin::types;
+use crate::connection::session::{Opened, Session};
+use crate::protocol::handshake::{self, Refusal};
+use crate::routing::route::Slot;
+
+/// Answers one HTTP request: a refusal, the plugin's rejection, or `101`
+/// with the session spawned to run once the upgrade completes.
+///
+/// Once the plugin's `on-open` has accepted, the session owns the promise of
+/// `on-close`: every path below that gives up on the connection (a bad
+/// subprotocol or header from the plugin, a failed upgrade) drops the
+/// session, which runs `on-close` with 1006.
+pub(super) async fn handle(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    remote: SocketAddr,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    let Some(route) = shared.router.get(path) else {
+        return refuse(Refusal::NotFound, remote, path);
+    };
+    // The version new connections get now; this one keeps it.
+    let version = route.current();
+    let settings = &version.settings;
+    if let Err(refusal) = handshake::validate(&req) {
+        return refuse(refusal, remote, &route.path);
+    }
+    if !handshake::origin_allowed(&req, settings.allowed_origins.as_deref()) {
+        return refuse(Refusal::Forbidden, remote, &route.path);
+    }
+    if shared.shutting_down.load(Ordering::SeqCst) {
+        return refuse(Refusal::ShuttingDown, remote, &route.path);
+    }
+    let Some(slot) = Slot::acquire(
+        &route,
+        settings.max_connections,
+        &shared.active,
+        shared.settings.max_connections,
+    ) else {
+        return refuse(Refusal::Unavailable, remote, &route.path);
+    };
+    let offered = handshake::offered_subprotocols(&req, settings.subprotocols.as_deref());
+    let request = plugin_request(&req, remote, offered);
+    let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+    let internal =
+        || handshake::text_response(StatusCode::INTERNAL_SERVER_ERROR, "plugin failed\n");
+    let (session, accept) = match Session::open(
+        id,
+        route.clone(),
+        version.clone(),
+        shared.runtime.clone(),
+        slot,
+        &request,
+    ) {
+        Opened::Accept(session, accept) => (session, accept),
+        Opened::Failed => {
+            tracing::debug!(%remote, route = %route.path, conn = id, status = 500, "upgrade refused: on-open failed");
+            return internal();
+        }
+        Opened::Unavailable => {
+            return refuse(Refusal::NoInstance, remote, &route.path);
+        }
+        Opened::Reject(reject) => {
+            let status = StatusCode::from_u16(reject.status)
+                .ok()
+                .filter(|s| s.is_client_error() || s.is_server_error())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            tracing::debug!(%remote, route = %route.path, conn = id, status = status.as_u16(), "upgrade refused by the plugin");
+            let mut resp = Response::new(Full::new(Bytes::from(reject.body)));
+            *resp.status_mut() = status;
+            if let Err(why) = apply_headers(resp.headers_mut(), &reject.headers) {
+                tracing::error!(route = %route.path, plugin = %version.plugin.name, "on-open rejection: {why}");
+                return internal();
+            }
+            return resp;
+        }
+    };
+    let (resp, upgrade) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(r) => r,
+        Err(e) => {
+            drop(session);
+            tracing::debug!(%remote, route = %route.path, "invalid upgrade request: {e}");
+            return Refusal::BadRequest("invalid upgrade request\n").response();
+        }
+    };
+    let mut resp = resp.map(|_| Full::new(Bytes::new()));
+    if let Some(p) = &accept.subprotocol {
+        let valid = request.subprotocols.contains(p);
+        match hyper::header::HeaderValue::from_str(p) {
+            Ok(v) if valid => {
+                resp.headers_mut().insert("sec-websocket-protocol", v);
+            }
+            _ => {
+                tracing::error!(route = %route.path, plugin = %version.plugin.name, "on-open selected subprotocol {p:?}, which the client did not offer");
+                drop(session);
+                return internal();
+            }
+        }
+    }
+    if let Err(why) = apply_headers(resp.headers_mut(), &accept.headers) {
+        tracing::error!(route = %route.path, plugin = %version.plugin.name, "on-open accept: {why}");
+        drop(session);
+        return internal();
+    }
+    tracing::debug!(%remote, route = %route.path, conn = id, "connection accepted");
+    let shared2 = shared.clone();
+    shared.tasks.spawn(async move {
+        let ws = match upgrade.await {
+            Ok(ws) => ws,
+            Err(e) => {
+                // The client went away before the upgrade completed: the
+                // session's drop runs `on-close` with 1006.
+                tracing::debug!(%remote, conn = session.id(), "upgrade failed: {e}");
+                return;
+            }
+        };
+        if shared2.shutting_down.load(Ordering::SeqCst) {
+            session.request_shutdown();
+        }
+        let upgraded = ws.into_inner().into_inner();
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                // Owned halves of a plain TCP stream: no lock per read or write.
+                let (rd, wr) = parts.io.into_inner().into_split();
+                session.run(rd, wr, parts.read_buf).await
+            }
+            Err(upgraded) => {
+                let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+                session.run(rd, wr, Bytes::new()).await
+            }
+        }
+    });
+    resp
+}
+
+/// Answers a refused upgrade, logged at debug level with its status and
+/// reason.
+fn refuse(refusal: Refusal, remote: SocketAddr, path: &str) -> Response<Full<Bytes>> {
+    let resp = refusal.response();
+    tracing::debug!(%remote, path, status = resp.status().as_u16(), reason = ?refusal, "upgrade refused");
+    resp
+}
+
+/// The plugin's view of the upgrade request.
+pub fn plugin_request<B>(
+    req: &Request<B>,
+    remote: std::net::SocketAddr,
+    subprotocols: Vec<String>,
+) -> types::Request {
+    types::Request {
+        method: req.method().as_str().to_owned(),
+        path: req.uri().path().to_owned(),
+        query: req.uri().query().map(str::to_owned),
+        headers: req
+            .headers()
+            .iter()
+            .map(|(name, value)| types::Header {
+                name: name.as_str().to_owned(),
+                value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            })
+            .collect(),
+        remote_addr: remote.to_string(),
+        subprotocols,
+    }
+}
+
+/// Headers a plugin may not set on an upgrade response: the handshake's own.
+const RESERVED: [&str; 5] = [
+    "upgrade",
+    "connection",
+    "sec-websocket-accept",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+];
+
+/// Copies plugin-provided headers into `map`; the first invalid one is an
+/// error naming it.
+pub fn apply_headers(map: &mut HeaderMap, headers: &[types::Header]) -> Result<(), String> {
+    for h in headers {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| format!("invalid header name {:?}", h.name))?;
+        if RESERVED.contains(&name.as_str()) {
+            return Err(format!("header {:?} is set by the gateway", h.name));
+        }
+        let value = HeaderValue::from_str(&h.value)
+            .map_err(|_| format!("invalid value for header {:?}", h.name))?;
+        map.append(name, value);
+    }
+    Ok(())
+}
