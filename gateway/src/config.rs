@@ -1078,11 +1078,24 @@ fn check_path(path: &str) -> Result<(), String> {
 impl Config {
     /// Reads and validates a config file, reporting every error.
     pub fn load(file: &Path) -> Result<Config, Errors> {
-        let text = std::fs::read_to_string(file).map_err(|source| Error::ConfigRead {
+        let text = Config::read_text(file)?;
+        Config::parse(&text, file)
+    }
+
+    /// The text of a config file: a regular file of UTF-8 text (a device or
+    /// a FIFO is refused without being read).
+    pub fn read_text(file: &Path) -> Result<String, Error> {
+        let fail = |source| Error::ConfigRead {
             file: file.to_owned(),
             source,
-        })?;
-        Config::parse(&text, file)
+        };
+        let bytes = crate::reload::watch::read_regular_file(file).map_err(fail)?;
+        String::from_utf8(bytes).map_err(|_| {
+            fail(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not UTF-8 text",
+            ))
+        })
     }
 
     /// Parses and validates config text; `file` names it in errors and

@@ -122,25 +122,7 @@ fn main() -> ExitCode {
 }
 
 fn check(file: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
-    let (config, errors) = match std::fs::read_to_string(file) {
-        Ok(text) => Config::parse_partial(&text, file),
-        Err(source) => (
-            None,
-            vec![wasmgate::Error::ConfigRead {
-                file: file.to_owned(),
-                source,
-            }],
-        ),
-    };
-    let mut errors = Errors(errors);
-    // The plugins of every route whose path and plugin are usable are loaded
-    // even when other keys are wrong, so that one run reports everything.
-    if let Some(config) = &config {
-        if let Err(plugin_errors) = Gateway::new(config, cache_dir) {
-            errors.0.extend(plugin_errors.0);
-        }
-    }
-    errors.sort();
+    let (config, errors) = every_error(file, cache_dir);
     if !errors.0.is_empty() {
         for e in &errors.0 {
             eprintln!("error: {e}");
@@ -153,13 +135,39 @@ fn check(file: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Every error in a config file and the plugins it names, in file order,
+/// and the config if it parsed.
+fn every_error(file: &Path, cache_dir: Option<PathBuf>) -> (Option<Config>, Errors) {
+    let (config, errors) = match Config::read_text(file) {
+        Ok(text) => Config::parse_partial(&text, file),
+        Err(e) => (None, vec![e]),
+    };
+    let mut errors = Errors(errors);
+    // The plugins of every route whose path and plugin are usable are loaded
+    // even when other keys are wrong, so that one run reports everything.
+    if let Some(config) = &config {
+        if let Err(plugin_errors) = Gateway::new(config, cache_dir) {
+            errors.0.extend(plugin_errors.0);
+        }
+    }
+    errors.sort();
+    (config, errors)
+}
+
 fn serve(
     config_file: Option<&Path>,
     listen: Option<ListenAddr>,
     watch: bool,
     cache_dir: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
-    let config = load_config(config_file)?;
+    let config = match config_file {
+        // A bad config file: report everything `check` would, plugins too.
+        Some(file) => match Config::load(file) {
+            Ok(c) => c,
+            Err(_) => return Err(every_error(file, cache_dir).1.into()),
+        },
+        None => load_config(None)?,
+    };
     let runtime = match config.server.threads {
         1 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -174,13 +182,19 @@ fn serve(
     }
     .context("cannot start the async runtime")?;
     runtime.block_on(async move {
+        // Catch SIGHUP before the (possibly slow) plugin loading: its default
+        // action would kill the gateway. Tokio keeps the handler installed;
+        // the reloader listens from when it starts.
+        #[cfg(unix)]
+        drop(tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::hangup(),
+        ));
         let gateway = Gateway::new(&config, cache_dir)?;
         gateway.log_routes();
         let listener = gateway.bind(listen).await?;
         let addr = listener.local_addr().context("listener address")?;
         let routes = gateway.routes();
-        let mut paths: Vec<&str> = routes.iter().map(|r| r.path.as_str()).collect();
-        paths.sort_unstable();
+        let paths: Vec<&str> = routes.iter().map(|r| r.path.as_str()).collect();
         tracing::info!(routes = ?paths, config = %config.file.display(), "wasmgate listening on {addr}");
         // A line on stdout for scripts and tests that start the gateway on
         // port 0; on a terminal the log line above already says it.

@@ -384,3 +384,29 @@ fn documented_bounds_and_wildcard_paths_are_refused() {
     }
     assert_eq!(error_lines(&err), [2, 3, 4, 6, 8], "{err}");
 }
+
+#[test]
+fn a_device_or_a_memory_hungry_plugin_is_refused_with_a_reason_naming_the_key() {
+    // /dev/zero would never finish reading: refused without reading it.
+    let (ok, err) = check(
+        "cfg-device",
+        "[[route]]\npath = \"/zero\"\nplugin = \"/dev/zero\"\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("gateway.toml:3:") && err.contains("not a regular file"),
+        "{err}"
+    );
+    // A Rust plugin's memory starts above 1 MiB.
+    let (ok, err) = check(
+        "cfg-small-memory",
+        "[sandbox]\nmax_memory = \"1MiB\"\n[[route]]\npath = \"/t\"\nplugin = \"{testkit}\"\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("more than [sandbox] max_memory (1024 KiB)"),
+        "names the key, not the plugin: {err}"
+    );
+}

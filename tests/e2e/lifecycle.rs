@@ -203,6 +203,15 @@ async fn headers_that_must_appear_once_are_refused_with_400_when_repeated() {
         assert_eq!(reply.status, 400, "{extra:?}: {}", reply.head);
         assert!(reply.body.contains("only once"), "{}", reply.body);
     }
+    // Two Origins: the second could otherwise slip past allowed_origins.
+    let two_origins = "Origin: https://a.example\r\nOrigin: https://b.example\r\n";
+    let reply = http(gw.addr, &upgrade_request("/t", two_origins)).await;
+    assert_eq!(reply.status, 400, "{}", reply.head);
+    // An upgrade announcing a body.
+    for body in ["Content-Length: 5\r\n", "Transfer-Encoding: chunked\r\n"] {
+        let reply = http(gw.addr, &upgrade_request("/t", body)).await;
+        assert_eq!(reply.status, 400, "{body:?}: {}", reply.head);
+    }
     let no_host = upgrade_request("/t", "").replace("Host: test\r\n", "");
     assert_eq!(http(gw.addr, &no_host).await.status, 400);
     assert!(opens_and_closes(&gw.log()).is_empty(), "no plugin ran");

@@ -46,3 +46,38 @@ async fn a_second_signal_exits_at_once() {
     gw.signal("INT");
     assert_eq!(gw.wait_exit(Duration::from_secs(5)), Some(130));
 }
+
+#[tokio::test]
+async fn connections_that_are_not_websockets_do_not_hold_up_shutdown() {
+    let mut gw = Gateway::start("shutdown-idle-http", CONFIG);
+    // Nothing sent at all; an idle keep-alive after a 426; half a request.
+    let _silent = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    let mut keepalive = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut keepalive, b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 512];
+    let n = tokio::io::AsyncReadExt::read(&mut keepalive, &mut buf)
+        .await
+        .expect("426");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 426"));
+    let mut half = tokio::net::TcpStream::connect(gw.addr)
+        .await
+        .expect("connect");
+    tokio::io::AsyncWriteExt::write_all(&mut half, b"GET /t HTTP/1.1\r\nHost:")
+        .await
+        .expect("write");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let start = std::time::Instant::now();
+    gw.signal("TERM");
+    assert_eq!(gw.wait_exit(Duration::from_secs(10)), Some(0), "clean exit");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "shutdown waited {:?} for HTTP connections",
+        start.elapsed()
+    );
+}

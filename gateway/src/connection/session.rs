@@ -60,6 +60,13 @@ pub struct Session {
     guest: Guest,
     timer_rx: mpsc::Receiver<u64>,
     stage: Stage,
+    /// When `on-open` accepted, for the closing log line.
+    opened_at: Instant,
+    /// Messages delivered to the plugin, and written to the peer.
+    messages: (u64, u64),
+    /// The close frame we sent, if any: what `on-close` reports if the
+    /// session is dropped before the peer answers.
+    sent_close: Option<(u16, String)>,
     _slot: Slot,
 }
 
@@ -118,19 +125,23 @@ impl Session {
             guest,
             timer_rx,
             stage: Stage::Opening,
+            opened_at: Instant::now(),
+            messages: (0, 0),
+            sent_close: None,
             _slot: slot,
         };
         match session.guest.on_open(id, request) {
             Some(OpenResponse::Accept(accept)) => {
                 session.stage = Stage::Accepted;
+                session.opened_at = Instant::now();
                 Opened::Accept(Box::new(session), accept)
             }
             Some(OpenResponse::Reject(reject)) => {
-                session.end(1006, "");
+                session.end(1006, "", ClosedBy::Gateway);
                 Opened::Reject(reject)
             }
             None => {
-                session.end(1006, "");
+                session.end(1006, "", ClosedBy::Gateway);
                 Opened::Failed
             }
         }
@@ -155,19 +166,33 @@ impl Session {
 
     /// Ends the connection: runs `on-close` with `code` and `reason` if
     /// `on-open` accepted and the plugin has not trapped, then takes the
-    /// connection off its route (rooms, metadata, timers). Does nothing the
-    /// second time.
-    fn end(&mut self, code: u16, reason: &str) {
+    /// connection off its route (rooms, metadata, timers) and logs the
+    /// closing line (debug). Does nothing the second time.
+    fn end(&mut self, code: u16, reason: &str, by: ClosedBy) {
         if self.stage == Stage::Ended {
             return;
         }
         self.conn.outbox.finish();
         self.guest.state_mut().cancel_all_timers();
-        if self.stage == Stage::Accepted {
+        let accepted = self.stage == Stage::Accepted;
+        if accepted {
             self.guest.on_close(self.id, code, reason);
         }
         self.stage = Stage::Ended;
         self.route.hub.remove(self.id);
+        if accepted {
+            tracing::debug!(
+                route = %self.route.path,
+                conn = self.id,
+                code,
+                reason,
+                closed_by = by.as_str(),
+                duration_ms = u64::try_from(self.opened_at.elapsed().as_millis()).unwrap_or(u64::MAX),
+                messages_in = self.messages.0,
+                messages_out = self.messages.1,
+                "connection closed"
+            );
+        }
     }
 
     /// Delivers a message to the plugin as if it had arrived from the peer
@@ -185,7 +210,7 @@ impl Session {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let started = Instant::now();
+        let started = self.opened_at;
         let outbox = self.conn.outbox.clone();
         // This task writes too: no writer task to wake per message.
         let mut out = Writer::default();
@@ -291,20 +316,10 @@ impl Session {
 
         // Nothing more is accepted; `on-close` runs; what is queued is
         // written, then the TCP connection is closed.
-        self.end(ending.code, &ending.reason);
+        self.messages = (inbound.messages, out.messages_sent());
+        self.end(ending.code, &ending.reason, ending.by);
         drop(rd);
         let _ = tokio::time::timeout(limits.close_timeout, out.finish(&outbox, &mut wr)).await;
-        tracing::debug!(
-            route = %self.route.path,
-            conn = self.id,
-            code = ending.code,
-            reason = %ending.reason,
-            closed_by = ending.by.as_str(),
-            duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            messages_in = inbound.messages,
-            messages_out = out.messages_sent(),
-            "connection closed"
-        );
         let dropped = outbox.dropped();
         if dropped > 0 {
             tracing::info!(route = %self.route.path, conn = self.id, dropped, "messages dropped for a slow consumer");
@@ -399,11 +414,15 @@ impl Session {
 
 impl Drop for Session {
     /// A session dropped before it ended (its upgrade failed, or the runtime
-    /// is stopping) still owes its plugin `on-close`: the peer is gone
-    /// without a closing handshake, so 1006.
+    /// is stopping at the end of a drain) still owes its plugin `on-close`:
+    /// with the code of the close frame we sent, as when `close_timeout`
+    /// passes, or 1006 if we sent none.
     fn drop(&mut self) {
         if self.stage != Stage::Ended {
-            self.end(1006, "");
+            match self.sent_close.take() {
+                Some((code, reason)) => self.end(code, &reason, ClosedBy::Gateway),
+                None => self.end(1006, "", ClosedBy::Abnormal),
+            }
         }
     }
 }

@@ -76,7 +76,13 @@ impl Runtime {
                 sandbox,
                 max_instances,
             )));
-        let engine = Engine::new(&config).map_err(|e| Error::Engine(format!("{e:#}")))?;
+        let engine = Engine::new(&config).map_err(|e| {
+            Error::Engine(format!(
+                "{e:#} (the instance pool reserves address space for [server] max_connections \
+                 ({max_instances}) instances of [sandbox] max_memory ({} MiB) each: lower one of them)",
+                sandbox.max_memory >> 20
+            ))
+        })?;
         let mut linker = Linker::new(&engine);
         crate::plugin::wasi::add_to_linker(&mut linker)
             .map_err(|e| Error::Engine(format!("cannot link WASI: {e:#}")))?;
@@ -173,7 +179,7 @@ impl Runtime {
             Some(cache) => cache.load(&self.engine, bytes),
             None => Component::new(&self.engine, bytes).map(|c| (c, Origin::Compiled)),
         }
-        .map_err(|e| fail(format!("not a valid component: {e:#}")))?;
+        .map_err(|e| fail(compile_error(&e, self.sandbox.max_memory)))?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
             fail(format!(
                 "imports something the gateway does not provide: {e:#}"
@@ -229,6 +235,26 @@ fn pool(sandbox: &SandboxSettings, max_instances: usize) -> PoolingAllocationCon
     pool
 }
 
+/// Why a component did not compile, in the operator's terms: a plugin whose
+/// memory starts larger than `[sandbox] max_memory` names that key.
+fn compile_error(e: &wasmtime::Error, max_memory: usize) -> String {
+    let text = format!("{e:#}");
+    let needed = text
+        .split("minimum byte size of ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok());
+    match needed {
+        Some(bytes) if text.contains("exceeds the limit") => format!(
+            "needs {} KiB of linear memory at start, more than [sandbox] max_memory ({} KiB): \
+             raise max_memory",
+            bytes.div_ceil(1024),
+            max_memory / 1024
+        ),
+        _ => format!("not a valid component: {text}"),
+    }
+}
+
 /// A plugin error for `route` and `source`, on one line: wasmtime's errors
 /// (and their causes) can span several.
 fn plugin_error(route: &str, source: &PluginSource, reason: String) -> Error {
@@ -242,7 +268,9 @@ fn plugin_error(route: &str, source: &PluginSource, reason: String) -> Error {
 /// The bytes of a plugin: its file, or the built-in component.
 pub fn read_source(source: &PluginSource) -> Result<Vec<u8>, String> {
     match source {
-        PluginSource::File(path) => std::fs::read(path).map_err(|e| format!("cannot read: {e}")),
+        PluginSource::File(path) => {
+            crate::reload::watch::read_regular_file(path).map_err(|e| format!("cannot read: {e}"))
+        }
         PluginSource::Builtin(name) => {
             crate::builtin::plugin(name)
                 .map(<[u8]>::to_vec)

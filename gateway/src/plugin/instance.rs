@@ -64,7 +64,12 @@ impl Guest {
                     export,
                     conn = state.conn_id(),
                     backtrace = %backtrace,
-                    "plugin failed; closing its connection with 1011: {why}"
+                    "plugin failed; {}: {why}",
+                    if export == "on-open" {
+                        "answering the upgrade with 500"
+                    } else {
+                        "closing its connection with 1011"
+                    }
                 );
                 None
             }

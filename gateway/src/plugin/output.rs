@@ -108,7 +108,21 @@ impl LineSink {
 
     fn emit(&mut self) {
         let text = String::from_utf8_lossy(&self.line);
-        let text = text.trim_end_matches('\r');
+        // Control characters (a carriage return that would overwrite the
+        // line's tags on a terminal, escape sequences) are shown escaped.
+        let text: String = text
+            .trim_end_matches('\r')
+            .chars()
+            .flat_map(|c| {
+                let escaped = c.is_control() && c != '\t';
+                let shown: Vec<char> = if escaped {
+                    c.escape_default().collect()
+                } else {
+                    vec![c]
+                };
+                shown
+            })
+            .collect();
         if text.is_empty() && !self.cut {
             // Blank lines (a Rust panic message starts with one) say nothing.
             return;

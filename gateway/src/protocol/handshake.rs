@@ -20,8 +20,10 @@ pub enum Refusal {
     BadVersion,
     /// An `Origin` not in the route's `allowed_origins`: 403.
     Forbidden,
-    /// The server or route is at `max_connections`: 503.
-    Unavailable,
+    /// The server is at `[server] max_connections`: 503.
+    ServerFull,
+    /// The route is at its `max_connections`: 503.
+    RouteFull,
     /// The gateway is shutting down: 503.
     ShuttingDown,
     /// No plugin instance could be created (memory or the instance pool is
@@ -35,8 +37,8 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    /// The HTTP response for this refusal.
-    pub fn response(&self) -> Response<Full<Bytes>> {
+    /// The status and the body text of this refusal.
+    fn status_and_body(&self) -> (StatusCode, std::borrow::Cow<'static, str>) {
         let (status, body) = match self {
             Refusal::NotWebSocket => (
                 StatusCode::UPGRADE_REQUIRED,
@@ -44,15 +46,24 @@ impl Refusal {
             ),
             Refusal::BadRequest(why) => (StatusCode::BAD_REQUEST, *why),
             Refusal::Duplicate(name) => {
-                let body = format!("{name} must appear only once\n");
-                return text_response(StatusCode::BAD_REQUEST, &body);
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("{name} must appear only once\n").into(),
+                );
             }
             Refusal::BadVersion => (
                 StatusCode::UPGRADE_REQUIRED,
                 "unsupported WebSocket version: only 13 is supported\n",
             ),
             Refusal::Forbidden => (StatusCode::FORBIDDEN, "origin not allowed\n"),
-            Refusal::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "too many connections\n"),
+            Refusal::ServerFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections (server max_connections)\n",
+            ),
+            Refusal::RouteFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections (route max_connections)\n",
+            ),
             Refusal::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
             Refusal::NoInstance => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -64,7 +75,13 @@ impl Refusal {
             ),
             Refusal::NotFound => (StatusCode::NOT_FOUND, "no route for this path\n"),
         };
-        let mut resp = text_response(status, body);
+        (status, body.into())
+    }
+
+    /// The HTTP response for this refusal.
+    pub fn response(&self) -> Response<Full<Bytes>> {
+        let (status, body) = self.status_and_body();
+        let mut resp = text_response(status, &body);
         let h = resp.headers_mut();
         match self {
             Refusal::NotWebSocket => {
@@ -83,6 +100,13 @@ impl Refusal {
             _ => {}
         }
         resp
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    /// The reason, as logged: the response body's text.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.status_and_body().1.trim_end())
     }
 }
 
@@ -128,9 +152,20 @@ pub fn validate<B>(req: &Request<B>) -> Result<(), Refusal> {
     if !has_token(h, hyper::header::CONNECTION, "upgrade") {
         return Err(Refusal::BadRequest("missing `Connection: Upgrade`\n"));
     }
-    let host = single(h, hyper::header::HOST.as_str(), "Host")?;
-    if host.is_none() {
-        return Err(Refusal::BadRequest("missing Host\n"));
+    match single(h, hyper::header::HOST.as_str(), "Host")? {
+        Some(host) if !host.as_bytes().trim_ascii().is_empty() => {}
+        _ => return Err(Refusal::BadRequest("missing Host\n")),
+    }
+    // RFC 6454 section 7.3: at most one Origin; checking only the first of
+    // two would let a second one through `allowed_origins`.
+    single(h, hyper::header::ORIGIN.as_str(), "Origin")?;
+    // An upgrade request has no body (RFC 6455 section 4.1); one that
+    // announces a body would have it read as WebSocket frames.
+    if h.contains_key(hyper::header::TRANSFER_ENCODING)
+        || h.get(hyper::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+    {
+        return Err(Refusal::BadRequest("an upgrade request has no body\n"));
     }
     match single(h, "sec-websocket-version", "Sec-WebSocket-Version")? {
         Some(v) if v.as_bytes() == b"13" => {}

@@ -23,7 +23,7 @@ use watch::{FileChange, FileWatcher, WatchError};
 
 /// How long a file must stay unchanged before it is read: long enough for
 /// a compiler or a copy to finish writing it.
-pub const SETTLE: Duration = Duration::from_millis(200);
+pub const SETTLE: Duration = Duration::from_millis(50);
 
 /// Watches the config file and every plugin file it names (unless watching
 /// is off), listens for SIGHUP, and applies what changed.
@@ -128,7 +128,7 @@ impl Reloader {
             let PluginSource::File(path) = &current.plugin.source else {
                 continue;
             };
-            let content = match tokio::fs::read(path).await {
+            let content = match watch::read_regular_file(path) {
                 Ok(bytes) => {
                     let hash = watch::ContentHash::of(&bytes);
                     if hash == current.plugin.hash {

@@ -498,9 +498,40 @@ fn settle_loop(
     }
 }
 
+/// Largest file read, in bytes: the biggest real plugins (a Python guest
+/// with its interpreter) are tens of MiB.
+pub const MAX_FILE_SIZE: u64 = 512 << 20;
+
+/// Reads a regular file of at most [`MAX_FILE_SIZE`] bytes; a device, a FIFO
+/// or a folder is refused without reading (reading `/dev/zero` would never
+/// end, a FIFO would block).
+pub fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
+    if meta.len() > MAX_FILE_SIZE {
+        return Err(io::Error::other(format!(
+            "larger than {} MiB",
+            MAX_FILE_SIZE >> 20
+        )));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(MAX_FILE_SIZE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        return Err(io::Error::other(format!(
+            "larger than {} MiB",
+            MAX_FILE_SIZE >> 20
+        )));
+    }
+    Ok(bytes)
+}
+
 /// A file's bytes, or why they cannot be read.
 fn read(abs: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(abs).map_err(|e| {
+    read_regular_file(abs).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
             if std::fs::symlink_metadata(abs).is_ok() {
                 "file is a symlink to a missing file".to_string()

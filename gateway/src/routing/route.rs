@@ -95,23 +95,32 @@ pub struct Slot {
     server: Arc<AtomicUsize>,
 }
 
+/// Which cap refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Capacity {
+    /// `[server] max_connections`.
+    Server,
+    /// The route's `max_connections`.
+    Route,
+}
+
 impl Slot {
-    /// Takes a slot, or `None` if the route (capped at `route_max`) or the
-    /// server (capped at `server_max`) is full.
+    /// Takes a slot, or says which cap is reached: the route's
+    /// (`route_max`) or the server's (`server_max`).
     pub fn acquire(
         route: &Arc<Route>,
         route_max: Option<usize>,
         server: &Arc<AtomicUsize>,
         server_max: usize,
-    ) -> Option<Slot> {
+    ) -> Result<Slot, Capacity> {
         if !take(server, server_max) {
-            return None;
+            return Err(Capacity::Server);
         }
         if !take(&route.active, route_max.unwrap_or(usize::MAX)) {
             server.fetch_sub(1, Ordering::AcqRel);
-            return None;
+            return Err(Capacity::Route);
         }
-        Some(Slot {
+        Ok(Slot {
             route: route.clone(),
             server: server.clone(),
         })

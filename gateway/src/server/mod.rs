@@ -19,6 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, ServerSettings};
@@ -47,6 +48,9 @@ struct Shared {
     active: Arc<AtomicUsize>,
     next_id: AtomicU64,
     shutting_down: AtomicBool,
+    /// Cancelled when shutdown begins: HTTP connections that are not
+    /// WebSockets end.
+    stopping: CancellationToken,
     tasks: TaskTracker,
 }
 
@@ -79,6 +83,7 @@ impl Gateway {
                 active: Arc::new(AtomicUsize::new(0)),
                 next_id: AtomicU64::new(1),
                 shutting_down: AtomicBool::new(false),
+                stopping: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
         })
@@ -160,6 +165,7 @@ impl Gateway {
         }
         drop(listener);
         shared.shutting_down.store(true, Ordering::SeqCst);
+        shared.stopping.cancel();
         let table = shared.router.load();
         let open: usize = table.routes().iter().map(|r| r.hub.len()).sum();
         tracing::info!(open, "shutting down: closing every connection with 1001");
@@ -212,6 +218,10 @@ fn check_map_count(max_connections: usize) {
     }
 }
 
+/// How long, at shutdown, a request still arriving on a connection that is
+/// not a WebSocket may take before the connection is dropped.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
 async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(stream);
@@ -228,7 +238,22 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, remote: Socket
         .max_buf_size(shared.settings.max_header_size)
         .serve_connection(io, service)
         .with_upgrades();
-    if let Err(e) = conn.await {
+    tokio::pin!(conn);
+    // A connection that is not (yet) a WebSocket (idle keep-alive, a request
+    // still arriving, nothing sent at all) must not hold up shutdown: on
+    // shutdown hyper ends it once no request is in flight, and a request
+    // head still arriving gets a moment, then the connection is dropped.
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shared.stopping.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(SHUTDOWN_GRACE, conn).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(%remote, "HTTP connection ended: {e}");
     }
 }

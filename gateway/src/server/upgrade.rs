@@ -19,7 +19,7 @@ use super::Shared;
 use crate::bindings::wasmgate::plugin::types;
 use crate::connection::session::{Opened, Session};
 use crate::protocol::handshake::{self, Refusal};
-use crate::routing::route::Slot;
+use crate::routing::route::{Capacity, Slot};
 
 /// Answers one HTTP request: a refusal, the plugin's rejection, or `101`
 /// with the session spawned to run once the upgrade completes.
@@ -44,18 +44,22 @@ pub(super) async fn handle(
         return refuse(refusal, remote, &route.path);
     }
     if !handshake::origin_allowed(&req, settings.allowed_origins.as_deref()) {
+        let origin = req.headers().get(hyper::header::ORIGIN);
+        tracing::debug!(%remote, ?origin, route = %route.path, "origin not in allowed_origins");
         return refuse(Refusal::Forbidden, remote, &route.path);
     }
     if shared.shutting_down.load(Ordering::SeqCst) {
         return refuse(Refusal::ShuttingDown, remote, &route.path);
     }
-    let Some(slot) = Slot::acquire(
+    let slot = match Slot::acquire(
         &route,
         settings.max_connections,
         &shared.active,
         shared.settings.max_connections,
-    ) else {
-        return refuse(Refusal::Unavailable, remote, &route.path);
+    ) {
+        Ok(slot) => slot,
+        Err(Capacity::Server) => return refuse(Refusal::ServerFull, remote, &route.path),
+        Err(Capacity::Route) => return refuse(Refusal::RouteFull, remote, &route.path),
     };
     let offered = handshake::offered_subprotocols(&req, settings.subprotocols.as_deref());
     let request = plugin_request(&req, remote, offered);
@@ -82,7 +86,14 @@ pub(super) async fn handle(
             let status = StatusCode::from_u16(reject.status)
                 .ok()
                 .filter(|s| s.is_client_error() || s.is_server_error())
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                .unwrap_or_else(|| {
+                    tracing::error!(
+                        route = %route.path, plugin = %version.plugin.name,
+                        "on-open rejected with status {}, which is not 400-599: answering 500",
+                        reject.status
+                    );
+                    StatusCode::INTERNAL_SERVER_ERROR
+                });
             tracing::debug!(%remote, route = %route.path, conn = id, status = status.as_u16(), "upgrade refused by the plugin");
             let mut resp = Response::new(Full::new(Bytes::from(reject.body)));
             *resp.status_mut() = status;
@@ -128,7 +139,7 @@ pub(super) async fn handle(
             Err(e) => {
                 // The client went away before the upgrade completed: the
                 // session's drop runs `on-close` with 1006.
-                tracing::debug!(%remote, conn = session.id(), "upgrade failed: {e}");
+                tracing::debug!(%remote, conn = session.id(), "the client went away before the upgrade completed ({e})");
                 return;
             }
         };
@@ -155,7 +166,7 @@ pub(super) async fn handle(
 /// reason.
 fn refuse(refusal: Refusal, remote: SocketAddr, path: &str) -> Response<Full<Bytes>> {
     let resp = refusal.response();
-    tracing::debug!(%remote, path, status = resp.status().as_u16(), reason = ?refusal, "upgrade refused");
+    tracing::debug!(%remote, path, status = resp.status().as_u16(), reason = %refusal, "upgrade refused");
     resp
 }
 
