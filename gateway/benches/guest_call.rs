@@ -47,7 +47,7 @@ fn round_trip(c: &mut Criterion) {
     let active = Arc::new(AtomicUsize::new(0));
     let slot = Slot::acquire(&route, None, &active, 16).expect("slot");
     let version = route.current();
-    let mut session = match Session::open(1, route, version, runtime, slot, &request()) {
+    let mut session = match Session::open(1, route, version, runtime, slot, Arc::new(request())) {
         Opened::Accept(session, _) => session,
         _ => panic!("echo refused the connection"),
     };

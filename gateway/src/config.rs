@@ -127,6 +127,25 @@ impl<'de> Deserialize<'de> for Deliver {
     }
 }
 
+/// What a route's open connections do when its plugin is replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnReload {
+    /// Stay on the instance and version they have until they close.
+    Keep,
+    /// Move to a fresh instance of the new version at their next event,
+    /// keeping their host-side state; the plugin's `on-resume` runs first.
+    Migrate,
+}
+
+impl<'de> Deserialize<'de> for OnReload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Choice {
+            expecting: r#""keep" or "migrate""#,
+            choices: &[("keep", OnReload::Keep), ("migrate", OnReload::Migrate)],
+        })
+    }
+}
+
 /// The limits a connection runs with: the `[server]` defaults overridden by
 /// its route.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,6 +205,11 @@ pub struct RouteSettings {
     pub max_connections: Option<usize>,
     /// Whole messages or fragments.
     pub deliver: Deliver,
+    /// What open connections do when the plugin is replaced.
+    pub on_reload: OnReload,
+    /// Release the plugin instance of a connection with no event for this
+    /// long (`None`: never); the next event gets a fresh instance.
+    pub hibernate_after: Option<Duration>,
 }
 
 // ---------------------------------------------------------------------------
@@ -682,6 +706,8 @@ const ROUTE_KEYS: &[&str] = &[
     "allowed_origins",
     "subprotocols",
     "deliver",
+    "on_reload",
+    "hibernate_after",
 ];
 
 /// The smallest `max_header_size`: the documented minimum.
@@ -775,6 +801,8 @@ struct RawRoute {
     allowed_origins: Option<Vec<String>>,
     subprotocols: Option<Vec<String>>,
     deliver: Option<Deliver>,
+    on_reload: Option<OnReload>,
+    hibernate_after: Option<Option<Duration>>,
 }
 
 /// The entries of a table in file order: key, the key's offset, value.
@@ -1050,6 +1078,10 @@ impl Parser<'_> {
                     r.subprotocols = self.visit(key, at, list);
                 }
                 "deliver" => r.deliver = self.value(key, at, v),
+                "on_reload" => r.on_reload = self.value(key, at, v),
+                "hibernate_after" => {
+                    r.hibernate_after = self.value::<Timeout>(key, at, v).map(|t| t.0)
+                }
                 _ => self.unknown(key, at, "[[route]]", &[ROUTE_KEYS, LIMIT_KEYS]),
             }
         }
@@ -1278,6 +1310,8 @@ impl Config {
                 subprotocols: r.subprotocols,
                 max_connections: r.limits.max_connections,
                 deliver: r.deliver.unwrap_or(Deliver::Message),
+                on_reload: r.on_reload.unwrap_or(OnReload::Keep),
+                hibernate_after: r.hibernate_after.flatten(),
             });
         }
         if !saw_route {

@@ -58,7 +58,7 @@ use std::time::Duration;
 pub mod bindings {
     wit_bindgen::generate!({
         path: "../wit",
-        world: "plugin",
+        world: "resumable-plugin",
         pub_export_macro: true,
         export_macro_name: "__export_plugin_bindings",
     });
@@ -101,9 +101,21 @@ pub trait Handler {
     fn on_timer(conn: Connection, timer: TimerId) {
         let _ = (conn, timer);
     }
+
+    /// The connection continues on a new instance of the plugin: after a
+    /// reload on a route with `on_reload = "migrate"`, or when a hibernated
+    /// connection wakes (`hibernate_after`). This instance has none of the
+    /// previous one's memory (globals start fresh); the connection's rooms,
+    /// metadata and timers are intact, so rebuild what you need from
+    /// [`Connection::metadata`] here. `req` is the original upgrade request.
+    /// Runs before the event that woke the connection.
+    fn on_resume(conn: Connection, req: &Request) {
+        let _ = (conn, req);
+    }
 }
 
-/// Exports a [`Handler`] implementation as the plugin's `handler` interface.
+/// Exports a [`Handler`] implementation as the plugin's `handler` and
+/// `resume` interfaces (the `resumable-plugin` world of `wit/plugin.wit`).
 /// Call it exactly once per plugin crate.
 #[macro_export]
 macro_rules! export {
@@ -129,6 +141,11 @@ macro_rules! export {
                 }
                 fn on_timer(conn: u64, timer: u64) {
                     <$handler as $crate::Handler>::on_timer($crate::Connection::from_id(conn), timer)
+                }
+            }
+            impl $crate::bindings::exports::wasmgate::plugin::resume::Guest for __WasmgateExport {
+                fn on_resume(conn: u64, req: $crate::Request) {
+                    <$handler as $crate::Handler>::on_resume($crate::Connection::from_id(conn), &req)
                 }
             }
             $crate::bindings::__export_plugin_bindings!(__WasmgateExport with_types_in $crate::bindings);

@@ -8,6 +8,7 @@ mod config_errors;
 mod echo;
 mod examples;
 mod handshake;
+mod hibernate;
 mod isolation;
 mod lifecycle;
 mod limits;

@@ -261,3 +261,140 @@ async fn a_restart_loads_a_plugin_seen_before_from_the_compile_cache() {
     let mut ws = connect(&gw.url("/p")).await;
     assert_eq!(answer(&mut ws).await, "id");
 }
+
+/// The testkit plugin as built against `wasmgate:plugin@0.1.0`, before the
+/// contract grew `resume`: it must keep loading and working.
+fn fixture_0_1_0() -> String {
+    format!(
+        "{}/../tests/fixtures/testkit-wit-0.1.0.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// A gateway serving `plugin.wasm` (a copy of `first`) at `/m` with
+/// `on_reload = "migrate"`.
+fn start_migrate(name: &str, first: &str) -> (Gateway, PathBuf) {
+    let dir = scratch(name);
+    std::fs::copy(first, dir.join("plugin.wasm")).expect("copy plugin");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[[route]]\npath = \"/m\"\nplugin = \"plugin.wasm\"\non_reload = \"migrate\"\n",
+    )
+    .expect("write config");
+    let gw = Gateway::spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().expect("utf-8 path"),
+    ]);
+    gw.wait_log("hot reload: watching");
+    (gw, dir)
+}
+
+#[tokio::test]
+async fn a_plugin_built_against_wit_0_1_0_still_loads_and_works() {
+    let gw = Gateway::start(
+        "reload-fixture",
+        &format!(
+            "[[route]]\npath = \"/old\"\nplugin = \"{}\"\n",
+            fixture_0_1_0()
+        ),
+    );
+    let mut a = connect(&gw.url("/old")).await;
+    let mut b = connect(&gw.url("/old")).await;
+    let b_id = conn_id(&mut b).await;
+    assert_eq!(command(&mut a, "echo hi").await, "ok hi");
+    assert_eq!(command(&mut a, "join r").await, "ok joined");
+    assert_eq!(command(&mut b, "join r").await, "ok joined");
+    assert_eq!(command(&mut a, "broadcast r hello").await, "ok 1");
+    assert_eq!(next_text(&mut b).await, "hello");
+    assert_eq!(command(&mut a, "meta-set k v").await, "ok set");
+    assert_eq!(command(&mut b, &format!("send {b_id} self")).await, "self");
+    assert!(command(&mut a, "timer 10").await.starts_with("ok "));
+    assert!(next_text(&mut a).await.starts_with("timer "));
+    // It has no `resume` export: the command is unknown to it.
+    assert!(command(&mut a, "resumed")
+        .await
+        .starts_with("err invalid-argument"));
+}
+
+#[tokio::test]
+async fn under_migrate_open_connections_move_to_the_new_version_keeping_rooms_and_metadata() {
+    let (gw, dir) = start_migrate("reload-migrate", &fixture_0_1_0());
+    let mut a = connect(&gw.url("/m")).await;
+    let mut b = connect(&gw.url("/m")).await;
+    let a_id = conn_id(&mut a).await;
+    assert_eq!(command(&mut a, "meta-set k v").await, "ok set");
+    assert_eq!(command(&mut a, "join r").await, "ok joined");
+    assert_eq!(command(&mut b, "join r").await, "ok joined");
+    // The old version does not know `resumed`.
+    assert!(command(&mut a, "resumed").await.starts_with("err "));
+
+    std::fs::copy(plugin("testkit"), dir.join("plugin.wasm")).expect("deploy");
+    gw.wait_log("(version 2,");
+    // The next event runs on the new version, after on-resume.
+    assert_eq!(command(&mut a, "resumed").await, "ok 1");
+    gw.wait_log(&format!("on-resume {a_id}"));
+    assert_eq!(command(&mut a, &format!("meta-get {a_id} k")).await, "ok v");
+    assert_eq!(command(&mut a, "size r").await, "ok 2");
+    assert_eq!(command(&mut b, "broadcast r after").await, "ok 1");
+    assert_eq!(next_text(&mut a).await, "after");
+    assert_eq!(conn_id(&mut a).await, a_id, "same connection id");
+}
+
+#[tokio::test]
+async fn a_client_streaming_through_a_migration_gets_every_reply_in_order() {
+    let (gw, dir) = start_migrate("reload-stream", &plugin("testkit"));
+    let mut ws = connect(&gw.url("/m")).await;
+    let echo = std::fs::read(plugin("echo")).expect("echo");
+    let testkit = std::fs::read(plugin("testkit")).expect("testkit");
+    let writer = std::thread::spawn(move || {
+        // Swap the plugin back and forth while the client streams: echo
+        // answers `echo N` with `echo N`, testkit with `ok N`.
+        for i in 0..6 {
+            std::thread::sleep(Duration::from_millis(150));
+            let bytes = if i % 2 == 0 { &echo } else { &testkit };
+            std::fs::write(dir.join("plugin.wasm"), bytes).expect("deploy");
+        }
+    });
+    let total = 2000;
+    let (mut tx, mut rx) = futures_util::StreamExt::split(ws);
+    let sender = tokio::spawn(async move {
+        for i in 0..total {
+            futures_util::SinkExt::send(
+                &mut tx,
+                tokio_tungstenite::tungstenite::Message::text(format!("echo {i}")),
+            )
+            .await
+            .expect("send");
+            // About 1.2 s of stream: long enough to cross every swap.
+            if i % 10 == 0 {
+                tokio::time::sleep(Duration::from_millis(6)).await;
+            }
+        }
+        tx
+    });
+    for i in 0..total {
+        let msg = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut rx))
+            .await
+            .expect("reply in time")
+            .expect("open")
+            .expect("read");
+        let text = msg.to_text().expect("text").to_owned();
+        let n = text
+            .strip_prefix("ok ")
+            .or_else(|| text.strip_prefix("echo "))
+            .unwrap_or_else(|| panic!("unexpected reply {text:?}"));
+        assert_eq!(n, i.to_string(), "reply {i} lost or out of order");
+    }
+    writer.join().expect("writer");
+    ws = rx.reunite(sender.await.expect("sender")).expect("reunite");
+    drop(ws);
+    assert!(
+        gw.log().matches("connection migrated").count() >= 2,
+        "the stream crossed migrations:\n{}",
+        gw.log()
+    );
+}

@@ -23,11 +23,11 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
-use crate::config::Deliver;
+use crate::config::{Deliver, OnReload};
 use crate::connection::keepalive::{Due, Keepalive};
 use crate::connection::outbox::{Outbound, Outbox, Writer};
 use crate::hub::{ClosedBy, ConnHandle};
-use crate::plugin::host::{HostState, MAX_CLOSE_REASON};
+use crate::plugin::host::{HostState, Timers, MAX_CLOSE_REASON};
 use crate::plugin::instance::Guest;
 use crate::plugin::Runtime;
 use crate::protocol::frame::{parse_close, Frame, FrameReader, OpCode, ProtocolError, ReadError};
@@ -57,7 +57,15 @@ pub struct Session {
     /// plugin, kept for the connection's life.
     version: Arc<RouteVersion>,
     conn: Arc<ConnHandle>,
-    guest: Guest,
+    runtime: Arc<Runtime>,
+    /// The connection's plugin instance; `None` while hibernated.
+    guest: Option<Guest>,
+    /// The connection's timers while it has no instance.
+    parked: Option<Timers>,
+    /// The newest route version this connection has looked at.
+    seen_version: u64,
+    /// The upgrade request, for `on-resume`.
+    request: Arc<types::Request>,
     timer_rx: mpsc::Receiver<u64>,
     stage: Stage,
     /// When `on-open` accepted, for the closing log line.
@@ -92,7 +100,7 @@ impl Session {
         version: Arc<RouteVersion>,
         runtime: Arc<Runtime>,
         slot: Slot,
-        request: &types::Request,
+        request: Arc<types::Request>,
     ) -> Opened {
         let limits = &version.settings.limits;
         let outbox = Outbox::new(limits.max_outbound_buffer);
@@ -104,9 +112,9 @@ impl Session {
             route.hub.clone(),
             version.scope.clone(),
             runtime.store_limits(),
-            timer_tx,
+            Timers::new(timer_tx),
         );
-        let guest = match Guest::new(runtime, &version.plugin, state) {
+        let guest = match Guest::new(runtime.clone(), &version.plugin, state) {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!(
@@ -119,10 +127,14 @@ impl Session {
         };
         let mut session = Session {
             id,
+            seen_version: version.version,
             route,
             version,
             conn,
-            guest,
+            runtime,
+            guest: Some(guest),
+            parked: None,
+            request,
             timer_rx,
             stage: Stage::Opening,
             opened_at: Instant::now(),
@@ -130,7 +142,11 @@ impl Session {
             sent_close: None,
             _slot: slot,
         };
-        match session.guest.on_open(id, request) {
+        let response = match session.guest.as_mut() {
+            Some(guest) => guest.on_open(id, &session.request),
+            None => None,
+        };
+        match response {
             Some(OpenResponse::Accept(accept)) => {
                 session.stage = Stage::Accepted;
                 session.opened_at = Instant::now();
@@ -173,11 +189,18 @@ impl Session {
             return;
         }
         self.conn.outbox.finish();
-        self.guest.state_mut().cancel_all_timers();
         let accepted = self.stage == Stage::Accepted;
-        if accepted {
-            self.guest.on_close(self.id, code, reason);
+        // A hibernated connection gets an instance back for its on-close.
+        if accepted && self.prepare() {
+            if let Some(guest) = self.guest.as_mut() {
+                guest.state_mut().cancel_all_timers();
+                guest.on_close(self.id, code, reason);
+            }
         }
+        if let Some(guest) = self.guest.as_mut() {
+            guest.state_mut().cancel_all_timers();
+        }
+        self.parked = None;
         self.stage = Stage::Ended;
         self.route.hub.remove(self.id);
         if accepted {
@@ -199,7 +222,103 @@ impl Session {
     /// (the session loop does this for every message; the benchmarks call it
     /// directly). Returns false if the plugin failed.
     pub fn deliver(&mut self, msg: Message) -> bool {
-        self.guest.on_message(self.id, msg)
+        self.prepare()
+            && self
+                .guest
+                .as_mut()
+                .is_some_and(|g| g.on_message(self.id, msg))
+    }
+
+    /// Makes sure the connection has a live instance of the version it
+    /// should run before an event is delivered: moves it to the route's
+    /// newest version when that version says `on_reload = "migrate"`, and
+    /// wakes it from hibernation. Either way the new instance gets
+    /// `on-resume` first. False if the plugin failed (now or before): the
+    /// caller closes with 1011.
+    fn prepare(&mut self) -> bool {
+        let newest = self.route.version_number();
+        if newest != self.seen_version {
+            self.seen_version = newest;
+            let latest = self.route.current();
+            if latest.version != self.version.version
+                && latest.settings.on_reload == OnReload::Migrate
+            {
+                let from = self.version.version;
+                self.release();
+                if self.guest.is_some() {
+                    // A trapped instance is not migrated: it is closing.
+                    return false;
+                }
+                self.version = latest;
+                if !self.resume() {
+                    return false;
+                }
+                tracing::debug!(
+                    route = %self.route.path, conn = self.id, from, to = self.version.version,
+                    "connection migrated to the new plugin version"
+                );
+                return true;
+            }
+        }
+        match &self.guest {
+            Some(guest) => !guest.trapped(),
+            None => {
+                let ok = self.resume();
+                if ok {
+                    tracing::debug!(route = %self.route.path, conn = self.id, "connection resumed from hibernation");
+                }
+                ok
+            }
+        }
+    }
+
+    /// Releases the connection's instance, keeping its timers (a trapped
+    /// instance is kept: it may not run again, and the connection is
+    /// closing).
+    fn release(&mut self) {
+        match self.guest.take() {
+            Some(guest) if guest.trapped() => self.guest = Some(guest),
+            Some(mut guest) => self.parked = Some(guest.state_mut().take_timers()),
+            None => {}
+        }
+    }
+
+    /// Gives the connection a fresh instance of its version, with its
+    /// timers, and runs `on-resume`; false if that failed (logged).
+    fn resume(&mut self) -> bool {
+        let Some(timers) = self.parked.take() else {
+            return false;
+        };
+        let state = HostState::new(
+            self.conn.clone(),
+            self.route.hub.clone(),
+            self.version.scope.clone(),
+            self.runtime.store_limits(),
+            timers,
+        );
+        match Guest::new(self.runtime.clone(), &self.version.plugin, state) {
+            Ok(mut guest) => {
+                let ok = guest.on_resume(self.id, &self.request);
+                self.guest = Some(guest);
+                ok
+            }
+            Err(e) => {
+                tracing::error!(
+                    route = %self.route.path, plugin = %self.version.plugin.name, conn = self.id,
+                    "cannot instantiate the plugin to resume the connection; closing it with 1011: {e:#}"
+                );
+                false
+            }
+        }
+    }
+
+    /// Hibernates: releases the instance of a connection that has had no
+    /// event for `hibernate_after`; its next event gets a fresh one.
+    fn hibernate(&mut self) {
+        if self.guest.as_ref().is_some_and(|g| !g.trapped()) {
+            self.release();
+            tracing::debug!(route = %self.route.path, conn = self.id, "connection hibernated: instance released");
+        }
     }
 
     /// Runs the connection over the two halves of its socket (`initial`
@@ -219,14 +338,22 @@ impl Session {
         // `initial` is a slice of hyper's whole read buffer: holding it would
         // keep that buffer alive for the life of the connection.
         drop(initial);
-        let mut inbound = Inbound::new(&self.version);
+        let mut inbound = Inbound::new(&self.version, started);
         let mut phase = Phase::Open;
         let mut keepalive = Keepalive::new(started);
-        let wake = tokio::time::sleep_until(
-            phase
+        let hibernate_after = self.version.settings.hibernate_after;
+        // When the session must next wake with no I/O: the end of the
+        // closing handshake, a keepalive deadline, or hibernation.
+        let next_wake = |phase: &Phase, keepalive: &Keepalive, live: bool, last_event, now| {
+            let mut at = phase
                 .deadline()
-                .unwrap_or_else(|| keepalive.next_deadline(&limits, started)),
-        );
+                .unwrap_or_else(|| keepalive.next_deadline(&limits, now));
+            if let (Some(after), true, true) = (hibernate_after, live, phase.is_open()) {
+                at = at.min(last_event + after);
+            }
+            at
+        };
+        let wake = tokio::time::sleep_until(next_wake(&phase, &keepalive, true, started, started));
         tokio::pin!(wake);
         // Waiting for a close request and for queued frames: created once and
         // kept across iterations (a new `Notified` per frame would register
@@ -244,9 +371,13 @@ impl Session {
             // The timer is only moved earlier here (a close or a ping is now
             // due sooner); activity that moves it later is seen when it fires,
             // so a busy connection does not re-register a timer per frame.
-            let deadline = phase
-                .deadline()
-                .unwrap_or_else(|| keepalive.next_deadline(&limits, Instant::now()));
+            let deadline = next_wake(
+                &phase,
+                &keepalive,
+                self.guest.is_some(),
+                inbound.last_event,
+                Instant::now(),
+            );
             if deadline < wake.deadline() {
                 wake.as_mut().reset(deadline);
             }
@@ -259,15 +390,19 @@ impl Session {
                     }
                 }
                 Some(event) = self.timer_rx.recv(), if phase.is_open() => {
-                    if !self.guest.on_timer(self.id, event) {
+                    inbound.last_event = Instant::now();
+                    let ok = self.prepare()
+                        && self.guest.as_mut().is_some_and(|g| g.on_timer(self.id, event));
+                    if !ok {
                         phase = self.plugin_failed();
                     }
                 }
                 read = reader.read_frame(&mut rd) => {
-                    keepalive.received(Instant::now());
+                    let now = Instant::now();
+                    keepalive.received(now);
                     match read {
                         Ok(frame) => {
-                            if let Some(end) = self.on_frame(frame, &mut phase, &mut inbound) {
+                            if let Some(end) = self.on_frame(frame, now, &mut phase, &mut inbound) {
                                 break end;
                             }
                         }
@@ -306,9 +441,19 @@ impl Session {
                             }
                         },
                     }
+                    if let Some(after) = hibernate_after {
+                        // Not in the middle of a streamed message: the
+                        // plugin may be holding its first fragments.
+                        if phase.is_open()
+                            && now >= inbound.last_event + after
+                            && !inbound.streamer.in_message()
+                        {
+                            self.hibernate();
+                        }
+                    }
                     // Re-arm for whatever is due next (activity since the
                     // timer was set may have moved it later).
-                    let next = phase.deadline().unwrap_or_else(|| keepalive.next_deadline(&limits, now));
+                    let next = next_wake(&phase, &keepalive, self.guest.is_some(), inbound.last_event, now);
                     wake.as_mut().reset(next.max(now + Duration::from_millis(1)));
                 }
             }
@@ -330,6 +475,7 @@ impl Session {
     fn on_frame(
         &mut self,
         frame: Frame,
+        now: Instant,
         phase: &mut Phase,
         inbound: &mut Inbound,
     ) -> Option<Ending> {
@@ -366,10 +512,10 @@ impl Session {
             }
             // Data after a close frame was sent is ignored (section 5.5.1).
             _ if !phase.is_open() => {}
-            _ => match inbound.push(frame) {
+            _ => match inbound.push(frame, now) {
                 Ok(Some(Delivery::Message(msg))) => {
                     inbound.messages += 1;
-                    if !self.guest.on_message(self.id, msg) {
+                    if !self.deliver(msg) {
                         *phase = self.plugin_failed();
                     }
                 }
@@ -377,7 +523,12 @@ impl Session {
                     if fragment.fin {
                         inbound.messages += 1;
                     }
-                    if !self.guest.on_fragment(self.id, fragment) {
+                    let ok = self.prepare()
+                        && self
+                            .guest
+                            .as_mut()
+                            .is_some_and(|g| g.on_fragment(self.id, fragment));
+                    if !ok {
                         *phase = self.plugin_failed();
                     }
                 }
@@ -505,6 +656,9 @@ struct Inbound {
     streaming: bool,
     /// Messages delivered (or whose final fragment was).
     messages: u64,
+    /// When the plugin last had an event (a data frame or a timer), for
+    /// hibernation.
+    last_event: Instant,
 }
 
 /// What one data frame yields for the plugin.
@@ -514,17 +668,20 @@ enum Delivery {
 }
 
 impl Inbound {
-    fn new(version: &RouteVersion) -> Inbound {
+    fn new(version: &RouteVersion, now: Instant) -> Inbound {
         let settings = &version.settings;
         Inbound {
             assembler: Assembler::new(settings.limits.max_message_size),
             streamer: Streamer::default(),
             streaming: settings.deliver == Deliver::Fragments,
             messages: 0,
+            last_event: now,
         }
     }
 
-    fn push(&mut self, frame: Frame) -> Result<Option<Delivery>, ProtocolError> {
+    /// Takes a data frame that arrived at `now`.
+    fn push(&mut self, frame: Frame, now: Instant) -> Result<Option<Delivery>, ProtocolError> {
+        self.last_event = now;
         if self.streaming {
             self.streamer
                 .push(frame)

@@ -11,20 +11,25 @@ use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{
+    Component, ComponentExportIndex, HasSelf, Instance, InstancePre, Linker, ResourceTable,
+};
 use wasmtime::{
     Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
     StoreLimitsBuilder,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
-use crate::bindings::{Plugin as PluginBindings, PluginPre};
+use crate::bindings::{Plugin as PluginBindings, PluginIndices};
 use crate::config::{PluginSource, SandboxSettings};
 use crate::error::Error;
 use crate::plugin::cache::{CompileCache, Origin};
 use crate::plugin::host::HostState;
 use crate::plugin::output::{GuestOutput, Stream, Tags};
 use crate::reload::watch::ContentHash;
+
+/// The optional interface a plugin exports to be told of a new instance.
+const RESUME_INTERFACE: &str = "wasmgate:plugin/resume@0.1.1";
 
 /// How often the engine's epoch advances; a call's time limit is counted in
 /// these ticks.
@@ -185,18 +190,24 @@ impl Runtime {
                 "imports something the gateway does not provide: {e:#}"
             ))
         })?;
-        let pre = PluginPre::new(instance_pre).map_err(|e| {
+        let indices = PluginIndices::new(&instance_pre).map_err(|e| {
             fail(format!(
-                "does not export the `wasmgate:plugin/handler@0.1.0` interface of the plugin world: {e:#}"
+                "does not export the `wasmgate:plugin/handler@0.1.1` interface (or 0.1.0) of the plugin world: {e:#}"
             ))
         })?;
+        // The optional `resume` interface (0.1.1), found semver-compatibly.
+        let resume = component
+            .get_export_index(None, RESUME_INTERFACE)
+            .and_then(|iface| component.get_export_index(Some(&iface), "on-resume"));
         Ok(Plugin {
             name: source.to_string(),
             source: source.clone(),
             hash: ContentHash::of(bytes),
             origin,
             load_time: started.elapsed(),
-            pre,
+            instance_pre,
+            indices,
+            resume,
         })
     }
 
@@ -303,7 +314,10 @@ pub struct Plugin {
     pub origin: Origin,
     /// How long compiling (or mapping) and linking took.
     pub load_time: Duration,
-    pre: PluginPre<HostState>,
+    instance_pre: InstancePre<HostState>,
+    indices: PluginIndices,
+    /// The `on-resume` export, if the plugin has one.
+    resume: Option<ComponentExportIndex>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -316,12 +330,20 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
-    /// Instantiates the plugin into `store`.
+    /// Instantiates the plugin into `store`: its bindings, the instance, and
+    /// its `on-resume` function if it exports one.
     pub(crate) fn instantiate(
         &self,
         store: &mut Store<HostState>,
-    ) -> wasmtime::Result<PluginBindings> {
-        self.pre.instantiate(store)
+    ) -> wasmtime::Result<(PluginBindings, Instance, Option<ComponentExportIndex>)> {
+        let instance = self.instance_pre.instantiate(&mut *store)?;
+        let bindings = self.indices.load(&mut *store, &instance)?;
+        Ok((bindings, instance, self.resume))
+    }
+
+    /// Whether the plugin exports `on-resume`.
+    pub fn has_resume(&self) -> bool {
+        self.resume.is_some()
     }
 }
 

@@ -50,20 +50,51 @@ pub struct HostState {
     own: Arc<ConnHandle>,
     hub: Arc<Hub>,
     scope: Arc<Scope>,
-    timers: HashMap<u64, tokio::task::AbortHandle>,
-    next_timer: u64,
-    timer_tx: mpsc::Sender<u64>,
+    timers: Timers,
+}
+
+/// A connection's timers: host-side state that outlives any one instance
+/// (it moves to the next instance on migration and waits out hibernation).
+#[derive(Debug)]
+pub struct Timers {
+    pending: HashMap<u64, tokio::task::AbortHandle>,
+    next: u64,
+    tx: mpsc::Sender<u64>,
+}
+
+impl Timers {
+    /// No timers yet; they will fire into `tx`.
+    pub fn new(tx: mpsc::Sender<u64>) -> Timers {
+        Timers {
+            pending: HashMap::new(),
+            next: 1,
+            tx,
+        }
+    }
+
+    /// Cancels every timer.
+    pub fn cancel_all(&mut self) {
+        for (_, t) in self.pending.drain() {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Timers {
+    fn drop(&mut self) {
+        self.cancel_all();
+    }
 }
 
 impl HostState {
     /// State for an instance serving connection `own` in `hub`, seeing its
-    /// route through `scope`; timers fire into `timer_tx`.
+    /// route through `scope`, with the connection's `timers`.
     pub(crate) fn new(
         own: Arc<ConnHandle>,
         hub: Arc<Hub>,
         scope: Arc<Scope>,
         limits: StoreLimits,
-        timer_tx: mpsc::Sender<u64>,
+        timers: Timers,
     ) -> Self {
         let (wasi, table) = crate::plugin::engine::wasi_ctx(crate::plugin::output::Tags {
             route: scope.route.clone(),
@@ -78,9 +109,7 @@ impl HostState {
             own,
             hub,
             scope,
-            timers: HashMap::new(),
-            next_timer: 1,
-            timer_tx,
+            timers,
         }
     }
 
@@ -108,23 +137,22 @@ impl HostState {
     /// cancelled meanwhile (its event is then not delivered).
     pub(crate) fn timer_fired(&mut self, id: u64, repeating: bool) -> bool {
         if repeating {
-            self.timers.contains_key(&id)
+            self.timers.pending.contains_key(&id)
         } else {
-            self.timers.remove(&id).is_some()
+            self.timers.pending.remove(&id).is_some()
         }
+    }
+
+    /// Takes the connection's timers out (the instance is being released);
+    /// the state is left with none, firing nowhere.
+    pub(crate) fn take_timers(&mut self) -> Timers {
+        let (tx, _) = mpsc::channel(1);
+        std::mem::replace(&mut self.timers, Timers::new(tx))
     }
 
     /// Cancels every timer (the connection is closing).
     pub(crate) fn cancel_all_timers(&mut self) {
-        for (_, t) in self.timers.drain() {
-            t.abort();
-        }
-    }
-}
-
-impl Drop for HostState {
-    fn drop(&mut self) {
-        self.cancel_all_timers();
+        self.timers.cancel_all();
     }
 }
 
@@ -237,13 +265,13 @@ impl Host for HostState {
             self.hub.get(conn)?;
             return Err(GatewayError::NotOwner);
         }
-        if self.timers.len() >= MAX_TIMERS {
+        if self.timers.pending.len() >= MAX_TIMERS {
             return Err(GatewayError::LimitReached);
         }
-        let id = self.next_timer;
-        self.next_timer += 1;
+        let id = self.timers.next;
+        self.timers.next += 1;
         let delay = Duration::from_millis(u64::from(delay_ms.max(1)));
-        let tx = self.timer_tx.clone();
+        let tx = self.timers.tx.clone();
         let task = tokio::spawn(async move {
             if repeat {
                 let mut every =
@@ -263,12 +291,12 @@ impl Host for HostState {
                 let _ = tx.send(id).await;
             }
         });
-        self.timers.insert(id, task.abort_handle());
+        self.timers.pending.insert(id, task.abort_handle());
         Ok(id)
     }
 
     fn cancel_timer(&mut self, timer: u64) -> bool {
-        match self.timers.remove(&timer) {
+        match self.timers.pending.remove(&timer) {
             Some(t) => {
                 t.abort();
                 true

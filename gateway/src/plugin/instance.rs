@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use wasmtime::component::{ComponentExportIndex, Instance};
 use wasmtime::Store;
 
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
@@ -21,6 +22,9 @@ use crate::protocol::message::{Fragment, Message};
 pub struct Guest {
     store: Store<HostState>,
     bindings: PluginBindings,
+    instance: Instance,
+    /// The `on-resume` export, if the plugin has one.
+    resume: Option<ComponentExportIndex>,
     runtime: Arc<Runtime>,
     /// The plugin trapped: its instance may not be entered again.
     trapped: bool,
@@ -171,10 +175,12 @@ impl Guest {
     ) -> wasmtime::Result<Guest> {
         let mut store = runtime.store(state);
         store.set_epoch_deadline(runtime.call_deadline());
-        let bindings = plugin.instantiate(&mut store)?;
+        let (bindings, instance, resume) = plugin.instantiate(&mut store)?;
         Ok(Guest {
             store,
             bindings,
+            instance,
+            resume,
             runtime,
             trapped: false,
         })
@@ -183,5 +189,23 @@ impl Guest {
     /// The instance's host state.
     pub fn state_mut(&mut self) -> &mut HostState {
         self.store.data_mut()
+    }
+
+    /// Whether the instance trapped (it may not be entered again).
+    pub fn trapped(&self) -> bool {
+        self.trapped
+    }
+
+    /// Runs `on-resume` if the plugin exports it; false if it failed.
+    pub fn on_resume(&mut self, id: u64, request: &types::Request) -> bool {
+        let Some(index) = self.resume else {
+            return true;
+        };
+        self.before_call();
+        let result = self
+            .instance
+            .get_typed_func::<(u64, &types::Request), ()>(&mut self.store, index)
+            .and_then(|f| f.call(&mut self.store, (id, request)));
+        self.after_call("on-resume", result).is_some()
     }
 }

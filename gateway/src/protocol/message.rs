@@ -93,6 +93,12 @@ pub struct Streamer {
 }
 
 impl Streamer {
+    /// Whether a fragmented message is in progress (its final fragment has
+    /// not arrived).
+    pub fn in_message(&self) -> bool {
+        self.current.is_some()
+    }
+
     /// Checks a data frame and returns it as a fragment.
     pub fn push(&mut self, frame: Frame) -> Result<Fragment, ProtocolError> {
         let (text, first) = match (frame.opcode, self.current) {

@@ -61,10 +61,19 @@ impl Route {
     /// Installs new settings and plugin for new connections; returns the
     /// new version. Connections already open keep theirs.
     pub fn install(&self, settings: RouteSettings, plugin: Arc<Plugin>) -> Arc<RouteVersion> {
-        let n = self.last_version.fetch_add(1, Ordering::AcqRel) + 1;
+        // Stored before the number is published, so that a connection that
+        // sees the new number finds the new version.
+        let n = self.last_version.load(Ordering::Acquire) + 1;
         let v = Arc::new(version(settings, plugin, n));
         self.current.store(v.clone());
+        self.last_version.store(n, Ordering::Release);
         v
+    }
+
+    /// The number of the newest version installed: one atomic load, cheap
+    /// enough to check before every event.
+    pub fn version_number(&self) -> u64 {
+        self.last_version.load(Ordering::Acquire)
     }
 
     /// Open connections (and upgrades in progress) on this route.

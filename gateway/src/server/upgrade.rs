@@ -62,7 +62,7 @@ pub(super) async fn handle(
         Err(Capacity::Route) => return refuse(Refusal::RouteFull, remote, &route.path),
     };
     let offered = handshake::offered_subprotocols(&req, settings.subprotocols.as_deref());
-    let request = plugin_request(&req, remote, offered);
+    let request = Arc::new(plugin_request(&req, remote, offered));
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let internal =
         || handshake::text_response(StatusCode::INTERNAL_SERVER_ERROR, "plugin failed\n");
@@ -72,7 +72,7 @@ pub(super) async fn handle(
         version.clone(),
         shared.runtime.clone(),
         slot,
-        &request,
+        request.clone(),
     ) {
         Opened::Accept(session, accept) => (session, accept),
         Opened::Failed => {

@@ -12,7 +12,10 @@
 //! config `protocols` (comma-separated) lists the subprotocols it can speak:
 //! it selects the first of the client's offers that is on that list.
 //!
-//! Commands: `id`, `echo <text>`, `send <id> <text>`, `close <code> <reason>`,
+//! `on-resume` is logged as `on-resume <id>`.
+//!
+//! Commands: `id`, `resumed` (how many times `on-resume` ran on this
+//! instance), `echo <text>`, `send <id> <text>`, `close <code> <reason>`,
 //! `close-other <id> <code>`, `join <room>`, `leave <room>`,
 //! `broadcast <room> <text>` (excluding the sender), `size <room>`,
 //! `members <room>`, `meta-set <key> <value>`, `meta-get <id> <key>`,
@@ -35,6 +38,8 @@ use wasmgate_sdk::{
 thread_local! {
     // The message being streamed on a `deliver = "fragments"` route.
     static FRAGMENTS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
+    // How many times `on-resume` ran on this instance.
+    static RESUMED: Cell<u64> = const { Cell::new(0) };
 }
 
 struct Testkit;
@@ -100,6 +105,7 @@ impl Handler for Testkit {
         let b = parts.next().unwrap_or("");
         match cmd {
             "id" => answer(conn, Ok(conn.id())),
+            "resumed" => answer(conn, Ok(RESUMED.get())),
             "echo" => answer(conn, Ok(text.split_once(' ').map(|x| x.1).unwrap_or(""))),
             "send" => answer(conn, arg_id(a).send_text(b).map(|_| "sent")),
             "close" => {
@@ -174,6 +180,11 @@ impl Handler for Testkit {
 
     fn on_timer(conn: Connection, timer: u64) {
         let _ = conn.send_text(&format!("timer {timer}"));
+    }
+
+    fn on_resume(conn: Connection, _req: &Request) {
+        log::info(&format!("on-resume {}", conn.id()));
+        RESUMED.set(RESUMED.get() + 1);
     }
 }
 
