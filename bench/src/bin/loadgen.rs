@@ -9,6 +9,11 @@
 //!   one echo and closed, by C concurrent workers.
 //! - `idle`: opens N connections that stay idle and reports the server's RSS
 //!   growth per connection (read from /proc/PID/status).
+//! - `reload`: echo load on N connections while the plugin file the route
+//!   serves is replaced (renamed over) several times, alternating two
+//!   plugins; reports throughput, p99, errors (lost or failed messages) and,
+//!   per swap, the time from the rename to the first new connection served
+//!   by the new version (told apart by their answer to a text `id`).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -67,6 +72,24 @@ enum Mode {
         inflight: usize,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// Echo load while the route's plugin file is replaced.
+    Reload {
+        #[arg(long, default_value_t = 100)]
+        conns: usize,
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// The plugin file the gateway serves (replaced by renames).
+        #[arg(long)]
+        file: std::path::PathBuf,
+        /// The two plugins to alternate (both echo binary messages, and
+        /// answer a text `id` differently).
+        #[arg(long, num_args = 2)]
+        plugins: Vec<std::path::PathBuf>,
+        #[arg(long, default_value_t = 10)]
+        swaps: usize,
     },
     /// Server memory per idle connection.
     Idle {
@@ -238,6 +261,36 @@ async fn echo_conn(
         .write_all(&client_frame(0x8, &1000u16.to_be_bytes()))
         .await;
     result
+}
+
+/// Which of the two plugins serves a new connection: echo answers a text
+/// `id` with `id`, testkit with `ok <its id>`.
+async fn answer_to_id(addr: SocketAddr, path: &str) -> anyhow::Result<bool> {
+    Ok(raw_answer_to_id(addr, path).await? == b"id")
+}
+
+/// A new connection's answer to a text `id`.
+async fn raw_answer_to_id(addr: SocketAddr, path: &str) -> anyhow::Result<Vec<u8>> {
+    let (mut s, mut buf) = open(addr, path).await?;
+    s.write_all(&client_frame(0x1, b"id")).await?;
+    let mut chunk = [0u8; 1024];
+    loop {
+        if buf.len() >= 2 && buf.len() >= 2 + (buf[1] & 0x7F) as usize && buf[1] & 0x7F < 126 {
+            let len = (buf[1] & 0x7F) as usize;
+            let answer = buf[2..2 + len].to_vec();
+            let _ = s
+                .write_all(&client_frame(0x8, &1000u16.to_be_bytes()))
+                .await;
+            return Ok(answer);
+        }
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .context("no answer to id")??;
+        if n == 0 {
+            bail!("closed before answering id");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
 }
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
@@ -438,6 +491,77 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
                 "label": args.label, "mode": "broadcast", "members": members, "size": size,
                 "inflight": inflight, "deliveries_per_s": (total as f64 / seconds as f64).round(),
                 "errors": errors.load(Ordering::Relaxed),
+            }))
+        }
+        Mode::Reload {
+            conns,
+            size,
+            seconds,
+            ref file,
+            ref plugins,
+            swaps,
+        } => {
+            let start = Instant::now();
+            let measure_from = start + Duration::from_secs(1);
+            let until = measure_from + Duration::from_secs(seconds);
+            let tasks: Vec<_> = (0..conns)
+                .map(|_| {
+                    tokio::spawn(echo_conn(
+                        args.addr,
+                        args.path.clone(),
+                        size,
+                        1,
+                        measure_from,
+                        until,
+                    ))
+                })
+                .collect();
+            // Swaps spread over the measured window.
+            let every = Duration::from_secs(seconds) / (swaps as u32 + 1);
+            let mut swap_ms = Vec::new();
+            let bytes: Vec<Vec<u8>> = plugins
+                .iter()
+                .map(std::fs::read)
+                .collect::<Result<_, _>>()
+                .context("read the plugins to swap")?;
+            let before = answer_to_id(args.addr, &args.path).await?;
+            let mut last = before;
+            for i in 0..swaps {
+                tokio::time::sleep_until((measure_from + every * (i as u32 + 1)).into()).await;
+                let tmp = file.with_extension("swap.tmp");
+                std::fs::write(&tmp, &bytes[(i + 1) % bytes.len()])?;
+                let renamed = Instant::now();
+                std::fs::rename(&tmp, file)?;
+                loop {
+                    let now = answer_to_id(args.addr, &args.path).await?;
+                    if now != last {
+                        last = now;
+                        break;
+                    }
+                    if renamed.elapsed() > Duration::from_secs(10) {
+                        bail!("swap {i}: the new version never served");
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                swap_ms.push(renamed.elapsed().as_secs_f64() * 1000.0);
+            }
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            for t in tasks {
+                let r = t.await?;
+                latencies.extend(r.latencies);
+                errors += r.errors;
+            }
+            latencies.sort_unstable();
+            swap_ms.sort_by(f64::total_cmp);
+            let msgs = latencies.len() as f64 / seconds as f64;
+            Ok(serde_json::json!({
+                "label": args.label, "mode": "reload", "conns": conns, "size": size,
+                "swaps": swap_ms.len(), "msgs_per_s": msgs.round(),
+                "p50_us": percentile(&latencies, 0.50), "p99_us": percentile(&latencies, 0.99),
+                "errors": errors,
+                "swap_to_served_ms_median": (swap_ms.get(swap_ms.len() / 2).copied().unwrap_or(0.0) * 10.0).round() / 10.0,
+                "swap_to_served_ms_max": (swap_ms.last().copied().unwrap_or(0.0) * 10.0).round() / 10.0,
             }))
         }
         Mode::Idle { conns, pid, hold } => {
