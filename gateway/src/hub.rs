@@ -2,7 +2,7 @@
 //! connection's metadata. Every lookup a plugin makes goes through its own
 //! route's hub, which is what scopes ids and room names to the route.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -68,7 +68,18 @@ pub struct ConnHandle {
     close_requested: AtomicBool,
     /// Wakes the connection's session when a close is requested.
     pub close_notify: Notify,
+    /// Timer events waiting for the session (a timer id, with
+    /// [`TIMER_REPEAT_FLAG`] for a repeating one).
+    timer_events: Mutex<VecDeque<u64>>,
+    /// Wakes the connection's session when a timer fires.
+    pub timer_notify: Notify,
 }
+
+/// Set in a timer event's id when the timer repeats.
+pub const TIMER_REPEAT_FLAG: u64 = 1 << 63;
+/// Repeating-timer events queued for a connection before ticks are skipped
+/// (the plugin is behind).
+const MAX_QUEUED_TICKS: usize = 64;
 
 impl ConnHandle {
     /// A handle for a new connection.
@@ -82,6 +93,8 @@ impl ConnHandle {
             close_request: Mutex::new(None),
             close_requested: AtomicBool::new(false),
             close_notify: Notify::new(),
+            timer_events: Mutex::new(VecDeque::new()),
+            timer_notify: Notify::new(),
         })
     }
 
@@ -112,6 +125,25 @@ impl ConnHandle {
         }
         *self.close_request.lock() = Some((code, reason.to_owned(), by));
         self.close_notify.notify_one();
+    }
+
+    /// Queues a timer event for the session. A repeating timer's tick is
+    /// skipped when [`MAX_QUEUED_TICKS`] events wait already; a one-shot
+    /// event is always queued (a connection holds at most 64 timers).
+    pub fn timer_fired(&self, event: u64) {
+        {
+            let mut q = self.timer_events.lock();
+            if event & TIMER_REPEAT_FLAG != 0 && q.len() >= MAX_QUEUED_TICKS {
+                return;
+            }
+            q.push_back(event);
+        }
+        self.timer_notify.notify_one();
+    }
+
+    /// The next timer event waiting, if any.
+    pub fn next_timer_event(&self) -> Option<u64> {
+        self.timer_events.lock().pop_front()
     }
 
     /// Takes the pending close request, if any.

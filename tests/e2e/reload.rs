@@ -158,6 +158,27 @@ async fn broken_deleted_or_exportless_files_keep_the_old_version_serving() {
         let mut ws = connect(&gw.url("/p")).await;
         assert_eq!(answer(&mut ws).await, "id", "{what}: old version serves");
     }
+    // A component that traps whenever it is instantiated is refused at
+    // load, not deployed to answer every connection with an error.
+    std::fs::copy(
+        format!(
+            "{}/../tests/fixtures/trap-at-start.wasm",
+            env!("CARGO_MANIFEST_DIR")
+        ),
+        &file,
+    )
+    .expect("copy");
+    let line = gw.wait_log("fails when instantiated");
+    assert!(
+        line.contains("route /p") && line.contains("keeps serving"),
+        "{line}"
+    );
+    let mut ws = connect(&gw.url("/p")).await;
+    assert_eq!(
+        answer(&mut ws).await,
+        "id",
+        "start trap: old version serves"
+    );
     std::fs::remove_file(&file).expect("delete");
     gw.wait_log("file was deleted");
     let mut ws = connect(&gw.url("/p")).await;
@@ -397,4 +418,42 @@ async fn a_client_streaming_through_a_migration_gets_every_reply_in_order() {
         "the stream crossed migrations:\n{}",
         gw.log()
     );
+}
+
+#[tokio::test]
+async fn a_streamed_message_is_never_split_across_a_migration() {
+    let dir = scratch("reload-fragments");
+    std::fs::copy(fixture_0_1_0(), dir.join("plugin.wasm")).expect("copy plugin");
+    let config = dir.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[[route]]\npath = \"/f\"\nplugin = \"plugin.wasm\"\non_reload = \"migrate\"\ndeliver = \"fragments\"\n",
+    )
+    .expect("write config");
+    let gw = Gateway::spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().expect("utf-8 path"),
+    ]);
+    gw.wait_log("hot reload: watching");
+    let mut raw = Raw::connect(gw.addr, "/f").await;
+    // First fragment on version 1, then the deploy, then the rest.
+    raw.send_frame(0x01, b"aaaa", true).await;
+    std::fs::copy(plugin("testkit"), dir.join("plugin.wasm")).expect("deploy");
+    gw.wait_log("(version 2,");
+    raw.send_frame(0x00, b"bbbb", true).await;
+    raw.send_frame(0x80, b"cc", true).await;
+    let (_, reply) = raw.read_frame().await.expect("reply");
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        "fragments text 3 bytes 10",
+        "the whole message reached one instance"
+    );
+    // The next message starts on the new version.
+    raw.send_frame(0x81, b"resumed", true).await;
+    let (_, reply) = raw.read_frame().await.expect("reply");
+    assert_eq!(String::from_utf8_lossy(&reply), "fragments text 1 bytes 7");
+    gw.wait_log("on-resume ");
 }

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
@@ -33,9 +32,6 @@ use crate::plugin::Runtime;
 use crate::protocol::frame::{parse_close, Frame, FrameReader, OpCode, ProtocolError, ReadError};
 use crate::protocol::message::{Assembler, Fragment, Message, Streamer};
 use crate::routing::route::{Route, RouteVersion, Slot};
-
-/// Timer events queued for a connection before ticks are skipped.
-const TIMER_QUEUE: usize = 64;
 
 /// Where a session is in its life; decides what ending it owes the plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +62,6 @@ pub struct Session {
     seen_version: u64,
     /// The upgrade request, for `on-resume`.
     request: Arc<types::Request>,
-    timer_rx: mpsc::Receiver<u64>,
     stage: Stage,
     /// When `on-open` accepted, for the closing log line.
     opened_at: Instant,
@@ -106,13 +101,12 @@ impl Session {
         let outbox = Outbox::new(limits.max_outbound_buffer);
         let conn = ConnHandle::new(id, outbox, limits.slow_consumer);
         route.hub.insert(conn.clone());
-        let (timer_tx, timer_rx) = mpsc::channel(TIMER_QUEUE);
         let state = HostState::new(
             conn.clone(),
             route.hub.clone(),
             version.scope.clone(),
             runtime.store_limits(),
-            Timers::new(timer_tx),
+            Timers::new(),
         );
         let guest = match Guest::new(runtime.clone(), &version.plugin, state) {
             Ok(g) => g,
@@ -135,7 +129,6 @@ impl Session {
             guest: Some(guest),
             parked: None,
             request,
-            timer_rx,
             stage: Stage::Opening,
             opened_at: Instant::now(),
             messages: (0, 0),
@@ -191,7 +184,7 @@ impl Session {
         self.conn.outbox.finish();
         let accepted = self.stage == Stage::Accepted;
         // A hibernated connection gets an instance back for its on-close.
-        if accepted && self.prepare() {
+        if accepted && self.prepare(true) {
             if let Some(guest) = self.guest.as_mut() {
                 guest.state_mut().cancel_all_timers();
                 guest.on_close(self.id, code, reason);
@@ -222,7 +215,7 @@ impl Session {
     /// (the session loop does this for every message; the benchmarks call it
     /// directly). Returns false if the plugin failed.
     pub fn deliver(&mut self, msg: Message) -> bool {
-        self.prepare()
+        self.prepare(true)
             && self
                 .guest
                 .as_mut()
@@ -233,11 +226,13 @@ impl Session {
     /// should run before an event is delivered: moves it to the route's
     /// newest version when that version says `on_reload = "migrate"`, and
     /// wakes it from hibernation. Either way the new instance gets
-    /// `on-resume` first. False if the plugin failed (now or before): the
-    /// caller closes with 1011.
-    fn prepare(&mut self) -> bool {
+    /// `on-resume` first. A connection moves only `at_boundary`: between
+    /// messages, never while a streamed message's fragments are arriving.
+    /// False if the plugin failed (now or before): the caller closes with
+    /// 1011.
+    fn prepare(&mut self, at_boundary: bool) -> bool {
         let newest = self.route.version_number();
-        if newest != self.seen_version {
+        if at_boundary && newest != self.seen_version {
             self.seen_version = newest;
             let latest = self.route.current();
             if latest.version != self.version.version
@@ -363,6 +358,8 @@ impl Session {
         tokio::pin!(close_requested);
         let out_ready = outbox.ready();
         tokio::pin!(out_ready);
+        let timer_ready = conn.timer_notify.notified();
+        tokio::pin!(timer_ready);
 
         let ending = loop {
             // Whatever the last step queued (an echo, a pong, a close) is
@@ -389,12 +386,16 @@ impl Session {
                         phase = self.start_close(code, reason, by);
                     }
                 }
-                Some(event) = self.timer_rx.recv(), if phase.is_open() => {
+                _ = &mut timer_ready, if phase.is_open() => {
+                    timer_ready.set(conn.timer_notify.notified());
                     inbound.last_event = Instant::now();
-                    let ok = self.prepare()
-                        && self.guest.as_mut().is_some_and(|g| g.on_timer(self.id, event));
-                    if !ok {
-                        phase = self.plugin_failed();
+                    while let Some(event) = conn.next_timer_event() {
+                        let ok = self.prepare(!inbound.streamer.in_message())
+                            && self.guest.as_mut().is_some_and(|g| g.on_timer(self.id, event));
+                        if !ok {
+                            phase = self.plugin_failed();
+                            break;
+                        }
                     }
                 }
                 read = reader.read_frame(&mut rd) => {
@@ -523,7 +524,7 @@ impl Session {
                     if fragment.fin {
                         inbound.messages += 1;
                     }
-                    let ok = self.prepare()
+                    let ok = self.prepare(fragment.first)
                         && self
                             .guest
                             .as_mut()

@@ -8,12 +8,19 @@
 //! wasmtime's versions. A restart, or a reload of a plugin seen before,
 //! maps that file instead of compiling.
 //!
-//! Trust: a cached file is native code that wasmtime maps without checking
-//! it, so the folder must be writable by the gateway's user only (it is
-//! created with mode 0700). Entries are written to a temporary name and
-//! renamed into place, so a crash or a concurrent gateway never leaves a
-//! torn entry. A cache that cannot be read or written is logged and skipped:
-//! the plugin is compiled as if there were no cache.
+//! Trust: a cached file is native code that wasmtime runs as it is, so:
+//! - the folder is created with mode 0700, and a folder or entry that others
+//!   can write (mode `g+w` or `o+w`) is not used (logged; the plugin is
+//!   compiled instead);
+//! - every entry is stored with the SHA-256 of its bytes in its first 32
+//!   bytes, checked before the rest is handed to wasmtime, so a corrupted or
+//!   swapped entry is recompiled rather than run;
+//! - entries are written to a temporary name and renamed into place, so a
+//!   crash or a concurrent gateway never leaves a torn entry.
+//!
+//! This protects against accidents, not against someone who can write the
+//! gateway user's files. A cache that cannot be read or written is logged
+//! and skipped: the plugin is compiled as if there were no cache.
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -46,6 +53,9 @@ impl CompileCache {
         let mut h = StableHasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut h);
         env!("CARGO_PKG_VERSION").hash(&mut h);
+        // The entry layout (checksum, then code): a change makes old entries
+        // simply not found.
+        "entry-format-2".hash(&mut h);
         let salt: [u8; 32] = h.0.finalize().into();
         CompileCache { dir, salt }
     }
@@ -80,18 +90,26 @@ impl CompileCache {
     /// cache errors are logged and skipped.
     pub fn load(&self, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<(Component, Origin)> {
         let entry = self.entry(bytes);
-        if entry.is_file() {
-            // SAFETY: the file was written by `Component::serialize` of an
-            // engine with the same compatibility hash (it is in the key), into
-            // a folder only the gateway's user can write (see the module
-            // header). wasmtime still checks the header and version.
-            match unsafe { Component::deserialize_file(engine, &entry) } {
-                Ok(c) => return Ok((c, Origin::Cached)),
-                Err(e) => tracing::warn!(
-                    file = %entry.display(),
-                    "ignoring an unusable compiled-plugin cache entry: {e:#}"
-                ),
+        match self.read_entry(&entry) {
+            Ok(Some(code)) => {
+                // SAFETY: `code` is what `Component::serialize` wrote for an
+                // engine with the same compatibility hash (it is in the
+                // entry's name), and its SHA-256 matched the one stored with
+                // it, in a folder and file only the gateway's user can write
+                // (see the module header). wasmtime also checks its header.
+                match unsafe { Component::deserialize(engine, &code) } {
+                    Ok(c) => return Ok((c, Origin::Cached)),
+                    Err(e) => tracing::warn!(
+                        file = %entry.display(),
+                        "ignoring an unusable compiled-plugin cache entry: {e:#}"
+                    ),
+                }
             }
+            Ok(None) => {}
+            Err(why) => tracing::warn!(
+                file = %entry.display(),
+                "ignoring a compiled-plugin cache entry: {why}; compiling instead"
+            ),
         }
         let component = Component::new(engine, bytes)?;
         if let Err(e) = self.store(&entry, &component) {
@@ -103,17 +121,70 @@ impl CompileCache {
         Ok((component, Origin::Compiled))
     }
 
+    /// The checked code of an entry; `None` if there is none.
+    fn read_entry(&self, entry: &Path) -> Result<Option<Vec<u8>>, String> {
+        if !entry.is_file() {
+            return Ok(None);
+        }
+        for path in [self.dir.as_path(), entry] {
+            if writable_by_others(path) {
+                return Err(format!(
+                    "{} can be written by other users (chmod go-w it)",
+                    path.display()
+                ));
+            }
+        }
+        let data = std::fs::read(entry).map_err(|e| e.to_string())?;
+        if data.len() < 32 {
+            return Err("truncated".into());
+        }
+        let (digest, code) = data.split_at(32);
+        let actual: [u8; 32] = Sha256::digest(code).into();
+        if actual[..] != *digest {
+            return Err("its checksum does not match its contents".into());
+        }
+        Ok(Some(code.to_vec()))
+    }
+
     fn store(&self, entry: &Path, component: &Component) -> std::io::Result<()> {
         create_private_dir(&self.dir)?;
-        let bytes = component
+        let code = component
             .serialize()
             .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+        let digest: [u8; 32] = Sha256::digest(&code).into();
+        let mut data = Vec::with_capacity(32 + code.len());
+        data.extend_from_slice(&digest);
+        data.extend_from_slice(&code);
         let tmp = entry.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, bytes)?;
+        write_private(&tmp, &data)?;
         std::fs::rename(&tmp, entry).inspect_err(|_| {
             let _ = std::fs::remove_file(&tmp);
         })
     }
+}
+
+/// Whether users other than the owner may write `path`.
+fn writable_by_others(path: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o022 != 0)
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        false
+    }
+}
+
+/// Writes a file readable and writable by this user only.
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(data)
 }
 
 /// Creates `dir` (and its parents) readable and writable by this user only.
@@ -191,6 +262,49 @@ mod tests {
         assert_eq!(
             cache.load(&engine, &bytes).map(|c| c.1).ok(),
             Some(Origin::Cached)
+        );
+    }
+
+    #[test]
+    fn a_tampered_entry_is_recompiled_not_run() {
+        let engine = Engine::default();
+        let bytes = empty_component();
+        let cache = CompileCache::new(scratch("tampered"), &engine);
+        assert_eq!(
+            cache.load(&engine, &bytes).map(|c| c.1).ok(),
+            Some(Origin::Compiled)
+        );
+        let entry = cache.entry(&bytes);
+        let mut data = std::fs::read(&entry).expect("entry");
+        let last = data.len() - 1;
+        data[last] ^= 0xff;
+        std::fs::write(&entry, &data).expect("tamper");
+        assert_eq!(
+            cache.load(&engine, &bytes).map(|c| c.1).ok(),
+            Some(Origin::Compiled)
+        );
+        assert_eq!(
+            cache.load(&engine, &bytes).map(|c| c.1).ok(),
+            Some(Origin::Cached)
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_cache_others_can_write_is_not_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let engine = Engine::default();
+        let bytes = empty_component();
+        let cache = CompileCache::new(scratch("open"), &engine);
+        assert_eq!(
+            cache.load(&engine, &bytes).map(|c| c.1).ok(),
+            Some(Origin::Compiled)
+        );
+        std::fs::set_permissions(cache.dir(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod");
+        assert_eq!(
+            cache.load(&engine, &bytes).map(|c| c.1).ok(),
+            Some(Origin::Compiled)
         );
     }
 

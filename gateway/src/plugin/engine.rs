@@ -21,10 +21,13 @@ use wasmtime::{
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
 
 use crate::bindings::{Plugin as PluginBindings, PluginIndices};
+use crate::config::SlowConsumer;
 use crate::config::{PluginSource, SandboxSettings};
+use crate::connection::outbox::Outbox;
 use crate::error::Error;
+use crate::hub::{ConnHandle, Hub};
 use crate::plugin::cache::{CompileCache, Origin};
-use crate::plugin::host::HostState;
+use crate::plugin::host::{HostState, Scope, Timers};
 use crate::plugin::output::{GuestOutput, Stream, Tags};
 use crate::reload::watch::ContentHash;
 
@@ -196,9 +199,27 @@ impl Runtime {
             ))
         })?;
         // The optional `resume` interface (0.1.1), found semver-compatibly.
-        let resume = component
-            .get_export_index(None, RESUME_INTERFACE)
-            .and_then(|iface| component.get_export_index(Some(&iface), "on-resume"));
+        let resume = match component.get_export_index(None, RESUME_INTERFACE) {
+            None => None,
+            Some(iface) => Some(
+                component
+                    .get_export_index(Some(&iface), "on-resume")
+                    .ok_or_else(|| {
+                        fail(format!(
+                            "exports `{RESUME_INTERFACE}` without its `on-resume` function"
+                        ))
+                    })?,
+            ),
+        };
+        // Instantiate once now: a plugin whose start functions trap (or run
+        // past max_call_time) is refused here, where the old version keeps
+        // serving, not at each connection.
+        self.trial_instance(route, source, &instance_pre)
+            .map_err(|e| {
+                fail(format!(
+                    "fails when instantiated (its start functions): {e}"
+                ))
+            })?;
         Ok(Plugin {
             name: source.to_string(),
             source: source.clone(),
@@ -209,6 +230,40 @@ impl Runtime {
             indices,
             resume,
         })
+    }
+
+    /// Instantiates `pre` once in a scratch store (no connection, an empty
+    /// hub), to prove that the plugin starts.
+    fn trial_instance(
+        &self,
+        route: &str,
+        source: &PluginSource,
+        pre: &InstancePre<HostState>,
+    ) -> Result<(), String> {
+        let conn = ConnHandle::new(0, Outbox::new(0), SlowConsumer::Drop);
+        let scope = Arc::new(Scope {
+            route: Arc::from(route),
+            plugin: Arc::from(source.to_string().as_str()),
+            config: std::collections::BTreeMap::new(),
+        });
+        let state = HostState::new(
+            conn,
+            Arc::new(Hub::default()),
+            scope,
+            self.store_limits(),
+            Timers::new(),
+        );
+        let mut store = self.store(state);
+        store.set_epoch_deadline(self.call_deadline());
+        match pre.instantiate(&mut store) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(match e.downcast_ref::<wasmtime::Trap>() {
+                Some(wasmtime::Trap::Interrupt) => {
+                    format!("ran past max_call_time ({:?})", self.sandbox.max_call_time)
+                }
+                _ => e.root_cause().to_string(),
+            }),
+        }
     }
 
     /// A new store for one connection.

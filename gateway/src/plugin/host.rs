@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
 use wasmtime::component::ResourceTable;
 use wasmtime::StoreLimits;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -55,21 +54,17 @@ pub struct HostState {
 
 /// A connection's timers: host-side state that outlives any one instance
 /// (it moves to the next instance on migration and waits out hibernation).
-#[derive(Debug)]
+/// A timer fires into its connection's handle ([`ConnHandle::timer_fired`]).
+#[derive(Debug, Default)]
 pub struct Timers {
     pending: HashMap<u64, tokio::task::AbortHandle>,
     next: u64,
-    tx: mpsc::Sender<u64>,
 }
 
 impl Timers {
-    /// No timers yet; they will fire into `tx`.
-    pub fn new(tx: mpsc::Sender<u64>) -> Timers {
-        Timers {
-            pending: HashMap::new(),
-            next: 1,
-            tx,
-        }
+    /// No timers yet.
+    pub fn new() -> Timers {
+        Timers::default()
     }
 
     /// Cancels every timer.
@@ -146,8 +141,7 @@ impl HostState {
     /// Takes the connection's timers out (the instance is being released);
     /// the state is left with none, firing nowhere.
     pub(crate) fn take_timers(&mut self) -> Timers {
-        let (tx, _) = mpsc::channel(1);
-        std::mem::replace(&mut self.timers, Timers::new(tx))
+        std::mem::take(&mut self.timers)
     }
 
     /// Cancels every timer (the connection is closing).
@@ -173,8 +167,8 @@ pub(crate) fn outbound(msg: Message) -> Outbound {
     }
 }
 
-/// Timer events are sent with a flag in the high bit when the timer repeats.
-pub(crate) const REPEAT_FLAG: u64 = 1 << 63;
+/// Timer events carry a flag in the high bit when the timer repeats.
+pub(crate) use crate::hub::TIMER_REPEAT_FLAG as REPEAT_FLAG;
 
 impl types::Host for HostState {}
 
@@ -268,10 +262,10 @@ impl Host for HostState {
         if self.timers.pending.len() >= MAX_TIMERS {
             return Err(GatewayError::LimitReached);
         }
-        let id = self.timers.next;
         self.timers.next += 1;
+        let id = self.timers.next;
         let delay = Duration::from_millis(u64::from(delay_ms.max(1)));
-        let tx = self.timers.tx.clone();
+        let conn = self.own.clone();
         let task = tokio::spawn(async move {
             if repeat {
                 let mut every =
@@ -279,16 +273,11 @@ impl Host for HostState {
                 every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 loop {
                     every.tick().await;
-                    // A full queue means the plugin is behind: skip this tick
-                    // rather than pile them up.
-                    match tx.try_send(id | REPEAT_FLAG) {
-                        Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
-                        Err(mpsc::error::TrySendError::Closed(_)) => break,
-                    }
+                    conn.timer_fired(id | REPEAT_FLAG);
                 }
             } else {
                 tokio::time::sleep(delay).await;
-                let _ = tx.send(id).await;
+                conn.timer_fired(id);
             }
         });
         self.timers.pending.insert(id, task.abort_handle());

@@ -21,11 +21,22 @@
 //! differs from the last one reported: a `touch` or rewriting the same bytes
 //! sends nothing.
 //!
-//! Not seen: replacing or deleting a file's folder itself, unless the folder
-//! is reached through a symlink (a folder that is deleted and created again
-//! is watched again at the next [`FileWatcher::set_files`]). Symlinks directly
-//! under the root (`/tmp` on macOS, `/bin` on merged-`/usr` systems) are
-//! followed but not watched, so that `/` is never watched.
+//! A file's folder itself can be replaced too: moved away and a new folder
+//! made under its name (`mv plugins plugins.old && mkdir plugins`), or
+//! deleted and created again. A watch follows the folder it was put on, not
+//! its name, so the watcher checks about once a second (and at once on an
+//! event naming a watched folder) that each watched folder's path still
+//! names the folder it watches (the same device and inode on Unix); when it
+//! does not, the watch moves to the new folder and the files in it are
+//! checked, reported if their content differs from the last reported one.
+//! A file written in the new folder before its watch is moved is therefore
+//! seen up to a second late, but seen.
+//!
+//! Not seen: symlinks directly under the root (`/tmp` on macOS, `/bin` on
+//! merged-`/usr` systems) are followed but not watched, so that `/` is never
+//! watched. Outside Unix a folder's identity is its creation time, so a
+//! folder replaced between two checks by one created at the same instant is
+//! not told apart (one deleted, and seen missing, is).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -36,7 +47,7 @@ use std::sync::mpsc::{self as std_mpsc, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use notify::event::{AccessKind, AccessMode};
+use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{EventKind, RecursiveMode, Watcher};
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
@@ -49,6 +60,10 @@ pub const MAX_SETTLE: Duration = Duration::from_secs(3600);
 /// How many symlinks resolving one path may go through (as Linux's
 /// `MAXSYMLINKS`); past that the path is taken as it is.
 const MAX_SYMLINK_HOPS: usize = 40;
+
+/// How often the settling thread checks that each watched folder's path
+/// still names the folder being watched (one `stat` per folder).
+const FOLDER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The SHA-256 of a file's bytes.
 ///
@@ -203,7 +218,7 @@ impl FileWatcher {
         let inner = Arc::new(Mutex::new(Inner {
             watcher,
             files: HashMap::new(),
-            dirs: HashSet::new(),
+            dirs: HashMap::new(),
         }));
         let (changes, receiver) = tokio_mpsc::unbounded_channel();
         let shared = inner.clone();
@@ -230,8 +245,9 @@ impl FileWatcher {
     /// `spawn_blocking`). On error the new set is still in place, and every
     /// folder that could be watched is; the error names the first folder
     /// that could not be (others are logged). Such a folder is tried again
-    /// at the next `set_files`, and whenever an event for the file arrives
-    /// through another folder (a symlink swap).
+    /// at the next `set_files`, whenever an event for the file arrives
+    /// through another folder (a symlink swap), and when a folder appears
+    /// or is replaced at its path (checked about once a second).
     pub fn set_files(&self, files: Vec<PathBuf>) -> Result<(), WatchError> {
         let mut errors = Vec::new();
         let cwd = std::env::current_dir();
@@ -321,8 +337,50 @@ struct Inner {
     watcher: notify::RecommendedWatcher,
     /// The watched files, by their path as given.
     files: HashMap<PathBuf, Watched>,
-    /// The folders being watched (non-recursively).
-    dirs: HashSet<PathBuf>,
+    /// The folders the watched files need, each watched non-recursively if
+    /// it could be.
+    dirs: HashMap<PathBuf, Dir>,
+}
+
+/// A folder that the watched files need.
+#[derive(Debug)]
+struct Dir {
+    /// Whether it is watched.
+    watched: bool,
+    /// What its path named just before it was last watched (or tried), so
+    /// that a folder moved away or deleted and replaced by another one is
+    /// noticed; `None` if it was missing, or if the folder was seen deleted.
+    id: Option<DirId>,
+}
+
+/// Which folder a path names: its device and inode on Unix, its creation
+/// time elsewhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirId(u64, u64);
+
+impl DirId {
+    /// The folder `path` names now (following symlinks), or `None` if it
+    /// names none.
+    fn of(path: &Path) -> Option<DirId> {
+        let meta = std::fs::metadata(path).ok()?;
+        if !meta.is_dir() {
+            return None;
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            Some(DirId(meta.dev(), meta.ino()))
+        }
+        #[cfg(not(unix))]
+        {
+            let created = meta
+                .created()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .unwrap_or_default();
+            Some(DirId(created.as_secs(), u64::from(created.subsec_nanos())))
+        }
+    }
 }
 
 /// One watched file.
@@ -362,11 +420,20 @@ impl Inner {
             // Someone read a file (the watcher itself, reading what settled).
             return Vec::new();
         }
-        if matches!(event.kind, EventKind::Remove(_)) {
-            // A watched folder deleted: its watch is gone, watch it again if
-            // it comes back.
+        if matches!(
+            event.kind,
+            EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+        ) {
+            // A watched folder (or one above it) deleted or moved: notify
+            // drops the watches of a deleted or moved-away folder and of the
+            // folders under it. Forget what they were, so that the next check
+            // of the folders watches what is there now, even a folder that
+            // got the inode number of a deleted one, or that was watched
+            // again just before notify dropped the watch.
             for path in &event.paths {
-                self.dirs.remove(path);
+                for (_, dir) in self.dirs.iter_mut().filter(|(d, _)| d.starts_with(path)) {
+                    dir.id = None;
+                }
             }
         }
         self.files
@@ -424,36 +491,109 @@ impl Inner {
             .flat_map(|file| file.triggers.iter().filter_map(|t| t.parent()))
             .map(Path::to_path_buf)
             .collect();
-        let stale: Vec<PathBuf> = self.dirs.difference(&needed).cloned().collect();
-        for dir in stale {
-            self.dirs.remove(&dir);
-            if let Err(e) = self.watcher.unwatch(&dir) {
-                // Already gone with its folder.
-                tracing::debug!("{}: unwatch: {e}", dir.display());
+        let stale: Vec<PathBuf> = self
+            .dirs
+            .keys()
+            .filter(|dir| !needed.contains(*dir))
+            .cloned()
+            .collect();
+        for path in stale {
+            if self.dirs.remove(&path).is_some_and(|dir| dir.watched) {
+                unwatch(&mut self.watcher, &path);
             }
         }
         let mut errors = Vec::new();
-        for dir in needed {
-            if self.dirs.contains(&dir) {
+        for path in needed {
+            if self.dirs.get(&path).is_some_and(|dir| dir.watched) {
                 continue;
             }
-            match self.watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            // What the path names before watching it: if it is replaced in
+            // between, the next check of the folders sees the difference.
+            let id = DirId::of(&path);
+            let watched = match self.watcher.watch(&path, RecursiveMode::NonRecursive) {
                 Ok(()) => {
-                    tracing::debug!("{}: watching", dir.display());
-                    self.dirs.insert(dir);
+                    tracing::debug!("{}: watching", path.display());
+                    true
                 }
-                Err(e) => errors.push(WatchError::Watch {
-                    path: dir,
-                    reason: e.to_string(),
-                }),
-            }
+                Err(e) => {
+                    errors.push(WatchError::Watch {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    });
+                    false
+                }
+            };
+            self.dirs.insert(path, Dir { watched, id });
         }
         errors
+    }
+
+    /// Checks that each needed folder's path still names the folder it
+    /// named when it was last watched (or tried); moves the watch of each
+    /// one that does not to the folder now there (unwatching it if none is),
+    /// and returns the watched files whose folders changed, to be checked.
+    fn recheck_dirs(&mut self) -> Vec<PathBuf> {
+        let mut changed = HashSet::new();
+        for (path, dir) in &mut self.dirs {
+            let id = DirId::of(path);
+            if id.is_some() && id == dir.id {
+                continue;
+            }
+            if id.is_none() && dir.id.is_none() && !dir.watched {
+                // Still missing.
+                continue;
+            }
+            if dir.watched {
+                // A watch follows its folder, wherever it was moved.
+                unwatch(&mut self.watcher, path);
+                dir.watched = false;
+            }
+            dir.id = id;
+            if id.is_some() {
+                match self.watcher.watch(path, RecursiveMode::NonRecursive) {
+                    Ok(()) => {
+                        tracing::info!(
+                            "hot reload: {}: the folder was replaced, watching the new one",
+                            path.display()
+                        );
+                        dir.watched = true;
+                    }
+                    Err(e) => {
+                        tracing::warn!("hot reload: {}: cannot watch: {e}", path.display());
+                    }
+                }
+            } else {
+                tracing::debug!("{}: the folder is gone", path.display());
+            }
+            changed.insert(path.clone());
+        }
+        if changed.is_empty() {
+            return Vec::new();
+        }
+        self.files
+            .iter()
+            .filter(|(_, file)| {
+                file.triggers
+                    .iter()
+                    .any(|t| t.parent().is_some_and(|dir| changed.contains(dir)))
+            })
+            .map(|(path, _)| path.clone())
+            .collect()
+    }
+}
+
+/// Stops watching `path`, which may be unwatched already (with its folder
+/// deleted).
+fn unwatch(watcher: &mut notify::RecommendedWatcher, path: &Path) {
+    if let Err(e) = watcher.unwatch(path) {
+        tracing::debug!("{}: unwatch: {e}", path.display());
     }
 }
 
 /// The settling thread: collects events into a deadline per file, and
-/// checks each file when its deadline passes. Ends when the `FileWatcher` is
+/// checks each file when its deadline passes; every
+/// [`FOLDER_CHECK_INTERVAL`], and on an event naming a watched folder, checks
+/// that the watched folders were not replaced. Ends when the `FileWatcher` is
 /// dropped or nobody receives the changes any more.
 fn settle_loop(
     inner: &Mutex<Inner>,
@@ -462,25 +602,50 @@ fn settle_loop(
     settle: Duration,
 ) {
     let mut due: HashMap<PathBuf, Instant> = HashMap::new();
+    let mut next_folder_check = Instant::now() + FOLDER_CHECK_INTERVAL;
     loop {
-        let msg = match due.values().min() {
-            None => events.recv().map_err(|_| RecvTimeoutError::Disconnected),
-            Some(&at) => events.recv_timeout(at.saturating_duration_since(Instant::now())),
-        };
+        let wake = due
+            .values()
+            .min()
+            .map_or(next_folder_check, |&at| at.min(next_folder_check));
+        let msg = events.recv_timeout(wake.saturating_duration_since(Instant::now()));
+        let mut check_folders = false;
         match msg {
             Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => {}
             Ok(Msg::Event(Ok(event))) => {
                 let at = Instant::now() + settle;
-                for path in inner.lock().affected(&event) {
+                let mut inner = inner.lock();
+                for path in inner.affected(&event) {
                     due.insert(path, at);
                 }
+                // A watched folder (or one above it) moved, deleted or
+                // created, or events lost: check now rather than at the next
+                // tick.
+                check_folders = event.need_rescan()
+                    || event
+                        .paths
+                        .iter()
+                        .any(|p| inner.dirs.keys().any(|d| d.starts_with(p)));
             }
             Ok(Msg::Event(Err(e))) => {
                 tracing::warn!("watching plugin and config files: {e}");
             }
         }
         let now = Instant::now();
+        if now >= next_folder_check {
+            if changes.is_closed() {
+                return;
+            }
+            check_folders = true;
+        }
+        if check_folders {
+            let at = now + settle;
+            for path in inner.lock().recheck_dirs() {
+                due.insert(path, at);
+            }
+            next_folder_check = now + FOLDER_CHECK_INTERVAL;
+        }
         let ready: Vec<PathBuf> = due
             .iter()
             .filter(|(_, &at)| at <= now)
@@ -503,11 +668,16 @@ fn settle_loop(
 pub const MAX_FILE_SIZE: u64 = 512 << 20;
 
 /// Reads a regular file of at most [`MAX_FILE_SIZE`] bytes; a device, a FIFO
-/// or a folder is refused without reading (reading `/dev/zero` would never
-/// end, a FIFO would block).
+/// or a folder (or a symlink to one) is refused without being opened
+/// (reading `/dev/zero` would never end, opening a FIFO would block).
 pub fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
     use std::io::Read;
+    // Before opening: opening a FIFO blocks until a writer opens it too.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(io::Error::other("not a regular file"));
+    }
     let file = std::fs::File::open(path)?;
+    // Again on what was opened: the path may have been replaced in between.
     let meta = file.metadata()?;
     if !meta.is_file() {
         return Err(io::Error::other("not a regular file"));
@@ -884,7 +1054,7 @@ mod tests {
         watcher.set_files(vec![new.clone()]).unwrap();
         let old_folder = old_dir.0.canonicalize().unwrap();
         assert!(
-            !watcher.inner.lock().dirs.contains(&old_folder),
+            !watcher.inner.lock().dirs.contains_key(&old_folder),
             "{watcher:?}"
         );
         std::fs::write(&old, b"v2").unwrap();
@@ -909,6 +1079,90 @@ mod tests {
         let (_watcher, mut rx) = watcher(&[&relative]);
         std::fs::write(&file, b"v2").unwrap();
         assert_content(&next_change(&mut rx).await, &relative, b"v2");
+    }
+
+    /// The next change, skipping a `"file was deleted"` (seen if the file
+    /// was checked while its folder was away).
+    async fn next_content(rx: &mut UnboundedReceiver<FileChange>) -> FileChange {
+        let change = next_change(rx).await;
+        if change.content == Err("file was deleted".to_string()) {
+            return next_change(rx).await;
+        }
+        change
+    }
+
+    #[tokio::test]
+    async fn a_folder_replaced_by_a_new_one_is_watched_again() {
+        let dir = Scratch::new("folder-replaced");
+        let plugins = dir.path("plugins");
+        std::fs::create_dir(&plugins).unwrap();
+        let file = plugins.join("x.wasm");
+        let (_watcher, mut rx) = watcher(&[&file]);
+
+        std::fs::rename(&plugins, dir.path("plugins.old")).unwrap();
+        std::fs::create_dir(&plugins).unwrap();
+        std::fs::write(&file, b"v2").unwrap();
+        assert_content(&next_content(&mut rx).await, &file, b"v2");
+        std::fs::write(&file, b"v3").unwrap();
+        assert_content(&next_change(&mut rx).await, &file, b"v3");
+        // Past the next check of the folders: only the watch on the new
+        // folder can see this one.
+        tokio::time::sleep(FOLDER_CHECK_INTERVAL + SETTLE).await;
+        std::fs::write(&file, b"v4").unwrap();
+        assert_content(&next_change(&mut rx).await, &file, b"v4");
+        // The old folder is not what the path names any more.
+        std::fs::write(dir.path("plugins.old/x.wasm"), b"old").unwrap();
+        assert_quiet(&mut rx).await;
+    }
+
+    #[tokio::test]
+    async fn a_folder_deleted_and_created_again_is_watched_again() {
+        let dir = Scratch::new("folder-recreated");
+        let plugins = dir.path("plugins");
+        std::fs::create_dir(&plugins).unwrap();
+        let file = plugins.join("x.wasm");
+        let (_watcher, mut rx) = watcher(&[&file]);
+
+        std::fs::remove_dir_all(&plugins).unwrap();
+        let change = next_change(&mut rx).await;
+        assert_eq!(change.content, Err("file was deleted".to_string()));
+        std::fs::create_dir(&plugins).unwrap();
+        std::fs::write(&file, b"v2").unwrap();
+        assert_content(&next_change(&mut rx).await, &file, b"v2");
+        tokio::time::sleep(FOLDER_CHECK_INTERVAL + SETTLE).await;
+        std::fs::write(&file, b"v3").unwrap();
+        assert_content(&next_change(&mut rx).await, &file, b"v3");
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_fifo_at_a_watched_path_is_reported_as_not_a_regular_file_without_blocking() {
+        let dir = Scratch::new("fifo");
+        let file = dir.path("plugin.wasm");
+        let (_watcher, mut rx) = watcher(&[&file]);
+        let fifo = dir.path(".plugin.wasm.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success(), "mkfifo: {made}");
+        // On a thread of its own, so that a regression fails the test
+        // rather than hanging it.
+        let (tx, read) = std_mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || tx.send(read_regular_file(&path).map_err(|e| e.to_string())));
+        let read = read.recv_timeout(ARRIVES).expect("blocked reading a FIFO");
+        assert_eq!(read, Err("not a regular file".to_string()));
+
+        std::fs::rename(&fifo, &file).unwrap();
+        let change = next_change(&mut rx).await;
+        assert_eq!(change.path, file);
+        assert_eq!(change.content, Err("not a regular file".to_string()));
+        // The watcher's thread is not stuck opening the FIFO.
+        let tmp = dir.path(".plugin.wasm.tmp");
+        std::fs::write(&tmp, b"v2").unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+        assert_content(&next_change(&mut rx).await, &file, b"v2");
     }
 
     #[tokio::test]

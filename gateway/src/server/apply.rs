@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::Gateway;
-use crate::config::{Config, PluginSource, RouteSettings};
+use crate::config::{Config, PluginSource, RouteSettings, SandboxSettings, ServerSettings};
 use crate::error::{Error, Errors};
 use crate::hub::ClosedBy;
 use crate::plugin::cache::Origin;
@@ -108,8 +108,11 @@ impl Gateway {
     /// (or kept, when its bytes did not change) before anything is applied;
     /// on any error nothing is, and the errors are returned.
     pub async fn apply_config(&self, config: Config) -> Result<(), Errors> {
-        let old = self.config();
-        warn_restart_only(&old, &config);
+        warn_restart_only(
+            &self.shared.settings,
+            self.shared.runtime.sandbox(),
+            &config,
+        );
         let table = self.shared.router.load();
         let runtime = self.shared.runtime.clone();
         let current: Vec<Option<Arc<RouteVersion>>> = config
@@ -237,9 +240,11 @@ fn plugin_reason(e: &Error) -> String {
     }
 }
 
-/// Logs the changes a reload cannot apply without a restart.
-fn warn_restart_only(old: &Config, new: &Config) {
-    let (o, n) = (&old.server, &new.server);
+/// Logs the changes a reload cannot apply without a restart: `new` against
+/// the settings the gateway runs with (not the last file: reverting a change
+/// warns nothing).
+fn warn_restart_only(server: &ServerSettings, sandbox: &SandboxSettings, new: &Config) {
+    let (o, n) = (server, &new.server);
     let mut keys = Vec::new();
     if o.listen != n.listen {
         keys.push("listen");
@@ -259,10 +264,10 @@ fn warn_restart_only(old: &Config, new: &Config) {
     if o.drain_timeout != n.drain_timeout {
         keys.push("drain_timeout");
     }
-    if old.sandbox.max_memory != new.sandbox.max_memory {
+    if sandbox.max_memory != new.sandbox.max_memory {
         keys.push("[sandbox] max_memory");
     }
-    if old.sandbox.max_call_time != new.sandbox.max_call_time {
+    if sandbox.max_call_time != new.sandbox.max_call_time {
         keys.push("[sandbox] max_call_time");
     }
     if !keys.is_empty() {
