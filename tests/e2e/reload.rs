@@ -271,6 +271,10 @@ async fn config_reload_adds_and_removes_routes_and_changes_limits_for_new_connec
 #[tokio::test]
 async fn a_restart_loads_a_plugin_seen_before_from_the_compile_cache() {
     let cache = scratch("reload-cache-dir");
+    // Only a cache others cannot write is used, whatever the umask.
+    #[cfg(unix)]
+    std::fs::set_permissions(&cache, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .expect("chmod");
     let cache_arg = format!("--cache-dir={}", cache.display());
     let (gw, _dir) = start("reload-cache-1", "", &[&cache_arg]);
     let first = gw.wait_log("now serving");
