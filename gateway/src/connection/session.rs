@@ -183,8 +183,9 @@ impl Session {
         }
         self.conn.outbox.finish();
         let accepted = self.stage == Stage::Accepted;
-        // A hibernated connection gets an instance back for its on-close.
-        if accepted && self.prepare(true) {
+        // A hibernated connection gets an instance back for its on-close
+        // (of the version it runs: a closing connection is not migrated).
+        if accepted && self.prepare(false) {
             if let Some(guest) = self.guest.as_mut() {
                 guest.state_mut().cancel_all_timers();
                 guest.on_close(self.id, code, reason);
