@@ -12,26 +12,28 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// A scratch folder with `plugin.wasm` (a copy of `echo`) and a config
-/// serving it at `/p` (plus `extra` lines); the gateway started on it.
-fn start(name: &str, extra: &str, args: &[&str]) -> (Gateway, PathBuf) {
+/// A scratch folder holding `plugin.wasm` (a copy of `first`) and a
+/// `gateway.toml` of `config`; the gateway serving it, started with `args`.
+fn serve_copy(name: &str, first: &str, config: &str, args: &[&str]) -> (Gateway, PathBuf) {
     let dir = scratch(name);
-    std::fs::copy(plugin("echo"), dir.join("plugin.wasm")).expect("copy echo");
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!("[[route]]\npath = \"/p\"\nplugin = \"plugin.wasm\"\n{extra}"),
-    )
-    .expect("write config");
+    std::fs::copy(first, dir.join("plugin.wasm")).expect("copy plugin");
+    let file = dir.join("gateway.toml");
+    std::fs::write(&file, config).expect("write config");
     let mut all = vec![
         "serve",
         "--listen",
         "127.0.0.1:0",
         "--config",
-        config.to_str().expect("utf-8 path"),
+        file.to_str().expect("utf-8 path"),
     ];
     all.extend_from_slice(args);
     (Gateway::spawn(&all), dir)
+}
+
+/// `plugin.wasm` (a copy of `echo`) served at `/p` (plus `extra` lines).
+fn start(name: &str, extra: &str, args: &[&str]) -> (Gateway, PathBuf) {
+    let config = format!("[[route]]\npath = \"/p\"\nplugin = \"plugin.wasm\"\n{extra}");
+    serve_copy(name, &plugin("echo"), &config, args)
 }
 
 /// What the connection answers to `id`: `"id"` from echo, `"ok <n>"` from
@@ -297,23 +299,10 @@ fn fixture_0_1_0() -> String {
 }
 
 /// A gateway serving `plugin.wasm` (a copy of `first`) at `/m` with
-/// `on_reload = "migrate"`.
+/// `on_reload = "migrate"`, watching its files.
 fn start_migrate(name: &str, first: &str) -> (Gateway, PathBuf) {
-    let dir = scratch(name);
-    std::fs::copy(first, dir.join("plugin.wasm")).expect("copy plugin");
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
-        "[[route]]\npath = \"/m\"\nplugin = \"plugin.wasm\"\non_reload = \"migrate\"\n",
-    )
-    .expect("write config");
-    let gw = Gateway::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        config.to_str().expect("utf-8 path"),
-    ]);
+    let config = "[[route]]\npath = \"/m\"\nplugin = \"plugin.wasm\"\non_reload = \"migrate\"\n";
+    let (gw, dir) = serve_copy(name, first, config, &[]);
     gw.wait_log("hot reload: watching");
     (gw, dir)
 }
@@ -426,21 +415,12 @@ async fn a_client_streaming_through_a_migration_gets_every_reply_in_order() {
 
 #[tokio::test]
 async fn a_streamed_message_is_never_split_across_a_migration() {
-    let dir = scratch("reload-fragments");
-    std::fs::copy(fixture_0_1_0(), dir.join("plugin.wasm")).expect("copy plugin");
-    let config = dir.join("gateway.toml");
-    std::fs::write(
-        &config,
+    let (gw, dir) = serve_copy(
+        "reload-fragments",
+        &fixture_0_1_0(),
         "[[route]]\npath = \"/f\"\nplugin = \"plugin.wasm\"\non_reload = \"migrate\"\ndeliver = \"fragments\"\n",
-    )
-    .expect("write config");
-    let gw = Gateway::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        config.to_str().expect("utf-8 path"),
-    ]);
+        &[],
+    );
     gw.wait_log("hot reload: watching");
     let mut raw = Raw::connect(gw.addr, "/f").await;
     // First fragment on version 1, then the deploy, then the rest.

@@ -185,6 +185,49 @@ fn take_frames(buf: &mut Vec<u8>) -> anyhow::Result<usize> {
     Ok(data)
 }
 
+/// Echo load on N connections: one `echo_conn` task each, measured after
+/// one second of warm-up for `seconds`.
+struct EchoLoad {
+    measure_from: Instant,
+    tasks: Vec<tokio::task::JoinHandle<ConnResult>>,
+}
+
+impl EchoLoad {
+    fn start(args: &Args, conns: usize, size: usize, inflight: usize, seconds: u64) -> EchoLoad {
+        let measure_from = Instant::now() + Duration::from_secs(1);
+        let until = measure_from + Duration::from_secs(seconds);
+        let tasks = (0..conns)
+            .map(|_| {
+                tokio::spawn(echo_conn(
+                    args.addr,
+                    args.path.clone(),
+                    size,
+                    inflight,
+                    measure_from,
+                    until,
+                ))
+            })
+            .collect();
+        EchoLoad {
+            measure_from,
+            tasks,
+        }
+    }
+
+    /// Every round trip's latency in ns, sorted, and the errors.
+    async fn finish(self) -> anyhow::Result<(Vec<u64>, u64)> {
+        let mut latencies = Vec::new();
+        let mut errors = 0;
+        for t in self.tasks {
+            let r = t.await?;
+            latencies.extend(r.latencies);
+            errors += r.errors;
+        }
+        latencies.sort_unstable();
+        Ok((latencies, errors))
+    }
+}
+
 struct ConnResult {
     latencies: Vec<u64>,
     errors: u64,
@@ -339,29 +382,8 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             inflight,
             seconds,
         } => {
-            let start = Instant::now();
-            let measure_from = start + Duration::from_secs(1);
-            let until = measure_from + Duration::from_secs(seconds);
-            let tasks: Vec<_> = (0..conns)
-                .map(|_| {
-                    tokio::spawn(echo_conn(
-                        args.addr,
-                        args.path.clone(),
-                        size,
-                        inflight,
-                        measure_from,
-                        until,
-                    ))
-                })
-                .collect();
-            let mut latencies = Vec::new();
-            let mut errors = 0;
-            for t in tasks {
-                let r = t.await?;
-                latencies.extend(r.latencies);
-                errors += r.errors;
-            }
-            latencies.sort_unstable();
+            let load = EchoLoad::start(args, conns, size, inflight, seconds);
+            let (latencies, errors) = load.finish().await?;
             let msgs = latencies.len() as f64 / seconds as f64;
             Ok(serde_json::json!({
                 "label": args.label, "mode": "echo", "conns": conns, "size": size, "inflight": inflight,
@@ -501,21 +523,8 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             ref plugins,
             swaps,
         } => {
-            let start = Instant::now();
-            let measure_from = start + Duration::from_secs(1);
-            let until = measure_from + Duration::from_secs(seconds);
-            let tasks: Vec<_> = (0..conns)
-                .map(|_| {
-                    tokio::spawn(echo_conn(
-                        args.addr,
-                        args.path.clone(),
-                        size,
-                        1,
-                        measure_from,
-                        until,
-                    ))
-                })
-                .collect();
+            let load = EchoLoad::start(args, conns, size, 1, seconds);
+            let measure_from = load.measure_from;
             // Swaps spread over the measured window.
             let every = Duration::from_secs(seconds) / (swaps as u32 + 1);
             let mut swap_ms = Vec::new();
@@ -545,14 +554,7 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
                 }
                 swap_ms.push(renamed.elapsed().as_secs_f64() * 1000.0);
             }
-            let mut latencies = Vec::new();
-            let mut errors = 0;
-            for t in tasks {
-                let r = t.await?;
-                latencies.extend(r.latencies);
-                errors += r.errors;
-            }
-            latencies.sort_unstable();
+            let (latencies, errors) = load.finish().await?;
             swap_ms.sort_by(f64::total_cmp);
             let msgs = latencies.len() as f64 / seconds as f64;
             Ok(serde_json::json!({

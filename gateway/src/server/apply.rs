@@ -245,31 +245,26 @@ fn plugin_reason(e: &Error) -> String {
 /// warns nothing).
 fn warn_restart_only(server: &ServerSettings, sandbox: &SandboxSettings, new: &Config) {
     let (o, n) = (server, &new.server);
-    let mut keys = Vec::new();
-    if o.listen != n.listen {
-        keys.push("listen");
-    }
-    if o.max_connections != n.max_connections {
-        keys.push("max_connections");
-    }
-    if o.threads != n.threads {
-        keys.push("threads");
-    }
-    if o.handshake_timeout != n.handshake_timeout {
-        keys.push("handshake_timeout");
-    }
-    if o.max_header_size != n.max_header_size {
-        keys.push("max_header_size");
-    }
-    if o.drain_timeout != n.drain_timeout {
-        keys.push("drain_timeout");
-    }
-    if sandbox.max_memory != new.sandbox.max_memory {
-        keys.push("[sandbox] max_memory");
-    }
-    if sandbox.max_call_time != new.sandbox.max_call_time {
-        keys.push("[sandbox] max_call_time");
-    }
+    let changed = [
+        (o.listen != n.listen, "listen"),
+        (o.max_connections != n.max_connections, "max_connections"),
+        (o.threads != n.threads, "threads"),
+        (
+            o.handshake_timeout != n.handshake_timeout,
+            "handshake_timeout",
+        ),
+        (o.max_header_size != n.max_header_size, "max_header_size"),
+        (o.drain_timeout != n.drain_timeout, "drain_timeout"),
+        (
+            sandbox.max_memory != new.sandbox.max_memory,
+            "[sandbox] max_memory",
+        ),
+        (
+            sandbox.max_call_time != new.sandbox.max_call_time,
+            "[sandbox] max_call_time",
+        ),
+    ];
+    let keys: Vec<&str> = changed.iter().filter(|c| c.0).map(|c| c.1).collect();
     if !keys.is_empty() {
         tracing::warn!(
             "config reload: {} changed; these take effect at the next restart (the rest is applied now)",
