@@ -1121,7 +1121,7 @@ impl Config {
             file: file.to_owned(),
             source,
         };
-        let bytes = crate::reload::watch::read_regular_file(file).map_err(fail)?;
+        let bytes = crate::file::read_regular_file(file).map_err(fail)?;
         String::from_utf8(bytes).map_err(|_| {
             fail(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,

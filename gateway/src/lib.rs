@@ -21,8 +21,9 @@
 //!   shutdown.
 //! - [`reload`]: watching plugin and config files and SIGHUP, and asking the
 //!   server to apply what changed.
-//! - [`config`], [`error`], [`builtin`]: `gateway.toml`, the error type, the
-//!   embedded example plugins and default config.
+//! - [`config`], [`error`], [`file`], [`builtin`]: `gateway.toml`, the error
+//!   type, reading deployable files and their content hashes, the embedded
+//!   example plugins and default config.
 
 #![warn(missing_docs)]
 
@@ -30,6 +31,7 @@ pub mod builtin;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod file;
 pub mod hub;
 pub mod plugin;
 pub mod protocol;

@@ -229,23 +229,14 @@ mod tests {
         let engine = Engine::default();
         let bytes = empty_component();
         let cache = CompileCache::new(scratch("hit"), &engine);
-        assert_eq!(
-            cache.load(&engine, &bytes).map(|c| c.1).ok(),
-            Some(Origin::Compiled)
-        );
-        assert_eq!(
-            cache.load(&engine, &bytes).map(|c| c.1).ok(),
-            Some(Origin::Cached)
-        );
+        assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
+        assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Cached));
         // Another engine configuration has its own entries.
         let mut config = wasmtime::Config::new();
         config.epoch_interruption(true);
         let other = Engine::new(&config).expect("engine");
         let cache2 = CompileCache::new(cache.dir().to_owned(), &other);
-        assert_eq!(
-            cache2.load(&other, &bytes).map(|c| c.1).ok(),
-            Some(Origin::Compiled)
-        );
+        assert_eq!(origin(&cache2, &other, &bytes), Some(Origin::Compiled));
     }
 
     #[test]
@@ -255,14 +246,8 @@ mod tests {
         let cache = CompileCache::new(scratch("corrupt"), &engine);
         create_private_dir(cache.dir()).expect("dir");
         std::fs::write(cache.entry(&bytes), b"garbage").expect("write");
-        assert_eq!(
-            cache.load(&engine, &bytes).map(|c| c.1).ok(),
-            Some(Origin::Compiled)
-        );
-        assert_eq!(
-            cache.load(&engine, &bytes).map(|c| c.1).ok(),
-            Some(Origin::Cached)
-        );
+        assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
+        assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Cached));
     }
 
     #[test]
@@ -270,23 +255,14 @@ mod tests {
         let engine = Engine::default();
         let bytes = empty_component();
         let cache = CompileCache::new(scratch("tampered"), &engine);
-        assert_eq!(
-            cache.load(&engine, &bytes).map(|c| c.1).ok(),
-            Some(Origin::Compiled)
-        );
+        assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
         let entry = cache.entry(&bytes);
         let mut data = std::fs::read(&entry).expect("entry");
         let last = data.len() - 1;
         data[last] ^= 0xff;
         std::fs::write(&entry, &data).expect("tamper");
-        assert_eq!(
-            cache.load(&engine, &bytes).map(|c| c.1).ok(),
-            Some(Origin::Compiled)
-        );
-        assert_eq!(
-            cache.load(&engine, &bytes).map(|c| c.1).ok(),
-            Some(Origin::Cached)
-        );
+        assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
+        assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Cached));
     }
 
     #[cfg(unix)]
@@ -296,16 +272,10 @@ mod tests {
         let engine = Engine::default();
         let bytes = empty_component();
         let cache = CompileCache::new(scratch("open"), &engine);
-        assert_eq!(
-            cache.load(&engine, &bytes).map(|c| c.1).ok(),
-            Some(Origin::Compiled)
-        );
+        assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
         std::fs::set_permissions(cache.dir(), std::fs::Permissions::from_mode(0o777))
             .expect("chmod");
-        assert_eq!(
-            cache.load(&engine, &bytes).map(|c| c.1).ok(),
-            Some(Origin::Compiled)
-        );
+        assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
     }
 
     #[test]
@@ -313,9 +283,14 @@ mod tests {
         let engine = Engine::default();
         let cache = CompileCache::new(PathBuf::from("/proc/wasmgate-no-such-dir"), &engine);
         assert_eq!(
-            cache.load(&engine, &empty_component()).map(|c| c.1).ok(),
+            origin(&cache, &engine, &empty_component()),
             Some(Origin::Compiled)
         );
+    }
+
+    /// Where a load of `bytes` came from (`None` if it failed).
+    fn origin(cache: &CompileCache, engine: &Engine, bytes: &[u8]) -> Option<Origin> {
+        cache.load(engine, bytes).map(|c| c.1).ok()
     }
 
     /// The smallest valid component: the header of an empty one.

@@ -25,11 +25,11 @@ use crate::config::SlowConsumer;
 use crate::config::{PluginSource, SandboxSettings};
 use crate::connection::outbox::Outbox;
 use crate::error::Error;
+use crate::file::ContentHash;
 use crate::hub::{ConnHandle, Hub};
 use crate::plugin::cache::{CompileCache, Origin};
 use crate::plugin::host::{HostState, Scope, Timers};
 use crate::plugin::output::{GuestOutput, Stream, Tags};
-use crate::reload::watch::ContentHash;
 
 /// The optional interface a plugin exports to be told of a new instance.
 const RESUME_INTERFACE: &str = "wasmgate:plugin/resume@0.1.1";
@@ -335,7 +335,7 @@ fn plugin_error(route: &str, source: &PluginSource, reason: String) -> Error {
 pub fn read_source(source: &PluginSource) -> Result<Vec<u8>, String> {
     match source {
         PluginSource::File(path) => {
-            crate::reload::watch::read_regular_file(path).map_err(|e| format!("cannot read: {e}"))
+            crate::file::read_regular_file(path).map_err(|e| format!("cannot read: {e}"))
         }
         PluginSource::Builtin(name) => {
             crate::builtin::plugin(name)

@@ -14,11 +14,11 @@ use std::sync::Arc;
 use super::Gateway;
 use crate::config::{Config, PluginSource, RouteSettings, SandboxSettings, ServerSettings};
 use crate::error::{Error, Errors};
+use crate::file::ContentHash;
 use crate::hub::ClosedBy;
 use crate::plugin::cache::Origin;
 use crate::plugin::engine::read_source;
 use crate::plugin::Plugin;
-use crate::reload::watch::ContentHash;
 use crate::routing::route::{Route, RouteVersion};
 use crate::routing::router::Table;
 
@@ -76,29 +76,35 @@ impl Gateway {
                 return;
             }
         };
-        let bytes = Arc::new(bytes);
-        for route in serving {
-            let current = route.current();
-            if current.plugin.hash == hash {
-                continue;
+        let serving: Vec<Arc<Route>> = serving
+            .into_iter()
+            .filter(|r| r.current().plugin.hash != hash)
+            .collect();
+        let Some(first) = serving.first() else {
+            return;
+        };
+        // Compiled once, whichever number of routes serve the file.
+        let runtime = self.shared.runtime.clone();
+        let (route_path, source) = (first.path.clone(), first.current().plugin.source.clone());
+        let loaded =
+            tokio::task::spawn_blocking(move || runtime.load_bytes(&route_path, &source, &bytes))
+                .await;
+        let plugin = match loaded {
+            Ok(Ok(plugin)) => Arc::new(plugin),
+            Ok(Err(e)) => {
+                let reason = plugin_reason(&e);
+                serving.iter().for_each(|r| keeps_serving(r, &reason));
+                return;
             }
-            let runtime = self.shared.runtime.clone();
-            let (path_, source, bytes) = (
-                route.path.clone(),
-                current.plugin.source.clone(),
-                bytes.clone(),
-            );
-            let loaded =
-                tokio::task::spawn_blocking(move || runtime.load_bytes(&path_, &source, &bytes))
-                    .await;
-            match loaded {
-                Ok(Ok(plugin)) => {
-                    let v = route.install(current.settings.clone(), Arc::new(plugin));
-                    log_serving(&route, &v);
-                }
-                Ok(Err(e)) => keeps_serving(&route, &plugin_reason(&e)),
-                Err(e) => keeps_serving(&route, &format!("loading failed: {e}")),
+            Err(e) => {
+                let reason = format!("loading failed: {e}");
+                serving.iter().for_each(|r| keeps_serving(r, &reason));
+                return;
             }
+        };
+        for route in &serving {
+            let v = route.install(route.current().settings.clone(), plugin.clone());
+            log_serving(route, &v);
         }
     }
 
@@ -181,6 +187,7 @@ fn load_all(
 ) -> Result<Vec<Next>, Errors> {
     let mut plan = Vec::new();
     let mut errors = Vec::new();
+    let mut loaded: Vec<Arc<Plugin>> = Vec::new();
     for (settings, now) in config.routes.iter().zip(current) {
         let located = |e: Error| e.located(&config.file, settings.line);
         let bytes = match read_source(&settings.plugin) {
@@ -201,8 +208,20 @@ fn load_all(
                 continue;
             }
         }
+        // A file two routes share is compiled once.
+        if let Some(p) = loaded
+            .iter()
+            .find(|p| p.source == settings.plugin && p.hash == hash)
+        {
+            plan.push(Next::New(p.clone()));
+            continue;
+        }
         match runtime.load_bytes(&settings.path, &settings.plugin, &bytes) {
-            Ok(p) => plan.push(Next::New(Arc::new(p))),
+            Ok(p) => {
+                let p = Arc::new(p);
+                loaded.push(p.clone());
+                plan.push(Next::New(p));
+            }
             Err(e) => errors.push(located(e)),
         }
     }
