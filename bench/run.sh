@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Runs the native baseline and the gateway's echo route under identical load,
 # one after the other in the same run, and prints each figure with the ratio
-# gateway/baseline. Results: target/bench/results.jsonl and a Markdown table
-# on stdout (paste it into docs/performance.md).
+# gateway/baseline. Every load scenario also reports the server's CPU time
+# (user + system, all threads, over the measured window) per message,
+# connection or delivery: steadier than throughput on a shared machine.
+# Results: target/bench/results.jsonl and a Markdown table on stdout (paste
+# it into docs/performance.md).
 #
 #   bench/run.sh                 every scenario: 3 alternating runs of each
 #                                server, 10 s each; the table shows medians
@@ -80,7 +83,7 @@ run() { # scenario-name loadgen-args...
         [ "${args[0]}" = idle ] && args+=(--pid "$PID")
         # The gateway's route that releases idle instances (hibernate_after).
         [ "$server" = gateway ] && [[ "$name" == *hibernated* ]] && path=/echo-hibernated
-        $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --path "$path" --label "$name/$server" "${args[@]}" | tee -a "$OUT/results.jsonl" >&2
+        $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --path "$path" --label "$name/$server" --server-pid "$PID" "${args[@]}" | tee -a "$OUT/results.jsonl" >&2
         kill "$PID"; wait "$PID" 2>/dev/null || true
         sleep 0.5
     done; done
@@ -93,7 +96,9 @@ run "echo 1000x32B x1"   echo --conns 1000 --size 32 --inflight 1 --seconds "$SE
 run "broadcast 1 to 1000" broadcast --members 1000 --size 32 --inflight 16 --seconds "$SECONDS_PER_RUN"
 run "setup rate"         setup --concurrency 16 --seconds "$SECONDS_PER_RUN"
 run "idle 10000"         idle --conns 10000
-run "idle 10000 hibernated" idle --conns 10000
+# hibernate_after (1 s) + mimalloc's purge delay (1 s) + margin: measured
+# once the last connection's instance is released and its memory returned.
+run "idle 10000 hibernated" idle --conns 10000 --settle 5
 
 # Hot reload, on the gateway alone (the baseline has nothing to reload): echo
 # load on 100 connections while the plugin file is renamed over 10 times,
@@ -134,8 +139,8 @@ repeats = max(len(rs) for servers in runs.values() for rs in servers.values())
 print(f"Run {datetime.date.today()} on {platform.node()} ({open('/proc/cpuinfo').read().count('processor')} CPUs), other load before start {sys.argv[2]}%, medians of {repeats} run(s) per server, THREADS={os.environ.get('THREADS', '0')}, vm.max_map_count {open('/proc/sys/vm/max_map_count').read().strip()}\n")
 print("| scenario | metric | baseline | gateway | gateway/baseline |")
 print("|---|---|---|---|---|")
-metrics = {"echo": ["msgs_per_s", "mb_per_s", "p50_us", "p99_us", "p999_us", "errors"],
-           "setup": ["conns_per_s", "errors"], "broadcast": ["deliveries_per_s", "errors"], "idle": ["kib_per_conn", "pss_kib_per_conn", "errors"]}
+metrics = {"echo": ["msgs_per_s", "server_cpu_us_per_msg", "mb_per_s", "p50_us", "p99_us", "p999_us", "errors"],
+           "setup": ["conns_per_s", "server_cpu_us_per_conn", "errors"], "broadcast": ["deliveries_per_s", "server_cpu_us_per_delivery", "errors"], "idle": ["kib_per_conn", "pss_kib_per_conn", "errors"]}
 for name, pair in by.items():
     b, g = pair.get("baseline"), pair.get("gateway")
     if g and g["mode"] == "reload":
@@ -145,6 +150,8 @@ for name, pair in by.items():
     if not b or not g:
         continue
     for m in metrics[b["mode"]]:
+        if b.get(m) is None or g.get(m) is None:
+            continue
         ratio = f"{g[m] / b[m]:.2f}" if b[m] else "-"
         print(f"| {name} | {m} | {b[m]} | {g[m]} | {ratio} |")
 PY

@@ -2,6 +2,8 @@
 //! config and every plugin it names, `default-config` prints the built-in
 //! config as a starting point.
 
+mod allocator;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -80,6 +82,7 @@ fn load_config(file: Option<&Path>) -> anyhow::Result<Config> {
 }
 
 fn main() -> ExitCode {
+    allocator::configure();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -35,6 +35,11 @@ struct Args {
     /// A label copied into the JSON line.
     #[arg(long, default_value = "")]
     label: String,
+    /// The server's process id: when given, the server's CPU time (user +
+    /// system, all threads) over the measured window is reported per
+    /// message, connection or delivery.
+    #[arg(long)]
+    server_pid: Option<u32>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -101,6 +106,12 @@ enum Mode {
         /// Keep the connections open this many seconds after measuring.
         #[arg(long, default_value_t = 0)]
         hold: u64,
+        /// Seconds between the last connection opening and measuring: long
+        /// enough for the server to settle (tasks started, buffers sized,
+        /// and with hibernation, instances released and freed memory
+        /// returned to the system).
+        #[arg(long, default_value_t = 2)]
+        settle: u64,
     },
 }
 
@@ -190,6 +201,7 @@ fn take_frames(buf: &mut Vec<u8>) -> anyhow::Result<usize> {
 struct EchoLoad {
     measure_from: Instant,
     tasks: Vec<tokio::task::JoinHandle<ConnResult>>,
+    cpu: CpuWindow,
 }
 
 impl EchoLoad {
@@ -211,11 +223,13 @@ impl EchoLoad {
         EchoLoad {
             measure_from,
             tasks,
+            cpu: CpuWindow::start(args.server_pid, measure_from, until),
         }
     }
 
-    /// Every round trip's latency in ns, sorted, and the errors.
-    async fn finish(self) -> anyhow::Result<(Vec<u64>, u64)> {
+    /// Every round trip's latency in ns, sorted, the errors, and the
+    /// server's CPU seconds over the measured window (with `--server-pid`).
+    async fn finish(self) -> anyhow::Result<(Vec<u64>, u64, Option<f64>)> {
         let mut latencies = Vec::new();
         let mut errors = 0;
         for t in self.tasks {
@@ -224,7 +238,7 @@ impl EchoLoad {
             errors += r.errors;
         }
         latencies.sort_unstable();
-        Ok((latencies, errors))
+        Ok((latencies, errors, self.cpu.seconds().await))
     }
 }
 
@@ -344,6 +358,48 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
+/// The server's CPU time over a window, sampled by a task of its own.
+struct CpuWindow(Option<tokio::task::JoinHandle<Option<f64>>>);
+
+impl CpuWindow {
+    /// Samples `pid`'s CPU time at `from` and at `until` (nothing without a
+    /// pid).
+    fn start(pid: Option<u32>, from: Instant, until: Instant) -> CpuWindow {
+        CpuWindow(pid.map(|pid| {
+            tokio::spawn(async move {
+                tokio::time::sleep_until(from.into()).await;
+                let before = cpu_seconds(pid)?;
+                tokio::time::sleep_until(until.into()).await;
+                Some(cpu_seconds(pid)? - before)
+            })
+        }))
+    }
+
+    /// CPU seconds the server used in the window.
+    async fn seconds(self) -> Option<f64> {
+        self.0?.await.ok().flatten()
+    }
+}
+
+/// Microseconds of server CPU per unit of work, rounded to 0.01.
+fn cpu_us_per(cpu: Option<f64>, units: f64) -> Option<f64> {
+    cpu.filter(|_| units > 0.0)
+        .map(|s| (s * 1e6 / units * 100.0).round() / 100.0)
+}
+
+/// User + system CPU time of every thread of `pid` so far, in seconds
+/// (fields 14 and 15 of /proc/PID/stat, in USER_HZ ticks: 100 per second
+/// on Linux).
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from after it.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 /// A `kB` field of a /proc file of `pid`.
 fn proc_kib(pid: u32, file: &str, field: &str) -> anyhow::Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/{file}"))?;
@@ -383,11 +439,12 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             seconds,
         } => {
             let load = EchoLoad::start(args, conns, size, inflight, seconds);
-            let (latencies, errors) = load.finish().await?;
+            let (latencies, errors, cpu) = load.finish().await?;
             let msgs = latencies.len() as f64 / seconds as f64;
             Ok(serde_json::json!({
                 "label": args.label, "mode": "echo", "conns": conns, "size": size, "inflight": inflight,
                 "seconds": seconds, "msgs_per_s": msgs.round(),
+                "server_cpu_us_per_msg": cpu_us_per(cpu, latencies.len() as f64),
                 "mb_per_s": (msgs * size as f64 / 1e6 * 100.0).round() / 100.0,
                 "p50_us": percentile(&latencies, 0.50), "p99_us": percentile(&latencies, 0.99),
                 "p999_us": percentile(&latencies, 0.999), "errors": errors,
@@ -398,6 +455,7 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             seconds,
         } => {
             let until = Instant::now() + Duration::from_secs(seconds);
+            let cpu = CpuWindow::start(args.server_pid, Instant::now(), until);
             let frame = client_frame(0x2, b"ping-pong-32-bytes-of-payload!!!");
             let close = client_frame(0x8, &1000u16.to_be_bytes());
             let tasks: Vec<_> = (0..concurrency)
@@ -442,6 +500,7 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             Ok(serde_json::json!({
                 "label": args.label, "mode": "setup", "concurrency": concurrency,
                 "conns_per_s": (done as f64 / seconds as f64).round(), "errors": errors,
+                "server_cpu_us_per_conn": cpu_us_per(cpu.seconds().await, done as f64),
             }))
         }
         Mode::Broadcast {
@@ -491,6 +550,7 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             let start = Instant::now();
             let measure_from = start + Duration::from_secs(1);
             let until = measure_from + Duration::from_secs(seconds);
+            let cpu = CpuWindow::start(args.server_pid, measure_from, until);
             for _ in 0..inflight {
                 sender.write_all(&frame).await?;
             }
@@ -512,6 +572,7 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             Ok(serde_json::json!({
                 "label": args.label, "mode": "broadcast", "members": members, "size": size,
                 "inflight": inflight, "deliveries_per_s": (total as f64 / seconds as f64).round(),
+                "server_cpu_us_per_delivery": cpu_us_per(cpu.seconds().await, total as f64),
                 "errors": errors.load(Ordering::Relaxed),
             }))
         }
@@ -554,7 +615,7 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
                 }
                 swap_ms.push(renamed.elapsed().as_secs_f64() * 1000.0);
             }
-            let (latencies, errors) = load.finish().await?;
+            let (latencies, errors, _) = load.finish().await?;
             swap_ms.sort_by(f64::total_cmp);
             let msgs = latencies.len() as f64 / seconds as f64;
             Ok(serde_json::json!({
@@ -566,7 +627,12 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
                 "swap_to_served_ms_max": (swap_ms.last().copied().unwrap_or(0.0) * 10.0).round() / 10.0,
             }))
         }
-        Mode::Idle { conns, pid, hold } => {
+        Mode::Idle {
+            conns,
+            pid,
+            hold,
+            settle,
+        } => {
             let before = rss_kib(pid)?;
             let pss_before = pss_kib(pid)?;
             let mut open_conns = Vec::with_capacity(conns);
@@ -577,8 +643,7 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
                     Err(_) => errors += 1,
                 }
             }
-            // Let the server settle (session tasks started, buffers sized).
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            tokio::time::sleep(Duration::from_secs(settle)).await;
             let after = rss_kib(pid)?;
             let pss_after = pss_kib(pid)?;
             eprintln!("loadgen: {} connections open", open_conns.len());

@@ -190,6 +190,16 @@ impl Writer {
         self.pos == self.buf.len()
     }
 
+    /// Frees the buffers of a writer with nothing pending (does nothing
+    /// otherwise); the next batch allocates them again.
+    pub fn release_buffers(&mut self) {
+        if self.is_empty() {
+            self.buf = BytesMut::new();
+            self.pos = 0;
+            self.batch = VecDeque::new();
+        }
+    }
+
     /// The bytes still to write.
     pub fn pending(&self) -> &[u8] {
         &self.buf[self.pos..]

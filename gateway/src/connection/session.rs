@@ -18,16 +18,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
-use crate::config::{Deliver, OnReload};
+use crate::config::{Deliver, Limits, OnReload};
 use crate::connection::keepalive::{Due, Keepalive};
 use crate::connection::outbox::{Outbound, Outbox, Writer};
 use crate::hub::{ClosedBy, ConnHandle};
 use crate::plugin::host::{HostState, Timers, MAX_CLOSE_REASON};
 use crate::plugin::instance::Guest;
+use crate::plugin::request::PackedRequest;
 use crate::plugin::Runtime;
 use crate::protocol::frame::{parse_close, Frame, FrameReader, OpCode, ProtocolError, ReadError};
 use crate::protocol::message::{Assembler, Fragment, Message, Streamer};
@@ -60,8 +61,8 @@ pub struct Session {
     parked: Option<Timers>,
     /// The newest route version this connection has looked at.
     seen_version: u64,
-    /// The upgrade request, for `on-resume`.
-    request: Arc<types::Request>,
+    /// The upgrade request, packed, for `on-resume`.
+    request: PackedRequest,
     stage: Stage,
     /// When `on-open` accepted, for the closing log line.
     opened_at: Instant,
@@ -128,7 +129,7 @@ impl Session {
             runtime,
             guest: Some(guest),
             parked: None,
-            request,
+            request: PackedRequest::pack(&request),
             stage: Stage::Opening,
             opened_at: Instant::now(),
             messages: (0, 0),
@@ -136,7 +137,7 @@ impl Session {
             _slot: slot,
         };
         let response = match session.guest.as_mut() {
-            Some(guest) => guest.on_open(id, &session.request),
+            Some(guest) => guest.on_open(id, &request),
             None => None,
         };
         match response {
@@ -320,41 +321,117 @@ impl Session {
     /// Runs the connection over the two halves of its socket (`initial`
     /// holds bytes the client sent right after its request) until it closes,
     /// then runs `on-close` and writes out what is queued.
-    pub async fn run<R, W>(mut self, mut rd: R, mut wr: W, initial: Bytes)
+    ///
+    /// The event loop ([`Session::live`]) runs in its own allocation. A
+    /// hibernated connection with nothing to read, write or deliver leaves
+    /// it and waits in [`Session::park`], which holds only what it needs to
+    /// wake (about a quarter of the loop's size), with its read and write
+    /// buffers released.
+    pub async fn run<R, W>(self: Box<Self>, mut rd: R, mut wr: W, initial: Bytes)
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        // The session stays in its box: the task holds a pointer, not a
+        // copy (an async fn's arguments are stored twice in its future).
+        let mut this = self;
+        let mut link = this.link(initial);
+        let ending = loop {
+            if let Stop::Ended(ending) = Box::pin(this.live(&mut rd, &mut wr, &mut link)).await {
+                break ending;
+            }
+            link.reader.release_buffer();
+            link.out.release_buffers();
+            if let Some(ending) = Session::park(&this.conn, &mut rd, &mut link).await {
+                break ending;
+            }
+        };
+
+        // Nothing more is accepted; `on-close` runs; what is queued is
+        // written, then the TCP connection is closed.
+        this.messages = (link.inbound.messages, link.out.messages_sent());
+        this.end(ending.code, &ending.reason, ending.by);
+        drop(rd);
+        let conn = this.conn.clone();
+        let _ = tokio::time::timeout(
+            link.limits.close_timeout,
+            link.out.finish(&conn.outbox, &mut wr),
+        )
+        .await;
+        let dropped = conn.outbox.dropped();
+        if dropped > 0 {
+            tracing::info!(route = %this.route.path, conn = this.id, dropped, "messages dropped for a slow consumer");
+        }
+    }
+
+    /// The state that outlives one run of the event loop; `initial` holds
+    /// bytes the client sent right after its request.
+    fn link(&self, initial: Bytes) -> Link {
         let started = self.opened_at;
-        let outbox = self.conn.outbox.clone();
-        // This task writes too: no writer task to wake per message.
-        let mut out = Writer::default();
         let limits = self.version.settings.limits.clone();
-        let mut reader = FrameReader::new(&initial, limits.max_frame_size);
-        // `initial` is a slice of hyper's whole read buffer: holding it would
-        // keep that buffer alive for the life of the connection.
-        drop(initial);
-        let mut inbound = Inbound::new(&self.version, started);
+        // `initial` is a slice of hyper's whole read buffer: it is copied
+        // here and dropped, as holding it would keep that buffer alive for
+        // the life of the connection.
+        Link {
+            reader: FrameReader::new(&initial, limits.max_frame_size),
+            // This task writes too: no writer task to wake per message.
+            out: Writer::default(),
+            inbound: Inbound::new(&self.version, started),
+            keepalive: Keepalive::new(started),
+            hibernate_after: self.version.settings.hibernate_after,
+            limits,
+        }
+    }
+
+    /// The event loop: reads frames and delivers them, writes what is
+    /// queued, runs timers, keepalive, the closing handshake and
+    /// hibernation. Returns when the connection has ended, or when it is
+    /// hibernated with nothing in flight (no instance, nothing to write, no
+    /// partial frame or message, not closing) and can be parked.
+    async fn live<R, W>(&mut self, rd: &mut R, wr: &mut W, link: &mut Link) -> Stop
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let Link {
+            reader,
+            out,
+            inbound,
+            keepalive,
+            limits,
+            hibernate_after,
+        } = link;
+        let hibernate_after = *hibernate_after;
+        let conn = self.conn.clone();
+        let outbox = &conn.outbox;
         let mut phase = Phase::Open;
-        let mut keepalive = Keepalive::new(started);
-        let hibernate_after = self.version.settings.hibernate_after;
+        // A close request or a timer may be what woke a parked connection
+        // (the park consumed the wake-up): look before waiting.
+        self.on_close_request(&mut phase);
+        self.on_timers(&mut phase, inbound);
         // When the session must next wake with no I/O: the end of the
         // closing handshake, a keepalive deadline, or hibernation.
         let next_wake = |phase: &Phase, keepalive: &Keepalive, live: bool, last_event, now| {
             let mut at = phase
                 .deadline()
-                .unwrap_or_else(|| keepalive.next_deadline(&limits, now));
+                .unwrap_or_else(|| keepalive.next_deadline(limits, now));
             if let (Some(after), true, true) = (hibernate_after, live, phase.is_open()) {
                 at = at.min(last_event + after);
             }
             at
         };
-        let wake = tokio::time::sleep_until(next_wake(&phase, &keepalive, true, started, started));
+        let now = Instant::now();
+        let wake = tokio::time::sleep_until(next_wake(
+            &phase,
+            keepalive,
+            self.guest.is_some(),
+            inbound.last_event,
+            now,
+        ));
         tokio::pin!(wake);
         // Waiting for a close request and for queued frames: created once and
         // kept across iterations (a new `Notified` per frame would register
         // and unregister a waiter each time).
-        let conn = self.conn.clone();
         let close_requested = conn.close_notify.notified();
         tokio::pin!(close_requested);
         let out_ready = outbox.ready();
@@ -362,16 +439,27 @@ impl Session {
         let timer_ready = conn.timer_notify.notified();
         tokio::pin!(timer_ready);
 
-        let ending = loop {
+        loop {
             // Whatever the last step queued (an echo, a pong, a close) is
             // encoded now and written below as soon as the socket takes it.
-            out.fill(&outbox);
+            out.fill(outbox);
+            // Parked only with nothing due: a keepalive deadline that woke
+            // the park is handled here first.
+            if self.guest.is_none()
+                && phase.is_open()
+                && out.is_empty()
+                && reader.is_idle()
+                && inbound.is_idle()
+                && wake.deadline() > Instant::now()
+            {
+                return Stop::Parked;
+            }
             // The timer is only moved earlier here (a close or a ping is now
             // due sooner); activity that moves it later is seen when it fires,
             // so a busy connection does not re-register a timer per frame.
             let deadline = next_wake(
                 &phase,
-                &keepalive,
+                keepalive,
                 self.guest.is_some(),
                 inbound.last_event,
                 Instant::now(),
@@ -383,39 +471,29 @@ impl Session {
                 biased;
                 _ = &mut close_requested, if phase.is_open() => {
                     close_requested.set(conn.close_notify.notified());
-                    if let Some((code, reason, by)) = conn.take_close_request() {
-                        phase = self.start_close(code, reason, by);
-                    }
+                    self.on_close_request(&mut phase);
                 }
                 _ = &mut timer_ready, if phase.is_open() => {
                     timer_ready.set(conn.timer_notify.notified());
-                    inbound.last_event = Instant::now();
-                    while let Some(event) = conn.next_timer_event() {
-                        let ok = self.prepare(!inbound.streamer.in_message())
-                            && self.guest.as_mut().is_some_and(|g| g.on_timer(self.id, event));
-                        if !ok {
-                            phase = self.plugin_failed();
-                            break;
-                        }
-                    }
+                    self.on_timers(&mut phase, inbound);
                 }
-                read = reader.read_frame(&mut rd) => {
+                read = reader.read_frame(rd) => {
                     let now = Instant::now();
                     keepalive.received(now);
                     match read {
                         Ok(frame) => {
-                            if let Some(end) = self.on_frame(frame, now, &mut phase, &mut inbound) {
-                                break end;
+                            if let Some(end) = self.on_frame(frame, now, &mut phase, inbound) {
+                                return Stop::Ended(end);
                             }
                         }
                         Err(ReadError::Protocol(e)) => {
                             if let Phase::Closing(c) = phase {
-                                break c.into_ending();
+                                return Stop::Ended(c.into_ending());
                             }
                             tracing::debug!(route = %self.route.path, conn = self.id, "protocol error: {e}");
                             phase = self.fail(&e);
                         }
-                        Err(ReadError::Eof | ReadError::Io(_)) => break phase.ending_on_eof(),
+                        Err(ReadError::Eof | ReadError::Io(_)) => return Stop::Ended(phase.ending_on_eof()),
                     }
                 }
                 _ = &mut out_ready, if out.is_empty() => out_ready.set(outbox.ready()),
@@ -424,19 +502,19 @@ impl Session {
                         out.advance(n);
                         keepalive.wrote();
                     }
-                    _ => break phase.ending_on_eof(),
+                    _ => return Stop::Ended(phase.ending_on_eof()),
                 },
                 _ = &mut wake => {
                     let now = Instant::now();
                     match &phase {
-                        Phase::Closing(c) if now >= c.until => break c.clone().into_ending(),
+                        Phase::Closing(c) if now >= c.until => return Stop::Ended(c.clone().into_ending()),
                         Phase::Closing(_) => {}
-                        Phase::Open => match keepalive.due(&limits, now) {
+                        Phase::Open => match keepalive.due(limits, now) {
                             Due::Nothing => {}
                             Due::Ping => outbox.push_control(Outbound::Ping(Bytes::new())),
                             Due::NoPong => {
                                 tracing::debug!(route = %self.route.path, conn = self.id, "no pong: dropping the connection");
-                                break Ending::abnormal();
+                                return Stop::Ended(Ending::abnormal());
                             }
                             Due::Idle => {
                                 phase = self.start_close(1001, "idle timeout".into(), ClosedBy::Gateway);
@@ -455,21 +533,67 @@ impl Session {
                     }
                     // Re-arm for whatever is due next (activity since the
                     // timer was set may have moved it later).
-                    let next = next_wake(&phase, &keepalive, self.guest.is_some(), inbound.last_event, now);
+                    let next = next_wake(&phase, keepalive, self.guest.is_some(), inbound.last_event, now);
                     wake.as_mut().reset(next.max(now + Duration::from_millis(1)));
                 }
             }
-        };
+        }
+    }
 
-        // Nothing more is accepted; `on-close` runs; what is queued is
-        // written, then the TCP connection is closed.
-        self.messages = (inbound.messages, out.messages_sent());
-        self.end(ending.code, &ending.reason, ending.by);
-        drop(rd);
-        let _ = tokio::time::timeout(limits.close_timeout, out.finish(&outbox, &mut wr)).await;
-        let dropped = outbox.dropped();
-        if dropped > 0 {
-            tracing::info!(route = %self.route.path, conn = self.id, dropped, "messages dropped for a slow consumer");
+    /// Waits, holding as little as possible, until a parked connection has
+    /// something to do: bytes from the peer (handed to the frame reader), a
+    /// close request, a timer, something queued for it, or a keepalive
+    /// deadline. `Some` if the peer went away meanwhile.
+    async fn park<R: AsyncRead + Unpin>(
+        conn: &ConnHandle,
+        rd: &mut R,
+        link: &mut Link,
+    ) -> Option<Ending> {
+        let deadline = link.keepalive.next_deadline(&link.limits, Instant::now());
+        let mut first = [0u8; PARKED_READ];
+        tokio::select! {
+            biased;
+            _ = conn.close_notify.notified() => None,
+            _ = conn.timer_notify.notified() => None,
+            _ = conn.outbox.ready() => None,
+            read = rd.read(&mut first) => match read {
+                Ok(n) if n > 0 => {
+                    link.reader.feed(&first[..n]);
+                    None
+                }
+                _ => Some(Ending::abnormal()),
+            },
+            _ = tokio::time::sleep_until(deadline) => None,
+        }
+    }
+
+    /// Starts the closing handshake if a close was requested (by a plugin,
+    /// a reload or shutdown) and the connection is open.
+    fn on_close_request(&mut self, phase: &mut Phase) {
+        if phase.is_open() {
+            if let Some((code, reason, by)) = self.conn.take_close_request() {
+                *phase = self.start_close(code, reason, by);
+            }
+        }
+    }
+
+    /// Delivers the timers that have fired, in order; a plugin failure
+    /// starts closing with 1011.
+    fn on_timers(&mut self, phase: &mut Phase, inbound: &mut Inbound) {
+        if !phase.is_open() {
+            return;
+        }
+        while let Some(event) = self.conn.next_timer_event() {
+            inbound.last_event = Instant::now();
+            let ok = self.prepare(!inbound.streamer.in_message())
+                && self
+                    .guest
+                    .as_mut()
+                    .is_some_and(|g| g.on_timer(self.id, event));
+            if !ok {
+                *phase = self.plugin_failed();
+                break;
+            }
         }
     }
 
@@ -580,6 +704,29 @@ impl Drop for Session {
     }
 }
 
+/// How many bytes a parked connection reads when the peer sends: enough for
+/// a small frame; the frame reader reads the rest.
+const PARKED_READ: usize = 64;
+
+/// The connection's state that outlives one run of the event loop.
+struct Link {
+    reader: FrameReader,
+    out: Writer,
+    inbound: Inbound,
+    keepalive: Keepalive,
+    /// The limits of the version the connection opened with.
+    limits: Limits,
+    hibernate_after: Option<Duration>,
+}
+
+/// Why the event loop returned.
+enum Stop {
+    /// The connection ended.
+    Ended(Ending),
+    /// Hibernated with nothing in flight: park it.
+    Parked,
+}
+
 /// How a connection ended: what `on-close` is told, and who closed.
 #[derive(Debug, Clone)]
 struct Ending {
@@ -679,6 +826,11 @@ impl Inbound {
             messages: 0,
             last_event: now,
         }
+    }
+
+    /// Whether no message is part-way through (nothing held between frames).
+    fn is_idle(&self) -> bool {
+        !self.streamer.in_message() && !self.assembler.in_message()
     }
 
     /// Takes a data frame that arrived at `now`.

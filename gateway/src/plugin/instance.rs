@@ -12,6 +12,7 @@ use wasmtime::Store;
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
 use crate::bindings::Plugin as PluginBindings;
 use crate::plugin::host::{HostState, REPEAT_FLAG};
+use crate::plugin::request::PackedRequest;
 use crate::plugin::{Plugin, Runtime};
 use crate::protocol::message::{Fragment, Message};
 
@@ -196,11 +197,13 @@ impl Guest {
         self.trapped
     }
 
-    /// Runs `on-resume` if the plugin exports it; false if it failed.
-    pub fn on_resume(&mut self, id: u64, request: &types::Request) -> bool {
+    /// Runs `on-resume` if the plugin exports it, with the request unpacked
+    /// (only then); false if it failed.
+    pub fn on_resume(&mut self, id: u64, request: &PackedRequest) -> bool {
         let Some(index) = self.resume else {
             return true;
         };
+        let request = &request.unpack();
         self.before_call();
         let result = self
             .instance

@@ -259,6 +259,29 @@ impl FrameReader {
         }
     }
 
+    /// Whether nothing is held: no buffered bytes and no fragmented message
+    /// part-way through.
+    pub fn is_idle(&self) -> bool {
+        self.buf.is_empty() && self.message_text.is_none()
+    }
+
+    /// Hands the reader bytes read from the peer elsewhere (by a parked
+    /// connection); they are parsed before anything else is read.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Frees the read buffer of an idle reader (see [`FrameReader::is_idle`];
+    /// does nothing otherwise). The next read allocates a small one again.
+    pub fn release_buffer(&mut self) {
+        if self.is_idle() {
+            self.buf = BytesMut::new();
+            self.chunk = FIRST_CHUNK;
+            self.want = 0;
+            self.checked = 0;
+        }
+    }
+
     /// Reads the next frame.
     pub async fn read_frame<R: AsyncRead + Unpin>(
         &mut self,

@@ -46,6 +46,11 @@ impl Assembler {
         }
     }
 
+    /// Whether a fragmented message is part-way through.
+    pub fn in_message(&self) -> bool {
+        self.partial.is_some()
+    }
+
     /// Feeds a data frame (text, binary or continuation); returns the
     /// message it completes, if any.
     pub fn push(&mut self, frame: Frame) -> Result<Option<Message>, ProtocolError> {
