@@ -146,6 +146,30 @@ impl<'de> Deserialize<'de> for OnReload {
     }
 }
 
+/// How a route's connections share plugin instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// One instance per connection: a plugin's globals are per-connection
+    /// state, and one connection's trap affects nothing else.
+    Connection,
+    /// One instance per route (and plugin version) serves all its
+    /// connections, one event at a time: what makes JavaScript and Python
+    /// plugins (megabytes per instance) affordable.
+    Shared,
+}
+
+impl<'de> Deserialize<'de> for Isolation {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Choice {
+            expecting: r#""connection" or "shared""#,
+            choices: &[
+                ("connection", Isolation::Connection),
+                ("shared", Isolation::Shared),
+            ],
+        })
+    }
+}
+
 /// The limits a connection runs with: the `[server]` defaults overridden by
 /// its route.
 #[derive(Debug, Clone, PartialEq)]
@@ -207,6 +231,9 @@ pub struct RouteSettings {
     pub deliver: Deliver,
     /// What open connections do when the plugin is replaced.
     pub on_reload: OnReload,
+    /// One instance per connection, or one shared by the route's
+    /// connections.
+    pub isolation: Isolation,
     /// Release the plugin instance of a connection with no event for this
     /// long (`None`: never); the next event gets a fresh instance.
     pub hibernate_after: Option<Duration>,
@@ -707,6 +734,7 @@ const ROUTE_KEYS: &[&str] = &[
     "subprotocols",
     "deliver",
     "on_reload",
+    "isolation",
     "hibernate_after",
 ];
 
@@ -802,6 +830,7 @@ struct RawRoute {
     subprotocols: Option<Vec<String>>,
     deliver: Option<Deliver>,
     on_reload: Option<OnReload>,
+    isolation: Option<Isolation>,
     hibernate_after: Option<Option<Duration>>,
 }
 
@@ -1079,6 +1108,7 @@ impl Parser<'_> {
                 }
                 "deliver" => r.deliver = self.value(key, at, v),
                 "on_reload" => r.on_reload = self.value(key, at, v),
+                "isolation" => r.isolation = self.value(key, at, v),
                 "hibernate_after" => {
                     r.hibernate_after = self.value::<Timeout>(key, at, v).map(|t| t.0)
                 }
@@ -1311,6 +1341,7 @@ impl Config {
                 max_connections: r.limits.max_connections,
                 deliver: r.deliver.unwrap_or(Deliver::Message),
                 on_reload: r.on_reload.unwrap_or(OnReload::Keep),
+                isolation: r.isolation.unwrap_or(Isolation::Connection),
                 hibernate_after: r.hibernate_after.flatten(),
             });
         }
@@ -1474,6 +1505,7 @@ mod tests {
             ("slow_consumer = \"kill\"", "slow_consumer: expected \"close\" or \"drop\", found the string \"kill\""),
             ("slow_consumer = 1", "slow_consumer: expected \"close\" or \"drop\", found the number 1"),
             ("deliver = \"frames\"", "deliver: expected \"message\" or \"fragments\", found the string \"frames\""),
+            ("isolation = \"process\"", "isolation: expected \"connection\" or \"shared\", found the string \"process\""),
             ("allowed_origins = \"https://a.example\"", "allowed_origins: expected a list of origins like [\"https://example.com\"], found the string \"https://a.example\""),
             ("allowed_origins = [\"https://a.example\", 3]", "allowed_origins: item 2: expected a string, found the number 3"),
             ("subprotocols = { a = 1 }", "subprotocols: expected a list of subprotocols like [\"chat.v1\"], found a table"),

@@ -4,7 +4,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -24,6 +25,8 @@ pub const MAX_META_VALUE: usize = 64 << 10;
 pub const MAX_META_ENTRIES: usize = 64;
 /// Most rooms one connection may be in.
 pub const MAX_ROOMS_PER_CONNECTION: usize = 256;
+/// Most timers one connection may hold.
+pub const MAX_TIMERS: usize = 64;
 
 /// Who started a connection's closing handshake, for the log line written
 /// when it ends.
@@ -73,6 +76,17 @@ pub struct ConnHandle {
     timer_events: Mutex<VecDeque<u64>>,
     /// Wakes the connection's session when a timer fires.
     pub timer_notify: Notify,
+    /// The connection's timers: host-side state, like its metadata, that
+    /// outlives any one instance (migration, hibernation, a shared
+    /// instance serving many connections).
+    timers: Mutex<Timers>,
+}
+
+/// A connection's pending timers, by id (ids count up per connection).
+#[derive(Debug, Default)]
+struct Timers {
+    pending: HashMap<u64, tokio::task::AbortHandle>,
+    next: u64,
 }
 
 /// Set in a timer event's id when the timer repeats.
@@ -95,6 +109,7 @@ impl ConnHandle {
             close_notify: Notify::new(),
             timer_events: Mutex::new(VecDeque::new()),
             timer_notify: Notify::new(),
+            timers: Mutex::new(Timers::default()),
         })
     }
 
@@ -141,6 +156,69 @@ impl ConnHandle {
         self.timer_notify.notify_one();
     }
 
+    /// Starts a timer: an event after `delay` (then every `delay` if
+    /// `repeat`) until cancelled or [`ConnHandle::cancel_timers`]. Fails with
+    /// `limit-reached` past [`MAX_TIMERS`]. Needs a tokio runtime.
+    pub fn set_timer(self: &Arc<Self>, delay: Duration, repeat: bool) -> Result<u64, GatewayError> {
+        let mut timers = self.timers.lock();
+        if timers.pending.len() >= MAX_TIMERS {
+            return Err(GatewayError::LimitReached);
+        }
+        timers.next += 1;
+        let id = timers.next;
+        // The task holds the connection weakly: a timer never keeps a
+        // closed connection alive.
+        let conn = Arc::downgrade(self);
+        let task = tokio::spawn(async move {
+            if repeat {
+                let mut every =
+                    tokio::time::interval_at(tokio::time::Instant::now() + delay, delay);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    every.tick().await;
+                    if !fire(&conn, id | TIMER_REPEAT_FLAG) {
+                        break;
+                    }
+                }
+            } else {
+                tokio::time::sleep(delay).await;
+                fire(&conn, id);
+            }
+        });
+        timers.pending.insert(id, task.abort_handle());
+        Ok(id)
+    }
+
+    /// Cancels timer `id`; whether it was still pending.
+    pub fn cancel_timer(&self, id: u64) -> bool {
+        match self.timers.lock().pending.remove(&id) {
+            Some(t) => {
+                t.abort();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a fired timer's event is still to be delivered: a one-shot
+    /// timer is forgotten here; false if it was cancelled after it fired.
+    pub fn timer_live(&self, id: u64, repeating: bool) -> bool {
+        let mut timers = self.timers.lock();
+        if repeating {
+            timers.pending.contains_key(&id)
+        } else {
+            timers.pending.remove(&id).is_some()
+        }
+    }
+
+    /// Cancels every timer (the connection is closing, or its plugin
+    /// trapped).
+    pub fn cancel_timers(&self) {
+        for (_, t) in self.timers.lock().pending.drain() {
+            t.abort();
+        }
+    }
+
     /// The next timer event waiting, if any.
     pub fn next_timer_event(&self) -> Option<u64> {
         self.timer_events.lock().pop_front()
@@ -149,6 +227,18 @@ impl ConnHandle {
     /// Takes the pending close request, if any.
     pub fn take_close_request(&self) -> Option<CloseRequest> {
         self.close_request.lock().take()
+    }
+}
+
+/// Queues a timer event on the connection if it is still alive; false if
+/// it is gone.
+fn fire(conn: &Weak<ConnHandle>, event: u64) -> bool {
+    match conn.upgrade() {
+        Some(c) => {
+            c.timer_fired(event);
+            true
+        }
+        None => false,
     }
 }
 

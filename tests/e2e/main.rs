@@ -14,4 +14,5 @@ mod lifecycle;
 mod limits;
 mod plugin_failure;
 mod reload;
+mod shared;
 mod shutdown;

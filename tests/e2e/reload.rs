@@ -12,24 +12,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-/// A scratch folder holding `plugin.wasm` (a copy of `first`) and a
-/// `gateway.toml` of `config`; the gateway serving it, started with `args`.
-fn serve_copy(name: &str, first: &str, config: &str, args: &[&str]) -> (Gateway, PathBuf) {
-    let dir = scratch(name);
-    std::fs::copy(first, dir.join("plugin.wasm")).expect("copy plugin");
-    let file = dir.join("gateway.toml");
-    std::fs::write(&file, config).expect("write config");
-    let mut all = vec![
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        file.to_str().expect("utf-8 path"),
-    ];
-    all.extend_from_slice(args);
-    (Gateway::spawn(&all), dir)
-}
-
 /// `plugin.wasm` (a copy of `echo`) served at `/p` (plus `extra` lines).
 fn start(name: &str, extra: &str, args: &[&str]) -> (Gateway, PathBuf) {
     let config = format!("[[route]]\npath = \"/p\"\nplugin = \"plugin.wasm\"\n{extra}");
@@ -287,15 +269,6 @@ async fn a_restart_loads_a_plugin_seen_before_from_the_compile_cache() {
     assert!(second.contains("from cache"), "{second}");
     let mut ws = connect(&gw.url("/p")).await;
     assert_eq!(answer(&mut ws).await, "id");
-}
-
-/// The testkit plugin as built against `wasmgate:plugin@0.1.0`, before the
-/// contract grew `resume`: it must keep loading and working.
-fn fixture_0_1_0() -> String {
-    format!(
-        "{}/../tests/fixtures/testkit-wit-0.1.0.wasm",
-        env!("CARGO_MANIFEST_DIR")
-    )
 }
 
 /// A gateway serving `plugin.wasm` (a copy of `first`) at `/m` with

@@ -440,3 +440,30 @@ impl Raw {
         }
     }
 }
+
+/// A scratch folder holding `plugin.wasm` (a copy of `first`) and a
+/// `gateway.toml` of `config`; the gateway serving it, started with `args`.
+pub fn serve_copy(name: &str, first: &str, config: &str, args: &[&str]) -> (Gateway, PathBuf) {
+    let dir = scratch(name);
+    std::fs::copy(first, dir.join("plugin.wasm")).expect("copy plugin");
+    let file = dir.join("gateway.toml");
+    std::fs::write(&file, config).expect("write config");
+    let mut all = vec![
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        file.to_str().expect("utf-8 path"),
+    ];
+    all.extend_from_slice(args);
+    (Gateway::spawn(&all), dir)
+}
+
+/// The testkit plugin as built against `wasmgate:plugin@0.1.0`, before the
+/// contract grew `resume`: it must keep loading and working.
+pub fn fixture_0_1_0() -> String {
+    format!(
+        "{}/../tests/fixtures/testkit-wit-0.1.0.wasm",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}

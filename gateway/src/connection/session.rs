@@ -26,9 +26,10 @@ use crate::config::{Deliver, Limits, OnReload};
 use crate::connection::keepalive::{Due, Keepalive};
 use crate::connection::outbox::{Outbound, Outbox, Writer};
 use crate::hub::{ClosedBy, ConnHandle};
-use crate::plugin::host::{HostState, Timers, MAX_CLOSE_REASON};
+use crate::plugin::host::{HostState, MAX_CLOSE_REASON};
 use crate::plugin::instance::Guest;
 use crate::plugin::request::PackedRequest;
+use crate::plugin::shared::{Seen, SharedInstance};
 use crate::plugin::Runtime;
 use crate::protocol::frame::{parse_close, Frame, FrameReader, OpCode, ProtocolError, ReadError};
 use crate::protocol::message::{Assembler, Fragment, Message, Streamer};
@@ -46,6 +47,58 @@ enum Stage {
     Ended,
 }
 
+/// Where a connection's events go: its own instance, or its route
+/// version's shared one.
+enum Instance {
+    /// `isolation = "connection"`: the connection's own instance; `None`
+    /// while hibernated (the next event gets a fresh one).
+    Own(Option<Guest>),
+    /// `isolation = "shared"`.
+    Shared {
+        shared: Arc<SharedInstance>,
+        /// The shared instance generation that last saw this connection.
+        seen: Seen,
+        /// Hibernated: there is nothing to release, but the connection may
+        /// be parked.
+        asleep: bool,
+        /// One of this connection's events trapped: it is closing, and its
+        /// plugin is not called again.
+        failed: bool,
+    },
+}
+
+impl Instance {
+    /// A connection's place on `version`, with no instance yet.
+    fn on(version: &RouteVersion) -> Instance {
+        match &version.shared {
+            Some(shared) => Instance::Shared {
+                shared: shared.clone(),
+                seen: 0,
+                asleep: false,
+                failed: false,
+            },
+            None => Instance::Own(None),
+        }
+    }
+
+    /// Whether a call failed: the plugin may not be called again for this
+    /// connection.
+    fn failed(&self) -> bool {
+        match self {
+            Instance::Own(guest) => guest.as_ref().is_some_and(Guest::trapped),
+            Instance::Shared { failed, .. } => *failed,
+        }
+    }
+
+    /// Not hibernated.
+    fn awake(&self) -> bool {
+        match self {
+            Instance::Own(guest) => guest.is_some(),
+            Instance::Shared { asleep, .. } => !asleep,
+        }
+    }
+}
+
 /// A connection's plugin instance and everything needed to run it.
 pub struct Session {
     id: u64,
@@ -55,10 +108,8 @@ pub struct Session {
     version: Arc<RouteVersion>,
     conn: Arc<ConnHandle>,
     runtime: Arc<Runtime>,
-    /// The connection's plugin instance; `None` while hibernated.
-    guest: Option<Guest>,
-    /// The connection's timers while it has no instance.
-    parked: Option<Timers>,
+    /// Where the connection's events go.
+    instance: Instance,
     /// The newest route version this connection has looked at.
     seen_version: u64,
     /// The upgrade request, packed, for `on-resume`.
@@ -88,8 +139,9 @@ pub enum Opened {
 }
 
 impl Session {
-    /// Registers connection `id` on its route, instantiates the plugin and
-    /// runs `on-open`. A rejected or failed open leaves nothing behind.
+    /// Registers connection `id` on its route, instantiates the plugin (or
+    /// takes the route's shared instance) and runs `on-open`. A rejected or
+    /// failed open leaves nothing behind.
     pub fn open(
         id: u64,
         route: Arc<Route>,
@@ -102,24 +154,26 @@ impl Session {
         let outbox = Outbox::new(limits.max_outbound_buffer);
         let conn = ConnHandle::new(id, outbox, limits.slow_consumer);
         route.hub.insert(conn.clone());
-        let state = HostState::new(
-            conn.clone(),
-            route.hub.clone(),
-            version.scope.clone(),
-            runtime.store_limits(),
-            Timers::new(),
-        );
-        let guest = match Guest::new(runtime.clone(), &version.plugin, state) {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!(
-                    route = %route.path, plugin = %version.plugin.name, conn = id,
-                    "cannot instantiate the plugin: {e:#}"
-                );
-                route.hub.remove(id);
-                return Opened::Unavailable;
+        let mut instance = Instance::on(&version);
+        if let Instance::Own(guest) = &mut instance {
+            let state = HostState::new(
+                conn.clone(),
+                route.hub.clone(),
+                version.scope.clone(),
+                runtime.store_limits(),
+            );
+            match Guest::new(runtime.clone(), &version.plugin, state) {
+                Ok(g) => *guest = Some(g),
+                Err(e) => {
+                    tracing::error!(
+                        route = %route.path, plugin = %version.plugin.name, conn = id,
+                        "cannot instantiate the plugin: {e:#}"
+                    );
+                    route.hub.remove(id);
+                    return Opened::Unavailable;
+                }
             }
-        };
+        }
         let mut session = Session {
             id,
             seen_version: version.version,
@@ -127,8 +181,7 @@ impl Session {
             version,
             conn,
             runtime,
-            guest: Some(guest),
-            parked: None,
+            instance,
             request: PackedRequest::pack(&request),
             stage: Stage::Opening,
             opened_at: Instant::now(),
@@ -136,9 +189,20 @@ impl Session {
             sent_close: None,
             _slot: slot,
         };
-        let response = match session.guest.as_mut() {
-            Some(guest) => guest.on_open(id, &request),
-            None => None,
+        let response = match &mut session.instance {
+            Instance::Own(guest) => guest.as_mut().and_then(|g| g.on_open(id, &request)),
+            Instance::Shared {
+                shared,
+                seen,
+                failed,
+                ..
+            } => {
+                let r = shared.call(&session.runtime, &session.conn, seen, None, |g| {
+                    g.on_open(id, &request)
+                });
+                *failed = r.is_none();
+                r
+            }
         };
         match response {
             Some(OpenResponse::Accept(accept)) => {
@@ -175,7 +239,7 @@ impl Session {
     }
 
     /// Ends the connection: runs `on-close` with `code` and `reason` if
-    /// `on-open` accepted and the plugin has not trapped, then takes the
+    /// `on-open` accepted and the plugin has not failed, then takes the
     /// connection off its route (rooms, metadata, timers) and logs the
     /// closing line (debug). Does nothing the second time.
     fn end(&mut self, code: u16, reason: &str, by: ClosedBy) {
@@ -184,18 +248,18 @@ impl Session {
         }
         self.conn.outbox.finish();
         let accepted = self.stage == Stage::Accepted;
-        // A hibernated connection gets an instance back for its on-close
-        // (of the version it runs: a closing connection is not migrated).
+        // Timers stop first: none fires into on-close, and any it sets is
+        // cancelled below. A hibernated connection gets an instance back
+        // for its on-close (of the version it runs: a closing connection is
+        // not migrated).
+        self.conn.cancel_timers();
         if accepted && self.prepare(false) {
-            if let Some(guest) = self.guest.as_mut() {
-                guest.state_mut().cancel_all_timers();
-                guest.on_close(self.id, code, reason);
-            }
+            self.invoke(|guest, id| {
+                guest.on_close(id, code, reason);
+                true
+            });
         }
-        if let Some(guest) = self.guest.as_mut() {
-            guest.state_mut().cancel_all_timers();
-        }
-        self.parked = None;
+        self.conn.cancel_timers();
         self.stage = Stage::Ended;
         self.route.hub.remove(self.id);
         if accepted {
@@ -217,18 +281,44 @@ impl Session {
     /// (the session loop does this for every message; the benchmarks call it
     /// directly). Returns false if the plugin failed.
     pub fn deliver(&mut self, msg: Message) -> bool {
-        self.prepare(true)
-            && self
-                .guest
-                .as_mut()
-                .is_some_and(|g| g.on_message(self.id, msg))
+        self.call(true, |guest, id| guest.on_message(id, msg))
     }
 
-    /// Makes sure the connection has a live instance of the version it
-    /// should run before an event is delivered: moves it to the route's
-    /// newest version when that version says `on_reload = "migrate"`, and
-    /// wakes it from hibernation. Either way the new instance gets
-    /// `on-resume` first. A connection moves only `at_boundary`: between
+    /// Delivers one event: [`Session::prepare`], then [`Session::invoke`].
+    fn call(&mut self, at_boundary: bool, event: impl FnOnce(&mut Guest, u64) -> bool) -> bool {
+        self.prepare(at_boundary) && self.invoke(event)
+    }
+
+    /// Runs `event` on the connection's instance (its own, or the shared
+    /// one, which is told of the connection with `on-resume` first if it is
+    /// a generation that has not seen it). False if the plugin failed; a
+    /// failure is logged where it happens.
+    fn invoke(&mut self, event: impl FnOnce(&mut Guest, u64) -> bool) -> bool {
+        let id = self.id;
+        match &mut self.instance {
+            Instance::Own(guest) => guest.as_mut().is_some_and(|g| event(g, id)),
+            Instance::Shared {
+                shared,
+                seen,
+                failed,
+                ..
+            } => {
+                let ok = shared
+                    .call(&self.runtime, &self.conn, seen, Some(&self.request), |g| {
+                        event(g, id).then_some(())
+                    })
+                    .is_some();
+                *failed |= !ok;
+                ok
+            }
+        }
+    }
+
+    /// Makes sure the connection is ready for an event on the version it
+    /// should run: moves it to the route's newest version when that version
+    /// says `on_reload = "migrate"`, and wakes it from hibernation. A new
+    /// instance of its own gets `on-resume` here; a shared instance calls it
+    /// before the event. A connection moves only `at_boundary`: between
     /// messages, never while a streamed message's fragments are arriving.
     /// False if the plugin failed (now or before): the caller closes with
     /// 1011.
@@ -240,15 +330,17 @@ impl Session {
             if latest.version != self.version.version
                 && latest.settings.on_reload == OnReload::Migrate
             {
-                let from = self.version.version;
-                self.release();
-                if self.guest.is_some() {
-                    // A trapped instance is not migrated: it is closing.
+                // A failed plugin is not migrated: the connection is closing.
+                if self.instance.failed() {
                     return false;
                 }
+                let from = self.version.version;
                 self.version = latest;
-                if !self.resume() {
-                    return false;
+                self.instance = Instance::on(&self.version);
+                if let Instance::Own(_) = self.instance {
+                    if !self.resume() {
+                        return false;
+                    }
                 }
                 tracing::debug!(
                     route = %self.route.path, conn = self.id, from, to = self.version.version,
@@ -257,46 +349,37 @@ impl Session {
                 return true;
             }
         }
-        match &self.guest {
-            Some(guest) => !guest.trapped(),
-            None => {
+        match &mut self.instance {
+            Instance::Own(Some(guest)) => !guest.trapped(),
+            Instance::Own(None) => {
                 let ok = self.resume();
                 if ok {
                     tracing::debug!(route = %self.route.path, conn = self.id, "connection resumed from hibernation");
                 }
                 ok
             }
+            Instance::Shared { asleep, failed, .. } => {
+                if std::mem::take(asleep) {
+                    tracing::debug!(route = %self.route.path, conn = self.id, "connection resumed from hibernation");
+                }
+                !*failed
+            }
         }
     }
 
-    /// Releases the connection's instance, keeping its timers (a trapped
-    /// instance is kept: it may not run again, and the connection is
-    /// closing).
-    fn release(&mut self) {
-        match self.guest.take() {
-            Some(guest) if guest.trapped() => self.guest = Some(guest),
-            Some(mut guest) => self.parked = Some(guest.state_mut().take_timers()),
-            None => {}
-        }
-    }
-
-    /// Gives the connection a fresh instance of its version, with its
-    /// timers, and runs `on-resume`; false if that failed (logged).
+    /// Gives the connection a fresh instance of its own of its version and
+    /// runs `on-resume`; false if that failed (logged).
     fn resume(&mut self) -> bool {
-        let Some(timers) = self.parked.take() else {
-            return false;
-        };
         let state = HostState::new(
             self.conn.clone(),
             self.route.hub.clone(),
             self.version.scope.clone(),
             self.runtime.store_limits(),
-            timers,
         );
         match Guest::new(self.runtime.clone(), &self.version.plugin, state) {
             Ok(mut guest) => {
                 let ok = guest.on_resume(self.id, &self.request);
-                self.guest = Some(guest);
+                self.instance = Instance::Own(Some(guest));
                 ok
             }
             Err(e) => {
@@ -309,11 +392,23 @@ impl Session {
         }
     }
 
-    /// Hibernates: releases the instance of a connection that has had no
-    /// event for `hibernate_after`; its next event gets a fresh one.
+    /// Hibernates a connection that has had no event for `hibernate_after`:
+    /// releases its own instance (its next event gets a fresh one), or with
+    /// a shared instance only marks it, so that it can be parked. A failed
+    /// plugin's connection is closing and is left as it is.
     fn hibernate(&mut self) {
-        if self.guest.as_ref().is_some_and(|g| !g.trapped()) {
-            self.release();
+        let released = match &mut self.instance {
+            Instance::Own(guest) if guest.as_ref().is_some_and(|g| !g.trapped()) => {
+                *guest = None;
+                true
+            }
+            Instance::Shared { asleep, failed, .. } if !*asleep && !*failed => {
+                *asleep = true;
+                true
+            }
+            _ => false,
+        };
+        if released {
             tracing::debug!(route = %self.route.path, conn = self.id, "connection hibernated: instance released");
         }
     }
@@ -424,7 +519,7 @@ impl Session {
         let wake = tokio::time::sleep_until(next_wake(
             &phase,
             keepalive,
-            self.guest.is_some(),
+            self.instance.awake(),
             inbound.last_event,
             now,
         ));
@@ -445,7 +540,7 @@ impl Session {
             out.fill(outbox);
             // Parked only with nothing due: a keepalive deadline that woke
             // the park is handled here first.
-            if self.guest.is_none()
+            if !self.instance.awake()
                 && phase.is_open()
                 && out.is_empty()
                 && reader.is_idle()
@@ -460,7 +555,7 @@ impl Session {
             let deadline = next_wake(
                 &phase,
                 keepalive,
-                self.guest.is_some(),
+                self.instance.awake(),
                 inbound.last_event,
                 Instant::now(),
             );
@@ -533,7 +628,7 @@ impl Session {
                     }
                     // Re-arm for whatever is due next (activity since the
                     // timer was set may have moved it later).
-                    let next = next_wake(&phase, keepalive, self.guest.is_some(), inbound.last_event, now);
+                    let next = next_wake(&phase, keepalive, self.instance.awake(), inbound.last_event, now);
                     wake.as_mut().reset(next.max(now + Duration::from_millis(1)));
                 }
             }
@@ -585,11 +680,9 @@ impl Session {
         }
         while let Some(event) = self.conn.next_timer_event() {
             inbound.last_event = Instant::now();
-            let ok = self.prepare(!inbound.streamer.in_message())
-                && self
-                    .guest
-                    .as_mut()
-                    .is_some_and(|g| g.on_timer(self.id, event));
+            let ok = self.call(!inbound.streamer.in_message(), |g, id| {
+                g.on_timer(id, event)
+            });
             if !ok {
                 *phase = self.plugin_failed();
                 break;
@@ -649,11 +742,7 @@ impl Session {
                     if fragment.fin {
                         inbound.messages += 1;
                     }
-                    let ok = self.prepare(fragment.first)
-                        && self
-                            .guest
-                            .as_mut()
-                            .is_some_and(|g| g.on_fragment(self.id, fragment));
+                    let ok = self.call(fragment.first, |g, id| g.on_fragment(id, fragment));
                     if !ok {
                         *phase = self.plugin_failed();
                     }

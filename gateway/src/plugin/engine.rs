@@ -28,7 +28,7 @@ use crate::error::Error;
 use crate::file::ContentHash;
 use crate::hub::{ConnHandle, Hub};
 use crate::plugin::cache::{CompileCache, Origin};
-use crate::plugin::host::{HostState, Scope, Timers};
+use crate::plugin::host::{HostState, Scope};
 use crate::plugin::output::{GuestOutput, Stream, Tags};
 
 /// The optional interface a plugin exports to be told of a new instance.
@@ -246,13 +246,7 @@ impl Runtime {
             plugin: Arc::from(source.to_string().as_str()),
             config: std::collections::BTreeMap::new(),
         });
-        let state = HostState::new(
-            conn,
-            Arc::new(Hub::default()),
-            scope,
-            self.store_limits(),
-            Timers::new(),
-        );
+        let state = HostState::new(conn, Arc::new(Hub::default()), scope, self.store_limits());
         let mut store = self.store(state);
         store.set_epoch_deadline(self.call_deadline());
         match pre.instantiate(&mut store) {

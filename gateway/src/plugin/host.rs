@@ -5,7 +5,8 @@
 //! An instance holds what it needs of its route (the hub and a [`Scope`]),
 //! never the route itself.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,8 +33,6 @@ pub struct Scope {
     pub config: BTreeMap<String, String>,
 }
 
-/// Most timers one connection may hold.
-pub const MAX_TIMERS: usize = 64;
 /// Longest close reason, in bytes (a close frame payload is at most 125).
 pub const MAX_CLOSE_REASON: usize = 123;
 
@@ -43,69 +42,54 @@ pub struct HostState {
     table: ResourceTable,
     /// Memory and table limits of the instance.
     pub(crate) limits: StoreLimits,
-    /// The connection this instance serves.
-    conn: u64,
-    /// Its handle: replies to it skip the hub's lookup.
+    /// The connection whose event the instance is handling: always the same
+    /// one for a connection's own instance, set before every call for a
+    /// shared one ([`HostState::serve`]).
     own: Arc<ConnHandle>,
+    /// The same id, for the instance's output lines.
+    output_conn: Arc<AtomicU64>,
     hub: Arc<Hub>,
     scope: Arc<Scope>,
-    timers: Timers,
-}
-
-/// A connection's timers: host-side state that outlives any one instance
-/// (it moves to the next instance on migration and waits out hibernation).
-/// A timer fires into its connection's handle ([`ConnHandle::timer_fired`]).
-#[derive(Debug, Default)]
-pub struct Timers {
-    pending: HashMap<u64, tokio::task::AbortHandle>,
-    next: u64,
-}
-
-impl Timers {
-    /// No timers yet.
-    pub fn new() -> Timers {
-        Timers::default()
-    }
-
-    /// Cancels every timer.
-    pub fn cancel_all(&mut self) {
-        for (_, t) in self.pending.drain() {
-            t.abort();
-        }
-    }
-}
-
-impl Drop for Timers {
-    fn drop(&mut self) {
-        self.cancel_all();
-    }
 }
 
 impl HostState {
-    /// State for an instance serving connection `own` in `hub`, seeing its
-    /// route through `scope`, with the connection's `timers`.
+    /// State for an instance serving connection `own` (first) in `hub`,
+    /// seeing its route through `scope`.
     pub(crate) fn new(
         own: Arc<ConnHandle>,
         hub: Arc<Hub>,
         scope: Arc<Scope>,
         limits: StoreLimits,
-        timers: Timers,
     ) -> Self {
+        let output_conn = Arc::new(AtomicU64::new(own.id));
         let (wasi, table) = crate::plugin::engine::wasi_ctx(crate::plugin::output::Tags {
             route: scope.route.clone(),
             plugin: scope.plugin.clone(),
-            conn: own.id,
+            conn: output_conn.clone(),
         });
         HostState {
             wasi,
             table,
             limits,
-            conn: own.id,
             own,
+            output_conn,
             hub,
             scope,
-            timers,
         }
+    }
+
+    /// Makes `conn` the connection whose event the instance handles next
+    /// (a shared instance, before each call).
+    pub(crate) fn serve(&mut self, conn: &Arc<ConnHandle>) {
+        if !Arc::ptr_eq(&self.own, conn) {
+            self.own = conn.clone();
+            self.output_conn.store(conn.id, Ordering::Relaxed);
+        }
+    }
+
+    /// The connection whose event the instance is handling.
+    pub(crate) fn conn(&self) -> &Arc<ConnHandle> {
+        &self.own
     }
 
     /// The path of the route this instance serves, for logs.
@@ -118,35 +102,14 @@ impl HostState {
         &self.scope.plugin
     }
 
-    /// The connection this instance serves.
+    /// The connection whose event the instance is handling.
     pub(crate) fn conn_id(&self) -> u64 {
-        self.conn
+        self.own.id
     }
 
     /// The instance's resource table.
     pub(crate) fn table(&mut self) -> &mut ResourceTable {
         &mut self.table
-    }
-
-    /// Forgets a one-shot timer that fired; returns false if it was
-    /// cancelled meanwhile (its event is then not delivered).
-    pub(crate) fn timer_fired(&mut self, id: u64, repeating: bool) -> bool {
-        if repeating {
-            self.timers.pending.contains_key(&id)
-        } else {
-            self.timers.pending.remove(&id).is_some()
-        }
-    }
-
-    /// Takes the connection's timers out (the instance is being released);
-    /// the state is left with none, firing nowhere.
-    pub(crate) fn take_timers(&mut self) -> Timers {
-        std::mem::take(&mut self.timers)
-    }
-
-    /// Cancels every timer (the connection is closing).
-    pub(crate) fn cancel_all_timers(&mut self) {
-        self.timers.cancel_all();
     }
 }
 
@@ -167,6 +130,8 @@ pub(crate) fn outbound(msg: Message) -> Outbound {
     }
 }
 
+/// Most timers one connection may hold.
+pub use crate::hub::MAX_TIMERS;
 /// Timer events carry a flag in the high bit when the timer repeats.
 pub(crate) use crate::hub::TIMER_REPEAT_FLAG as REPEAT_FLAG;
 
@@ -174,7 +139,7 @@ impl types::Host for HostState {}
 
 impl Host for HostState {
     fn send(&mut self, conn: u64, msg: Message) -> Result<(), GatewayError> {
-        if conn == self.conn {
+        if conn == self.own.id {
             return self.own.deliver(outbound(msg));
         }
         self.hub.get(conn)?.deliver(outbound(msg))
@@ -255,49 +220,22 @@ impl Host for HostState {
     }
 
     fn set_timer(&mut self, conn: u64, delay_ms: u32, repeat: bool) -> Result<u64, GatewayError> {
-        if conn != self.conn {
+        if conn != self.own.id {
             self.hub.get(conn)?;
             return Err(GatewayError::NotOwner);
         }
-        if self.timers.pending.len() >= MAX_TIMERS {
-            return Err(GatewayError::LimitReached);
-        }
-        self.timers.next += 1;
-        let id = self.timers.next;
         let delay = Duration::from_millis(u64::from(delay_ms.max(1)));
-        let conn = self.own.clone();
-        let task = tokio::spawn(async move {
-            if repeat {
-                let mut every =
-                    tokio::time::interval_at(tokio::time::Instant::now() + delay, delay);
-                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                loop {
-                    every.tick().await;
-                    conn.timer_fired(id | REPEAT_FLAG);
-                }
-            } else {
-                tokio::time::sleep(delay).await;
-                conn.timer_fired(id);
-            }
-        });
-        self.timers.pending.insert(id, task.abort_handle());
-        Ok(id)
+        self.own.set_timer(delay, repeat)
     }
 
     fn cancel_timer(&mut self, timer: u64) -> bool {
-        match self.timers.pending.remove(&timer) {
-            Some(t) => {
-                t.abort();
-                true
-            }
-            None => false,
-        }
+        self.own.cancel_timer(timer)
     }
 
     fn log(&mut self, level: LogLevel, message: String) {
         let route = &*self.scope.route;
         let plugin = &*self.scope.plugin;
-        let conn = self.conn;
+        let conn = self.own.id;
         match level {
             LogLevel::Trace => tracing::trace!(route = %route, plugin = %plugin, conn, "{message}"),
             LogLevel::Debug => tracing::debug!(route = %route, plugin = %plugin, conn, "{message}"),

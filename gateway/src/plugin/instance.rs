@@ -50,7 +50,7 @@ impl Guest {
             Err(e) => {
                 self.trapped = true;
                 let state = self.store.data_mut();
-                state.cancel_all_timers();
+                state.conn().cancel_timers();
                 let why = match e.downcast_ref::<wasmtime::Trap>() {
                     Some(wasmtime::Trap::Interrupt) => format!(
                         "exceeded max_call_time ({:?}) and was interrupted",
@@ -137,8 +137,9 @@ impl Guest {
         let timer = event & !REPEAT_FLAG;
         let live = self
             .store
-            .data_mut()
-            .timer_fired(timer, event & REPEAT_FLAG != 0);
+            .data()
+            .conn()
+            .timer_live(timer, event & REPEAT_FLAG != 0);
         if !live {
             return true;
         }

@@ -1,6 +1,7 @@
 //! Everything WebAssembly: the engine and loading components ([`engine`]),
-//! the on-disk cache of compiled components ([`cache`]), one connection's
-//! instance and the calls into it ([`instance`]), the host functions plugins
+//! the on-disk cache of compiled components ([`cache`]), an instance and
+//! the calls into it ([`instance`]), one instance shared by a route's
+//! connections ([`shared`]), the host functions plugins
 //! call back ([`host`]), the WASI they see ([`wasi`]), where their
 //! stdout and stderr go ([`output`]) and the upgrade request a connection
 //! keeps for `on-resume` ([`request`]).
@@ -15,6 +16,7 @@ pub mod host;
 pub mod instance;
 pub mod output;
 pub mod request;
+pub mod shared;
 pub mod wasi;
 
 pub use engine::{Plugin, Runtime};

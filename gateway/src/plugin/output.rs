@@ -8,6 +8,7 @@
 //! partial last line is written when the stream is dropped.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -36,8 +37,9 @@ pub struct Tags {
     pub route: Arc<str>,
     /// The plugin file (or `builtin:<name>`).
     pub plugin: Arc<str>,
-    /// The connection the instance serves.
-    pub conn: u64,
+    /// The connection whose event the instance is handling (a shared
+    /// instance's changes from call to call).
+    pub conn: Arc<AtomicU64>,
 }
 
 /// One of a plugin instance's output streams, given to its WASI context.
@@ -127,7 +129,11 @@ impl LineSink {
             // Blank lines (a Rust panic message starts with one) say nothing.
             return;
         }
-        let (route, plugin, conn) = (&*self.tags.route, &*self.tags.plugin, self.tags.conn);
+        let (route, plugin, conn) = (
+            &*self.tags.route,
+            &*self.tags.plugin,
+            self.tags.conn.load(Ordering::Relaxed),
+        );
         let cut = if self.cut { " [line cut]" } else { "" };
         match self.stream {
             Stream::Stdout => tracing::info!(

@@ -9,9 +9,10 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::RouteSettings;
+use crate::config::{Isolation, RouteSettings};
 use crate::hub::Hub;
 use crate::plugin::host::Scope;
+use crate::plugin::shared::SharedInstance;
 use crate::plugin::Plugin;
 
 /// One version of a route: the settings and plugin that new connections
@@ -24,6 +25,8 @@ pub struct RouteVersion {
     pub plugin: Arc<Plugin>,
     /// What the plugin's host calls see of the route.
     pub scope: Arc<Scope>,
+    /// The instance all connections share, with `isolation = "shared"`.
+    pub shared: Option<Arc<SharedInstance>>,
     /// 1 for the version loaded at start, then one more per plugin swap.
     pub version: u64,
 }
@@ -44,10 +47,11 @@ impl Route {
     /// A route serving `plugin` with `settings` (version 1).
     pub fn new(settings: RouteSettings, plugin: Arc<Plugin>) -> Route {
         let path = settings.path.clone();
+        let hub = Arc::new(Hub::default());
         Route {
-            current: ArcSwap::from_pointee(version(settings, plugin, 1)),
+            current: ArcSwap::from_pointee(version(settings, plugin, &hub, 1)),
             path,
-            hub: Arc::new(Hub::default()),
+            hub,
             last_version: AtomicU64::new(1),
             active: AtomicUsize::new(0),
         }
@@ -64,7 +68,7 @@ impl Route {
         // Stored before the number is published, so that a connection that
         // sees the new number finds the new version.
         let n = self.last_version.load(Ordering::Acquire) + 1;
-        let v = Arc::new(version(settings, plugin, n));
+        let v = Arc::new(version(settings, plugin, &self.hub, n));
         self.current.store(v.clone());
         self.last_version.store(n, Ordering::Release);
         v
@@ -82,16 +86,24 @@ impl Route {
     }
 }
 
-fn version(settings: RouteSettings, plugin: Arc<Plugin>, n: u64) -> RouteVersion {
+fn version(settings: RouteSettings, plugin: Arc<Plugin>, hub: &Arc<Hub>, n: u64) -> RouteVersion {
     let scope = Arc::new(Scope {
         route: Arc::from(settings.path.as_str()),
         plugin: Arc::from(plugin.name.as_str()),
         config: settings.config.clone(),
     });
+    let shared = (settings.isolation == Isolation::Shared).then(|| {
+        Arc::new(SharedInstance::new(
+            plugin.clone(),
+            scope.clone(),
+            hub.clone(),
+        ))
+    });
     RouteVersion {
         settings,
         plugin,
         scope,
+        shared,
         version: n,
     }
 }

@@ -15,7 +15,8 @@
 //! `on-resume` is logged as `on-resume <id>`.
 //!
 //! Commands: `id`, `resumed` (how many times `on-resume` ran on this
-//! instance), `echo <text>`, `send <id> <text>`, `close <code> <reason>`,
+//! instance), `hits` (counts its calls in guest memory: per connection
+//! with one instance each, per route on a shared instance), `echo <text>`, `send <id> <text>`, `close <code> <reason>`,
 //! `close-other <id> <code>`, `join <room>`, `leave <room>`,
 //! `broadcast <room> <text>` (excluding the sender), `size <room>`,
 //! `members <room>`, `meta-set <key> <value>`, `meta-get <id> <key>`,
@@ -40,6 +41,8 @@ thread_local! {
     static FRAGMENTS: Cell<(u64, u64)> = const { Cell::new((0, 0)) };
     // How many times `on-resume` ran on this instance.
     static RESUMED: Cell<u64> = const { Cell::new(0) };
+    // How many times `hits` ran on this instance.
+    static HITS: Cell<u64> = const { Cell::new(0) };
 }
 
 struct Testkit;
@@ -106,6 +109,10 @@ impl Handler for Testkit {
         match cmd {
             "id" => answer(conn, Ok(conn.id())),
             "resumed" => answer(conn, Ok(RESUMED.get())),
+            "hits" => {
+                HITS.set(HITS.get() + 1);
+                answer(conn, Ok(HITS.get()))
+            }
             "echo" => answer(conn, Ok(text.split_once(' ').map(|x| x.1).unwrap_or(""))),
             "send" => answer(conn, arg_id(a).send_text(b).map(|_| "sent")),
             "close" => {

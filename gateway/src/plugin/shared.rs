@@ -1,0 +1,138 @@
+//! One plugin instance serving every connection of a route version
+//! (`isolation = "shared"`).
+//!
+//! A [`SharedInstance`] belongs to a route version. Its instance is created
+//! on the first event that needs it and entered by one connection's task at
+//! a time (a lock: events for the instance are delivered one at a time, and
+//! each connection's in its order). Before each call the instance's host
+//! state is pointed at the connection whose event it handles, so replies,
+//! timers, `not-owner` checks and output lines are that connection's.
+//!
+//! A call that traps poisons only the instance: it is dropped, the
+//! connection whose event trapped is closed with 1011 by its session, and
+//! the next event of any other connection starts a fresh instance (a new
+//! *generation*). Host-side state (rooms, metadata, timers, queued
+//! messages) lives in the hub and survives; guest memory does not, so each
+//! connection's first event on a new generation is preceded by `on-resume`,
+//! exactly as after a migration or hibernation.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::hub::{ConnHandle, Hub};
+use crate::plugin::host::{HostState, Scope};
+use crate::plugin::instance::Guest;
+use crate::plugin::request::PackedRequest;
+use crate::plugin::{Plugin, Runtime};
+
+/// The one instance of a route version with `isolation = "shared"`.
+pub struct SharedInstance {
+    plugin: Arc<Plugin>,
+    scope: Arc<Scope>,
+    hub: Arc<Hub>,
+    current: Mutex<Current>,
+}
+
+/// The live instance, if any, and its generation.
+struct Current {
+    guest: Option<Guest>,
+    /// Counts instances created: 1 for the first.
+    generation: u64,
+}
+
+impl std::fmt::Debug for SharedInstance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedInstance")
+            .field("plugin", &self.plugin.name)
+            .field("generation", &self.current.lock().generation)
+            .finish()
+    }
+}
+
+/// What a connection remembers of a shared instance: the generation that
+/// last saw it. Zero means none has: its next event is preceded by
+/// `on-resume` (unless that event is `on-open`).
+pub type Seen = u64;
+
+impl SharedInstance {
+    /// A shared instance of `plugin` for the route whose hub and scope are
+    /// given; nothing is instantiated until the first call.
+    pub fn new(plugin: Arc<Plugin>, scope: Arc<Scope>, hub: Arc<Hub>) -> SharedInstance {
+        SharedInstance {
+            plugin,
+            scope,
+            hub,
+            current: Mutex::new(Current {
+                guest: None,
+                generation: 0,
+            }),
+        }
+    }
+
+    /// Runs `call` on the instance for connection `conn`, creating the
+    /// instance first if there is none. If the instance generation differs
+    /// from `seen` and `resume` is given, `on-resume` runs first with that
+    /// request (`None`: this is the connection's `on-open`). `None` if the
+    /// instance could not be created or a call failed; a failed instance is
+    /// dropped, and the next call starts a fresh one. Failures are logged.
+    pub fn call<T>(
+        &self,
+        runtime: &Arc<Runtime>,
+        conn: &Arc<ConnHandle>,
+        seen: &mut Seen,
+        resume: Option<&PackedRequest>,
+        call: impl FnOnce(&mut Guest) -> Option<T>,
+    ) -> Option<T> {
+        let mut current = self.current.lock();
+        let current = &mut *current;
+        if current.guest.is_none() {
+            let state = HostState::new(
+                conn.clone(),
+                self.hub.clone(),
+                self.scope.clone(),
+                runtime.store_limits(),
+            );
+            match Guest::new(runtime.clone(), &self.plugin, state) {
+                Ok(guest) => {
+                    current.guest = Some(guest);
+                    current.generation += 1;
+                    if current.generation > 1 {
+                        tracing::info!(
+                            route = %self.scope.route, plugin = %self.plugin.name,
+                            generation = current.generation,
+                            "shared instance replaced by a fresh one; each connection gets on-resume at its next event"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(
+                        route = %self.scope.route, plugin = %self.plugin.name, conn = conn.id,
+                        "cannot instantiate the route's shared plugin instance: {e:#}"
+                    );
+                    return None;
+                }
+            }
+        }
+        let generation = current.generation;
+        let guest = current.guest.as_mut()?;
+        guest.state_mut().serve(conn);
+        let mut resumed = true;
+        if *seen != generation {
+            if let Some(request) = resume {
+                resumed = guest.on_resume(conn.id, request);
+            }
+            *seen = generation;
+        }
+        let result = if resumed { call(guest) } else { None };
+        if guest.trapped() {
+            current.guest = None;
+        }
+        result
+    }
+
+    /// The current instance generation (0: none created yet).
+    pub fn generation(&self) -> u64 {
+        self.current.lock().generation
+    }
+}
