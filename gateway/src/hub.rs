@@ -116,6 +116,11 @@ impl ConnHandle {
     /// Queues a message, applying the slow-consumer policy when the
     /// outbound buffer is full.
     pub fn deliver(&self, frame: Outbound) -> Result<(), GatewayError> {
+        // Once a close is requested nothing more is sent: the close frame
+        // is the last the peer gets (RFC 6455 section 5.5.1).
+        if self.close_requested.load(Ordering::Acquire) {
+            return Err(GatewayError::Closed);
+        }
         match self.outbox.push_data(frame) {
             Ok(()) => Ok(()),
             Err(PushError::Closed) => Err(GatewayError::Closed),

@@ -21,12 +21,15 @@
 //!   shutdown.
 //! - [`reload`]: watching plugin and config files and SIGHUP, and asking the
 //!   server to apply what changed.
+//! - [`authoring`]: what `wasmgate new`, `bindings` and `componentize`
+//!   give plugin authors (templates, C bindings, componentizing).
 //! - [`config`], [`error`], [`file`], [`builtin`]: `gateway.toml`, the error
 //!   type, reading deployable files and their content hashes, the embedded
 //!   example plugins and default config.
 
 #![warn(missing_docs)]
 
+pub mod authoring;
 pub mod builtin;
 pub mod config;
 pub mod connection;

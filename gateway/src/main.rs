@@ -49,6 +49,26 @@ enum Command {
     },
     /// Print the built-in default config.
     DefaultConfig,
+    /// Write the C bindings of the plugin contract (plugin.h, plugin.c,
+    /// plugin_component_type.o) into DIR, for C plugins.
+    Bindings {
+        /// The language: only `c` (Rust, JavaScript and Python generate
+        /// their own from the WIT).
+        #[arg(value_parser = ["c"])]
+        lang: String,
+        /// The folder to write into (created if missing).
+        dir: PathBuf,
+    },
+    /// Turn a core WebAssembly module (a C plugin built by clang for
+    /// wasm32-wasi with the bindings from `wasmgate bindings c`) into a
+    /// plugin component.
+    Componentize {
+        /// The core module.
+        module: PathBuf,
+        /// Where to write the component.
+        #[arg(long, short)]
+        output: PathBuf,
+    },
 }
 
 /// Where compiled plugins are cached.
@@ -72,6 +92,27 @@ impl CacheArgs {
             .clone()
             .or_else(wasmgate::plugin::cache::CompileCache::default_dir)
     }
+}
+
+/// `wasmgate bindings c DIR`.
+fn write_c_bindings(dir: &Path) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}", dir.display()))?;
+    for (name, bytes) in wasmgate::authoring::c::bindings()? {
+        let path = dir.join(&name);
+        std::fs::write(&path, bytes).with_context(|| format!("{}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `wasmgate componentize MODULE -o OUTPUT`.
+fn componentize(module: &Path, output: &Path) -> anyhow::Result<ExitCode> {
+    let core = std::fs::read(module).with_context(|| format!("{}", module.display()))?;
+    let component = wasmgate::authoring::c::componentize(&core)
+        .with_context(|| format!("{}: cannot make a plugin component of it", module.display()))?;
+    std::fs::write(output, component).with_context(|| format!("{}", output.display()))?;
+    println!("wrote {}", output.display());
+    Ok(ExitCode::SUCCESS)
 }
 
 fn load_config(file: Option<&Path>) -> anyhow::Result<Config> {
@@ -104,6 +145,8 @@ fn main() -> ExitCode {
             print!("{}", builtin::DEFAULT_CONFIG);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bindings { lang: _, dir } => write_c_bindings(&dir),
+        Command::Componentize { module, output } => componentize(&module, &output),
     };
     match result {
         Ok(code) => code,

@@ -131,6 +131,27 @@ async fn ticker_pushes_telemetry_at_the_configured_interval_until_closed() {
 }
 
 #[tokio::test]
+async fn ticker_counts_on_across_hibernation() {
+    let gw = Gateway::start(
+        "ticker-hibernate",
+        "[[route]]\npath = \"/t\"\nplugin = \"builtin:ticker\"\nhibernate_after = \"50ms\"\n[route.config]\ninterval_ms = \"150\"\n",
+    );
+    let mut ws = connect(&gw.url("/t")).await;
+    let mut seqs = Vec::new();
+    for _ in 0..3 {
+        seqs.push(next_json(&mut ws).await["seq"].as_u64().unwrap());
+    }
+    // Each tick found the connection hibernated and woke it on a fresh
+    // instance: the count lives in metadata, not in the instance.
+    assert_eq!(seqs, [1, 2, 3]);
+    assert!(
+        gw.log().matches("resumed from hibernation").count() >= 2,
+        "{}",
+        gw.log()
+    );
+}
+
+#[tokio::test]
 async fn fanout_delivers_each_message_unchanged_to_the_other_members_of_its_room() {
     let gw = Gateway::start(
         "fanout",

@@ -54,6 +54,41 @@ async fn an_oversized_request_head_gets_431() {
 }
 
 #[tokio::test]
+async fn the_idle_timeout_counts_from_the_last_message_either_way() {
+    let gw = Gateway::start(
+        "limit-idle-last",
+        "[server]\nidle_timeout = \"800ms\"\nping_interval = \"off\"\n\n[[route]]\npath = \"/t\"\nplugin = \"{testkit}\"\n",
+    );
+    let mut ws = connect(&gw.url("/t")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(command(&mut ws, "echo x").await, "ok x");
+    let last = Instant::now();
+    assert_eq!(expect_close(&mut ws, 1001).await, "idle timeout");
+    // 800 ms after the last message, not at a multiple of 800 ms after the
+    // connection opened (1,600 ms, or 1,100 ms after the message).
+    let after = last.elapsed();
+    assert!(after >= Duration::from_millis(700), "{after:?}");
+    assert!(after < Duration::from_millis(1050), "{after:?}");
+}
+
+#[tokio::test]
+async fn a_client_that_only_answers_pings_is_still_idle() {
+    let gw = Gateway::start(
+        "limit-idle-pings",
+        "[server]\nidle_timeout = \"600ms\"\nping_interval = \"100ms\"\n\n[[route]]\npath = \"/t\"\nplugin = \"{testkit}\"\n",
+    );
+    let mut ws = connect(&gw.url("/t")).await;
+    let start = Instant::now();
+    // tungstenite answers each ping while we wait for the close.
+    assert_eq!(expect_close(&mut ws, 1001).await, "idle timeout");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn an_idle_connection_is_closed_with_1001_after_idle_timeout() {
     let gw = Gateway::start(
         "limit-idle",

@@ -1,7 +1,13 @@
-//! Keepalive (RFC 6455 section 5.5.2): when the peer last sent, when we
-//! last wrote, an outstanding ping, and what is due when the connection's
+//! Keepalive (RFC 6455 section 5.5.2): when the peer last sent, when data
+//! last moved, an outstanding ping, and what is due when the connection's
 //! task wakes: a ping, dropping a peer that missed its pong, or closing an
 //! idle connection.
+//!
+//! Two clocks, for two questions. Is the peer still there? Any frame from
+//! it counts, pongs included; pings are sent to a peer that has been
+//! silent for `ping_interval`. Is the connection idle? Only data messages
+//! count, in either direction: a client that answers pings but never sends
+//! or receives a message is idle, and `idle_timeout` closes it.
 
 use std::time::Duration;
 
@@ -9,14 +15,11 @@ use tokio::time::Instant;
 
 use crate::config::Limits;
 
-/// Keepalive bookkeeping: when the peer last sent, when we last wrote, and
-/// an outstanding ping.
+/// Keepalive bookkeeping: when the peer last sent any frame, when a data
+/// message last moved either way, and an outstanding ping.
 pub struct Keepalive {
     last_rx: Instant,
-    last_tx: Instant,
-    /// Something was written since the last wake-up (folded into `last_tx`
-    /// then, so that writing costs no clock read).
-    wrote: bool,
+    last_data: Instant,
     ping_sent: Option<Instant>,
 }
 
@@ -28,7 +31,8 @@ pub enum Due {
     Ping,
     /// A ping went unanswered for `pong_timeout`: drop the connection.
     NoPong,
-    /// Nothing in either direction for `idle_timeout`: close with 1001.
+    /// No data message in either direction for `idle_timeout`: close with
+    /// 1001.
     Idle,
 }
 
@@ -37,8 +41,7 @@ impl Keepalive {
     pub fn new(now: Instant) -> Keepalive {
         Keepalive {
             last_rx: now,
-            last_tx: now,
-            wrote: false,
+            last_data: now,
             ping_sent: None,
         }
     }
@@ -49,16 +52,14 @@ impl Keepalive {
         self.ping_sent = None;
     }
 
-    /// Bytes were written to the peer.
-    pub fn wrote(&mut self) {
-        self.wrote = true;
+    /// A data message moved at `now`: one arrived (a data frame), or one
+    /// was queued for the peer.
+    pub fn data(&mut self, now: Instant) {
+        self.last_data = now;
     }
 
     /// Checks the deadlines at `now`.
     pub fn due(&mut self, limits: &Limits, now: Instant) -> Due {
-        if std::mem::take(&mut self.wrote) {
-            self.last_tx = now;
-        }
         if let Some(sent) = self.ping_sent {
             if now >= sent + limits.pong_timeout {
                 return Due::NoPong;
@@ -70,7 +71,7 @@ impl Keepalive {
             }
         }
         if let Some(idle) = limits.idle_timeout {
-            if now >= self.last_rx.max(self.last_tx) + idle {
+            if now >= self.last_data + idle {
                 return Due::Idle;
             }
         }
@@ -90,9 +91,7 @@ impl Keepalive {
             }
         }
         if let Some(idle) = limits.idle_timeout {
-            // Wake at the idle deadline by what we know was received; writes
-            // are checked when we wake.
-            next = next.min(self.last_rx.max(self.last_tx) + idle);
+            next = next.min(self.last_data + idle);
         }
         next
     }

@@ -537,7 +537,11 @@ impl Session {
         loop {
             // Whatever the last step queued (an echo, a pong, a close) is
             // encoded now and written below as soon as the socket takes it.
+            let sent = out.messages_sent();
             out.fill(outbox);
+            if out.messages_sent() != sent {
+                keepalive.data(Instant::now());
+            }
             // Parked only with nothing due: a keepalive deadline that woke
             // the park is handled here first.
             if !self.instance.awake()
@@ -577,6 +581,9 @@ impl Session {
                     keepalive.received(now);
                     match read {
                         Ok(frame) => {
+                            if !frame.opcode.is_control() {
+                                keepalive.data(now);
+                            }
                             if let Some(end) = self.on_frame(frame, now, &mut phase, inbound) {
                                 return Stop::Ended(end);
                             }
@@ -593,10 +600,7 @@ impl Session {
                 }
                 _ = &mut out_ready, if out.is_empty() => out_ready.set(outbox.ready()),
                 w = wr.write(out.pending()), if !out.is_empty() => match w {
-                    Ok(n) if n > 0 => {
-                        out.advance(n);
-                        keepalive.wrote();
-                    }
+                    Ok(n) if n > 0 => out.advance(n),
                     _ => return Stop::Ended(phase.ending_on_eof()),
                 },
                 _ = &mut wake => {

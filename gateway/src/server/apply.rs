@@ -9,6 +9,7 @@
 //! Connections keep the version they opened with (`on_reload = "keep"`).
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::Gateway;
@@ -116,6 +117,7 @@ impl Gateway {
     pub async fn apply_config(&self, config: Config) -> Result<(), Errors> {
         warn_restart_only(
             &self.shared.settings,
+            self.shared.listen_overridden.load(Ordering::SeqCst),
             self.shared.runtime.sandbox(),
             &config,
         );
@@ -140,10 +142,11 @@ impl Gateway {
                 (Some(route), Next::Same(plugin)) => {
                     let now = route.current();
                     if !same_settings(&now.settings, settings) {
-                        route.install(settings.clone(), plugin);
+                        let v = route.install(settings.clone(), plugin);
                         tracing::info!(
-                            "route {}: new settings apply to new connections",
-                            route.path
+                            "route {}: new settings apply to new connections (version {})",
+                            route.path,
+                            v.version
                         );
                     }
                     route.clone()
@@ -261,11 +264,17 @@ fn plugin_reason(e: &Error) -> String {
 
 /// Logs the changes a reload cannot apply without a restart: `new` against
 /// the settings the gateway runs with (not the last file: reverting a change
-/// warns nothing).
-fn warn_restart_only(server: &ServerSettings, sandbox: &SandboxSettings, new: &Config) {
+/// warns nothing). `listen` is not compared when `--listen` chose the
+/// address.
+fn warn_restart_only(
+    server: &ServerSettings,
+    listen_overridden: bool,
+    sandbox: &SandboxSettings,
+    new: &Config,
+) {
     let (o, n) = (server, &new.server);
     let changed = [
-        (o.listen != n.listen, "listen"),
+        (!listen_overridden && o.listen != n.listen, "listen"),
         (o.max_connections != n.max_connections, "max_connections"),
         (o.threads != n.threads, "threads"),
         (

@@ -41,6 +41,9 @@ struct Shared {
     /// `[server]` as loaded at start: a reload that changes it is logged as
     /// needing a restart.
     settings: ServerSettings,
+    /// `serve --listen` chose the address: the file's `listen` is not used,
+    /// so a reload that changes it needs no restart and warns nothing.
+    listen_overridden: AtomicBool,
     router: Router,
     runtime: Arc<Runtime>,
     /// The config now applied.
@@ -77,6 +80,7 @@ impl Gateway {
         Ok(Gateway {
             shared: Arc::new(Shared {
                 settings: config.server.clone(),
+                listen_overridden: AtomicBool::new(false),
                 router: Router::new(Table::new(routes)),
                 runtime,
                 config: Mutex::new(Arc::new(config.clone())),
@@ -98,7 +102,10 @@ impl Gateway {
     ) -> Result<TcpListener, Error> {
         let settings = &self.shared.settings;
         let (listen, origin) = match addr {
-            Some(addr) => (addr, "--listen".to_owned()),
+            Some(addr) => {
+                self.shared.listen_overridden.store(true, Ordering::SeqCst);
+                (addr, "--listen".to_owned())
+            }
             None => (settings.listen.clone(), settings.listen_origin.clone()),
         };
         let unresolved = |reason: String| Error::Resolve {
