@@ -16,7 +16,7 @@ Build: sdk/python/build.sh plugins/chat-py target/python/chat-py.wasm
 """
 
 from contextlib import suppress
-from typing import Optional
+from typing import Optional, Tuple
 
 import wasmgate
 from wasmgate import Connection, GatewayError, Message, OpenResponse, Request, room
@@ -32,7 +32,7 @@ def valid(s: str) -> bool:
     )
 
 
-def name_and_room(conn: Connection) -> Optional[tuple]:
+def name_and_room(conn: Connection) -> Optional[Tuple[str, str]]:
     """The sender's name and room from its metadata, or None."""
     try:
         name, room_name = conn.metadata("name"), conn.metadata("room")

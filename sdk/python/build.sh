@@ -20,7 +20,7 @@ die() {
 }
 
 if [ $# -ne 2 ]; then
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 
@@ -56,8 +56,8 @@ setup_venv() {
     local python=${PYTHON:-python3}
     command -v "$python" >/dev/null 2>&1 ||
         die "'$python' not found: install Python 3.9+ (or set PYTHON) to create the toolchain venv"
-    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' ||
-        die "$("$python" --version 2>&1) is too old: the toolchain needs Python 3.9+ (set PYTHON)"
+    "$python" -c 'import sys; sys.exit(sys.version_info < (3, 9))' >/dev/null 2>&1 ||
+        die "'$python' is not Python 3.9 or newer, which the toolchain needs (set PYTHON)"
     if [ ! -x "$VENV/bin/python" ]; then
         echo "build.sh: creating the toolchain venv at $VENV" >&2
         mkdir -p -- "$(dirname -- "$VENV")"
@@ -107,6 +107,8 @@ started=$(date +%s%N)
     cd -- "$WORK"
     # Only the staged folders and the toolchain venv are on the Python path.
     export VIRTUAL_ENV="$VENV" PYTHONDONTWRITEBYTECODE=1
+    # The Python traceback says what failed; a Rust backtrace of componentize-py does not.
+    export RUST_LIB_BACKTRACE=0
     unset PYTHONPATH PYTHONHOME
     "$COMPONENTIZE" -d "$WIT_DIR" -w "$WORLD" componentize \
         -p "$WORK/app" -p "$WORK/sdk" wasmgate._component -o "$WORK/out.wasm" >&2

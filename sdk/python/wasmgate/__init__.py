@@ -341,9 +341,11 @@ class Connection:
 
         ``delay`` is in **seconds** (a float, like ``time.sleep``) or a
         ``timedelta``; it is rounded to the nearest millisecond and clamped
-        to 1 ms .. 2**32-1 ms. Returns the timer's id. Raises GatewayError:
-        ``limit-reached`` (64 timers per connection), ``not-owner`` (the
-        connection is not served by this instance), ``closed``.
+        to 1 ms .. 2**32-1 ms. Returns the timer's id (ids count per
+        connection). Only for the connection whose event is being handled:
+        any other raises ``not-owner`` (under ``isolation = "shared"`` too).
+        Raises GatewayError: ``limit-reached`` (64 timers per connection),
+        ``not-owner``, ``closed``.
         """
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
         ms = min(max(round(seconds * 1000.0), 1), _U32_MAX)
@@ -351,13 +353,17 @@ class Connection:
 
     def cancel_timer(self, timer_id: TimerId) -> bool:
         """Cancels a timer; returns whether it was still pending. Same as
-        the module-level :func:`cancel_timer`."""
+        the module-level :func:`cancel_timer`: the host cancels the timer
+        ``timer_id`` of the connection whose event is being handled (the
+        WIT call takes no connection), so call it on that connection."""
         return cancel_timer(timer_id)
 
 
 def cancel_timer(timer_id: TimerId) -> bool:
-    """Cancels a timer; returns whether it was still pending (a one-shot
-    timer that already fired, or an unknown id, gives ``False``)."""
+    """Cancels timer ``timer_id`` of the connection whose event is being
+    handled (timer ids count per connection); returns whether it was still
+    pending (a one-shot timer that already fired, or an unknown id, gives
+    ``False``)."""
     return bool(_host().cancel_timer(timer_id))
 
 
