@@ -49,6 +49,16 @@ enum Command {
     },
     /// Print the built-in default config.
     DefaultConfig,
+    /// Create a plugin project NAME/ in the current folder: an echo handler
+    /// in LANG, its SDK, the contract, build.sh and a gateway.toml that
+    /// serves it.
+    New {
+        /// The project's name: its folder, route path and plugin file.
+        name: String,
+        /// The plugin's language.
+        #[arg(long, value_enum)]
+        lang: wasmgate::authoring::scaffold::Lang,
+    },
     /// Write the C bindings of the plugin contract (plugin.h, plugin.c,
     /// plugin_component_type.o) into DIR, for C plugins.
     Bindings {
@@ -92,6 +102,16 @@ impl CacheArgs {
             .clone()
             .or_else(wasmgate::plugin::cache::CompileCache::default_dir)
     }
+}
+
+/// `wasmgate new NAME --lang LANG`.
+fn new_project(name: &str, lang: wasmgate::authoring::scaffold::Lang) -> anyhow::Result<ExitCode> {
+    let me = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("wasmgate"));
+    let root = wasmgate::authoring::scaffold::create(Path::new("."), name, lang, &me)?;
+    println!("created {}/", root.display());
+    println!("next:  cd {name} && ./build.sh && wasmgate serve --config gateway.toml");
+    println!("then connect to ws://127.0.0.1:8080/{name}");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `wasmgate bindings c DIR`.
@@ -145,6 +165,7 @@ fn main() -> ExitCode {
             print!("{}", builtin::DEFAULT_CONFIG);
             Ok(ExitCode::SUCCESS)
         }
+        Command::New { name, lang } => new_project(&name, lang),
         Command::Bindings { lang: _, dir } => write_c_bindings(&dir),
         Command::Componentize { module, output } => componentize(&module, &output),
     };

@@ -1,11 +1,13 @@
 //! Tools for plugin authors, built into the `wasmgate` command: the WIT
 //! contract as the gateway knows it ([`WIT`]), C support ([`c`]: bindings
 //! generated from the contract, and turning a C core module into a
-//! component).
+//! component) and `wasmgate new` ([`scaffold`]: a plugin project per
+//! language that builds and serves as it is).
 //!
 //! Nothing here runs while the gateway serves.
 
 pub mod c;
+pub mod scaffold;
 
 /// The WIT contract (`wit/plugin.wit`), embedded so that projects made by
 /// `wasmgate new` carry the contract of the gateway that made them.

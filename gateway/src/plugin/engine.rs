@@ -278,12 +278,15 @@ fn pool(sandbox: &SandboxSettings, max_instances: usize) -> PoolingAllocationCon
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(n)
         // A component is a few core instances (the guest, WASI adapters,
-        // shims); these per-component caps leave room for JS and Python
-        // guests, the totals for the typical Rust or C one.
+        // shims: 3 for Rust, 14 for Python); these per-component caps leave
+        // room for JS and Python guests. The core-instance total is only a
+        // counter (no memory is set aside per slot), so it allows every
+        // instance the per-component cap; memories and tables are real
+        // slots, sized for the typical Rust or C guest.
         .max_core_instances_per_component(16)
         .max_memories_per_component(4)
         .max_tables_per_component(8)
-        .total_core_instances(n.saturating_mul(6))
+        .total_core_instances(n.saturating_mul(16))
         .total_memories(n.saturating_mul(2))
         .total_tables(n.saturating_mul(4))
         .max_memory_size(sandbox.max_memory)
