@@ -124,6 +124,9 @@ for mode, label in [("conn", "one instance per connection"), ("shared", "shared 
     line(f"echo 100 x 32 B, {label}: msgs/s", lambda l: f"{rows[f'{l}/echo-{mode}']['msgs_per_s']:.0f} ({rows[f'{l}/echo-{mode}']['msgs_per_s']/b('echo','msgs_per_s'):.2f}x)", f"{b('echo','msgs_per_s'):.0f}")
     line(f"echo, {label}: server CPU us/msg", lambda l: f"{rows[f'{l}/echo-{mode}']['server_cpu_us_per_msg']}", f"{b('echo','server_cpu_us_per_msg')}")
     line(f"echo, {label}: p50 us", lambda l: f"{rows[f'{l}/echo-{mode}']['p50_us']:.0f}", f"{b('echo','p50_us'):.0f}")
+for mode, label in [("conn", "one instance per connection"), ("shared", "shared instance")]:
+    line(f"setup, {label}: server CPU us/conn", lambda l: f"{rows[f'{l}/setup-{mode}']['server_cpu_us_per_conn']}", f"{b('setup','server_cpu_us_per_conn')}")
+line("instance cost per connection (CPU us: the difference of the two)", lambda l: f"{rows[f'{l}/setup-conn']['server_cpu_us_per_conn'] - rows[f'{l}/setup-shared']['server_cpu_us_per_conn']:.0f}")
 line("idle, one instance per connection (200): RSS / PSS KiB per conn", lambda l: f"{rows[l+'/idle-conn']['kib_per_conn']} / {rows[l+'/idle-conn']['pss_kib_per_conn']}", f"{b('idle','kib_per_conn')}")
 line("idle, shared + hibernate_after (10,000): RSS KiB per conn", lambda l: f"{rows[l+'/idle-shared']['kib_per_conn']} ({rows[l+'/idle-shared']['kib_per_conn']-b('idle','kib_per_conn'):+.2f})", f"{b('idle','kib_per_conn')}")
 line("idle, shared (10,000): gateway RSS MiB", lambda l: f"{rows[l+'/idle-shared']['rss_after_kib']/1024:.0f}")

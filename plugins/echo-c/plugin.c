@@ -2,7 +2,8 @@
  * echo-c: sends every text and binary message back to its sender.
  *
  * The C twin of plugins/echo (Rust): a failed send is logged at warn level.
- * Build: sdk/c/build.sh plugins/echo-c target/c/echo-c.wasm
+ * Built by ./dev examples (or ./build.sh in a project made by
+ * `wasmgate new --lang c`).
  */
 #include "wasmgate.h"
 

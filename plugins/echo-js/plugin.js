@@ -1,7 +1,7 @@
 // echo: sends every text and binary message back to its sender.
 //
-// The JavaScript twin of plugins/echo (Rust). Build it with
-//   sdk/js/build.sh plugins/echo-js echo-js.wasm
+// The JavaScript twin of plugins/echo (Rust). Built by ./dev examples (or
+// ./build.sh in a project made by `wasmgate new --lang js`).
 
 import { definePlugin, log } from "wasmgate";
 

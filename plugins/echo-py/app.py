@@ -1,7 +1,7 @@
 """`echo-py`: sends every text and binary message back to its sender.
 
-The Python twin of plugins/echo (Rust). Build:
-    sdk/python/build.sh plugins/echo-py target/python/echo-py.wasm
+The Python twin of plugins/echo (Rust). Built by ./dev examples (or
+./build.sh in a project made by `wasmgate new --lang python`).
 """
 
 import wasmgate

@@ -878,7 +878,14 @@ const OPEN_FAILED = () => OpenResponse.reject(500, "plugin failed\n");
  * @param {string} method @param {Connection} conn @param {unknown} error @param {boolean} close
  */
 function handlerFailed(method, conn, error, close) {
-  const detail = error instanceof Error ? `${error.name}: ${error.message}${stackText(error)}` : String(error);
+  let detail;
+  try {
+    detail = error instanceof Error ? `${error.name}: ${error.message}${stackText(error)}` : String(error);
+  } catch {
+    // A thrown value that cannot be made a string (Object.create(null), a
+    // throwing toString) must not trap the instance either.
+    detail = "a value that cannot be converted to a string";
+  }
   try {
     host.log("error", `${method} threw for connection ${conn.id}${close ? "; closing it with 1011" : ""}: ${detail}`);
   } catch {

@@ -88,7 +88,12 @@ impl CompileCache {
     /// The compiled component for `bytes`: from the cache when present,
     /// otherwise compiled and stored. Compilation errors are returned as is;
     /// cache errors are logged and skipped.
-    pub fn load(&self, engine: &Engine, bytes: &[u8]) -> wasmtime::Result<(Component, Origin)> {
+    pub fn load(
+        &self,
+        engine: &Engine,
+        bytes: &[u8],
+        name: &str,
+    ) -> wasmtime::Result<(Component, Origin)> {
         let entry = self.entry(bytes);
         match self.read_entry(&entry) {
             Ok(Some(code)) => {
@@ -111,6 +116,7 @@ impl CompileCache {
                 "ignoring a compiled-plugin cache entry: {why}; compiling instead"
             ),
         }
+        announce_compile(name, bytes.len());
         let component = Component::new(engine, bytes)?;
         if let Err(e) = self.store(&entry, &component) {
             tracing::warn!(
@@ -213,6 +219,18 @@ impl Hasher for StableHasher {
     }
 }
 
+/// Says that a large plugin is being compiled (not found in the cache, or
+/// no cache): a JavaScript or Python component takes tens of seconds, and
+/// without this line nothing would be logged until it is done.
+pub(crate) fn announce_compile(name: &str, len: usize) {
+    if len >= 1 << 20 {
+        tracing::info!(
+            "compiling {name} ({:.1} MB); large components (JavaScript, Python) take tens of seconds the first time, then load from the compile cache",
+            len as f64 / (1 << 20) as f64
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,7 +308,7 @@ mod tests {
 
     /// Where a load of `bytes` came from (`None` if it failed).
     fn origin(cache: &CompileCache, engine: &Engine, bytes: &[u8]) -> Option<Origin> {
-        cache.load(engine, bytes).map(|c| c.1).ok()
+        cache.load(engine, bytes, "test.wasm").map(|c| c.1).ok()
     }
 
     /// The smallest valid component: the header of an empty one.

@@ -184,8 +184,11 @@ impl Runtime {
         }
         let started = Instant::now();
         let (component, origin) = match &self.cache {
-            Some(cache) => cache.load(&self.engine, bytes),
-            None => Component::new(&self.engine, bytes).map(|c| (c, Origin::Compiled)),
+            Some(cache) => cache.load(&self.engine, bytes, &source.to_string()),
+            None => {
+                crate::plugin::cache::announce_compile(&source.to_string(), bytes.len());
+                Component::new(&self.engine, bytes).map(|c| (c, Origin::Compiled))
+            }
         }
         .map_err(|e| fail(compile_error(&e, self.sandbox.max_memory)))?;
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {

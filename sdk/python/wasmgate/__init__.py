@@ -762,7 +762,7 @@ def _dispatch_open(conn_id: int, req: Any) -> Any:
         elif not isinstance(resp, OpenResponse):
             raise TypeError(f"on_open must return an OpenResponse or None, not {type(resp).__name__}")
         return resp._to_wit()
-    except Exception:
+    except BaseException:  # SystemExit and KeyboardInterrupt too: nothing may trap the instance
         _report("on_open", conn)
         return OpenResponse.reject(500, "plugin failed\n")._to_wit()
 
@@ -771,7 +771,7 @@ def _dispatch_message(conn_id: int, msg: Any) -> None:
     conn = Connection(conn_id)
     try:
         _exported().on_message(conn, msg.value)
-    except Exception:
+    except BaseException:  # SystemExit and KeyboardInterrupt too: nothing may trap the instance
         _fail("on_message", conn)
 
 
@@ -779,7 +779,7 @@ def _dispatch_fragment(conn_id: int, fragment: Any) -> None:
     conn = Connection(conn_id)
     try:
         _exported().on_fragment(conn, Fragment(fragment.text, fragment.first, fragment.fin, fragment.data))
-    except Exception:
+    except BaseException:  # SystemExit and KeyboardInterrupt too: nothing may trap the instance
         _fail("on_fragment", conn)
 
 
@@ -787,7 +787,7 @@ def _dispatch_close(conn_id: int, code: int, reason: str) -> None:
     conn = Connection(conn_id)
     try:
         _exported().on_close(conn, code, reason)
-    except Exception:
+    except BaseException:  # SystemExit and KeyboardInterrupt too: nothing may trap the instance
         _report("on_close", conn)
 
 
@@ -795,7 +795,7 @@ def _dispatch_timer(conn_id: int, timer_id: int) -> None:
     conn = Connection(conn_id)
     try:
         _exported().on_timer(conn, timer_id)
-    except Exception:
+    except BaseException:  # SystemExit and KeyboardInterrupt too: nothing may trap the instance
         _fail("on_timer", conn)
 
 
@@ -803,5 +803,5 @@ def _dispatch_resume(conn_id: int, req: Any) -> None:
     conn = Connection(conn_id)
     try:
         _exported().on_resume(conn, Request._from_wit(req))
-    except Exception:
+    except BaseException:  # SystemExit and KeyboardInterrupt too: nothing may trap the instance
         _fail("on_resume", conn)
