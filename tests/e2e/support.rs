@@ -88,7 +88,10 @@ impl Gateway {
                 }
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        // Generous: a JavaScript or Python plugin that is not in the compile
+        // cache yet takes tens of seconds to compile before the gateway
+        // listens, more on a loaded CI machine.
+        let addr = match rx.recv_timeout(Duration::from_secs(300)) {
             Ok(addr) => addr,
             Err(_) => {
                 let _ = child.kill();
