@@ -251,7 +251,8 @@ impl Runtime {
         });
         let state = HostState::new(conn, Arc::new(Hub::default()), scope, self.store_limits());
         let mut store = self.store(state);
-        store.set_epoch_deadline(self.call_deadline());
+        let first = store.data_mut().call.arm(self.call_deadline());
+        store.set_epoch_deadline(first);
         match pre.instantiate(&mut store) {
             Ok(_) => Ok(()),
             Err(e) => Err(match e.downcast_ref::<wasmtime::Trap>() {
@@ -267,7 +268,7 @@ impl Runtime {
     pub(crate) fn store(&self, state: HostState) -> Store<HostState> {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
+        store.epoch_deadline_callback(crate::plugin::deadline::on_deadline);
         store
     }
 }

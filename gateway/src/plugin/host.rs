@@ -50,6 +50,8 @@ pub struct HostState {
     output_conn: Arc<AtomicU64>,
     hub: Arc<Hub>,
     scope: Arc<Scope>,
+    /// The running call's deadline stages.
+    pub(crate) call: crate::plugin::deadline::CallClock,
 }
 
 impl HostState {
@@ -75,6 +77,7 @@ impl HostState {
             output_conn,
             hub,
             scope,
+            call: Default::default(),
         }
     }
 

@@ -34,7 +34,8 @@ pub struct Guest {
 impl Guest {
     /// Arms the time limit of the next call.
     pub(crate) fn before_call(&mut self) {
-        self.store.set_epoch_deadline(self.runtime.call_deadline());
+        let first = self.store.data_mut().call.arm(self.runtime.call_deadline());
+        self.store.set_epoch_deadline(first);
     }
 
     /// Checks how a call went. A trap or error is logged with the route, the
@@ -176,7 +177,8 @@ impl Guest {
         state: HostState,
     ) -> wasmtime::Result<Guest> {
         let mut store = runtime.store(state);
-        store.set_epoch_deadline(runtime.call_deadline());
+        let first = store.data_mut().call.arm(runtime.call_deadline());
+        store.set_epoch_deadline(first);
         let (bindings, instance, resume) = plugin.instantiate(&mut store)?;
         Ok(Guest {
             store,

@@ -1,6 +1,6 @@
 //! Everything WebAssembly: the engine and loading components ([`engine`]),
 //! the on-disk cache of compiled components ([`cache`]), an instance and
-//! the calls into it ([`instance`]), one instance shared by a route's
+//! the calls into it ([`instance`]), a call's time limit ([`deadline`]), one instance shared by a route's
 //! connections ([`shared`]), the host functions plugins
 //! call back ([`host`]), the WASI they see ([`wasi`]), where their
 //! stdout and stderr go ([`output`]) and the upgrade request a connection
@@ -11,6 +11,7 @@
 //! [`host::Scope`].
 
 pub mod cache;
+pub mod deadline;
 pub mod engine;
 pub mod host;
 pub mod instance;

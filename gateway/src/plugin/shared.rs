@@ -26,6 +26,10 @@ use crate::plugin::instance::Guest;
 use crate::plugin::request::PackedRequest;
 use crate::plugin::{Plugin, Runtime};
 
+/// How long a call waits for the instance on its worker before handing the
+/// worker's other tasks to another thread and waiting on.
+const LOCK_SPIN: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// The one instance of a route version with `isolation = "shared"`.
 pub struct SharedInstance {
     plugin: Arc<Plugin>,
@@ -84,7 +88,13 @@ impl SharedInstance {
         resume: Option<&PackedRequest>,
         call: impl FnOnce(&mut Guest) -> Option<T>,
     ) -> Option<T> {
-        let mut current = self.current.lock();
+        // Another connection's event may be running on the instance, for
+        // up to max_call_time: a longer wait hands this worker's other tasks
+        // to another thread first.
+        let mut current = match self.current.try_lock_for(LOCK_SPIN) {
+            Some(guard) => guard,
+            None => crate::plugin::deadline::blocking(|| self.current.lock()),
+        };
         let current = &mut *current;
         if current.guest.is_none() {
             let state = HostState::new(
