@@ -34,8 +34,101 @@ pub struct Config {
     pub server: ServerSettings,
     /// Sandbox settings for every plugin instance.
     pub sandbox: SandboxSettings,
-    /// The routes, in file order.
+    /// The routes, in file order: the default tenant's (top-level
+    /// `[[route]]`) and every `[[tenant.route]]`, each naming its tenant.
     pub routes: Vec<RouteSettings>,
+    /// The `[[tenant]]` tables, in file order.
+    pub tenants: Vec<TenantSettings>,
+}
+
+/// One `[[tenant]]`: a customer's slice of the gateway, chosen by the
+/// request's host name, with its own routes and quotas.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantSettings {
+    /// The tenant's name, for logs (`[A-Za-z0-9._-]`, 1 to 64 characters).
+    pub name: String,
+    /// Host names it serves, lower-case: exact names and one-label
+    /// wildcards (`*.example.org`).
+    pub hosts: Vec<String>,
+    /// Its quotas, summed over all its connections.
+    pub quotas: TenantQuotas,
+    /// The line of its `[[tenant]]` table.
+    pub line: usize,
+}
+
+/// A tenant's quotas, each a total over the tenant's connections and
+/// instances (`None`: no cap but the server's).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TenantQuotas {
+    /// Most open connections (503 beyond).
+    pub max_connections: Option<usize>,
+    /// Most live plugin instances (a new connection gets 503 beyond).
+    pub max_instances: Option<usize>,
+    /// Most linear memory of all its instances together, in bytes (a grow
+    /// past it fails, as if past `max_memory`).
+    pub max_memory_total: Option<usize>,
+    /// Guest CPU time the tenant may use per period; past it its events wait.
+    pub cpu_budget: Option<CpuBudget>,
+    /// Most `send` calls per second.
+    pub max_sends_per_second: Option<u32>,
+    /// Most messages queued by `broadcast` per second (one per member).
+    pub max_broadcast_deliveries_per_second: Option<u32>,
+    /// Most `set-timer` calls per second.
+    pub max_timers_per_second: Option<u32>,
+    /// Most log lines (`log` calls and stdout/stderr lines) per second.
+    pub max_log_lines_per_second: Option<u32>,
+}
+
+/// A CPU budget: at most `time` of guest execution per `period`, for
+/// example `"200ms/s"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuBudget {
+    /// Guest time allowed per period.
+    pub time: Duration,
+    /// The period.
+    pub period: Duration,
+}
+
+/// What happens to a connection that sends faster than its route's
+/// `max_messages_per_second` or `max_bytes_per_second`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateExceeded {
+    /// Close it with 1008 (policy violation).
+    Close,
+    /// Drop the messages over the rate (the plugin never sees them), and
+    /// count them.
+    Drop,
+}
+
+impl<'de> Deserialize<'de> for RateExceeded {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Choice {
+            expecting: r#""close" or "drop""#,
+            choices: &[("close", RateExceeded::Close), ("drop", RateExceeded::Drop)],
+        })
+    }
+}
+
+/// An environment variable granted to a route's plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvGrant {
+    /// The variable's name.
+    pub key: String,
+    /// Its literal value (`"KEY=value"`), or `None` to pass the gateway's own
+    /// value of `KEY` (absent from the plugin if the gateway has none).
+    pub value: Option<String>,
+}
+
+/// A host directory granted to a route's plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirGrant {
+    /// The directory on the gateway's host (relative paths are resolved
+    /// against the config file's folder).
+    pub host: PathBuf,
+    /// Where the plugin sees it, an absolute path such as `/data`.
+    pub guest: String,
+    /// Whether the plugin may only read (the default).
+    pub read_only: bool,
 }
 
 /// The `[server]` table, resolved.
@@ -191,6 +284,31 @@ pub struct Limits {
     pub pong_timeout: Duration,
     /// How long to wait for the peer's close frame after sending ours.
     pub close_timeout: Duration,
+    /// Most data messages a second a client may send (`None`: no cap).
+    pub max_messages_per_second: Option<u32>,
+    /// Most payload bytes a second a client may send (`None`: no cap).
+    pub max_bytes_per_second: Option<usize>,
+    /// What to do with a client over either inbound rate.
+    pub rate_exceeded: RateExceeded,
+    /// Most `send` calls a second made for one connection.
+    pub max_sends_per_second: Option<u32>,
+    /// Most `broadcast` deliveries a second made for one connection.
+    pub max_broadcast_deliveries_per_second: Option<u32>,
+    /// Most `set-timer` calls a second made for one connection.
+    pub max_timers_per_second: Option<u32>,
+    /// Most log lines a second (`log` calls and stdout/stderr lines) made
+    /// for one connection; the rest are dropped and counted.
+    pub max_log_lines_per_second: Option<u32>,
+    /// Most timers one connection holds at once.
+    pub max_timers: usize,
+    /// Most rooms one connection is in at once.
+    pub max_rooms_per_connection: usize,
+    /// Most members one room holds.
+    pub max_room_members: usize,
+    /// Most metadata entries one connection holds.
+    pub max_metadata_entries: usize,
+    /// Most metadata bytes (keys and values) one connection holds.
+    pub max_metadata_bytes: usize,
 }
 
 impl Default for Limits {
@@ -204,6 +322,18 @@ impl Default for Limits {
             ping_interval: Some(Duration::from_secs(30)),
             pong_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(5),
+            max_messages_per_second: None,
+            max_bytes_per_second: None,
+            rate_exceeded: RateExceeded::Close,
+            max_sends_per_second: None,
+            max_broadcast_deliveries_per_second: None,
+            max_timers_per_second: None,
+            max_log_lines_per_second: Some(100),
+            max_timers: 64,
+            max_rooms_per_connection: 256,
+            max_room_members: 100_000,
+            max_metadata_entries: 64,
+            max_metadata_bytes: 256 << 10,
         }
     }
 }
@@ -237,6 +367,13 @@ pub struct RouteSettings {
     /// Release the plugin instance of a connection with no event for this
     /// long (`None`: never); the next event gets a fresh instance.
     pub hibernate_after: Option<Duration>,
+    /// The tenant whose `[[tenant.route]]` this is (`None`: a top-level
+    /// `[[route]]`, the default tenant's).
+    pub tenant: Option<String>,
+    /// Environment variables the plugin sees (none by default).
+    pub env: Vec<EnvGrant>,
+    /// Host directories the plugin sees (none by default).
+    pub dirs: Vec<DirGrant>,
 }
 
 // ---------------------------------------------------------------------------
@@ -524,6 +661,94 @@ impl<'de> Deserialize<'de> for Count {
     }
 }
 
+/// A per-second rate: a whole number of at least 1, or `"off"` (`None`).
+#[derive(Debug, Clone, Copy)]
+struct Rate(Option<u32>);
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Rate;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a number per second (at least 1), or "off""#)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<Rate, E> {
+                match u32::try_from(n) {
+                    Ok(n) if n >= 1 => Ok(Rate(Some(n))),
+                    _ => Err(E::invalid_value(Unexpected::Signed(n), &self)),
+                }
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Rate, E> {
+                match s.trim() {
+                    "off" => Ok(Rate(None)),
+                    _ => Err(E::invalid_value(Unexpected::Str(s), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Bytes per second: a size (at least 1 byte), or `"off"` (`None`).
+#[derive(Debug, Clone, Copy)]
+struct RateSize(Option<usize>);
+
+impl<'de> Deserialize<'de> for RateSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RateSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#"a size per second like "1MiB" (at least 1 byte), or "off""#)
+            }
+            fn visit_i64<E: de::Error>(self, n: i64) -> Result<RateSize, E> {
+                match usize::try_from(n) {
+                    Ok(n) if n >= 1 => Ok(RateSize(Some(n))),
+                    _ => Err(E::invalid_value(Unexpected::Signed(n), &self)),
+                }
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<RateSize, E> {
+                if s.trim() == "off" {
+                    return Ok(RateSize(None));
+                }
+                match parse_size(s.trim().trim_end_matches("/s")) {
+                    Some(n) if n >= 1 => Ok(RateSize(Some(n))),
+                    _ => Err(E::invalid_value(Unexpected::Str(s), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for CpuBudget {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = CpuBudget;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    r#"guest time per period like "200ms/s" or "2s/10s" (the time at most the period)"#,
+                )
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<CpuBudget, E> {
+                let parsed = s.split_once('/').and_then(|(time, period)| {
+                    let period = match period.trim() {
+                        "s" => Some(Duration::from_secs(1)),
+                        "m" => Some(Duration::from_secs(60)),
+                        other => parse_duration(other).flatten(),
+                    }?;
+                    let time = parse_duration(time).flatten()?;
+                    (time <= period).then_some(CpuBudget { time, period })
+                });
+                parsed.ok_or_else(|| E::invalid_value(Unexpected::Str(s), &self))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// A string, described by what it is for.
 struct Text(&'static str);
 
@@ -711,6 +936,34 @@ const LIMIT_KEYS: &[&str] = &[
     "pong_timeout",
     "close_timeout",
     "max_connections",
+    "max_messages_per_second",
+    "max_bytes_per_second",
+    "rate_exceeded",
+    "max_sends_per_second",
+    "max_broadcast_deliveries_per_second",
+    "max_timers_per_second",
+    "max_log_lines_per_second",
+    "max_timers",
+    "max_rooms_per_connection",
+    "max_room_members",
+    "max_metadata_entries",
+    "max_metadata_bytes",
+];
+
+/// The keys of a `[[tenant]]` besides its routes: its name, hosts and
+/// quotas (totals over the tenant).
+const TENANT_KEYS: &[&str] = &[
+    "name",
+    "hosts",
+    "route",
+    "max_connections",
+    "max_instances",
+    "max_memory_total",
+    "cpu_budget",
+    "max_sends_per_second",
+    "max_broadcast_deliveries_per_second",
+    "max_timers_per_second",
+    "max_log_lines_per_second",
 ];
 
 /// The keys of `[server]` besides the limits.
@@ -736,6 +989,8 @@ const ROUTE_KEYS: &[&str] = &[
     "on_reload",
     "isolation",
     "hibernate_after",
+    "env",
+    "dirs",
 ];
 
 /// The smallest `max_header_size`: the documented minimum.
@@ -757,6 +1012,18 @@ struct RawLimits {
     pong_timeout: Option<Duration>,
     close_timeout: Option<Duration>,
     max_connections: Option<usize>,
+    max_messages_per_second: Option<Option<u32>>,
+    max_bytes_per_second: Option<Option<usize>>,
+    rate_exceeded: Option<RateExceeded>,
+    max_sends_per_second: Option<Option<u32>>,
+    max_broadcast_deliveries_per_second: Option<Option<u32>>,
+    max_timers_per_second: Option<Option<u32>>,
+    max_log_lines_per_second: Option<Option<u32>>,
+    max_timers: Option<usize>,
+    max_rooms_per_connection: Option<usize>,
+    max_room_members: Option<usize>,
+    max_metadata_entries: Option<usize>,
+    max_metadata_bytes: Option<usize>,
 }
 
 impl RawLimits {
@@ -775,6 +1042,24 @@ impl RawLimits {
             "pong_timeout" => self.pong_timeout = p.value::<Period>(key, at, v).map(|t| t.0),
             "close_timeout" => self.close_timeout = p.value::<Period>(key, at, v).map(|t| t.0),
             "max_connections" => self.max_connections = p.count(key, at, v, 1),
+            "max_messages_per_second" => self.max_messages_per_second = p.rate(key, at, v),
+            "max_bytes_per_second" => {
+                self.max_bytes_per_second = p.value::<RateSize>(key, at, v).map(|r| r.0)
+            }
+            "rate_exceeded" => self.rate_exceeded = p.value(key, at, v),
+            "max_sends_per_second" => self.max_sends_per_second = p.rate(key, at, v),
+            "max_broadcast_deliveries_per_second" => {
+                self.max_broadcast_deliveries_per_second = p.rate(key, at, v)
+            }
+            "max_timers_per_second" => self.max_timers_per_second = p.rate(key, at, v),
+            "max_log_lines_per_second" => self.max_log_lines_per_second = p.rate(key, at, v),
+            "max_timers" => self.max_timers = p.count(key, at, v, 0),
+            "max_rooms_per_connection" => self.max_rooms_per_connection = p.count(key, at, v, 0),
+            "max_room_members" => self.max_room_members = p.count(key, at, v, 1),
+            "max_metadata_entries" => self.max_metadata_entries = p.count(key, at, v, 0),
+            "max_metadata_bytes" => {
+                self.max_metadata_bytes = p.size(key, at, v, 0, usize::MAX);
+            }
             _ => return false,
         }
         true
@@ -791,6 +1076,34 @@ impl RawLimits {
             ping_interval: self.ping_interval.unwrap_or(base.ping_interval),
             pong_timeout: self.pong_timeout.unwrap_or(base.pong_timeout),
             close_timeout: self.close_timeout.unwrap_or(base.close_timeout),
+            max_messages_per_second: self
+                .max_messages_per_second
+                .unwrap_or(base.max_messages_per_second),
+            max_bytes_per_second: self
+                .max_bytes_per_second
+                .unwrap_or(base.max_bytes_per_second),
+            rate_exceeded: self.rate_exceeded.unwrap_or(base.rate_exceeded),
+            max_sends_per_second: self
+                .max_sends_per_second
+                .unwrap_or(base.max_sends_per_second),
+            max_broadcast_deliveries_per_second: self
+                .max_broadcast_deliveries_per_second
+                .unwrap_or(base.max_broadcast_deliveries_per_second),
+            max_timers_per_second: self
+                .max_timers_per_second
+                .unwrap_or(base.max_timers_per_second),
+            max_log_lines_per_second: self
+                .max_log_lines_per_second
+                .unwrap_or(base.max_log_lines_per_second),
+            max_timers: self.max_timers.unwrap_or(base.max_timers),
+            max_rooms_per_connection: self
+                .max_rooms_per_connection
+                .unwrap_or(base.max_rooms_per_connection),
+            max_room_members: self.max_room_members.unwrap_or(base.max_room_members),
+            max_metadata_entries: self
+                .max_metadata_entries
+                .unwrap_or(base.max_metadata_entries),
+            max_metadata_bytes: self.max_metadata_bytes.unwrap_or(base.max_metadata_bytes),
         }
     }
 }
@@ -832,6 +1145,21 @@ struct RawRoute {
     on_reload: Option<OnReload>,
     isolation: Option<Isolation>,
     hibernate_after: Option<Option<Duration>>,
+    env: Vec<EnvGrant>,
+    dirs: Vec<DirGrant>,
+}
+
+/// One `[[tenant]]` as written.
+#[derive(Debug, Default)]
+struct RawTenant {
+    name: Option<String>,
+    /// Whether a `name` key is there (perhaps with a bad value).
+    has_name: bool,
+    /// Whether a `hosts` key is there (perhaps with bad values).
+    has_hosts: bool,
+    hosts: Vec<(String, usize)>,
+    quotas: TenantQuotas,
+    routes: Vec<(usize, RawRoute)>,
 }
 
 /// The entries of a table in file order: key, the key's offset, value.
@@ -960,6 +1288,11 @@ impl Parser<'_> {
             format!("{key}: must be {bounds}, found {}", fmt_size(n)),
         );
         None
+    }
+
+    /// A per-second rate, or `"off"`.
+    fn rate(&mut self, key: &str, at: usize, v: &DeValue<'_>) -> Option<Option<u32>> {
+        self.value::<Rate>(key, at, v).map(|r| r.0)
     }
 
     /// A whole number of at least `min`.
@@ -1112,11 +1445,306 @@ impl Parser<'_> {
                 "hibernate_after" => {
                     r.hibernate_after = self.value::<Timeout>(key, at, v).map(|t| t.0)
                 }
+                "env" => r.env = self.env(key, at, v),
+                "dirs" => r.dirs = self.dirs(key, at, v),
                 _ => self.unknown(key, at, "[[route]]", &[ROUTE_KEYS, LIMIT_KEYS]),
             }
         }
         r
     }
+}
+
+impl Parser<'_> {
+    /// `env = ["KEY", "KEY=value"]`: names passed from the gateway's
+    /// environment, or literal values.
+    fn env(&mut self, key: &str, at: usize, v: &DeValue<'_>) -> Vec<EnvGrant> {
+        let list = ValueDe(v).deserialize_any(TextList(
+            r#"a list of variables like ["API_URL", "MODE=production"]"#,
+        ));
+        let Some(list) = self.visit(key, at, list) else {
+            return Vec::new();
+        };
+        let mut grants: Vec<EnvGrant> = Vec::new();
+        for item in list {
+            let (name, value) = match item.split_once('=') {
+                Some((k, v)) => (k.to_owned(), Some(v.to_owned())),
+                None => (item.clone(), None),
+            };
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !valid {
+                self.error(
+                    at,
+                    format!("{key}: {item:?} is not a variable name (letters, digits and '_') or NAME=value"),
+                );
+            } else if grants.iter().any(|g| g.key == name) {
+                self.error(at, format!("{key}: {name} is listed twice"));
+            } else {
+                grants.push(EnvGrant { key: name, value });
+            }
+        }
+        grants
+    }
+
+    /// `dirs = [{ host = "...", guest = "/data", read_only = true }]`.
+    fn dirs(&mut self, key: &str, at: usize, v: &DeValue<'_>) -> Vec<DirGrant> {
+        const FORM: &str = r#"a list of tables like [{ host = "data", guest = "/data", read_only = true }]"#;
+        let DeValue::Array(items) = v else {
+            self.error(at, format!("{key}: expected {FORM}, found {}", Found(unexpected(v))));
+            return Vec::new();
+        };
+        let mut grants: Vec<DirGrant> = Vec::new();
+        for (n, item) in items.iter().enumerate() {
+            let at = item.span().start;
+            let DeValue::Table(t) = item.get_ref() else {
+                self.error(
+                    at,
+                    format!("{key}: item {}: expected {FORM}, found {}", n + 1, Found(unexpected(item.get_ref()))),
+                );
+                continue;
+            };
+            let (mut host, mut guest, mut read_only) = (None, None, true);
+            for (k, at, v) in entries(t) {
+                let name = format!("{key}.{k}");
+                match k {
+                    "host" => {
+                        host = self.visit(&name, at, ValueDe(v).deserialize_any(Text("a directory path")))
+                    }
+                    "guest" => {
+                        guest = self.visit(
+                            &name,
+                            at,
+                            ValueDe(v).deserialize_any(Text(r#"an absolute path such as "/data""#)),
+                        )
+                    }
+                    "read_only" => {
+                        if let Some(b) = self.value::<bool>(&name, at, v) {
+                            read_only = b;
+                        }
+                    }
+                    _ => self.unknown(k, at, "a dirs entry", &[&["host", "guest", "read_only"]]),
+                }
+            }
+            match (host, guest) {
+                (Some(host), Some(guest)) => {
+                    if !guest.starts_with('/') {
+                        self.error(at, format!("{key}: guest path {guest:?} must start with '/'"));
+                    } else if grants.iter().any(|g| g.guest == guest) {
+                        self.error(at, format!("{key}: guest path {guest:?} is granted twice"));
+                    } else {
+                        let host = PathBuf::from(host);
+                        grants.push(DirGrant {
+                            host,
+                            guest,
+                            read_only,
+                        });
+                    }
+                }
+                _ => self.error(
+                    at,
+                    format!("{key}: item {}: needs both `host` and `guest`", n + 1),
+                ),
+            }
+        }
+        grants
+    }
+
+    /// A route as it runs, from one `[[route]]` (or `[[tenant.route]]` of
+    /// `tenant`) as written; `None` (with errors) if its path or plugin is
+    /// unusable. `routed` holds the paths of the same tenant seen so far.
+    fn build_route(
+        &mut self,
+        at: usize,
+        r: RawRoute,
+        tenant: Option<&str>,
+        routed: &mut HashMap<String, usize>,
+        dir: &Path,
+        base: &Limits,
+    ) -> Option<RouteSettings> {
+        let path = match r.path {
+            Some((path, path_at)) => match routed.get(&path) {
+                Some(first) => {
+                    self.error(
+                        path_at,
+                        format!("path: {path:?} is already routed (line {first})"),
+                    );
+                    None
+                }
+                None => {
+                    routed.insert(path.clone(), line_of(self.text, path_at));
+                    Some(path)
+                }
+            },
+            None => {
+                if !r.has_path {
+                    self.error(
+                        at,
+                        r#"path: missing: every [[route]] needs one, such as path = "/chat""#
+                            .to_owned(),
+                    );
+                }
+                None
+            }
+        };
+        if r.plugin.is_none() && !r.has_plugin {
+            let route = path
+                .as_deref()
+                .map_or(String::new(), |p| format!(" in route {p}"));
+            self.error(
+                at,
+                format!(
+                    "plugin: missing{route}: every [[route]] needs a component file or \"builtin:<name>\""
+                ),
+            );
+        }
+        let (Some(path), Some((plugin, plugin_at))) = (path, r.plugin) else {
+            return None;
+        };
+        let resolve = |f: &Path| {
+            if f.is_absolute() {
+                f.to_owned()
+            } else {
+                dir.join(f)
+            }
+        };
+        let source = match plugin.strip_prefix("builtin:") {
+            Some(name) => PluginSource::Builtin(name.to_owned()),
+            None => PluginSource::File(resolve(Path::new(&plugin))),
+        };
+        let dirs = r
+            .dirs
+            .into_iter()
+            .map(|d| DirGrant {
+                host: resolve(&d.host),
+                ..d
+            })
+            .collect();
+        Some(RouteSettings {
+            path,
+            plugin: source,
+            line: line_of(self.text, plugin_at),
+            config: r.config,
+            limits: r.limits.over(base),
+            allowed_origins: r.allowed_origins,
+            subprotocols: r.subprotocols,
+            max_connections: r.limits.max_connections,
+            deliver: r.deliver.unwrap_or(Deliver::Message),
+            on_reload: r.on_reload.unwrap_or(OnReload::Keep),
+            isolation: r.isolation.unwrap_or(Isolation::Connection),
+            hibernate_after: r.hibernate_after.flatten(),
+            tenant: tenant.map(str::to_owned),
+            env: r.env,
+            dirs,
+        })
+    }
+
+    fn tenant(&mut self, t: &DeTable<'_>) -> RawTenant {
+        let mut r = RawTenant::default();
+        for (key, at, v) in entries(t) {
+            let q = &mut r.quotas;
+            match key {
+                "name" => {
+                    r.has_name = true;
+                    let name = ValueDe(v).deserialize_any(Text(r#"a name such as "acme""#));
+                    r.name = self.visit(key, at, name).and_then(|n| {
+                        let valid = (1..=64).contains(&n.len())
+                            && n.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+                        if !valid {
+                            self.error(at, format!("name: {n:?} must be 1 to 64 letters, digits, '.', '_' or '-'"));
+                            None
+                        } else if n == DEFAULT_TENANT {
+                            self.error(at, format!("name: {n:?} is the name of the top-level routes' tenant; choose another"));
+                            None
+                        } else {
+                            Some(n)
+                        }
+                    });
+                }
+                "hosts" => {
+                    r.has_hosts = true;
+                    let list = ValueDe(v)
+                        .deserialize_any(TextList(r#"a list of host names like ["chat.example.com", "*.example.org"]"#));
+                    for host in self.visit(key, at, list).unwrap_or_default() {
+                        match check_host(&host) {
+                            Ok(h) => r.hosts.push((h, at)),
+                            Err(why) => self.error(at, format!("hosts: {why}")),
+                        }
+                    }
+                }
+                "route" => {
+                    let DeValue::Array(items) = v else {
+                        self.error(
+                            at,
+                            format!(
+                                "route: expected one [[tenant.route]] table per route, found {}",
+                                Found(unexpected(v))
+                            ),
+                        );
+                        continue;
+                    };
+                    for item in items.iter() {
+                        let at = item.span().start;
+                        match item.get_ref() {
+                            DeValue::Table(t) => r.routes.push((at, self.route(t))),
+                            other => self.error(
+                                at,
+                                format!(
+                                    "route: expected a [[tenant.route]] table, found {}",
+                                    Found(unexpected(other))
+                                ),
+                            ),
+                        }
+                    }
+                }
+                "max_connections" => q.max_connections = self.count(key, at, v, 1),
+                "max_instances" => q.max_instances = self.count(key, at, v, 1),
+                "max_memory_total" => q.max_memory_total = self.size(key, at, v, MIN_MEMORY, usize::MAX),
+                "cpu_budget" => q.cpu_budget = self.value(key, at, v),
+                "max_sends_per_second" => q.max_sends_per_second = self.rate(key, at, v).flatten(),
+                "max_broadcast_deliveries_per_second" => {
+                    q.max_broadcast_deliveries_per_second = self.rate(key, at, v).flatten()
+                }
+                "max_timers_per_second" => q.max_timers_per_second = self.rate(key, at, v).flatten(),
+                "max_log_lines_per_second" => {
+                    q.max_log_lines_per_second = self.rate(key, at, v).flatten()
+                }
+                _ => self.unknown(key, at, "[[tenant]]", &[TENANT_KEYS]),
+            }
+        }
+        r
+    }
+}
+
+/// The name logs give the tenant of the top-level `[[route]]`s.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// A `hosts` entry, lower-cased: a host name (or IP address) without a
+/// port, or `*.` and a name (any one label in front of it).
+fn check_host(host: &str) -> Result<String, String> {
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    let name = h.strip_prefix("*.").unwrap_or(&h);
+    if name.is_empty() {
+        return Err(format!("{host:?} is not a host name"));
+    }
+    if name.contains('*') {
+        return Err(format!(
+            "{host:?}: a wildcard is only allowed as the whole first label (\"*.example.org\")"
+        ));
+    }
+    if name.contains(':') && !name.starts_with('[') {
+        return Err(format!("{host:?}: give the host name without a port"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '[' | ']' | ':')))
+    {
+        return Err(format!("{host:?} contains {c:?}, which no host name has"));
+    }
+    Ok(h)
 }
 
 /// Whether `path` can be routed: exact, absolute, nothing that looks like a
@@ -1192,6 +1820,7 @@ impl Config {
         let mut server = RawServer::default();
         let mut sandbox = RawSandbox::default();
         let mut raw_routes = Vec::new();
+        let mut raw_tenants: Vec<(usize, RawTenant)> = Vec::new();
         let mut saw_route = false;
         for (key, at, v) in entries(&root) {
             match key {
@@ -1231,6 +1860,31 @@ impl Config {
                         }
                     }
                 }
+                "tenant" => {
+                    let DeValue::Array(items) = v else {
+                        p.error(
+                            at,
+                            format!(
+                                "tenant: expected one [[tenant]] table per tenant (double brackets), found {}",
+                                Found(unexpected(v))
+                            ),
+                        );
+                        continue;
+                    };
+                    for item in items.iter() {
+                        let at = item.span().start;
+                        match item.get_ref() {
+                            DeValue::Table(t) => raw_tenants.push((at, p.tenant(t))),
+                            other => p.error(
+                                at,
+                                format!(
+                                    "tenant: expected a [[tenant]] table, found {}",
+                                    Found(unexpected(other))
+                                ),
+                            ),
+                        }
+                    }
+                }
                 _ => {
                     let home = [
                         ("[server]", SERVER_KEYS),
@@ -1245,7 +1899,12 @@ impl Config {
                             at,
                             format!("{key}: belongs in {table}, not at the top of the file"),
                         ),
-                        None => p.unknown(key, at, "the file", &[&["server", "sandbox", "route"]]),
+                        None => p.unknown(
+                            key,
+                            at,
+                            "the file",
+                            &[&["server", "sandbox", "route", "tenant"]],
+                        ),
                     }
                 }
             }
@@ -1277,73 +1936,78 @@ impl Config {
         };
 
         let dir = file.parent().unwrap_or(Path::new(""));
-        let mut routed: HashMap<String, usize> = HashMap::new();
         let mut routes = Vec::new();
+        let mut routed: HashMap<String, usize> = HashMap::new();
         for (at, r) in raw_routes {
-            let path = match r.path {
-                Some((path, path_at)) => match routed.get(&path) {
-                    Some(first) => {
-                        p.error(
-                            path_at,
-                            format!("path: {path:?} is already routed (line {first})"),
-                        );
-                        None
-                    }
-                    None => {
-                        routed.insert(path.clone(), line_of(text, path_at));
-                        Some(path)
-                    }
-                },
-                None => {
-                    if !r.has_path {
-                        p.error(
-                            at,
-                            r#"path: missing: every [[route]] needs one, such as path = "/chat""#
-                                .to_owned(),
-                        );
-                    }
-                    None
-                }
-            };
-            if r.plugin.is_none() && !r.has_plugin {
-                let route = path
-                    .as_deref()
-                    .map_or(String::new(), |p| format!(" in route {p}"));
-                p.error(
-                    at,
-                    format!(
-                        "plugin: missing{route}: every [[route]] needs a component file or \"builtin:<name>\""
-                    ),
-                );
+            if let Some(route) = p.build_route(at, r, None, &mut routed, dir, &base) {
+                routes.push(route);
             }
-            let (Some(path), Some((plugin, plugin_at))) = (path, r.plugin) else {
+        }
+        saw_route |= !raw_tenants.is_empty();
+        let mut tenants = Vec::new();
+        let mut named: HashMap<String, usize> = HashMap::new();
+        let mut hosted: HashMap<String, String> = HashMap::new();
+        for (at, t) in raw_tenants {
+            let line = line_of(text, at);
+            let Some(name) = t.name else {
+                if !t.has_name {
+                    p.error(at, r#"name: missing: every [[tenant]] needs one, such as name = "acme""#.into());
+                }
                 continue;
             };
-            let source = match plugin.strip_prefix("builtin:") {
-                Some(name) => PluginSource::Builtin(name.to_owned()),
-                None => {
-                    let f = Path::new(&plugin);
-                    PluginSource::File(if f.is_absolute() {
-                        f.to_owned()
-                    } else {
-                        dir.join(f)
-                    })
+            if let Some(first) = named.get(&name) {
+                p.error(at, format!("name: tenant {name:?} is already defined (line {first})"));
+                continue;
+            }
+            named.insert(name.clone(), line);
+            if !t.has_hosts {
+                p.error(
+                    at,
+                    format!(r#"hosts: missing in tenant {name:?}: list the host names it serves, such as hosts = ["chat.example.com"]"#),
+                );
+            }
+            let mut hosts = Vec::new();
+            for (host, host_at) in t.hosts {
+                match hosted.get(&host) {
+                    Some(other) => p.error(
+                        host_at,
+                        format!("hosts: {host:?} is already served by tenant {other:?}"),
+                    ),
+                    None => {
+                        hosted.insert(host.clone(), name.clone());
+                        hosts.push(host);
+                    }
                 }
-            };
-            routes.push(RouteSettings {
-                path,
-                plugin: source,
-                line: line_of(text, plugin_at),
-                config: r.config,
-                limits: r.limits.over(&base),
-                allowed_origins: r.allowed_origins,
-                subprotocols: r.subprotocols,
-                max_connections: r.limits.max_connections,
-                deliver: r.deliver.unwrap_or(Deliver::Message),
-                on_reload: r.on_reload.unwrap_or(OnReload::Keep),
-                isolation: r.isolation.unwrap_or(Isolation::Connection),
-                hibernate_after: r.hibernate_after.flatten(),
+            }
+            if t.routes.is_empty() {
+                p.error(at, format!("route: tenant {name:?} has no [[tenant.route]]: it would serve nothing"));
+            }
+            let mut routed: HashMap<String, usize> = HashMap::new();
+            for (at, r) in t.routes {
+                if let Some(route) = p.build_route(at, r, Some(&name), &mut routed, dir, &base) {
+                    routes.push(route);
+                }
+            }
+            tenants.push(TenantSettings {
+                name,
+                hosts,
+                quotas: t.quotas,
+                line,
             });
+        }
+        if server_settings.threads == 1 {
+            for r in routes.iter().filter(|r| !r.dirs.is_empty()) {
+                p.errors.push(Error::Config {
+                    file: file.to_owned(),
+                    line: r.line,
+                    message: format!(
+                        "dirs: route {} grants directories, which needs more than one worker thread \
+                         ([server] threads = 1 runs a single thread): file access blocks, and is \
+                         run with the worker handed to another thread",
+                        r.path
+                    ),
+                });
+            }
         }
         if !saw_route {
             p.error(
@@ -1358,6 +2022,7 @@ impl Config {
             server: server_settings,
             sandbox,
             routes,
+            tenants,
         };
         (Some(config), errors.0)
     }
@@ -1780,4 +2445,89 @@ mod tests {
         let lines: Vec<_> = errors.0.iter().map(Error::line).collect();
         assert_eq!(lines, [Some(3), Some(12), Some(20)]);
     }
+
+    #[test]
+    fn tenants_have_their_own_routes_quotas_and_hosts() {
+        let c = parse(
+            "[[route]]\npath = \"/chat\"\nplugin = \"a.wasm\"\n\n\
+             [[tenant]]\nname = \"acme\"\nhosts = [\"Chat.Acme.com\", \"*.acme.org\"]\n\
+             max_connections = 10\ncpu_budget = \"200ms/s\"\nmax_memory_total = \"64MiB\"\n\n\
+             [[tenant.route]]\npath = \"/chat\"\nplugin = \"b.wasm\"\nmax_messages_per_second = 5\n\
+             env = [\"HOME\", \"MODE=prod\"]\n",
+        )
+        .expect("valid");
+        assert_eq!(c.routes.len(), 2);
+        assert_eq!(c.routes[0].tenant, None);
+        assert_eq!(c.routes[1].tenant.as_deref(), Some("acme"));
+        assert_eq!(c.routes[1].limits.max_messages_per_second, Some(5));
+        assert_eq!(c.routes[1].env[1].value.as_deref(), Some("prod"));
+        let t = &c.tenants[0];
+        assert_eq!(t.hosts, ["chat.acme.com", "*.acme.org"]);
+        assert_eq!(t.quotas.max_connections, Some(10));
+        assert_eq!(t.quotas.max_memory_total, Some(64 << 20));
+        assert_eq!(
+            t.quotas.cpu_budget,
+            Some(CpuBudget {
+                time: Duration::from_millis(200),
+                period: Duration::from_secs(1)
+            })
+        );
+    }
+
+    #[test]
+    fn tenant_mistakes_name_their_line() {
+        let tenant = |body: &str| {
+            format!("[[tenant]]\n{body}\n[[tenant.route]]\npath = \"/a\"\nplugin = \"a\"\n")
+        };
+        assert_eq!(
+            error(&tenant("name = \"default\"\nhosts = [\"a.test\"]")),
+            "2: name: \"default\" is the name of the top-level routes' tenant; choose another"
+        );
+        assert_eq!(
+            error(&tenant("name = \"a\"")),
+            "1: hosts: missing in tenant \"a\": list the host names it serves, such as hosts = [\"chat.example.com\"]"
+        );
+        assert_eq!(
+            error(&tenant("name = \"a\"\nhosts = [\"a.*.test\"]")),
+            "3: hosts: \"a.*.test\": a wildcard is only allowed as the whole first label (\"*.example.org\")"
+        );
+        assert_eq!(
+            error(&tenant("name = \"a\"\nhosts = [\"a.test:80\"]")),
+            "3: hosts: \"a.test:80\": give the host name without a port"
+        );
+        assert_eq!(
+            error(&tenant("name = \"a\"\nhosts = [\"a.test\"]\ncpu_budget = \"2s/1s\"")),
+            "4: cpu_budget: expected guest time per period like \"200ms/s\" or \"2s/10s\" (the time at most the period), found the string \"2s/1s\""
+        );
+        let two = format!(
+            "{}{}",
+            tenant("name = \"a\"\nhosts = [\"x.test\"]"),
+            tenant("name = \"b\"\nhosts = [\"X.test\"]")
+        );
+        assert_eq!(
+            error(&two),
+            "9: hosts: \"x.test\" is already served by tenant \"a\""
+        );
+        assert_eq!(
+            error(&format!("{ROUTE}max_messages_per_second = 0\n")),
+            "4: max_messages_per_second: expected a number per second (at least 1), or \"off\", found the number 0"
+        );
+    }
+
+    #[test]
+    fn the_same_path_may_be_routed_once_per_tenant() {
+        let c = parse(
+            "[[route]]\npath = \"/a\"\nplugin = \"a\"\n\
+             [[tenant]]\nname = \"t\"\nhosts = [\"t.test\"]\n\
+             [[tenant.route]]\npath = \"/a\"\nplugin = \"a\"\n",
+        );
+        assert!(c.is_ok());
+        let e = error(
+            "[[tenant]]\nname = \"t\"\nhosts = [\"t.test\"]\n\
+             [[tenant.route]]\npath = \"/a\"\nplugin = \"a\"\n\
+             [[tenant.route]]\npath = \"/a\"\nplugin = \"a\"\n",
+        );
+        assert_eq!(e, "8: path: \"/a\" is already routed (line 5)");
+    }
+
 }

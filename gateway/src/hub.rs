@@ -14,6 +14,7 @@ use tokio::sync::Notify;
 use crate::bindings::wasmgate::plugin::types::GatewayError;
 use crate::config::SlowConsumer;
 use crate::connection::outbox::{Outbound, Outbox, PushError};
+use crate::quota::Bucket;
 
 /// Longest room name, in bytes.
 pub const MAX_ROOM_NAME: usize = 256;
@@ -21,12 +22,6 @@ pub const MAX_ROOM_NAME: usize = 256;
 pub const MAX_META_KEY: usize = 256;
 /// Longest metadata value, in bytes.
 pub const MAX_META_VALUE: usize = 64 << 10;
-/// Most metadata entries per connection.
-pub const MAX_META_ENTRIES: usize = 64;
-/// Most rooms one connection may be in.
-pub const MAX_ROOMS_PER_CONNECTION: usize = 256;
-/// Most timers one connection may hold.
-pub const MAX_TIMERS: usize = 64;
 
 /// Who started a connection's closing handshake, for the log line written
 /// when it ends.
@@ -80,6 +75,44 @@ pub struct ConnHandle {
     /// outlives any one instance (migration, hibernation, a shared
     /// instance serving many connections).
     timers: Mutex<Timers>,
+    /// Its host-call rate meters, kept like its timers.
+    pub rates: Mutex<ConnRates>,
+    /// Bytes of metadata (keys and values) it holds.
+    metadata_bytes: std::sync::atomic::AtomicUsize,
+}
+
+/// One connection's host-call rate meters: each bucket is created full at
+/// its first use.
+#[derive(Debug, Default)]
+pub struct ConnRates {
+    /// `send` calls.
+    pub sends: Option<Bucket>,
+    /// Broadcast deliveries.
+    pub deliveries: Option<Bucket>,
+    /// `set-timer` calls.
+    pub timers: Option<Bucket>,
+    /// Log lines.
+    pub log_lines: Option<Bucket>,
+    /// Log lines dropped and not yet reported.
+    pub log_dropped: u64,
+    /// Whether dropping log lines was announced (once per connection).
+    pub log_warned: bool,
+    /// When the count of dropped lines was last reported.
+    pub log_reported: Option<std::time::Instant>,
+}
+
+/// Takes `n` tokens from `bucket` (created full at `rate`) if `rate` is
+/// set; true if allowed.
+pub fn take(bucket: &mut Option<Bucket>, rate: Option<u32>, n: u64) -> bool {
+    match rate {
+        None => true,
+        Some(rate) => {
+            let rate = u64::from(rate);
+            bucket
+                .get_or_insert_with(|| Bucket::new(rate))
+                .take(n, rate, std::time::Instant::now())
+        }
+    }
 }
 
 /// A connection's pending timers, by id (ids count up per connection).
@@ -110,6 +143,8 @@ impl ConnHandle {
             timer_events: Mutex::new(VecDeque::new()),
             timer_notify: Notify::new(),
             timers: Mutex::new(Timers::default()),
+            rates: Mutex::new(ConnRates::default()),
+            metadata_bytes: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 
@@ -163,10 +198,16 @@ impl ConnHandle {
 
     /// Starts a timer: an event after `delay` (then every `delay` if
     /// `repeat`) until cancelled or [`ConnHandle::cancel_timers`]. Fails with
-    /// `limit-reached` past [`MAX_TIMERS`]. Needs a tokio runtime.
-    pub fn set_timer(self: &Arc<Self>, delay: Duration, repeat: bool) -> Result<u64, GatewayError> {
+    /// `limit-reached` once it holds `max` (the route's `max_timers`).
+    /// Needs a tokio runtime.
+    pub fn set_timer(
+        self: &Arc<Self>,
+        delay: Duration,
+        repeat: bool,
+        max: usize,
+    ) -> Result<u64, GatewayError> {
         let mut timers = self.timers.lock();
-        if timers.pending.len() >= MAX_TIMERS {
+        if timers.pending.len() >= max {
             return Err(GatewayError::LimitReached);
         }
         timers.next += 1;
@@ -304,24 +345,35 @@ impl Hub {
         self.len() == 0
     }
 
-    /// Adds a connection to a room.
-    pub fn join(&self, id: u64, room: &str) -> Result<(), GatewayError> {
+    /// Adds a connection to a room: `limit-reached` if it is in
+    /// `max_rooms` rooms already or the room has `max_members`.
+    pub fn join(
+        &self,
+        id: u64,
+        room: &str,
+        max_rooms: usize,
+        max_members: usize,
+    ) -> Result<(), GatewayError> {
         check_room(room)?;
         let conn = self.get(id)?;
         let mut mine = conn.rooms.lock();
         if mine.contains(room) {
             return Ok(());
         }
-        if mine.len() >= MAX_ROOMS_PER_CONNECTION {
+        if mine.len() >= max_rooms {
             return Err(GatewayError::LimitReached);
         }
-        let name: Arc<str> = Arc::from(room);
+        let mut all = self.rooms.lock();
+        let name: Arc<str> = match all.get_key_value(room) {
+            Some((name, members)) if members.len() >= max_members => {
+                let _ = name;
+                return Err(GatewayError::LimitReached);
+            }
+            Some((name, _)) => name.clone(),
+            None => Arc::from(room),
+        };
         mine.insert(name.clone());
-        self.rooms
-            .lock()
-            .entry(name)
-            .or_default()
-            .insert(id, conn.clone());
+        all.entry(name).or_default().insert(id, conn.clone());
         Ok(())
     }
 
@@ -342,13 +394,16 @@ impl Hub {
     }
 
     /// Queues a message to every member of `room` except `except`; returns
-    /// how many accepted it.
+    /// how many accepted it. `admit` is asked first with the number of
+    /// deliveries (the members but `except`); if it says no, nothing is
+    /// sent and the call fails with `limit-reached`.
     pub fn broadcast(
         &self,
         room: &str,
         text: bool,
         payload: Bytes,
         except: Option<u64>,
+        admit: impl FnOnce(u64) -> bool,
     ) -> Result<u32, GatewayError> {
         check_room(room)?;
         let members: Vec<Arc<ConnHandle>> = match self.rooms.lock().get(room) {
@@ -359,6 +414,9 @@ impl Hub {
                 .collect(),
             None => return Ok(0),
         };
+        if !admit(members.len() as u64) {
+            return Err(GatewayError::LimitReached);
+        }
         let mut delivered = 0u32;
         for conn in members {
             let frame = if text {
@@ -397,16 +455,32 @@ impl Hub {
         Ok(rooms.iter().map(|r| r.to_string()).collect())
     }
 
-    /// Sets a metadata entry.
-    pub fn metadata_set(&self, id: u64, key: &str, value: &str) -> Result<(), GatewayError> {
+    /// Sets a metadata entry: `too-large` past the key or value size,
+    /// `limit-reached` past `max_entries` entries or `max_bytes` bytes (keys
+    /// and values) on the connection.
+    pub fn metadata_set(
+        &self,
+        id: u64,
+        key: &str,
+        value: &str,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<(), GatewayError> {
         if key.len() > MAX_META_KEY || value.len() > MAX_META_VALUE {
             return Err(GatewayError::TooLarge);
         }
         let conn = self.get(id)?;
         let mut meta = conn.metadata.lock();
-        if !meta.contains_key(key) && meta.len() >= MAX_META_ENTRIES {
+        let old = meta.get(key).map(|v| key.len() + v.len());
+        if old.is_none() && meta.len() >= max_entries {
             return Err(GatewayError::LimitReached);
         }
+        let held = conn.metadata_bytes.load(Ordering::Relaxed) - old.unwrap_or(0);
+        let new = held + key.len() + value.len();
+        if new > max_bytes {
+            return Err(GatewayError::LimitReached);
+        }
+        conn.metadata_bytes.store(new, Ordering::Relaxed);
         meta.insert(key.to_owned(), value.to_owned());
         Ok(())
     }
@@ -418,7 +492,14 @@ impl Hub {
 
     /// Removes a metadata entry.
     pub fn metadata_remove(&self, id: u64, key: &str) -> Result<Option<String>, GatewayError> {
-        Ok(self.get(id)?.metadata.lock().remove(key))
+        let conn = self.get(id)?;
+        let mut meta = conn.metadata.lock();
+        let removed = meta.remove(key);
+        if let Some(v) = &removed {
+            conn.metadata_bytes
+                .fetch_sub(key.len() + v.len(), Ordering::Relaxed);
+        }
+        Ok(removed)
     }
 }
 

@@ -16,13 +16,16 @@
 //! - [`plugin`]: the WebAssembly engine, loading and caching components, an
 //!   instance and the calls into it, the host functions, WASI, plugin output.
 //! - [`routing`]: routes as they run (their current version, swapped on
-//!   reload) and the table from paths to routes.
+//!   reload), tenants and what they use, and the table from host and path
+//!   to route.
 //! - [`server`]: listening, HTTP, upgrades, applying reloads, graceful
 //!   shutdown.
 //! - [`reload`]: watching plugin and config files and SIGHUP, and asking the
 //!   server to apply what changed.
 //! - [`authoring`]: what `wasmgate new`, `bindings` and `componentize`
 //!   give plugin authors (templates, C bindings, componentizing).
+//! - [`quota`]: token buckets and the CPU meter behind rate limits and
+//!   tenants' CPU budgets.
 //! - [`config`], [`error`], [`file`], [`builtin`]: `gateway.toml`, the error
 //!   type, reading deployable files and their content hashes, the embedded
 //!   example plugins and default config.
@@ -38,6 +41,7 @@ pub mod file;
 pub mod hub;
 pub mod plugin;
 pub mod protocol;
+pub mod quota;
 pub mod reload;
 pub mod routing;
 pub mod server;

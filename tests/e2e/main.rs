@@ -18,3 +18,5 @@ mod reload;
 mod scaffold;
 mod shared;
 mod shutdown;
+mod tenants;
+mod hostile;

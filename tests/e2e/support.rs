@@ -178,6 +178,36 @@ pub async fn connect(url: &str) -> Ws {
     ws
 }
 
+/// Connects with `host` as the `Host` header; the handshake's error (for
+/// example the HTTP status of a refusal) if it fails.
+pub async fn try_connect_host(url: &str, host: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request()?;
+    req.headers_mut().insert(
+        "host",
+        host.parse().expect("a valid Host header value"),
+    );
+    let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
+        .await
+        .expect("connect timed out")?;
+    Ok(ws)
+}
+
+/// Connects with `host` as the `Host` header, panicking on failure.
+pub async fn connect_host(url: &str, host: &str) -> Ws {
+    try_connect_host(url, host)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url} as {host}: {e}"))
+}
+
+/// The HTTP status a refused upgrade got.
+pub fn refusal_status(e: &tokio_tungstenite::tungstenite::Error) -> u16 {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => resp.status().as_u16(),
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+}
+
 /// The next message that is not a ping or pong.
 pub async fn next(ws: &mut Ws) -> Message {
     loop {

@@ -22,7 +22,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
-use crate::config::{Deliver, Limits, OnReload};
+use crate::quota::Bucket;
+use crate::config::{Deliver, Limits, OnReload, RateExceeded};
 use crate::connection::keepalive::{Due, Keepalive};
 use crate::connection::outbox::{Outbound, Outbox, Writer};
 use crate::hub::{ClosedBy, ConnHandle};
@@ -160,7 +161,8 @@ impl Session {
                 conn.clone(),
                 route.hub.clone(),
                 version.scope.clone(),
-                runtime.store_limits(),
+                runtime.max_memory(),
+                runtime.max_call_time(),
             );
             match Guest::new(runtime.clone(), &version.plugin, state) {
                 Ok(g) => *guest = Some(g),
@@ -374,7 +376,8 @@ impl Session {
             self.conn.clone(),
             self.route.hub.clone(),
             self.version.scope.clone(),
-            self.runtime.store_limits(),
+            self.runtime.max_memory(),
+            self.runtime.max_call_time(),
         );
         match Guest::new(self.runtime.clone(), &self.version.plugin, state) {
             Ok(mut guest) => {
@@ -456,6 +459,12 @@ impl Session {
         let dropped = conn.outbox.dropped();
         if dropped > 0 {
             tracing::info!(route = %this.route.path, conn = this.id, dropped, "messages dropped for a slow consumer");
+        }
+        if let Some(rates) = link.inbound.rates.as_ref().filter(|r| r.dropped > 0) {
+            tracing::info!(
+                tenant = %this.version.tenant.name, route = %this.route.path, conn = this.id,
+                dropped = rates.dropped, "messages from the client dropped over its inbound rate"
+            );
         }
     }
 
@@ -566,17 +575,25 @@ impl Session {
             if deadline < wake.deadline() {
                 wake.as_mut().reset(deadline);
             }
+            // A tenant over its CPU budget gets no new events until the
+            // budget allows: frames wait unread (TCP pushes back on the
+            // client), timers wait queued; writes, close requests and
+            // keepalive go on.
+            let throttled = self.version.tenant.cpu_ready_at().map(Instant::from_std);
             tokio::select! {
                 biased;
                 _ = &mut close_requested, if phase.is_open() => {
                     close_requested.set(conn.close_notify.notified());
                     self.on_close_request(&mut phase);
                 }
-                _ = &mut timer_ready, if phase.is_open() => {
+                _ = tokio::time::sleep_until(throttled.unwrap_or(now)), if throttled.is_some() => {
+                    self.on_timers(&mut phase, inbound);
+                }
+                _ = &mut timer_ready, if phase.is_open() && throttled.is_none() => {
                     timer_ready.set(conn.timer_notify.notified());
                     self.on_timers(&mut phase, inbound);
                 }
-                read = reader.read_frame(rd) => {
+                read = reader.read_frame(rd), if throttled.is_none() => {
                     let now = Instant::now();
                     keepalive.received(now);
                     match read {
@@ -679,7 +696,7 @@ impl Session {
     /// Delivers the timers that have fired, in order; a plugin failure
     /// starts closing with 1011.
     fn on_timers(&mut self, phase: &mut Phase, inbound: &mut Inbound) {
-        if !phase.is_open() {
+        if !phase.is_open() || self.version.tenant.cpu_ready_at().is_some() {
             return;
         }
         while let Some(event) = self.conn.next_timer_event() {
@@ -738,17 +755,34 @@ impl Session {
             _ => match inbound.push(frame, now) {
                 Ok(Some(Delivery::Message(msg))) => {
                     inbound.messages += 1;
-                    if !self.deliver(msg) {
-                        *phase = self.plugin_failed();
+                    let len = match &msg {
+                        Message::Text(t) => t.len(),
+                        Message::Binary(b) => b.len(),
+                    };
+                    match self.admit(inbound, true, len) {
+                        Admit::Deliver => {
+                            if !self.deliver(msg) {
+                                *phase = self.plugin_failed();
+                            }
+                        }
+                        Admit::Drop => {}
+                        Admit::Close => *phase = self.rate_exceeded(),
                     }
                 }
                 Ok(Some(Delivery::Fragment(fragment))) => {
                     if fragment.fin {
                         inbound.messages += 1;
                     }
-                    let ok = self.call(fragment.first, |g, id| g.on_fragment(id, fragment));
-                    if !ok {
-                        *phase = self.plugin_failed();
+                    match self.admit(inbound, fragment.first, fragment.data.len()) {
+                        Admit::Deliver => {
+                            let ok =
+                                self.call(fragment.first, |g, id| g.on_fragment(id, fragment));
+                            if !ok {
+                                *phase = self.plugin_failed();
+                            }
+                        }
+                        Admit::Drop => {}
+                        Admit::Close => *phase = self.rate_exceeded(),
                     }
                 }
                 Ok(None) => {}
@@ -767,6 +801,32 @@ impl Session {
             by,
             until: Instant::now() + self.version.settings.limits.close_timeout,
         })
+    }
+
+    /// Meters an inbound message (or fragment) against the route's rates;
+    /// the first message dropped on a connection is logged.
+    fn admit(&self, inbound: &mut Inbound, starts: bool, len: usize) -> Admit {
+        let Some(rates) = &mut inbound.rates else {
+            return Admit::Deliver;
+        };
+        let policy = self.version.settings.limits.rate_exceeded;
+        let admit = rates.admit(starts, len, policy);
+        if admit == Admit::Drop && rates.dropped == 1 {
+            tracing::info!(
+                tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id,
+                "client over its inbound rate (max_messages_per_second / max_bytes_per_second): dropping its messages over the rate, counted at close"
+            );
+        }
+        admit
+    }
+
+    /// Closes with 1008 a client over its inbound rate.
+    fn rate_exceeded(&mut self) -> Phase {
+        tracing::info!(
+            tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id,
+            "client over its inbound rate (max_messages_per_second / max_bytes_per_second): closing with 1008"
+        );
+        self.start_close(1008, "message rate exceeded".into(), ClosedBy::Gateway)
     }
 
     /// Closes with 1011 after the plugin failed (the failure is logged).
@@ -901,6 +961,85 @@ struct Inbound {
     /// When the plugin last had an event (a data frame or a timer), for
     /// hibernation.
     last_event: Instant,
+    /// The inbound rate meters, if the route has a rate limit.
+    rates: Option<Box<InboundRates>>,
+}
+
+/// A connection's inbound rate meters (`max_messages_per_second`,
+/// `max_bytes_per_second`).
+#[derive(Debug)]
+struct InboundRates {
+    messages: Option<(Bucket, u64)>,
+    bytes: Option<(Bucket, u64)>,
+    /// Messages dropped (`rate_exceeded = "drop"`).
+    dropped: u64,
+    /// The message whose fragments are arriving is being dropped.
+    dropping: bool,
+}
+
+/// What the inbound rate says of a message or fragment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admit {
+    /// Deliver it.
+    Deliver,
+    /// Drop it (and count it).
+    Drop,
+    /// Close the connection with 1008.
+    Close,
+}
+
+impl InboundRates {
+    fn new(limits: &Limits) -> Option<Box<InboundRates>> {
+        let messages = limits.max_messages_per_second.map(u64::from);
+        let bytes = limits.max_bytes_per_second.map(|b| b as u64);
+        if messages.is_none() && bytes.is_none() {
+            return None;
+        }
+        Some(Box::new(InboundRates {
+            messages: messages.map(|r| (Bucket::new(r), r)),
+            bytes: bytes.map(|r| (Bucket::new(r), r)),
+            dropped: 0,
+            dropping: false,
+        }))
+    }
+
+    /// Meters one message start (`starts`) and `len` payload bytes; a
+    /// fragment after the first of a message only counts its bytes, and is
+    /// dropped with its message. A message over the byte rate is let
+    /// through when a full second's allowance is saved up (so messages
+    /// larger than the rate still pass, at that pace).
+    fn admit(&mut self, starts: bool, len: usize, policy: RateExceeded) -> Admit {
+        let now = std::time::Instant::now();
+        if !starts && self.dropping {
+            return Admit::Drop;
+        }
+        let mut ok = true;
+        if starts {
+            if let Some((b, rate)) = &mut self.messages {
+                ok &= b.take(1, *rate, now);
+            }
+        }
+        if ok {
+            if let Some((b, rate)) = &mut self.bytes {
+                let n = (len as u64).min(*rate);
+                ok &= b.take(n, *rate, now);
+            }
+        }
+        match (ok, policy) {
+            (true, _) => {
+                self.dropping = false;
+                Admit::Deliver
+            }
+            (false, RateExceeded::Close) => Admit::Close,
+            // Part of a message already delivered cannot be taken back.
+            (false, RateExceeded::Drop) if !starts => Admit::Close,
+            (false, RateExceeded::Drop) => {
+                self.dropping = true;
+                self.dropped += 1;
+                Admit::Drop
+            }
+        }
+    }
 }
 
 /// What one data frame yields for the plugin.
@@ -918,6 +1057,7 @@ impl Inbound {
             streaming: settings.deliver == Deliver::Fragments,
             messages: 0,
             last_event: now,
+            rates: InboundRates::new(&settings.limits),
         }
     }
 

@@ -14,11 +14,8 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{
     Component, ComponentExportIndex, HasSelf, Instance, InstancePre, Linker, ResourceTable,
 };
-use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
-    StoreLimitsBuilder,
-};
-use wasmtime_wasi::{WasiCtx, WasiCtxBuilder};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder};
 
 use crate::bindings::{Plugin as PluginBindings, PluginIndices};
 use crate::config::SlowConsumer;
@@ -128,12 +125,10 @@ impl Runtime {
         self.sandbox.max_call_time
     }
 
-    /// Store limits for a new instance.
-    pub(crate) fn store_limits(&self) -> StoreLimits {
-        StoreLimitsBuilder::new()
-            .memory_size(self.sandbox.max_memory)
-            .trap_on_grow_failure(false)
-            .build()
+    /// The most linear memory one instance may have (`[sandbox]
+    /// max_memory`), in bytes.
+    pub(crate) fn max_memory(&self) -> usize {
+        self.sandbox.max_memory
     }
 
     /// The sandbox settings the engine was built with.
@@ -244,12 +239,14 @@ impl Runtime {
         pre: &InstancePre<HostState>,
     ) -> Result<(), String> {
         let conn = ConnHandle::new(0, Outbox::new(0), SlowConsumer::Drop);
-        let scope = Arc::new(Scope {
-            route: Arc::from(route),
-            plugin: Arc::from(source.to_string().as_str()),
-            config: std::collections::BTreeMap::new(),
-        });
-        let state = HostState::new(conn, Arc::new(Hub::default()), scope, self.store_limits());
+        let scope = Arc::new(Scope::bare(route, &source.to_string()));
+        let state = HostState::new(
+            conn,
+            Arc::new(Hub::default()),
+            scope,
+            self.max_memory(),
+            self.max_call_time(),
+        );
         let mut store = self.store(state);
         let first = store.data_mut().call.arm(self.call_deadline());
         store.set_epoch_deadline(first);
@@ -403,12 +400,41 @@ impl Plugin {
     }
 }
 
-/// The WASI context a plugin instance sees: no files, no environment, no
-/// network; its stdout and stderr become log lines tagged with `tags`.
-pub(crate) fn wasi_ctx(tags: Tags) -> (WasiCtx, ResourceTable) {
-    let ctx = WasiCtxBuilder::new()
-        .stdout(GuestOutput::new(Stream::Stdout, tags.clone()))
+/// The WASI context a plugin instance sees: clocks, random, and stdout and
+/// stderr (which become log lines tagged with `tags`); no arguments, no
+/// stdin, no sockets or name lookups (every address is refused), and only
+/// the environment variables and directories its route grants in `scope`.
+/// A grant that cannot be honoured (a directory that cannot be opened) is
+/// logged and left out.
+pub(crate) fn wasi_ctx(tags: Tags, scope: &Scope) -> (WasiCtx, ResourceTable) {
+    let mut b = WasiCtxBuilder::new();
+    b.stdout(GuestOutput::new(Stream::Stdout, tags.clone()))
         .stderr(GuestOutput::new(Stream::Stderr, tags))
-        .build();
-    (ctx, ResourceTable::new())
+        .allow_tcp(false)
+        .allow_udp(false)
+        .allow_ip_name_lookup(false);
+    for grant in &scope.env {
+        let value = match &grant.value {
+            Some(v) => Some(v.clone()),
+            None => std::env::var(&grant.key).ok(),
+        };
+        if let Some(v) = value {
+            b.env(&grant.key, v);
+        }
+    }
+    for dir in &scope.dirs {
+        let perms = if dir.read_only {
+            FsPerms::ReadOnly
+        } else {
+            FsPerms::ReadWrite
+        };
+        if let Err(e) = b.preopened_dir(&dir.host, &dir.guest, perms) {
+            tracing::error!(
+                tenant = %scope.tenant.name, route = %scope.route, plugin = %scope.plugin,
+                "cannot grant directory {} as {}: {e:#}; the plugin runs without it",
+                dir.host.display(), dir.guest
+            );
+        }
+    }
+    (b.build(), ResourceTable::new())
 }

@@ -12,13 +12,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use wasmtime::component::ResourceTable;
-use wasmtime::StoreLimits;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::wasmgate::plugin::host::Host;
 use crate::bindings::wasmgate::plugin::types::{self, GatewayError, LogLevel, Message};
 use crate::connection::outbox::Outbound;
-use crate::hub::{ClosedBy, ConnHandle, Hub};
+use crate::config::{DirGrant, EnvGrant, Limits};
+use crate::hub::{take, ClosedBy, ConnHandle, Hub};
+use crate::plugin::memory::Limiter;
+use crate::routing::tenant::Tenant;
 use crate::protocol::frame::is_valid_close_code;
 
 /// What a plugin instance knows of its route: names for logs and the
@@ -31,6 +33,33 @@ pub struct Scope {
     pub plugin: Arc<str>,
     /// The `[route.config]` values.
     pub config: BTreeMap<String, String>,
+    /// The route's tenant, with its quotas.
+    pub tenant: Arc<Tenant>,
+    /// The route version's number, for logs.
+    pub version: u64,
+    /// The per-connection limits (counts and rates of host calls).
+    pub limits: Limits,
+    /// Environment variables granted to the plugin.
+    pub env: Vec<EnvGrant>,
+    /// Host directories granted to the plugin.
+    pub dirs: Vec<DirGrant>,
+}
+
+impl Scope {
+    /// A scope with no config, grants or tenant quotas: for instantiating a
+    /// plugin to check it.
+    pub fn bare(route: &str, plugin: &str) -> Scope {
+        Scope {
+            route: Arc::from(route),
+            plugin: Arc::from(plugin),
+            config: BTreeMap::new(),
+            tenant: Tenant::default_tenant(None),
+            version: 0,
+            limits: Limits::default(),
+            env: Vec::new(),
+            dirs: Vec::new(),
+        }
+    }
 }
 
 /// Longest close reason, in bytes (a close frame payload is at most 125).
@@ -41,7 +70,7 @@ pub struct HostState {
     wasi: WasiCtx,
     table: ResourceTable,
     /// Memory and table limits of the instance.
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: Limiter,
     /// The connection whose event the instance is handling: always the same
     /// one for a connection's own instance, set before every call for a
     /// shared one ([`HostState::serve`]).
@@ -52,23 +81,31 @@ pub struct HostState {
     scope: Arc<Scope>,
     /// The running call's deadline stages.
     pub(crate) call: crate::plugin::deadline::CallClock,
+    /// `[sandbox] max_call_time`: the longest a file operation may wait.
+    max_call_time: Duration,
 }
 
 impl HostState {
     /// State for an instance serving connection `own` (first) in `hub`,
     /// seeing its route through `scope`.
+    /// `max_memory` is `[sandbox] max_memory`.
     pub(crate) fn new(
         own: Arc<ConnHandle>,
         hub: Arc<Hub>,
         scope: Arc<Scope>,
-        limits: StoreLimits,
+        max_memory: usize,
+        max_call_time: Duration,
     ) -> Self {
         let output_conn = Arc::new(AtomicU64::new(own.id));
-        let (wasi, table) = crate::plugin::engine::wasi_ctx(crate::plugin::output::Tags {
-            route: scope.route.clone(),
-            plugin: scope.plugin.clone(),
-            conn: output_conn.clone(),
-        });
+        let (wasi, table) = crate::plugin::engine::wasi_ctx(
+            crate::plugin::output::Tags {
+                scope: scope.clone(),
+                hub: hub.clone(),
+                conn: output_conn.clone(),
+            },
+            &scope,
+        );
+        let limits = Limiter::new(max_memory, scope.tenant.clone());
         HostState {
             wasi,
             table,
@@ -78,6 +115,7 @@ impl HostState {
             hub,
             scope,
             call: Default::default(),
+            max_call_time,
         }
     }
 
@@ -110,6 +148,37 @@ impl HostState {
         self.own.id
     }
 
+    /// The non-blocking WASI streams of this instance; they may wait up to
+    /// `max_call_time` on a route that grants directories.
+    pub(crate) fn non_blocking(&mut self) -> crate::plugin::wasi::NonBlocking<'_> {
+        let wait = (!self.scope.dirs.is_empty()).then_some(self.max_call_time);
+        crate::plugin::wasi::NonBlocking::new(&mut self.table, wait)
+    }
+
+    /// The route's scope as this instance sees it.
+    pub(crate) fn scope(&self) -> &Arc<Scope> {
+        &self.scope
+    }
+
+    /// Admits `n` host calls (or deliveries) against the connection's rate
+    /// (`rate`, metered by the bucket `bucket` picks) and the tenant's
+    /// (`tenant` takes from its meter); `limit-reached` if either is used up.
+    fn admit(
+        &self,
+        rate: Option<u32>,
+        bucket: impl FnOnce(&mut crate::hub::ConnRates) -> &mut Option<crate::quota::Bucket>,
+        n: u64,
+        tenant: impl FnOnce(&Tenant) -> bool,
+    ) -> Result<(), GatewayError> {
+        if rate.is_some() && !take(bucket(&mut self.own.rates.lock()), rate, n) {
+            return Err(GatewayError::LimitReached);
+        }
+        if !tenant(&self.scope.tenant) {
+            return Err(GatewayError::LimitReached);
+        }
+        Ok(())
+    }
+
     /// The instance's resource table.
     pub(crate) fn table(&mut self) -> &mut ResourceTable {
         &mut self.table
@@ -133,8 +202,6 @@ pub(crate) fn outbound(msg: Message) -> Outbound {
     }
 }
 
-/// Most timers one connection may hold.
-pub use crate::hub::MAX_TIMERS;
 /// Timer events carry a flag in the high bit when the timer repeats.
 pub(crate) use crate::hub::TIMER_REPEAT_FLAG as REPEAT_FLAG;
 
@@ -142,6 +209,12 @@ impl types::Host for HostState {}
 
 impl Host for HostState {
     fn send(&mut self, conn: u64, msg: Message) -> Result<(), GatewayError> {
+        self.admit(
+            self.scope.limits.max_sends_per_second,
+            |r| &mut r.sends,
+            1,
+            |t| t.meters.sends.take(1),
+        )?;
         if conn == self.own.id {
             return self.own.deliver(outbound(msg));
         }
@@ -166,7 +239,9 @@ impl Host for HostState {
     }
 
     fn join(&mut self, conn: u64, room: String) -> Result<(), GatewayError> {
-        self.hub.join(conn, &room)
+        let l = &self.scope.limits;
+        self.hub
+            .join(conn, &room, l.max_rooms_per_connection, l.max_room_members)
     }
 
     fn leave(&mut self, conn: u64, room: String) -> Result<bool, GatewayError> {
@@ -183,7 +258,12 @@ impl Host for HostState {
             Message::Text(s) => (true, Bytes::from(s.into_bytes())),
             Message::Binary(b) => (false, Bytes::from(b)),
         };
-        self.hub.broadcast(&room, text, payload, except)
+        let rate = self.scope.limits.max_broadcast_deliveries_per_second;
+        let own = self.own.clone();
+        let tenant = self.scope.tenant.clone();
+        self.hub.broadcast(&room, text, payload, except, |n| {
+            take(&mut own.rates.lock().deliveries, rate, n) && tenant.meters.deliveries.take(n)
+        })
     }
 
     fn room_size(&mut self, room: String) -> u32 {
@@ -199,7 +279,14 @@ impl Host for HostState {
     }
 
     fn metadata_set(&mut self, conn: u64, key: String, value: String) -> Result<(), GatewayError> {
-        self.hub.metadata_set(conn, &key, &value)
+        let l = &self.scope.limits;
+        self.hub.metadata_set(
+            conn,
+            &key,
+            &value,
+            l.max_metadata_entries,
+            l.max_metadata_bytes,
+        )
     }
 
     fn metadata_get(&mut self, conn: u64, key: String) -> Result<Option<String>, GatewayError> {
@@ -227,8 +314,15 @@ impl Host for HostState {
             self.hub.get(conn)?;
             return Err(GatewayError::NotOwner);
         }
+        self.admit(
+            self.scope.limits.max_timers_per_second,
+            |r| &mut r.timers,
+            1,
+            |t| t.meters.timers.take(1),
+        )?;
         let delay = Duration::from_millis(u64::from(delay_ms.max(1)));
-        self.own.set_timer(delay, repeat)
+        self.own
+            .set_timer(delay, repeat, self.scope.limits.max_timers)
     }
 
     fn cancel_timer(&mut self, timer: u64) -> bool {
@@ -236,15 +330,19 @@ impl Host for HostState {
     }
 
     fn log(&mut self, level: LogLevel, message: String) {
-        let route = &*self.scope.route;
-        let plugin = &*self.scope.plugin;
+        if !crate::plugin::output::admit_line(&self.scope, Some(&self.own)) {
+            return;
+        }
+        let (tenant, route) = (&*self.scope.tenant.name, &*self.scope.route);
+        let (plugin, version) = (&*self.scope.plugin, self.scope.version);
         let conn = self.own.id;
+        let message = crate::plugin::output::printable(message.as_bytes(), false);
         match level {
-            LogLevel::Trace => tracing::trace!(route = %route, plugin = %plugin, conn, "{message}"),
-            LogLevel::Debug => tracing::debug!(route = %route, plugin = %plugin, conn, "{message}"),
-            LogLevel::Info => tracing::info!(route = %route, plugin = %plugin, conn, "{message}"),
-            LogLevel::Warn => tracing::warn!(route = %route, plugin = %plugin, conn, "{message}"),
-            LogLevel::Error => tracing::error!(route = %route, plugin = %plugin, conn, "{message}"),
+            LogLevel::Trace => tracing::trace!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}"),
+            LogLevel::Debug => tracing::debug!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}"),
+            LogLevel::Info => tracing::info!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}"),
+            LogLevel::Warn => tracing::warn!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}"),
+            LogLevel::Error => tracing::error!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}"),
         }
     }
 }

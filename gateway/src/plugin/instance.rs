@@ -29,12 +29,32 @@ pub struct Guest {
     runtime: Arc<Runtime>,
     /// The plugin trapped: its instance may not be entered again.
     trapped: bool,
+    /// When the running call started, if the tenant has a CPU budget.
+    started: Option<std::time::Instant>,
+    /// The route grants directories: calls may do file I/O, which
+    /// wasmtime-wasi runs by blocking on its async implementation.
+    files: bool,
+}
+
+/// Runs a guest call; with `files`, outside the async runtime's context
+/// (the worker handed off for the call), where wasmtime-wasi's synchronous
+/// file system calls may block on their async implementation.
+fn with_files<T>(files: bool, call: impl FnOnce() -> T) -> T {
+    if files {
+        crate::plugin::deadline::blocking(call)
+    } else {
+        call()
+    }
 }
 
 impl Guest {
     /// Arms the time limit of the next call.
     pub(crate) fn before_call(&mut self) {
-        let first = self.store.data_mut().call.arm(self.runtime.call_deadline());
+        let state = self.store.data_mut();
+        if state.scope().tenant.meters.cpu.is_some() {
+            self.started = Some(std::time::Instant::now());
+        }
+        let first = state.call.arm(self.runtime.call_deadline());
         self.store.set_epoch_deadline(first);
     }
 
@@ -46,6 +66,11 @@ impl Guest {
         export: &'static str,
         result: wasmtime::Result<T>,
     ) -> Option<T> {
+        if let Some(started) = self.started.take() {
+            if let Some(cpu) = &self.store.data().scope().tenant.meters.cpu {
+                cpu.charge(started.elapsed());
+            }
+        }
         match result {
             Ok(v) => Some(v),
             Err(e) => {
@@ -65,8 +90,10 @@ impl Guest {
                     .map(|bt| format!("\n{bt}"))
                     .unwrap_or_default();
                 tracing::error!(
+                    tenant = %state.scope().tenant.name,
                     route = %state.route_path(),
                     plugin = %state.plugin_name(),
+                    version = state.scope().version,
                     export,
                     conn = state.conn_id(),
                     backtrace = %backtrace,
@@ -85,10 +112,13 @@ impl Guest {
     /// Runs `on-open`; `None` if the plugin failed.
     pub fn on_open(&mut self, id: u64, request: &types::Request) -> Option<OpenResponse> {
         self.before_call();
-        let r = self
+        let files = self.files;
+        let r = with_files(files, || {
+            self
             .bindings
             .wasmgate_plugin_handler()
-            .call_on_open(&mut self.store, id, request);
+            .call_on_open(&mut self.store, id, request)
+        });
         self.after_call("on-open", r)
     }
 
@@ -102,10 +132,13 @@ impl Guest {
             Message::Binary(b) => types::Message::Binary(Vec::from(b)),
         };
         self.before_call();
-        let r = self
+        let files = self.files;
+        let r = with_files(files, || {
+            self
             .bindings
             .wasmgate_plugin_handler()
-            .call_on_message(&mut self.store, id, &msg);
+            .call_on_message(&mut self.store, id, &msg)
+        });
         self.after_call("on-message", r).is_some()
     }
 
@@ -121,11 +154,14 @@ impl Guest {
             data: Vec::from(fragment.data),
         };
         self.before_call();
-        let r = self.bindings.wasmgate_plugin_handler().call_on_fragment(
+        let files = self.files;
+        let r = with_files(files, || {
+            self.bindings.wasmgate_plugin_handler().call_on_fragment(
             &mut self.store,
             id,
             &fragment,
-        );
+        )
+        });
         self.after_call("on-fragment", r).is_some()
     }
 
@@ -145,10 +181,13 @@ impl Guest {
             return true;
         }
         self.before_call();
-        let r = self
+        let files = self.files;
+        let r = with_files(files, || {
+            self
             .bindings
             .wasmgate_plugin_handler()
-            .call_on_timer(&mut self.store, id, timer);
+            .call_on_timer(&mut self.store, id, timer)
+        });
         self.after_call("on-timer", r).is_some()
     }
 
@@ -158,13 +197,22 @@ impl Guest {
             return;
         }
         self.before_call();
-        let r = self.bindings.wasmgate_plugin_handler().call_on_close(
+        let files = self.files;
+        let r = with_files(files, || {
+            self.bindings.wasmgate_plugin_handler().call_on_close(
             &mut self.store,
             id,
             code,
             reason,
-        );
+        )
+        });
         self.after_call("on-close", r);
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.store.data().scope().tenant.release_instance();
     }
 }
 
@@ -176,10 +224,25 @@ impl Guest {
         plugin: &Plugin,
         state: HostState,
     ) -> wasmtime::Result<Guest> {
+        let tenant = state.scope().tenant.clone();
+        let files = !state.scope().dirs.is_empty();
+        if !tenant.acquire_instance() {
+            return Err(wasmtime::Error::msg(format!(
+                "tenant {} has max_instances ({}) instances live",
+                tenant.name,
+                tenant.quotas.max_instances.unwrap_or(usize::MAX)
+            )));
+        }
         let mut store = runtime.store(state);
         let first = store.data_mut().call.arm(runtime.call_deadline());
         store.set_epoch_deadline(first);
-        let (bindings, instance, resume) = plugin.instantiate(&mut store)?;
+        let (bindings, instance, resume) = match plugin.instantiate(&mut store) {
+            Ok(parts) => parts,
+            Err(e) => {
+                tenant.release_instance();
+                return Err(e);
+            }
+        };
         Ok(Guest {
             store,
             bindings,
@@ -187,6 +250,8 @@ impl Guest {
             resume,
             runtime,
             trapped: false,
+            started: None,
+            files,
         })
     }
 
@@ -208,10 +273,12 @@ impl Guest {
         };
         let request = &request.unpack();
         self.before_call();
-        let result = self
-            .instance
+        let files = self.files;
+        let result = with_files(files, || {
+            self.instance
             .get_typed_func::<(u64, &types::Request), ()>(&mut self.store, index)
-            .and_then(|f| f.call(&mut self.store, (id, request)));
+            .and_then(|f| f.call(&mut self.store, (id, request)))
+        });
         self.after_call("on-resume", result).is_some()
     }
 }

@@ -1,7 +1,8 @@
 //! Everything WebAssembly: the engine and loading components ([`engine`]),
 //! the on-disk cache of compiled components ([`cache`]), an instance and
 //! the calls into it ([`instance`]), a call's time limit ([`deadline`]), one instance shared by a route's
-//! connections ([`shared`]), the host functions plugins
+//! connections ([`shared`]), memory limits per instance and tenant
+//! ([`memory`]), the host functions plugins
 //! call back ([`host`]), the WASI they see ([`wasi`]), where their
 //! stdout and stderr go ([`output`]) and the upgrade request a connection
 //! keeps for `on-resume` ([`request`]).
@@ -15,6 +16,7 @@ pub mod deadline;
 pub mod engine;
 pub mod host;
 pub mod instance;
+pub mod memory;
 pub mod output;
 pub mod request;
 pub mod shared;

@@ -2,10 +2,13 @@
 //!
 //! Whatever a plugin writes to stdout or stderr (a Rust guest's panic
 //! message, a `println!`) becomes one `tracing` event per line at the
-//! `wasmgate::plugin::output` target, tagged with the route, the plugin file
-//! and the connection, instead of reaching the gateway's own stderr
-//! unattributed. Lines longer than [`MAX_LINE`] bytes are cut there; a
-//! partial last line is written when the stream is dropped.
+//! `wasmgate::plugin::output` target, tagged with the tenant, the route, the
+//! plugin file and version and the connection, instead of reaching the
+//! gateway's own stderr unattributed. Lines longer than [`MAX_LINE`] bytes
+//! are cut there; a partial last line is written when the stream is
+//! dropped. Output lines and `log` calls share one rate limit per
+//! connection and one per tenant ([`admit_line`]): a plugin cannot flood
+//! the gateway's log.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +19,9 @@ use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+use crate::hub::{take, ConnHandle, Hub};
+use crate::plugin::host::Scope;
 
 /// Longest line logged, in bytes; the rest of a longer line is dropped and
 /// the line marked as cut.
@@ -33,13 +39,84 @@ pub enum Stream {
 /// What a plugin instance's output lines are tagged with.
 #[derive(Debug, Clone)]
 pub struct Tags {
-    /// The route's path.
-    pub route: Arc<str>,
-    /// The plugin file (or `builtin:<name>`).
-    pub plugin: Arc<str>,
+    /// The route as the instance sees it: tenant, path, plugin file and
+    /// version, and the per-connection log rate.
+    pub scope: Arc<Scope>,
+    /// The route's connections, to meter lines per connection.
+    pub hub: Arc<Hub>,
     /// The connection whose event the instance is handling (a shared
     /// instance's changes from call to call).
     pub conn: Arc<AtomicU64>,
+}
+
+/// Whether one more log line (a `log` call or an output line) made for
+/// `conn` fits the route's `max_log_lines_per_second` per connection and
+/// the tenant's; if not it is dropped and counted. The first drop on a
+/// connection is announced once; the count dropped is reported with the
+/// next line that gets through, at most once a second.
+pub fn admit_line(scope: &Scope, conn: Option<&ConnHandle>) -> bool {
+    let rate = scope.limits.max_log_lines_per_second;
+    let (tenant, route) = (&*scope.tenant.name, &*scope.route);
+    let Some(conn) = conn else {
+        return scope.tenant.meters.log_lines.take(1);
+    };
+    let mut rates = conn.rates.lock();
+    let ok = take(&mut rates.log_lines, rate, 1) && scope.tenant.meters.log_lines.take(1);
+    if !ok {
+        rates.log_dropped += 1;
+        if !std::mem::replace(&mut rates.log_warned, true) {
+            tracing::warn!(
+                tenant = %tenant, route = %route, plugin = %scope.plugin, conn = conn.id,
+                "plugin log lines over the rate limit (max_log_lines_per_second): dropping them until the rate allows, then reporting how many"
+            );
+        }
+        return false;
+    }
+    let now = std::time::Instant::now();
+    let due = rates
+        .log_reported
+        .is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1));
+    let dropped = if due && rates.log_dropped > 0 {
+        rates.log_reported = Some(now);
+        std::mem::take(&mut rates.log_dropped)
+    } else {
+        0
+    };
+    drop(rates);
+    if dropped > 0 {
+        tracing::warn!(
+            tenant = %tenant, route = %route, plugin = %scope.plugin, conn = conn.id, dropped,
+            "{dropped} plugin log lines were dropped (over max_log_lines_per_second)"
+        );
+    }
+    true
+}
+
+/// `bytes` as one printable log line: invalid UTF-8 replaced, a trailing
+/// carriage return removed, and control characters (a carriage return that
+/// would overwrite the line's tags on a terminal, escape sequences) shown
+/// escaped. At most [`MAX_LINE`] bytes of it; `cut` (or a longer line) is
+/// marked.
+pub fn printable(bytes: &[u8], cut: bool) -> String {
+    let cut = cut || bytes.len() > MAX_LINE;
+    let text = String::from_utf8_lossy(&bytes[..bytes.len().min(MAX_LINE)]);
+    let mut text: String = text
+        .trim_end_matches('\r')
+        .chars()
+        .flat_map(|c| {
+            let escaped = c.is_control() && c != '\t';
+            let shown: Vec<char> = if escaped {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            shown
+        })
+        .collect();
+    if cut {
+        text.push_str(" [line cut]");
+    }
+    text
 }
 
 /// One of a plugin instance's output streams, given to its WASI context.
@@ -109,44 +186,34 @@ impl LineSink {
     }
 
     fn emit(&mut self) {
-        let text = String::from_utf8_lossy(&self.line);
-        // Control characters (a carriage return that would overwrite the
-        // line's tags on a terminal, escape sequences) are shown escaped.
-        let text: String = text
-            .trim_end_matches('\r')
-            .chars()
-            .flat_map(|c| {
-                let escaped = c.is_control() && c != '\t';
-                let shown: Vec<char> = if escaped {
-                    c.escape_default().collect()
-                } else {
-                    vec![c]
-                };
-                shown
-            })
-            .collect();
-        if text.is_empty() && !self.cut {
+        if self.line.is_empty() && !self.cut {
             // Blank lines (a Rust panic message starts with one) say nothing.
             return;
         }
-        let (route, plugin, conn) = (
-            &*self.tags.route,
-            &*self.tags.plugin,
-            self.tags.conn.load(Ordering::Relaxed),
-        );
-        let cut = if self.cut { " [line cut]" } else { "" };
+        let text = printable(&self.line, self.cut);
+        self.line.clear();
+        self.cut = false;
+        if text.trim().is_empty() {
+            return;
+        }
+        let id = self.tags.conn.load(Ordering::Relaxed);
+        let conn = self.tags.hub.get(id).ok();
+        let scope = &self.tags.scope;
+        if !admit_line(scope, conn.as_deref()) {
+            return;
+        }
+        let (tenant, route) = (&*scope.tenant.name, &*scope.route);
+        let (plugin, version) = (&*scope.plugin, scope.version);
         match self.stream {
             Stream::Stdout => tracing::info!(
                 target: "wasmgate::plugin::output",
-                route = %route, plugin = %plugin, conn, stream = "stdout", "{text}{cut}"
+                tenant = %tenant, route = %route, plugin = %plugin, version, conn = id, stream = "stdout", "{text}"
             ),
             Stream::Stderr => tracing::warn!(
                 target: "wasmgate::plugin::output",
-                route = %route, plugin = %plugin, conn, stream = "stderr", "{text}{cut}"
+                tenant = %tenant, route = %route, plugin = %plugin, version, conn = id, stream = "stderr", "{text}"
             ),
         }
-        self.line.clear();
-        self.cut = false;
     }
 }
 

@@ -101,7 +101,8 @@ impl SharedInstance {
                 conn.clone(),
                 self.hub.clone(),
                 self.scope.clone(),
-                runtime.store_limits(),
+                runtime.max_memory(),
+                runtime.max_call_time(),
             );
             match Guest::new(runtime.clone(), &self.plugin, state) {
                 Ok(guest) => {

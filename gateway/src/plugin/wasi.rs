@@ -12,11 +12,15 @@
 //! implementation and polls it once. Standard output and error complete on
 //! that poll. Anything that would really have to wait (a sleep, a stream
 //! that is not ready) traps instead: a handler must not block its
-//! connection's task, and has host timers for waiting.
+//! connection's task, and has host timers for waiting. The exception is a
+//! route that grants directories: file reads and writes complete on
+//! wasmtime-wasi's blocking pool, so its calls run with the worker handed
+//! off, and a call may wait up to `max_call_time` for them.
 
 use std::future::Future;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 use wasmtime_wasi::p2::bindings::sync::io::{poll, streams};
@@ -34,25 +38,49 @@ use crate::plugin::host::HostState;
 const WOULD_BLOCK: &str = "a wasmgate plugin may not block its connection \
      (a WASI call would have to wait: use host timers instead of sleeping or polling)";
 
-/// Polls `f` once.
-fn now<F: Future>(f: F) -> Option<F::Output> {
+/// Polls `f` once; or, when the instance may wait (`wait`: a route that
+/// grants directories, whose calls run with the worker handed off), waits
+/// for it up to that long.
+fn now<F: Future>(f: F, wait: Option<Duration>) -> Option<F::Output> {
+    let mut f = pin!(f);
     let mut cx = Context::from_waker(Waker::noop());
-    match pin!(f).poll(&mut cx) {
+    match f.as_mut().poll(&mut cx) {
         Poll::Ready(v) => Some(v),
-        Poll::Pending => None,
+        Poll::Pending => {
+            let wait = wait?;
+            let handle = tokio::runtime::Handle::try_current().ok()?;
+            handle.block_on(tokio::time::timeout(wait, f)).ok()
+        }
     }
 }
 
-fn stream_now<T>(f: impl Future<Output = StreamResult<T>>) -> StreamResult<T> {
-    now(f).unwrap_or_else(|| Err(StreamError::Trap(wasmtime::Error::msg(WOULD_BLOCK))))
+fn stream_now<T>(
+    wait: Option<Duration>,
+    f: impl Future<Output = StreamResult<T>>,
+) -> StreamResult<T> {
+    now(f, wait).unwrap_or_else(|| Err(StreamError::Trap(wasmtime::Error::msg(WOULD_BLOCK))))
 }
 
-fn trap_now<T>(f: impl Future<Output = wasmtime::Result<T>>) -> wasmtime::Result<T> {
-    now(f).unwrap_or_else(|| Err(wasmtime::Error::msg(WOULD_BLOCK)))
+fn trap_now<T>(
+    wait: Option<Duration>,
+    f: impl Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
+    now(f, wait).unwrap_or_else(|| Err(wasmtime::Error::msg(WOULD_BLOCK)))
 }
 
-/// A plugin's resource table, seen through the non-blocking replacements.
-pub struct NonBlocking<'a>(&'a mut ResourceTable);
+/// A plugin's resource table, seen through the non-blocking replacements,
+/// and how long a call may wait (only on routes that grant directories).
+pub struct NonBlocking<'a> {
+    table: &'a mut ResourceTable,
+    wait: Option<Duration>,
+}
+
+impl<'a> NonBlocking<'a> {
+    /// `table`'s streams and pollables; waiting up to `wait` if given.
+    pub fn new(table: &'a mut ResourceTable, wait: Option<Duration>) -> Self {
+        NonBlocking { table, wait }
+    }
+}
 
 struct NonBlockingIo;
 
@@ -64,15 +92,15 @@ impl HasData for NonBlockingIo {
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     wasmtime_wasi::p2::add_to_linker_sync(linker)?;
     linker.allow_shadowing(true);
-    streams::add_to_linker::<HostState, NonBlockingIo>(linker, |s| NonBlocking(s.table()))?;
-    poll::add_to_linker::<HostState, NonBlockingIo>(linker, |s| NonBlocking(s.table()))?;
+    streams::add_to_linker::<HostState, NonBlockingIo>(linker, |s| s.non_blocking())?;
+    poll::add_to_linker::<HostState, NonBlockingIo>(linker, |s| s.non_blocking())?;
     linker.allow_shadowing(false);
     Ok(())
 }
 
 impl streams::Host for NonBlocking<'_> {
     fn convert_stream_error(&mut self, err: StreamError) -> wasmtime::Result<streams::StreamError> {
-        streams::Host::convert_stream_error(self.0, err)
+        streams::Host::convert_stream_error(self.table, err)
     }
 }
 
@@ -80,45 +108,45 @@ impl streams::HostOutputStream for NonBlocking<'_> {
     fn drop(&mut self, stream: Resource<DynOutputStream>) -> wasmtime::Result<()> {
         // Dropping cancels pending work; stdio has none. If a stream still
         // had some, it is dropped with it rather than waited for.
-        let _ = now(AsyncOutput::drop(self.0, stream));
+        let _ = now(AsyncOutput::drop(self.table, stream), None);
         Ok(())
     }
     fn check_write(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<u64> {
-        streams::HostOutputStream::check_write(self.0, stream)
+        streams::HostOutputStream::check_write(self.table, stream)
     }
     fn write(&mut self, stream: Resource<DynOutputStream>, bytes: Vec<u8>) -> StreamResult<()> {
-        streams::HostOutputStream::write(self.0, stream, bytes)
+        streams::HostOutputStream::write(self.table, stream, bytes)
     }
     fn blocking_write_and_flush(
         &mut self,
         stream: Resource<DynOutputStream>,
         bytes: Vec<u8>,
     ) -> StreamResult<()> {
-        stream_now(AsyncOutput::blocking_write_and_flush(self.0, stream, bytes))
+        stream_now(self.wait, AsyncOutput::blocking_write_and_flush(self.table, stream, bytes))
     }
     fn subscribe(
         &mut self,
         stream: Resource<DynOutputStream>,
     ) -> wasmtime::Result<Resource<DynPollable>> {
-        streams::HostOutputStream::subscribe(self.0, stream)
+        streams::HostOutputStream::subscribe(self.table, stream)
     }
     fn write_zeroes(&mut self, stream: Resource<DynOutputStream>, len: u64) -> StreamResult<()> {
-        streams::HostOutputStream::write_zeroes(self.0, stream, len)
+        streams::HostOutputStream::write_zeroes(self.table, stream, len)
     }
     fn blocking_write_zeroes_and_flush(
         &mut self,
         stream: Resource<DynOutputStream>,
         len: u64,
     ) -> StreamResult<()> {
-        stream_now(AsyncOutput::blocking_write_zeroes_and_flush(
-            self.0, stream, len,
+        stream_now(self.wait, AsyncOutput::blocking_write_zeroes_and_flush(
+            self.table, stream, len,
         ))
     }
     fn flush(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<()> {
-        streams::HostOutputStream::flush(self.0, stream)
+        streams::HostOutputStream::flush(self.table, stream)
     }
     fn blocking_flush(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<()> {
-        stream_now(AsyncOutput::blocking_flush(self.0, stream))
+        stream_now(self.wait, AsyncOutput::blocking_flush(self.table, stream))
     }
     fn splice(
         &mut self,
@@ -126,7 +154,7 @@ impl streams::HostOutputStream for NonBlocking<'_> {
         src: Resource<DynInputStream>,
         len: u64,
     ) -> StreamResult<u64> {
-        streams::HostOutputStream::splice(self.0, dst, src, len)
+        streams::HostOutputStream::splice(self.table, dst, src, len)
     }
     fn blocking_splice(
         &mut self,
@@ -134,56 +162,56 @@ impl streams::HostOutputStream for NonBlocking<'_> {
         src: Resource<DynInputStream>,
         len: u64,
     ) -> StreamResult<u64> {
-        stream_now(AsyncOutput::blocking_splice(self.0, dst, src, len))
+        stream_now(self.wait, AsyncOutput::blocking_splice(self.table, dst, src, len))
     }
 }
 
 impl streams::HostInputStream for NonBlocking<'_> {
     fn drop(&mut self, stream: Resource<DynInputStream>) -> wasmtime::Result<()> {
-        let _ = now(AsyncInput::drop(self.0, stream));
+        let _ = now(AsyncInput::drop(self.table, stream), None);
         Ok(())
     }
     fn read(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<Vec<u8>> {
-        streams::HostInputStream::read(self.0, stream, len)
+        streams::HostInputStream::read(self.table, stream, len)
     }
     fn blocking_read(
         &mut self,
         stream: Resource<DynInputStream>,
         len: u64,
     ) -> StreamResult<Vec<u8>> {
-        stream_now(AsyncInput::blocking_read(self.0, stream, len))
+        stream_now(self.wait, AsyncInput::blocking_read(self.table, stream, len))
     }
     fn skip(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
-        streams::HostInputStream::skip(self.0, stream, len)
+        streams::HostInputStream::skip(self.table, stream, len)
     }
     fn blocking_skip(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
-        stream_now(AsyncInput::blocking_skip(self.0, stream, len))
+        stream_now(self.wait, AsyncInput::blocking_skip(self.table, stream, len))
     }
     fn subscribe(
         &mut self,
         stream: Resource<DynInputStream>,
     ) -> wasmtime::Result<Resource<DynPollable>> {
-        streams::HostInputStream::subscribe(self.0, stream)
+        streams::HostInputStream::subscribe(self.table, stream)
     }
 }
 
 impl poll::Host for NonBlocking<'_> {
     fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
-        trap_now(async_poll::Host::poll(self.0, pollables))
+        trap_now(self.wait, async_poll::Host::poll(self.table, pollables))
     }
 }
 
 impl poll::HostPollable for NonBlocking<'_> {
     fn ready(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<bool> {
         // Not ready now means not ready: answering never blocks.
-        Ok(now(async_poll::HostPollable::ready(self.0, pollable))
+        Ok(now(async_poll::HostPollable::ready(self.table, pollable), None)
             .transpose()?
             .unwrap_or(false))
     }
     fn block(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
-        trap_now(async_poll::HostPollable::block(self.0, pollable))
+        trap_now(self.wait, async_poll::HostPollable::block(self.table, pollable))
     }
     fn drop(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
-        async_poll::HostPollable::drop(self.0, pollable)
+        async_poll::HostPollable::drop(self.table, pollable)
     }
 }

@@ -24,6 +24,8 @@ pub enum Refusal {
     ServerFull,
     /// The route is at its `max_connections`: 503.
     RouteFull,
+    /// The request's tenant is at its `max_connections`: 503.
+    TenantFull,
     /// The gateway is shutting down: 503.
     ShuttingDown,
     /// No plugin instance could be created (memory or the instance pool is
@@ -63,6 +65,10 @@ impl Refusal {
             Refusal::RouteFull => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many connections (route max_connections)\n",
+            ),
+            Refusal::TenantFull => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections (tenant max_connections)\n",
             ),
             Refusal::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
             Refusal::NoInstance => (

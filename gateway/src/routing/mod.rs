@@ -1,6 +1,8 @@
 //! Routes as they run: a path's current version (settings and plugin,
 //! swapped atomically on reload), its hub and its connection count
-//! ([`route`]), and the table from paths to routes ([`router`]).
+//! ([`route`]), tenants and what they use ([`tenant`]), and the table from
+//! host and path to route ([`router`]).
 
 pub mod route;
 pub mod router;
+pub mod tenant;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::{Isolation, RouteSettings};
+use crate::routing::tenant::{Counts, Tenant};
 use crate::hub::Hub;
 use crate::plugin::host::Scope;
 use crate::plugin::shared::SharedInstance;
@@ -29,6 +30,8 @@ pub struct RouteVersion {
     pub shared: Option<Arc<SharedInstance>>,
     /// 1 for the version loaded at start, then one more per plugin swap.
     pub version: u64,
+    /// The route's tenant, with the quotas of this version's config.
+    pub tenant: Arc<Tenant>,
 }
 
 /// One routed path.
@@ -36,6 +39,11 @@ pub struct RouteVersion {
 pub struct Route {
     /// The request path.
     pub path: String,
+    /// The tenant whose route this is (`None`: the default tenant).
+    pub tenant: Option<Arc<str>>,
+    /// How logs name the route: its path, and its tenant if it has one
+    /// (`/chat (tenant acme)`).
+    pub label: String,
     /// Connections, rooms and metadata of this route; kept across versions.
     pub hub: Arc<Hub>,
     current: ArcSwap<RouteVersion>,
@@ -45,12 +53,19 @@ pub struct Route {
 
 impl Route {
     /// A route serving `plugin` with `settings` (version 1).
-    pub fn new(settings: RouteSettings, plugin: Arc<Plugin>) -> Route {
+    pub fn new(settings: RouteSettings, plugin: Arc<Plugin>, tenant: Arc<Tenant>) -> Route {
         let path = settings.path.clone();
+        let tenant_name = settings.tenant.as_deref().map(Arc::<str>::from);
+        let label = match &tenant_name {
+            Some(t) => format!("{path} (tenant {t})"),
+            None => path.clone(),
+        };
         let hub = Arc::new(Hub::default());
         Route {
-            current: ArcSwap::from_pointee(version(settings, plugin, &hub, 1)),
+            current: ArcSwap::from_pointee(version(settings, plugin, tenant, &hub, 1)),
             path,
+            tenant: tenant_name,
+            label,
             hub,
             last_version: AtomicU64::new(1),
             active: AtomicUsize::new(0),
@@ -64,11 +79,16 @@ impl Route {
 
     /// Installs new settings and plugin for new connections; returns the
     /// new version. Connections already open keep theirs.
-    pub fn install(&self, settings: RouteSettings, plugin: Arc<Plugin>) -> Arc<RouteVersion> {
+    pub fn install(
+        &self,
+        settings: RouteSettings,
+        plugin: Arc<Plugin>,
+        tenant: Arc<Tenant>,
+    ) -> Arc<RouteVersion> {
         // Stored before the number is published, so that a connection that
         // sees the new number finds the new version.
         let n = self.last_version.load(Ordering::Acquire) + 1;
-        let v = Arc::new(version(settings, plugin, &self.hub, n));
+        let v = Arc::new(version(settings, plugin, tenant, &self.hub, n));
         self.current.store(v.clone());
         self.last_version.store(n, Ordering::Release);
         v
@@ -86,11 +106,22 @@ impl Route {
     }
 }
 
-fn version(settings: RouteSettings, plugin: Arc<Plugin>, hub: &Arc<Hub>, n: u64) -> RouteVersion {
+fn version(
+    settings: RouteSettings,
+    plugin: Arc<Plugin>,
+    tenant: Arc<Tenant>,
+    hub: &Arc<Hub>,
+    n: u64,
+) -> RouteVersion {
     let scope = Arc::new(Scope {
         route: Arc::from(settings.path.as_str()),
         plugin: Arc::from(plugin.name.as_str()),
         config: settings.config.clone(),
+        tenant: tenant.clone(),
+        version: n,
+        limits: settings.limits.clone(),
+        env: settings.env.clone(),
+        dirs: settings.dirs.clone(),
     });
     let shared = (settings.isolation == Isolation::Shared).then(|| {
         Arc::new(SharedInstance::new(
@@ -105,6 +136,7 @@ fn version(settings: RouteSettings, plugin: Arc<Plugin>, hub: &Arc<Hub>, n: u64)
         scope,
         shared,
         version: n,
+        tenant,
     }
 }
 
@@ -114,6 +146,7 @@ fn version(settings: RouteSettings, plugin: Arc<Plugin>, hub: &Arc<Hub>, n: u64)
 pub struct Slot {
     route: Arc<Route>,
     server: Arc<AtomicUsize>,
+    tenant: Arc<Counts>,
 }
 
 /// Which cap refused a connection.
@@ -123,27 +156,38 @@ pub enum Capacity {
     Server,
     /// The route's `max_connections`.
     Route,
+    /// The tenant's `max_connections`.
+    Tenant,
 }
 
 impl Slot {
-    /// Takes a slot, or says which cap is reached: the route's
-    /// (`route_max`) or the server's (`server_max`).
+    /// Takes a slot, or says which cap is reached: the server's
+    /// (`server_max`), the tenant's (in `version`) or the route's.
     pub fn acquire(
         route: &Arc<Route>,
-        route_max: Option<usize>,
+        version: &RouteVersion,
         server: &Arc<AtomicUsize>,
         server_max: usize,
     ) -> Result<Slot, Capacity> {
         if !take(server, server_max) {
             return Err(Capacity::Server);
         }
-        if !take(&route.active, route_max.unwrap_or(usize::MAX)) {
+        let tenant = &version.tenant;
+        let tenant_max = tenant.quotas.max_connections.unwrap_or(usize::MAX);
+        if !take(&tenant.counts.connections, tenant_max) {
             server.fetch_sub(1, Ordering::AcqRel);
+            return Err(Capacity::Tenant);
+        }
+        let route_max = version.settings.max_connections.unwrap_or(usize::MAX);
+        if !take(&route.active, route_max) {
+            server.fetch_sub(1, Ordering::AcqRel);
+            tenant.counts.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(Capacity::Route);
         }
         Ok(Slot {
             route: route.clone(),
             server: server.clone(),
+            tenant: tenant.counts.clone(),
         })
     }
 }
@@ -159,6 +203,7 @@ fn take(counter: &AtomicUsize, max: usize) -> bool {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.route.active.fetch_sub(1, Ordering::AcqRel);
+        self.tenant.connections.fetch_sub(1, Ordering::AcqRel);
         self.server.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -22,6 +22,7 @@ use crate::plugin::engine::read_source;
 use crate::plugin::Plugin;
 use crate::routing::route::{Route, RouteVersion};
 use crate::routing::router::Table;
+use crate::routing::tenant;
 
 /// Logs what a route now serves:
 /// `route /chat: now serving plugins/chat.wasm sha256:3f2a9c0b1d2e (version 4, compiled in 35 ms)`.
@@ -104,7 +105,8 @@ impl Gateway {
             }
         };
         for route in &serving {
-            let v = route.install(route.current().settings.clone(), plugin.clone());
+            let now = route.current();
+            let v = route.install(now.settings.clone(), plugin.clone(), now.tenant.clone());
             log_serving(route, &v);
         }
     }
@@ -126,7 +128,11 @@ impl Gateway {
         let current: Vec<Option<Arc<RouteVersion>>> = config
             .routes
             .iter()
-            .map(|r| table.get(&r.path).map(|route| route.current()))
+            .map(|r| {
+                table
+                    .get(r.tenant.as_deref(), &r.path)
+                    .map(|route| route.current())
+            })
             .collect();
         let config = Arc::new(config);
         let plan = {
@@ -136,42 +142,48 @@ impl Gateway {
         .await
         .map_err(|e| Errors(vec![Error::Engine(format!("loading failed: {e}"))]))??;
 
+        let tenants = tenant::tenants_of(&config, Some(&table));
         let mut routes = Vec::with_capacity(config.routes.len());
         for (settings, next) in config.routes.iter().zip(plan) {
-            let route = match (table.get(&settings.path), next) {
+            let t = tenant::find(&tenants, settings.tenant.as_deref());
+            let route = match (table.get(settings.tenant.as_deref(), &settings.path), next) {
                 (Some(route), Next::Same(plugin)) => {
                     let now = route.current();
-                    if !same_settings(&now.settings, settings) {
-                        let v = route.install(settings.clone(), plugin);
+                    if !same_settings(&now.settings, settings)
+                        || now.tenant.quotas != t.quotas
+                        || !Arc::ptr_eq(&now.tenant.meters, &t.meters)
+                    {
+                        let v = route.install(settings.clone(), plugin, t);
                         tracing::info!(
                             "route {}: new settings apply to new connections (version {})",
-                            route.path,
+                            route.label,
                             v.version
                         );
                     }
                     route.clone()
                 }
                 (Some(route), Next::New(plugin)) => {
-                    let v = route.install(settings.clone(), plugin);
+                    let v = route.install(settings.clone(), plugin, t);
                     log_serving(route, &v);
                     route.clone()
                 }
                 (None, Next::Same(plugin) | Next::New(plugin)) => {
-                    let route = Arc::new(Route::new(settings.clone(), plugin));
+                    let route = Arc::new(Route::new(settings.clone(), plugin, t));
                     log_serving(&route, &route.current());
                     route
                 }
             };
             routes.push(route);
         }
-        self.shared.router.store(Table::new(routes));
-        for gone in table
-            .routes()
-            .iter()
-            .filter(|r| config.routes.iter().all(|s| s.path != r.path))
-        {
+        self.shared.router.store(Table::new(routes, tenants));
+        for gone in table.routes().iter().filter(|r| {
+            config
+                .routes
+                .iter()
+                .all(|s| s.path != r.path || s.tenant.as_deref() != r.tenant.as_deref())
+        }) {
             let open = gone.hub.len();
-            tracing::info!(route = %gone.path, open, "route removed: closing its connections with 1001");
+            tracing::info!(route = %gone.label, open, "route removed: closing its connections with 1001");
             for conn in gone.hub.all() {
                 conn.request_close(1001, "route removed", ClosedBy::Gateway);
             }
@@ -247,7 +259,7 @@ fn keeps_serving(route: &Route, reason: &str) {
     let v = route.current();
     tracing::error!(
         "route {}: {reason}; keeps serving {} {} (version {})",
-        route.path,
+        route.label,
         v.plugin.name,
         v.plugin.hash,
         v.version

@@ -27,6 +27,7 @@ use crate::error::{Error, Errors};
 use crate::hub::ClosedBy;
 use crate::plugin::Runtime;
 use crate::routing::route::Route;
+use crate::routing::tenant;
 use crate::routing::router::{Router, Table};
 
 /// A configured gateway: every plugin loaded, not yet listening. Cheap to
@@ -65,10 +66,12 @@ impl Gateway {
         let runtime = Runtime::new(&config.sandbox, config.server.max_connections, cache_dir)?;
         let mut routes = Vec::new();
         let mut errors = Vec::new();
+        let tenants = tenant::tenants_of(config, None);
         for r in &config.routes {
             match runtime.load(&r.path, &r.plugin) {
                 Ok(plugin) => {
-                    routes.push(Arc::new(Route::new(r.clone(), Arc::new(plugin))));
+                    let t = tenant::find(&tenants, r.tenant.as_deref());
+                    routes.push(Arc::new(Route::new(r.clone(), Arc::new(plugin), t)));
                 }
                 // A plugin error points at the route's `plugin` key.
                 Err(e) => errors.push(e.located(&config.file, r.line)),
@@ -81,7 +84,7 @@ impl Gateway {
             shared: Arc::new(Shared {
                 settings: config.server.clone(),
                 listen_overridden: AtomicBool::new(false),
-                router: Router::new(Table::new(routes)),
+                router: Router::new(Table::new(routes, tenants)),
                 runtime,
                 config: Mutex::new(Arc::new(config.clone())),
                 active: Arc::new(AtomicUsize::new(0)),

@@ -34,7 +34,12 @@ pub(super) async fn handle(
     remote: SocketAddr,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    let Some(route) = shared.router.get(path) else {
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let Some(route) = shared.router.resolve(host, path) else {
         return refuse(Refusal::NotFound, remote, path);
     };
     // The version new connections get now; this one keeps it.
@@ -53,14 +58,21 @@ pub(super) async fn handle(
     }
     let slot = match Slot::acquire(
         &route,
-        settings.max_connections,
+        &version,
         &shared.active,
         shared.settings.max_connections,
     ) {
         Ok(slot) => slot,
-        Err(Capacity::Server) => return refuse(Refusal::ServerFull, remote, &route.path),
-        Err(Capacity::Route) => return refuse(Refusal::RouteFull, remote, &route.path),
+        Err(Capacity::Server) => return refuse(Refusal::ServerFull, remote, &route.label),
+        Err(Capacity::Route) => return refuse(Refusal::RouteFull, remote, &route.label),
+        Err(Capacity::Tenant) => return refuse(Refusal::TenantFull, remote, &route.label),
     };
+    // A tenant over its CPU budget: its new connections wait, like its
+    // other events, until the budget allows (bounded by the handshake
+    // timeout the client sees).
+    if let Some(at) = version.tenant.cpu_ready_at() {
+        tokio::time::sleep_until(at.into()).await;
+    }
     let offered = handshake::offered_subprotocols(&req, settings.subprotocols.as_deref());
     let request = Arc::new(plugin_request(&req, remote, offered));
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);

@@ -23,6 +23,15 @@
 //! `config <key>`, `timer <ms>` (one shot), `timer-other <id> <ms>`,
 //! `trap`, `spin` (loops forever), `grow <MiB>` (allocates and touches memory),
 //! `print <text>` (writes to stdout and stderr), `sleep <ms>` (blocks).
+//!
+//! Hostile commands, for the containment tests; each that returns answers
+//! `ok <done> <first error or "none">`: `recurse` (until the wasm stack
+//! overflows), `flood-self <n>` (sends to itself), `flood-room <room> <n>`
+//! (broadcasts), `timers <n>` (one-hour timers), `rooms <n>` (joins `r0`,
+//! `r1`...), `meta-flood <n> <bytes>` (entries of that size), `log-flood
+//! <lines>` (1 KiB lines to stdout and through `log`), `env <KEY>`, `read
+//! <path>`, `write <path> <text>`, `connect <ip:port>` (WASI the route may
+//! not grant; answers `ok <value>` or `err <why>`).
 //! Binary messages are echoed. On a `deliver = "fragments"` route, each
 //! message's final fragment is answered with
 //! `fragments <text|binary> <count> bytes <total>`.
@@ -166,6 +175,63 @@ impl Handler for Testkit {
                 let v = vec![1u8; mib << 20];
                 answer(conn, Ok(std::hint::black_box(v).len()))
             }
+            "recurse" => answer(conn, Ok(recurse(std::hint::black_box(1)))),
+            "flood-self" => {
+                let n: u64 = a.parse().unwrap_or(1);
+                let r = repeat(n, |_| conn.send_text("flood"));
+                log::info(&format!("flood-self {r}"));
+                answer(conn, Ok(r))
+            }
+            "flood-room" => {
+                let n: u64 = b.parse().unwrap_or(1);
+                let r = repeat(n, |_| room(a).broadcast_text("flood", Some(conn)).map(|_| ()));
+                log::info(&format!("flood-room {r}"));
+                answer(conn, Ok(r))
+            }
+            "timers" => {
+                let n: u64 = a.parse().unwrap_or(1);
+                let r = repeat(n, |_| conn.set_timer(Duration::from_secs(3600), false).map(|_| ()));
+                log::info(&format!("timers {r}"));
+                answer(conn, Ok(r))
+            }
+            "rooms" => {
+                let n: u64 = a.parse().unwrap_or(1);
+                let r = repeat(n, |i| conn.join(&format!("r{i}")));
+                log::info(&format!("rooms {r}"));
+                answer(conn, Ok(r))
+            }
+            "meta-flood" => {
+                let n: u64 = a.parse().unwrap_or(1);
+                let value = "v".repeat(b.parse().unwrap_or(1));
+                let r = repeat(n, |i| conn.set_metadata(&format!("k{i}"), &value));
+                log::info(&format!("meta-flood {r}"));
+                answer(conn, Ok(r))
+            }
+            "log-flood" => {
+                let n: u64 = a.parse().unwrap_or(1);
+                let line = "x".repeat(1024);
+                for _ in 0..n {
+                    println!("{line}");
+                    log::info(&line);
+                }
+                answer(conn, Ok("logged"))
+            }
+            "env" => match std::env::var(a) {
+                Ok(v) => answer(conn, Ok(v)),
+                Err(e) => answer::<&str>(conn, Err(GatewayError::InvalidArgument(e.to_string()))),
+            },
+            "read" => match std::fs::read_to_string(a) {
+                Ok(v) => answer(conn, Ok(v)),
+                Err(e) => answer::<&str>(conn, Err(GatewayError::InvalidArgument(e.to_string()))),
+            },
+            "write" => match std::fs::write(a, b) {
+                Ok(()) => answer(conn, Ok("written")),
+                Err(e) => answer::<&str>(conn, Err(GatewayError::InvalidArgument(e.to_string()))),
+            },
+            "connect" => match std::net::TcpStream::connect(a) {
+                Ok(_) => answer(conn, Ok("connected")),
+                Err(e) => answer::<&str>(conn, Err(GatewayError::InvalidArgument(e.to_string()))),
+            },
             _ => answer::<&str>(conn, Err(GatewayError::InvalidArgument(format!("unknown command {cmd:?}")))),
         }
     }
@@ -193,6 +259,24 @@ impl Handler for Testkit {
         log::info(&format!("on-resume {}", conn.id()));
         RESUMED.set(RESUMED.get() + 1);
     }
+}
+
+/// Recurses without end: each frame keeps a little of the stack.
+#[allow(unconditional_recursion)]
+fn recurse(depth: u64) -> u64 {
+    let pad = std::hint::black_box([depth; 8]);
+    recurse(pad[7] + 1) + pad[0]
+}
+
+/// Runs `f` up to `n` times, stopping at its first error:
+/// `<how many succeeded> <the error's name or "none">`.
+fn repeat(n: u64, mut f: impl FnMut(u64) -> Result<(), GatewayError>) -> String {
+    for i in 0..n {
+        if let Err(e) = f(i) {
+            return format!("{i} {}", error_name(&e));
+        }
+    }
+    format!("{n} none")
 }
 
 export!(Testkit);

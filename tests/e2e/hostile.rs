@@ -1,0 +1,297 @@
+//! Hostile plugins, contained: each hostile behaviour of the testkit plugin
+//! affects only its own connection (or, for a tenant's quota, its own
+//! tenant), is logged once with its tenant, route and reason, and a
+//! well-behaved tenant on the same gateway keeps being served.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+use crate::support::*;
+
+/// An attacker tenant with tight quotas and a victim tenant without, both
+/// serving the testkit plugin at `/t`.
+const ARENA: &str = r#"
+[sandbox]
+max_call_time = "2s"
+max_memory = "16MiB"
+
+[[tenant]]
+name = "attacker"
+hosts = ["attacker.test"]
+max_memory_total = "24MiB"
+max_broadcast_deliveries_per_second = 1000
+
+[[tenant.route]]
+path = "/t"
+plugin = "{testkit}"
+max_sends_per_second = 100
+
+[[tenant.route]]
+path = "/free"
+plugin = "{testkit}"
+max_outbound_buffer = "64KiB"
+
+[[tenant]]
+name = "victim"
+hosts = ["victim.test"]
+
+[[tenant.route]]
+path = "/t"
+plugin = "{testkit}"
+"#;
+
+async fn attacker(gw: &Gateway) -> Ws {
+    connect_host(&gw.url("/t"), "attacker.test").await
+}
+
+async fn victim(gw: &Gateway) -> Ws {
+    connect_host(&gw.url("/t"), "victim.test").await
+}
+
+/// The victim still answers, promptly and correctly.
+async fn victim_is_served(v: &mut Ws) {
+    for i in 0..20 {
+        assert_eq!(command(v, &format!("echo {i}")).await, format!("ok {i}"));
+    }
+}
+
+/// The log lines containing `text`.
+fn lines_with(gw: &Gateway, text: &str) -> Vec<String> {
+    gw.log()
+        .lines()
+        .filter(|l| l.contains(text))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_looping_handler_does_not_hold_up_other_tenants_and_is_cut_off_at_max_call_time() {
+    let gw = Gateway::start("hostile-spin", ARENA);
+    let mut a = attacker(&gw).await;
+    let mut v = victim(&gw).await;
+    send(&mut a, "spin").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Served while the attacker's handler is still looping (it runs for 2 s).
+    victim_is_served(&mut v).await;
+    assert!(
+        tokio::time::timeout(Duration::ZERO, a.next()).await.is_err(),
+        "the attacker's call ended before the victim was served"
+    );
+    expect_close(&mut a, 1011).await;
+    let line = gw.wait_log("exceeded max_call_time");
+    assert!(line.contains("tenant=attacker"), "{line}");
+    assert!(line.contains("route=/t"), "{line}");
+    assert_eq!(lines_with(&gw, "exceeded max_call_time").len(), 1);
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn a_handler_recursing_until_the_stack_overflows_closes_only_its_connection() {
+    let gw = Gateway::start("hostile-recurse", ARENA);
+    let mut a = attacker(&gw).await;
+    let mut a2 = attacker(&gw).await;
+    let mut v = victim(&gw).await;
+    send(&mut a, "recurse").await;
+    expect_close(&mut a, 1011).await;
+    let line = gw.wait_log("plugin failed");
+    assert!(line.contains("tenant=attacker"), "{line}");
+    assert!(line.contains("stack"), "{line}");
+    assert!(command(&mut a2, "id").await.starts_with("ok "));
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn a_tenants_instances_together_cannot_pass_max_memory_total() {
+    let gw = Gateway::start("hostile-memory", ARENA);
+    let mut a1 = attacker(&gw).await;
+    let mut a2 = attacker(&gw).await;
+    let mut v = victim(&gw).await;
+    // 12 MiB on top of one instance's start fits the tenant's 24 MiB...
+    assert_eq!(command(&mut a1, "grow 12").await, format!("ok {}", 12 << 20));
+    // ...another 12 MiB in a second instance does not: that connection fails.
+    send(&mut a2, "grow 12").await;
+    expect_close(&mut a2, 1011).await;
+    let line = gw.wait_log("max_memory_total");
+    assert!(line.contains("tenant=attacker"), "{line}");
+    // The first connection and the other tenant are untouched; the victim
+    // has no total and may use its own max_memory.
+    assert!(command(&mut a1, "id").await.starts_with("ok "));
+    assert_eq!(command(&mut v, "grow 10").await, format!("ok {}", 10 << 20));
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn sending_to_itself_as_fast_as_it_can_is_held_to_max_sends_per_second() {
+    let gw = Gateway::start("hostile-flood-self", ARENA);
+    let mut a = attacker(&gw).await;
+    let mut v = victim(&gw).await;
+    send(&mut a, "flood-self 1000000").await;
+    let line = gw.wait_log("flood-self ");
+    let sent: u64 = line
+        .split("flood-self ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    assert!(line.contains("limit-reached"), "{line}");
+    assert!((100..=110).contains(&sent), "{sent} sends passed a rate of 100/s");
+    for _ in 0..sent {
+        assert_eq!(next_text(&mut a).await, "flood");
+    }
+    victim_is_served(&mut v).await;
+    // The connection itself is fine once the rate allows again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(command(&mut a, "id").await.starts_with("ok "));
+}
+
+#[tokio::test]
+async fn sending_to_itself_without_a_rate_fills_only_its_own_buffer_and_is_closed_as_a_slow_consumer() {
+    let gw = Gateway::start("hostile-flood-buffer", ARENA);
+    let mut a = connect_host(&gw.url("/free"), "attacker.test").await;
+    let mut v = victim(&gw).await;
+    send(&mut a, "flood-self 100000000").await;
+    let line = gw.wait_log("flood-self ");
+    assert!(line.contains("backpressure"), "{line}");
+    // What was queued arrives, then the slow-consumer close.
+    loop {
+        match next(&mut a).await {
+            tokio_tungstenite::tungstenite::Message::Text(t) => assert_eq!(t.as_str(), "flood"),
+            tokio_tungstenite::tungstenite::Message::Close(Some(f)) => {
+                assert_eq!(u16::from(f.code), 1008);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn broadcasting_in_a_loop_is_held_to_the_tenants_delivery_rate() {
+    let gw = Gateway::start("hostile-flood-room", ARENA);
+    let mut members = Vec::new();
+    for _ in 0..9 {
+        let mut m = attacker(&gw).await;
+        assert_eq!(command(&mut m, "join lobby").await, "ok joined");
+        members.push(m);
+    }
+    let mut a = attacker(&gw).await;
+    assert_eq!(command(&mut a, "join lobby").await, "ok joined");
+    let mut v = victim(&gw).await;
+    send(&mut a, "flood-room lobby 100000").await;
+    let line = gw.wait_log("flood-room ");
+    assert!(line.contains("limit-reached"), "{line}");
+    let broadcasts: u64 = line
+        .split("flood-room ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    // 9 deliveries each against 1000 a second.
+    assert!((100..=125).contains(&broadcasts), "{broadcasts} broadcasts");
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn timers_rooms_and_metadata_are_capped_per_connection() {
+    let gw = Gateway::start("hostile-counts", ARENA);
+    let mut a = attacker(&gw).await;
+    let mut v = victim(&gw).await;
+    assert_eq!(command(&mut a, "timers 10000").await, "ok 64 limit-reached");
+    assert_eq!(
+        command(&mut a, "rooms 1000000").await,
+        "ok 256 limit-reached"
+    );
+    // 256 KiB of metadata per connection: three 64 KiB values fit.
+    assert_eq!(
+        command(&mut a, "meta-flood 1000 65536").await,
+        "ok 3 limit-reached"
+    );
+    // A room holds at most max_room_members (100,000 by default): checked
+    // in the unit tests; here the connection still works.
+    assert!(command(&mut a, "id").await.starts_with("ok "));
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn a_plugin_logging_a_megabyte_per_call_is_rate_limited_and_the_drops_reported_once() {
+    let gw = Gateway::start("hostile-log", ARENA);
+    let mut a = attacker(&gw).await;
+    let mut v = victim(&gw).await;
+    let line = "x".repeat(1024);
+    // 1 MiB to stdout and 1 MiB through `log`.
+    assert_eq!(command(&mut a, "log-flood 1024").await, "ok logged");
+    gw.wait_log("plugin log lines over the rate limit");
+    let logged = lines_with(&gw, &line).len();
+    // 100 at once, then 100 a second for as long as the call runs.
+    assert!(
+        (100..=400).contains(&logged),
+        "{logged} of 2048 lines logged at 100 a second"
+    );
+    assert_eq!(
+        lines_with(&gw, "plugin log lines over the rate limit").len(),
+        1
+    );
+    // The next line that gets through says how many were dropped.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(command(&mut a, "log-flood 1").await, "ok logged");
+    let report = gw.wait_log("plugin log lines were dropped");
+    assert!(report.contains("tenant=attacker"), "{report}");
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn a_plugin_gets_no_environment_files_or_sockets_unless_its_route_grants_them() {
+    let dir = scratch("hostile-wasi-data");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("data.txt"), "hello from the host").expect("write");
+    let config = format!(
+        r#"
+[[route]]
+path = "/denied"
+plugin = "{{testkit}}"
+
+[[route]]
+path = "/granted"
+plugin = "{{testkit}}"
+env = ["PATH", "MODE=production"]
+dirs = [{{ host = "{}", guest = "/data", read_only = true }}]
+"#,
+        dir.display()
+    );
+    let gw = Gateway::start("hostile-wasi", &config);
+    let mut denied = connect(&gw.url("/denied")).await;
+    for cmd in [
+        "env PATH",
+        "env MODE",
+        "read /data/data.txt",
+        "write /data/new.txt x",
+        "connect 127.0.0.1:1",
+    ] {
+        let answer = command(&mut denied, cmd).await;
+        assert!(answer.starts_with("err "), "{cmd}: {answer}");
+    }
+    let mut granted = connect(&gw.url("/granted")).await;
+    assert_eq!(command(&mut granted, "env MODE").await, "ok production");
+    assert_eq!(
+        command(&mut granted, "env PATH").await,
+        format!("ok {}", std::env::var("PATH").unwrap_or_default())
+    );
+    assert!(command(&mut granted, "env HOME").await.starts_with("err "));
+    assert_eq!(
+        command(&mut granted, "read /data/data.txt").await,
+        "ok hello from the host"
+    );
+    // Read-only: no writes, and nothing outside the granted folder.
+    assert!(command(&mut granted, "write /data/new.txt x")
+        .await
+        .starts_with("err "));
+    assert!(!dir.join("new.txt").exists());
+    assert!(command(&mut granted, "read /data/../../etc/passwd")
+        .await
+        .starts_with("err "));
+    assert!(command(&mut granted, "connect 127.0.0.1:1")
+        .await
+        .starts_with("err "));
+}
