@@ -16,6 +16,7 @@ use wasmgate::connection::session::{Opened, Session};
 use wasmgate::plugin::Runtime;
 use wasmgate::protocol::message::Message;
 use wasmgate::routing::route::{Route, Slot};
+use wasmgate::routing::tenant::Tenant;
 use wasmgate::Config;
 
 const CONFIG: &str = "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n";
@@ -43,10 +44,14 @@ fn round_trip(c: &mut Criterion) {
     let plugin = runtime
         .load("/echo", &config.routes[0].plugin)
         .expect("echo plugin");
-    let route = Arc::new(Route::new(config.routes[0].clone(), Arc::new(plugin)));
+    let route = Arc::new(Route::new(
+        config.routes[0].clone(),
+        Arc::new(plugin),
+        Tenant::default_tenant(None),
+    ));
     let active = Arc::new(AtomicUsize::new(0));
-    let slot = Slot::acquire(&route, None, &active, 16).expect("slot");
     let version = route.current();
+    let slot = Slot::acquire(&route, &version, &active, 16).expect("slot");
     let mut session = match Session::open(1, route, version, runtime, slot, Arc::new(request())) {
         Opened::Accept(session, _) => session,
         _ => panic!("echo refused the connection"),

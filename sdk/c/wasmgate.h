@@ -579,7 +579,7 @@ size_t wg_room_members(const char *room, wg_conn **members);
  * String entries kept by the gateway per connection until it closes:
  * readable by any connection of the route and in wg_on_close(), and kept
  * across instance replacement (hibernation, migration), unlike globals.
- * Keys are at most 256 bytes, values 64 KiB, at most 64 entries per
+ * Keys are at most 256 bytes, values 64 KiB, at most 64 entries (by default) per
  * connection.
  * @{ */
 
@@ -632,7 +632,7 @@ wg_error wg_metadata_remove(wg_conn conn, const char *key, char **old_value);
  * @param repeat   Fire every `delay_ms` rather than once.
  * @param timer    Out (may be NULL): the timer's id, for wg_cancel_timer()
  *                 and wg_on_timer().
- * @return #WG_OK, #WG_ERR_LIMIT_REACHED (64 timers per connection),
+ * @return #WG_OK, #WG_ERR_LIMIT_REACHED (64 timers per connection by default, or a rate limit),
  *         #WG_ERR_NOT_OWNER, #WG_ERR_CLOSED.
  */
 wg_error wg_set_timer(wg_conn conn, uint32_t delay_ms, bool repeat, wg_timer *timer);

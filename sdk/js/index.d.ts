@@ -55,7 +55,7 @@ export class GatewayError extends Error {
 /**
  * A connection's metadata: string entries the gateway keeps until the
  * connection closes (they survive migrations and hibernation). Keys at most
- * 256 bytes, values at most 64 KiB, at most 64 entries per connection.
+ * 256 bytes, values at most 64 KiB, at most 64 entries per connection by default (`max_metadata_entries`).
  */
 export class Metadata {
   constructor(id: bigint);
@@ -126,7 +126,7 @@ export class Connection {
   /**
    * Starts a timer: `onTimer(conn, timerId)` runs after `delayMs`
    * milliseconds (rounded down, clamped to 1 .. 2^32-1), then every
-   * `delayMs` if `repeat`. At most 64 timers per connection.
+   * `delayMs` if `repeat`. At most 64 timers per connection by default (`max_timers`).
    * @throws {GatewayError} `limit-reached`, `not-owner`, `closed`, `unknown-connection`.
    */
   setTimer(delayMs: number, options?: { repeat?: boolean }): TimerId;

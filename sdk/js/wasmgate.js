@@ -86,7 +86,7 @@ const KIND_TEXT = {
  * | `"unknown-connection"` | no open connection with that id exists on this route |
  * | `"too-large"`          | the message, key, value, reason or name is larger than the limit |
  * | `"backpressure"`       | the connection's outbound buffer is full: the message was not queued (the route's `slow_consumer` policy says whether it is also being closed) |
- * | `"limit-reached"`      | a per-connection quota (64 timers, 64 metadata entries, rooms) is used up |
+ * | `"limit-reached"`      | a quota (timers, metadata, rooms, or a rate per second) is used up |
  * | `"not-owner"`          | only allowed on connections served by this instance (timers) |
  * | `"invalid-argument"`   | an argument is invalid; `detail` says which and why |
  *
@@ -281,7 +281,7 @@ function toWitHeaders(headers) {
  * closes (they survive migrations, hibernation and instance failures, and
  * other connections of the route can read them through
  * `Connection.fromId(id).metadata`). Keys are at most 256 bytes, values at
- * most 64 KiB (UTF-8), and a connection holds at most 64 entries. Get one
+ * most 64 KiB (UTF-8), and a connection holds at most 64 entries by default. Get one
  * with {@link Connection#metadata}.
  */
 export class Metadata {
@@ -465,7 +465,7 @@ export class Connection {
    * Starts a timer for this connection (which must be served by this
    * instance): the handler's `onTimer(conn, timerId)` runs after `delayMs`
    * milliseconds, then every `delayMs` if `repeat` is set, until cancelled
-   * or the connection closes. A connection holds at most 64 timers.
+   * or the connection closes. A connection holds at most 64 timers by default (`max_timers`).
    * @param {number} delayMs Milliseconds; rounded down and clamped to 1 .. 4294967295.
    * @param {{ repeat?: boolean }} [options] `repeat`: fire every `delayMs` (default false).
    * @returns {bigint} The timer's id, for {@link Connection#cancelTimer}.

@@ -14,6 +14,11 @@
 //!   plugins; reports throughput, p99, errors (lost or failed messages) and,
 //!   per swap, the time from the rename to the first new connection served
 //!   by the new version (told apart by their answer to a text `id`).
+//! - `attack`: N connections, each sending one text command (to a test
+//!   plugin: `spin`, `flood-self 1000000`...) and waiting for an answer or
+//!   the close, then reconnecting, for a duration; reports attacks made.
+//!   Run beside `echo` (with `--host` naming another tenant) to measure a
+//!   neighbour's latency under attack.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -40,6 +45,10 @@ struct Args {
     /// message, connection or delivery.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// The `Host` header to send (default: the address): picks the tenant
+    /// on a gateway with `[[tenant]]`s.
+    #[arg(long)]
+    host: Option<String>,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -97,6 +106,15 @@ enum Mode {
         swaps: usize,
     },
     /// Server memory per idle connection.
+    /// Hostile connections sending `command` again and again.
+    Attack {
+        #[arg(long)]
+        command: String,
+        #[arg(long, default_value_t = 2)]
+        conns: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     Idle {
         #[arg(long, default_value_t = 10_000)]
         conns: usize,
@@ -114,6 +132,9 @@ enum Mode {
         settle: u64,
     },
 }
+
+/// The `Host` header every connection sends (`--host`), if set.
+static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// A masked client frame (FIN set) carrying `payload`.
 fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
@@ -140,8 +161,9 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 async fn open(addr: SocketAddr, path: &str) -> anyhow::Result<(TcpStream, Vec<u8>)> {
     let mut s = TcpStream::connect(addr).await.context("connect")?;
     s.set_nodelay(true)?;
+    let host = HOST.get().cloned().unwrap_or_else(|| addr.to_string());
     let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await?;
@@ -422,6 +444,9 @@ fn pss_kib(pid: u32) -> anyhow::Result<u64> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(h) = &args.host {
+        let _ = HOST.set(h.clone());
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -448,6 +473,62 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
                 "mb_per_s": (msgs * size as f64 / 1e6 * 100.0).round() / 100.0,
                 "p50_us": percentile(&latencies, 0.50), "p99_us": percentile(&latencies, 0.99),
                 "p999_us": percentile(&latencies, 0.999), "errors": errors,
+            }))
+        }
+        Mode::Attack {
+            ref command,
+            conns,
+            seconds,
+        } => {
+            let until = Instant::now() + Duration::from_secs(seconds);
+            let frame = client_frame(0x1, command.as_bytes());
+            let tasks: Vec<_> = (0..conns)
+                .map(|_| {
+                    let (addr, path, frame) = (args.addr, args.path.clone(), frame.clone());
+                    tokio::spawn(async move {
+                        let mut attacks = 0u64;
+                        let mut chunk = [0u8; 16 << 10];
+                        while Instant::now() < until {
+                            let attack = async {
+                                let (mut s, mut buf) = open(addr, &path).await?;
+                                s.write_all(&frame).await?;
+                                // Until the server closes, or answers `ok`
+                                // or `err` (a flood before it is drained),
+                                // or the run ends.
+                                let left = until.saturating_duration_since(Instant::now());
+                                let _ = tokio::time::timeout(left, async {
+                                    loop {
+                                        let n = s.read(&mut chunk).await?;
+                                        if n == 0 {
+                                            break;
+                                        }
+                                        buf.extend_from_slice(&chunk[..n]);
+                                        let answered = buf
+                                            .windows(4)
+                                            .any(|w| w[0] == 0x81 && (w[2..4] == *b"ok" || w[2..4] == *b"er"));
+                                        if take_frames(&mut buf).is_err() || answered {
+                                            break;
+                                        }
+                                    }
+                                    anyhow::Ok(())
+                                })
+                                .await;
+                                anyhow::Ok(())
+                            };
+                            let _ = attack.await;
+                            attacks += 1;
+                        }
+                        attacks
+                    })
+                })
+                .collect();
+            let mut attacks = 0;
+            for t in tasks {
+                attacks += t.await?;
+            }
+            Ok(serde_json::json!({
+                "label": args.label, "mode": "attack", "command": command, "conns": conns,
+                "seconds": seconds, "attacks": attacks,
             }))
         }
         Mode::Setup {

@@ -321,7 +321,7 @@ class Connection:
     def set_metadata(self, key: str, value: str) -> None:
         """Sets a metadata entry kept by the gateway.
 
-        Keys are at most 256 bytes, values 64 KiB, at most 64 entries per
+        Keys are at most 256 bytes, values 64 KiB, at most 64 entries (by default) per
         connection. Raises GatewayError: ``too-large``, ``limit-reached``,
         ``closed``/``unknown-connection``.
         """
@@ -344,7 +344,7 @@ class Connection:
         to 1 ms .. 2**32-1 ms. Returns the timer's id (ids count per
         connection). Only for the connection whose event is being handled:
         any other raises ``not-owner`` (under ``isolation = "shared"`` too).
-        Raises GatewayError: ``limit-reached`` (64 timers per connection),
+        Raises GatewayError: ``limit-reached`` (64 timers per connection by default, or a rate limit),
         ``not-owner``, ``closed``.
         """
         seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)

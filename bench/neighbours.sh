@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# A well-behaved tenant's echo latency with and without a hostile neighbour
+# tenant on the same gateway (docs/performance.md "Neighbours under attack").
+#
+# One gateway serves two tenants: `victim.test` (the built-in echo plugin)
+# and `attacker.test` (the test plugin, with the quotas an operator would
+# give an untrusted tenant). Each round measures the victim's echo (10
+# connections x 32 B, 1 in flight) alone, then beside each attack in turn
+# (2 connections repeating one hostile command). Rounds alternate; the table
+# shows medians of 3 rounds (1 with `quick`) of p50 and p99, and the ratio
+# of p99 under attack to p99 alone.
+#
+#   bench/neighbours.sh          3 rounds of 10 s per measurement
+#   bench/neighbours.sh quick    1 round of 3 s
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=10; ROUNDS=3
+if [ "${1:-}" = quick ]; then SECS=3; ROUNDS=1; fi
+cargo build --release -p wasmgate -p wasmgate-bench >&2
+BIN=target/release
+OUT=target/bench
+mkdir -p "$OUT"
+TESTKIT=$PWD/target/plugins/wasm32-wasip2/release/testkit.wasm
+[ -f "$TESTKIT" ] || { echo "bench: $TESTKIT missing (built with the gateway)" >&2; exit 1; }
+cat > "$OUT/neighbours.toml" <<TOML
+[server]
+listen = "127.0.0.1:9102"
+threads = 0
+
+[sandbox]
+max_call_time = "1s"
+
+[[tenant]]
+name = "victim"
+hosts = ["victim.test"]
+
+[[tenant.route]]
+path = "/echo"
+plugin = "builtin:echo"
+
+[[tenant]]
+name = "attacker"
+hosts = ["attacker.test"]
+cpu_budget = "200ms/s"
+max_memory_total = "64MiB"
+max_broadcast_deliveries_per_second = 10000
+max_log_lines_per_second = 100
+
+[[tenant.route]]
+path = "/t"
+plugin = "$TESTKIT"
+max_sends_per_second = 1000
+TOML
+
+RUST_LOG=warn "$BIN/wasmgate" serve --config "$OUT/neighbours.toml" >"$OUT/neighbours.log" 2>&1 &
+GW=$!
+trap 'kill $GW 2>/dev/null || true' EXIT
+for _ in $(seq 1 200); do grep -q "listening on" "$OUT/neighbours.log" && break; sleep 0.05; done
+ADDR=127.0.0.1:9102
+: > "$OUT/neighbours.jsonl"
+
+victim() { # label
+    "$BIN/loadgen" --addr "$ADDR" --host victim.test --path /echo --label "$1" --server-pid "$GW" \
+        echo --conns 10 --size 32 --inflight 1 --seconds "$SECS" | tee -a "$OUT/neighbours.jsonl" >&2
+}
+attack() { # command
+    "$BIN/loadgen" --addr "$ADDR" --host attacker.test --path /t --label "attack" \
+        attack --command "$1" --conns 2 --seconds $((SECS + 2)) >/dev/null &
+    ATTACK=$!
+    sleep 1
+}
+
+ATTACKS=("spin" "recurse" "grow 60" "flood-self 1000000" "log-flood 1024" "timers 100000")
+for _ in $(seq 1 "$ROUNDS"); do
+    victim "alone"
+    for a in "${ATTACKS[@]}"; do
+        attack "$a"
+        victim "$a"
+        wait "$ATTACK" 2>/dev/null || true
+    done
+done
+
+python3 - "$OUT/neighbours.jsonl" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in rows:
+    by.setdefault(r["label"], []).append(r)
+med = lambda rs, k: statistics.median(r[k] for r in rs)
+alone = med(by["alone"], "p99_us")
+print("| victim's echo (10 x 32 B x 1) | msgs/s | p50 µs | p99 µs | p99 vs alone |")
+print("|---|---|---|---|---|")
+for label, rs in by.items():
+    p99 = med(rs, "p99_us")
+    print(f"| {'alone' if label == 'alone' else 'beside `' + label + '`'} | {med(rs, 'msgs_per_s'):.0f} | {med(rs, 'p50_us'):.0f} | {p99:.0f} | {p99 / alone:.2f}x |")
+PY
