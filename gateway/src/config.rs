@@ -1471,9 +1471,7 @@ impl Parser<'_> {
                 None => (item.clone(), None),
             };
             let valid = !name.is_empty()
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                 && !name.starts_with(|c: char| c.is_ascii_digit());
             if !valid {
                 self.error(
@@ -1491,9 +1489,13 @@ impl Parser<'_> {
 
     /// `dirs = [{ host = "...", guest = "/data", read_only = true }]`.
     fn dirs(&mut self, key: &str, at: usize, v: &DeValue<'_>) -> Vec<DirGrant> {
-        const FORM: &str = r#"a list of tables like [{ host = "data", guest = "/data", read_only = true }]"#;
+        const FORM: &str =
+            r#"a list of tables like [{ host = "data", guest = "/data", read_only = true }]"#;
         let DeValue::Array(items) = v else {
-            self.error(at, format!("{key}: expected {FORM}, found {}", Found(unexpected(v))));
+            self.error(
+                at,
+                format!("{key}: expected {FORM}, found {}", Found(unexpected(v))),
+            );
             return Vec::new();
         };
         let mut grants: Vec<DirGrant> = Vec::new();
@@ -1502,7 +1504,11 @@ impl Parser<'_> {
             let DeValue::Table(t) = item.get_ref() else {
                 self.error(
                     at,
-                    format!("{key}: item {}: expected {FORM}, found {}", n + 1, Found(unexpected(item.get_ref()))),
+                    format!(
+                        "{key}: item {}: expected {FORM}, found {}",
+                        n + 1,
+                        Found(unexpected(item.get_ref()))
+                    ),
                 );
                 continue;
             };
@@ -1511,7 +1517,11 @@ impl Parser<'_> {
                 let name = format!("{key}.{k}");
                 match k {
                     "host" => {
-                        host = self.visit(&name, at, ValueDe(v).deserialize_any(Text("a directory path")))
+                        host = self.visit(
+                            &name,
+                            at,
+                            ValueDe(v).deserialize_any(Text("a directory path")),
+                        )
                     }
                     "guest" => {
                         guest = self.visit(
@@ -1531,7 +1541,10 @@ impl Parser<'_> {
             match (host, guest) {
                 (Some(host), Some(guest)) => {
                     if !guest.starts_with('/') {
-                        self.error(at, format!("{key}: guest path {guest:?} must start with '/'"));
+                        self.error(
+                            at,
+                            format!("{key}: guest path {guest:?} must start with '/'"),
+                        );
                     } else if grants.iter().any(|g| g.guest == guest) {
                         self.error(at, format!("{key}: guest path {guest:?} is granted twice"));
                     } else {
@@ -1666,8 +1679,9 @@ impl Parser<'_> {
                 }
                 "hosts" => {
                     r.has_hosts = true;
-                    let list = ValueDe(v)
-                        .deserialize_any(TextList(r#"a list of host names like ["chat.example.com", "*.example.org"]"#));
+                    let list = ValueDe(v).deserialize_any(TextList(
+                        r#"a list of host names like ["chat.example.com", "*.example.org"]"#,
+                    ));
                     for host in self.visit(key, at, list).unwrap_or_default() {
                         match check_host(&host) {
                             Ok(h) => r.hosts.push((h, at)),
@@ -1702,13 +1716,17 @@ impl Parser<'_> {
                 }
                 "max_connections" => q.max_connections = self.count(key, at, v, 1),
                 "max_instances" => q.max_instances = self.count(key, at, v, 1),
-                "max_memory_total" => q.max_memory_total = self.size(key, at, v, MIN_MEMORY, usize::MAX),
+                "max_memory_total" => {
+                    q.max_memory_total = self.size(key, at, v, MIN_MEMORY, usize::MAX)
+                }
                 "cpu_budget" => q.cpu_budget = self.value(key, at, v),
                 "max_sends_per_second" => q.max_sends_per_second = self.rate(key, at, v).flatten(),
                 "max_broadcast_deliveries_per_second" => {
                     q.max_broadcast_deliveries_per_second = self.rate(key, at, v).flatten()
                 }
-                "max_timers_per_second" => q.max_timers_per_second = self.rate(key, at, v).flatten(),
+                "max_timers_per_second" => {
+                    q.max_timers_per_second = self.rate(key, at, v).flatten()
+                }
                 "max_log_lines_per_second" => {
                     q.max_log_lines_per_second = self.rate(key, at, v).flatten()
                 }
@@ -1951,12 +1969,19 @@ impl Config {
             let line = line_of(text, at);
             let Some(name) = t.name else {
                 if !t.has_name {
-                    p.error(at, r#"name: missing: every [[tenant]] needs one, such as name = "acme""#.into());
+                    p.error(
+                        at,
+                        r#"name: missing: every [[tenant]] needs one, such as name = "acme""#
+                            .into(),
+                    );
                 }
                 continue;
             };
             if let Some(first) = named.get(&name) {
-                p.error(at, format!("name: tenant {name:?} is already defined (line {first})"));
+                p.error(
+                    at,
+                    format!("name: tenant {name:?} is already defined (line {first})"),
+                );
                 continue;
             }
             named.insert(name.clone(), line);
@@ -1980,7 +2005,12 @@ impl Config {
                 }
             }
             if t.routes.is_empty() {
-                p.error(at, format!("route: tenant {name:?} has no [[tenant.route]]: it would serve nothing"));
+                p.error(
+                    at,
+                    format!(
+                        "route: tenant {name:?} has no [[tenant.route]]: it would serve nothing"
+                    ),
+                );
             }
             let mut routed: HashMap<String, usize> = HashMap::new();
             for (at, r) in t.routes {
@@ -2529,5 +2559,4 @@ mod tests {
         );
         assert_eq!(e, "8: path: \"/a\" is already routed (line 5)");
     }
-
 }

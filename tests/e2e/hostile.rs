@@ -75,7 +75,9 @@ async fn a_looping_handler_does_not_hold_up_other_tenants_and_is_cut_off_at_max_
     // Served while the attacker's handler is still looping (it runs for 2 s).
     victim_is_served(&mut v).await;
     assert!(
-        tokio::time::timeout(Duration::ZERO, a.next()).await.is_err(),
+        tokio::time::timeout(Duration::ZERO, a.next())
+            .await
+            .is_err(),
         "the attacker's call ended before the victim was served"
     );
     expect_close(&mut a, 1011).await;
@@ -108,7 +110,10 @@ async fn a_tenants_instances_together_cannot_pass_max_memory_total() {
     let mut a2 = attacker(&gw).await;
     let mut v = victim(&gw).await;
     // 12 MiB on top of one instance's start fits the tenant's 24 MiB...
-    assert_eq!(command(&mut a1, "grow 12").await, format!("ok {}", 12 << 20));
+    assert_eq!(
+        command(&mut a1, "grow 12").await,
+        format!("ok {}", 12 << 20)
+    );
     // ...another 12 MiB in a second instance does not: that connection fails.
     send(&mut a2, "grow 12").await;
     expect_close(&mut a2, 1011).await;
@@ -135,7 +140,10 @@ async fn sending_to_itself_as_fast_as_it_can_is_held_to_max_sends_per_second() {
         .and_then(|n| n.parse().ok())
         .expect("a count");
     assert!(line.contains("limit-reached"), "{line}");
-    assert!((100..=110).contains(&sent), "{sent} sends passed a rate of 100/s");
+    assert!(
+        (100..=110).contains(&sent),
+        "{sent} sends passed a rate of 100/s"
+    );
     for _ in 0..sent {
         assert_eq!(next_text(&mut a).await, "flood");
     }
@@ -146,7 +154,8 @@ async fn sending_to_itself_as_fast_as_it_can_is_held_to_max_sends_per_second() {
 }
 
 #[tokio::test]
-async fn sending_to_itself_without_a_rate_fills_only_its_own_buffer_and_is_closed_as_a_slow_consumer() {
+async fn sending_to_itself_without_a_rate_fills_only_its_own_buffer_and_is_closed_as_a_slow_consumer(
+) {
     let gw = Gateway::start("hostile-flood-buffer", ARENA);
     let mut a = connect_host(&gw.url("/free"), "attacker.test").await;
     let mut v = victim(&gw).await;

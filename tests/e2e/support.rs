@@ -180,13 +180,14 @@ pub async fn connect(url: &str) -> Ws {
 
 /// Connects with `host` as the `Host` header; the handshake's error (for
 /// example the HTTP status of a refusal) if it fails.
-pub async fn try_connect_host(url: &str, host: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+pub async fn try_connect_host(
+    url: &str,
+    host: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut req = url.into_client_request()?;
-    req.headers_mut().insert(
-        "host",
-        host.parse().expect("a valid Host header value"),
-    );
+    req.headers_mut()
+        .insert("host", host.parse().expect("a valid Host header value"));
     let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
         .await
         .expect("connect timed out")?;

@@ -108,8 +108,7 @@ async fn routing_picks_the_tenant_by_host_exact_before_wildcard_then_the_path() 
     // A path only the default tenant routes is 404 for a tenant's host.
     let e = try_connect_host(&gw.url("/only-default"), "chat.acme.test")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(refusal_status(&e), 404);
     let mut ok = connect_host(&gw.url("/only-default"), "elsewhere.test").await;
     assert_eq!(command(&mut ok, "config who").await, "ok default");
@@ -131,8 +130,7 @@ plugin = "{testkit}"
     );
     let e = try_connect_host(&gw.url("/chat"), "other.test")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(refusal_status(&e), 404);
     let mut ws = connect_host(&gw.url("/chat"), "chat.acme.test").await;
     assert!(command(&mut ws, "id").await.starts_with("ok "));
@@ -146,8 +144,7 @@ async fn a_tenant_at_its_max_connections_gets_503_while_other_tenants_connect() 
     let _b = connect_host(&url, "a.example.test").await;
     let e = try_connect_host(&url, "chat.acme.test")
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(refusal_status(&e), 503);
     let mut globex = connect_host(&url, "eu.globex.test").await;
     assert!(command(&mut globex, "id").await.starts_with("ok "));

@@ -22,7 +22,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
-use crate::quota::Bucket;
 use crate::config::{Deliver, Limits, OnReload, RateExceeded};
 use crate::connection::keepalive::{Due, Keepalive};
 use crate::connection::outbox::{Outbound, Outbox, Writer};
@@ -34,6 +33,7 @@ use crate::plugin::shared::{Seen, SharedInstance};
 use crate::plugin::Runtime;
 use crate::protocol::frame::{parse_close, Frame, FrameReader, OpCode, ProtocolError, ReadError};
 use crate::protocol::message::{Assembler, Fragment, Message, Streamer};
+use crate::quota::Bucket;
 use crate::routing::route::{Route, RouteVersion, Slot};
 
 /// Where a session is in its life; decides what ending it owes the plugin.
@@ -775,8 +775,7 @@ impl Session {
                     }
                     match self.admit(inbound, fragment.first, fragment.data.len()) {
                         Admit::Deliver => {
-                            let ok =
-                                self.call(fragment.first, |g, id| g.on_fragment(id, fragment));
+                            let ok = self.call(fragment.first, |g, id| g.on_fragment(id, fragment));
                             if !ok {
                                 *phase = self.plugin_failed();
                             }

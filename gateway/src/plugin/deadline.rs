@@ -94,9 +94,7 @@ pub fn hand_off_worker() {
 /// another thread for the wait.
 pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
         _ => f(),
     }
 }

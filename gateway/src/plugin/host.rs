@@ -16,12 +16,12 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::bindings::wasmgate::plugin::host::Host;
 use crate::bindings::wasmgate::plugin::types::{self, GatewayError, LogLevel, Message};
-use crate::connection::outbox::Outbound;
 use crate::config::{DirGrant, EnvGrant, Limits};
+use crate::connection::outbox::Outbound;
 use crate::hub::{take, ClosedBy, ConnHandle, Hub};
 use crate::plugin::memory::Limiter;
-use crate::routing::tenant::Tenant;
 use crate::protocol::frame::is_valid_close_code;
+use crate::routing::tenant::Tenant;
 
 /// What a plugin instance knows of its route: names for logs and the
 /// `[route.config]` values. One per route version, shared by its instances.
@@ -178,11 +178,6 @@ impl HostState {
         }
         Ok(())
     }
-
-    /// The instance's resource table.
-    pub(crate) fn table(&mut self) -> &mut ResourceTable {
-        &mut self.table
-    }
 }
 
 impl WasiView for HostState {
@@ -338,11 +333,21 @@ impl Host for HostState {
         let conn = self.own.id;
         let message = crate::plugin::output::printable(message.as_bytes(), false);
         match level {
-            LogLevel::Trace => tracing::trace!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}"),
-            LogLevel::Debug => tracing::debug!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}"),
-            LogLevel::Info => tracing::info!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}"),
-            LogLevel::Warn => tracing::warn!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}"),
-            LogLevel::Error => tracing::error!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}"),
+            LogLevel::Trace => {
+                tracing::trace!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}")
+            }
+            LogLevel::Info => {
+                tracing::info!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}")
+            }
+            LogLevel::Error => {
+                tracing::error!(tenant = %tenant, route = %route, plugin = %plugin, version, conn, "{message}")
+            }
         }
     }
 }

@@ -114,10 +114,9 @@ impl Guest {
         self.before_call();
         let files = self.files;
         let r = with_files(files, || {
-            self
-            .bindings
-            .wasmgate_plugin_handler()
-            .call_on_open(&mut self.store, id, request)
+            self.bindings
+                .wasmgate_plugin_handler()
+                .call_on_open(&mut self.store, id, request)
         });
         self.after_call("on-open", r)
     }
@@ -134,10 +133,9 @@ impl Guest {
         self.before_call();
         let files = self.files;
         let r = with_files(files, || {
-            self
-            .bindings
-            .wasmgate_plugin_handler()
-            .call_on_message(&mut self.store, id, &msg)
+            self.bindings
+                .wasmgate_plugin_handler()
+                .call_on_message(&mut self.store, id, &msg)
         });
         self.after_call("on-message", r).is_some()
     }
@@ -156,11 +154,9 @@ impl Guest {
         self.before_call();
         let files = self.files;
         let r = with_files(files, || {
-            self.bindings.wasmgate_plugin_handler().call_on_fragment(
-            &mut self.store,
-            id,
-            &fragment,
-        )
+            self.bindings
+                .wasmgate_plugin_handler()
+                .call_on_fragment(&mut self.store, id, &fragment)
         });
         self.after_call("on-fragment", r).is_some()
     }
@@ -183,10 +179,9 @@ impl Guest {
         self.before_call();
         let files = self.files;
         let r = with_files(files, || {
-            self
-            .bindings
-            .wasmgate_plugin_handler()
-            .call_on_timer(&mut self.store, id, timer)
+            self.bindings
+                .wasmgate_plugin_handler()
+                .call_on_timer(&mut self.store, id, timer)
         });
         self.after_call("on-timer", r).is_some()
     }
@@ -199,12 +194,9 @@ impl Guest {
         self.before_call();
         let files = self.files;
         let r = with_files(files, || {
-            self.bindings.wasmgate_plugin_handler().call_on_close(
-            &mut self.store,
-            id,
-            code,
-            reason,
-        )
+            self.bindings
+                .wasmgate_plugin_handler()
+                .call_on_close(&mut self.store, id, code, reason)
         });
         self.after_call("on-close", r);
     }
@@ -276,8 +268,8 @@ impl Guest {
         let files = self.files;
         let result = with_files(files, || {
             self.instance
-            .get_typed_func::<(u64, &types::Request), ()>(&mut self.store, index)
-            .and_then(|f| f.call(&mut self.store, (id, request)))
+                .get_typed_func::<(u64, &types::Request), ()>(&mut self.store, index)
+                .and_then(|f| f.call(&mut self.store, (id, request)))
         });
         self.after_call("on-resume", result).is_some()
     }

@@ -122,7 +122,10 @@ impl streams::HostOutputStream for NonBlocking<'_> {
         stream: Resource<DynOutputStream>,
         bytes: Vec<u8>,
     ) -> StreamResult<()> {
-        stream_now(self.wait, AsyncOutput::blocking_write_and_flush(self.table, stream, bytes))
+        stream_now(
+            self.wait,
+            AsyncOutput::blocking_write_and_flush(self.table, stream, bytes),
+        )
     }
     fn subscribe(
         &mut self,
@@ -138,9 +141,10 @@ impl streams::HostOutputStream for NonBlocking<'_> {
         stream: Resource<DynOutputStream>,
         len: u64,
     ) -> StreamResult<()> {
-        stream_now(self.wait, AsyncOutput::blocking_write_zeroes_and_flush(
-            self.table, stream, len,
-        ))
+        stream_now(
+            self.wait,
+            AsyncOutput::blocking_write_zeroes_and_flush(self.table, stream, len),
+        )
     }
     fn flush(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<()> {
         streams::HostOutputStream::flush(self.table, stream)
@@ -162,7 +166,10 @@ impl streams::HostOutputStream for NonBlocking<'_> {
         src: Resource<DynInputStream>,
         len: u64,
     ) -> StreamResult<u64> {
-        stream_now(self.wait, AsyncOutput::blocking_splice(self.table, dst, src, len))
+        stream_now(
+            self.wait,
+            AsyncOutput::blocking_splice(self.table, dst, src, len),
+        )
     }
 }
 
@@ -179,13 +186,19 @@ impl streams::HostInputStream for NonBlocking<'_> {
         stream: Resource<DynInputStream>,
         len: u64,
     ) -> StreamResult<Vec<u8>> {
-        stream_now(self.wait, AsyncInput::blocking_read(self.table, stream, len))
+        stream_now(
+            self.wait,
+            AsyncInput::blocking_read(self.table, stream, len),
+        )
     }
     fn skip(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
         streams::HostInputStream::skip(self.table, stream, len)
     }
     fn blocking_skip(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<u64> {
-        stream_now(self.wait, AsyncInput::blocking_skip(self.table, stream, len))
+        stream_now(
+            self.wait,
+            AsyncInput::blocking_skip(self.table, stream, len),
+        )
     }
     fn subscribe(
         &mut self,
@@ -204,12 +217,17 @@ impl poll::Host for NonBlocking<'_> {
 impl poll::HostPollable for NonBlocking<'_> {
     fn ready(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<bool> {
         // Not ready now means not ready: answering never blocks.
-        Ok(now(async_poll::HostPollable::ready(self.table, pollable), None)
-            .transpose()?
-            .unwrap_or(false))
+        Ok(
+            now(async_poll::HostPollable::ready(self.table, pollable), None)
+                .transpose()?
+                .unwrap_or(false),
+        )
     }
     fn block(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
-        trap_now(self.wait, async_poll::HostPollable::block(self.table, pollable))
+        trap_now(
+            self.wait,
+            async_poll::HostPollable::block(self.table, pollable),
+        )
     }
     fn drop(&mut self, pollable: Resource<DynPollable>) -> wasmtime::Result<()> {
         async_poll::HostPollable::drop(self.table, pollable)

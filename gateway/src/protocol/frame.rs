@@ -4,9 +4,11 @@
 //! The reader is the gateway's own rather than fastwebsockets': it is
 //! cancel-safe (a connection's task selects between reading and its timers),
 //! it rejects an oversized frame from its header before buffering any of it,
-//! it enforces client masking, it validates text as UTF-8 as the bytes
-//! arrive (so a bad byte fails the connection before the frame or message is
-//! complete), and it leaves RSV1 to a negotiated extension (RFC 7692).
+//! and a frame out of fragment order from its header too (so that it is not
+//! validated as part of the message it interrupts), it enforces client
+//! masking, it validates text as UTF-8 as the bytes arrive (so a bad byte
+//! fails the connection before the frame or message is complete), and it
+//! leaves RSV1 to a negotiated extension (RFC 7692).
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -330,6 +332,17 @@ impl FrameReader {
                 return Err(ProtocolError::ControlTooLarge);
             }
         }
+        // Fragments in order (section 5.4), from the header: a frame that
+        // does not belong where it is must not be validated as part of the
+        // message it interrupts (its text would be checked as the rest of
+        // that message's, and could fail with 1007 instead of 1002).
+        match (opcode, self.message_text) {
+            (OpCode::Text | OpCode::Binary, Some(_)) => {
+                return Err(ProtocolError::ExpectedContinuation)
+            }
+            (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
+            _ => {}
+        }
         let ext = match len7 {
             126 => 2,
             127 => 8,
@@ -391,7 +404,7 @@ impl FrameReader {
         }
         self.want = 0;
         match opcode {
-            OpCode::Text | OpCode::Binary if self.message_text.is_none() => {
+            OpCode::Text | OpCode::Binary => {
                 self.message_text = (!fin).then_some(opcode == OpCode::Text);
             }
             OpCode::Continuation if fin => self.message_text = None,

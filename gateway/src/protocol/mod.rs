@@ -5,3 +5,6 @@
 pub mod frame;
 pub mod handshake;
 pub mod message;
+
+#[cfg(test)]
+mod regressions;

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::config::{Isolation, RouteSettings};
-use crate::routing::tenant::{Counts, Tenant};
 use crate::hub::Hub;
 use crate::plugin::host::Scope;
 use crate::plugin::shared::SharedInstance;
 use crate::plugin::Plugin;
+use crate::routing::tenant::{Counts, Tenant};
 
 /// One version of a route: the settings and plugin that new connections
 /// get from the moment it is installed.

@@ -27,8 +27,8 @@ use crate::error::{Error, Errors};
 use crate::hub::ClosedBy;
 use crate::plugin::Runtime;
 use crate::routing::route::Route;
-use crate::routing::tenant;
 use crate::routing::router::{Router, Table};
+use crate::routing::tenant;
 
 /// A configured gateway: every plugin loaded, not yet listening. Cheap to
 /// clone: clones share the same routes and connections.
