@@ -62,6 +62,8 @@ pub struct TenantSettings {
 pub struct TenantQuotas {
     /// Most open connections (503 beyond).
     pub max_connections: Option<usize>,
+    /// Most new connections a second (429 beyond).
+    pub max_connections_per_second: Option<u32>,
     /// Most live plugin instances (a new connection gets 503 beyond).
     pub max_instances: Option<usize>,
     /// Most linear memory of all its instances together, in bytes (a grow
@@ -957,6 +959,7 @@ const TENANT_KEYS: &[&str] = &[
     "hosts",
     "route",
     "max_connections",
+    "max_connections_per_second",
     "max_instances",
     "max_memory_total",
     "cpu_budget",
@@ -1715,6 +1718,9 @@ impl Parser<'_> {
                     }
                 }
                 "max_connections" => q.max_connections = self.count(key, at, v, 1),
+                "max_connections_per_second" => {
+                    q.max_connections_per_second = self.rate(key, at, v).flatten()
+                }
                 "max_instances" => q.max_instances = self.count(key, at, v, 1),
                 "max_memory_total" => {
                     q.max_memory_total = self.size(key, at, v, MIN_MEMORY, usize::MAX)

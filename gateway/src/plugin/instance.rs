@@ -225,10 +225,16 @@ impl Guest {
                 tenant.quotas.max_instances.unwrap_or(usize::MAX)
             )));
         }
+        let started = tenant.meters.cpu.as_ref().map(|_| std::time::Instant::now());
         let mut store = runtime.store(state);
         let first = store.data_mut().call.arm(runtime.call_deadline());
         store.set_epoch_deadline(first);
-        let (bindings, instance, resume) = match plugin.instantiate(&mut store) {
+        let instantiated = plugin.instantiate(&mut store);
+        // Instantiating (start functions included) is the tenant's CPU too.
+        if let (Some(started), Some(cpu)) = (started, &tenant.meters.cpu) {
+            cpu.charge(started.elapsed());
+        }
+        let (bindings, instance, resume) = match instantiated {
             Ok(parts) => parts,
             Err(e) => {
                 tenant.release_instance();

@@ -190,18 +190,20 @@ impl LineSink {
             // Blank lines (a Rust panic message starts with one) say nothing.
             return;
         }
-        let text = printable(&self.line, self.cut);
+        let blank = !self.cut && self.line.iter().all(u8::is_ascii_whitespace);
+        let id = self.tags.conn.load(Ordering::Relaxed);
+        // Metered before it is formatted: a dropped line costs little.
+        let admitted = !blank && {
+            let conn = self.tags.hub.get(id).ok();
+            admit_line(&self.tags.scope, conn.as_deref())
+        };
+        let text = admitted.then(|| printable(&self.line, self.cut));
         self.line.clear();
         self.cut = false;
-        if text.trim().is_empty() {
+        let Some(text) = text else {
             return;
-        }
-        let id = self.tags.conn.load(Ordering::Relaxed);
-        let conn = self.tags.hub.get(id).ok();
+        };
         let scope = &self.tags.scope;
-        if !admit_line(scope, conn.as_deref()) {
-            return;
-        }
         let (tenant, route) = (&*scope.tenant.name, &*scope.route);
         let (plugin, version) = (&*scope.plugin, scope.version);
         match self.stream {

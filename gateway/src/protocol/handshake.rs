@@ -26,6 +26,9 @@ pub enum Refusal {
     RouteFull,
     /// The request's tenant is at its `max_connections`: 503.
     TenantFull,
+    /// The request's tenant opened `max_connections_per_second` this
+    /// second: 429 with `Retry-After: 1` (RFC 6585 section 4).
+    TenantRate,
     /// The gateway is shutting down: 503.
     ShuttingDown,
     /// No plugin instance could be created (memory or the instance pool is
@@ -70,6 +73,10 @@ impl Refusal {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "too many connections (tenant max_connections)\n",
             ),
+            Refusal::TenantRate => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many new connections (tenant max_connections_per_second)\n",
+            ),
             Refusal::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
             Refusal::NoInstance => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -102,6 +109,9 @@ impl Refusal {
             }
             Refusal::BadVersion => {
                 h.insert("sec-websocket-version", HeaderValue::from_static("13"));
+            }
+            Refusal::TenantRate => {
+                h.insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
         }

@@ -43,6 +43,8 @@ pub struct Counts {
 pub struct Meters {
     /// Guest CPU time against `cpu_budget`, if it has one.
     pub cpu: Option<CpuMeter>,
+    /// New connections against `max_connections_per_second`.
+    pub upgrades: SharedLimit,
     /// `send` calls against `max_sends_per_second`.
     pub sends: SharedLimit,
     /// Broadcast deliveries against `max_broadcast_deliveries_per_second`.
@@ -57,6 +59,7 @@ impl Meters {
     fn new(q: &TenantQuotas) -> Meters {
         Meters {
             cpu: q.cpu_budget.map(|b| CpuMeter::new(b.time, b.period)),
+            upgrades: SharedLimit::new(q.max_connections_per_second),
             sends: SharedLimit::new(q.max_sends_per_second),
             deliveries: SharedLimit::new(q.max_broadcast_deliveries_per_second),
             timers: SharedLimit::new(q.max_timers_per_second),
@@ -67,6 +70,7 @@ impl Meters {
     /// Whether the meters of `a` and `b` would be the same.
     fn same(a: &TenantQuotas, b: &TenantQuotas) -> bool {
         a.cpu_budget == b.cpu_budget
+            && a.max_connections_per_second == b.max_connections_per_second
             && a.max_sends_per_second == b.max_sends_per_second
             && a.max_broadcast_deliveries_per_second == b.max_broadcast_deliveries_per_second
             && a.max_timers_per_second == b.max_timers_per_second

@@ -56,6 +56,9 @@ pub(super) async fn handle(
     if shared.shutting_down.load(Ordering::SeqCst) {
         return refuse(Refusal::ShuttingDown, remote, &route.path);
     }
+    if !version.tenant.meters.upgrades.take(1) {
+        return refuse(Refusal::TenantRate, remote, &route.label);
+    }
     let slot = match Slot::acquire(
         &route,
         &version,
