@@ -19,7 +19,41 @@ use wasmgate::routing::route::{Route, Slot};
 use wasmgate::routing::tenant::Tenant;
 use wasmgate::Config;
 
-const CONFIG: &str = "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n";
+const CONFIG: &str = "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n\n\
+    [[tenant]]\nname = \"metered\"\nhosts = [\"m.test\"]\ncpu_budget = \"1s/s\"\n\
+    max_sends_per_second = 1000000000\n\n\
+    [[tenant.route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n";
+
+/// A connection of the route `config.routes[index]` of `tenant`.
+fn open_session(
+    config: &Config,
+    runtime: &Arc<Runtime>,
+    index: usize,
+    tenant: Arc<Tenant>,
+) -> Box<Session> {
+    let plugin = runtime
+        .load("/echo", &config.routes[index].plugin)
+        .expect("echo plugin");
+    let route = Arc::new(Route::new(
+        config.routes[index].clone(),
+        Arc::new(plugin),
+        tenant,
+    ));
+    let active = Arc::new(AtomicUsize::new(0));
+    let version = route.current();
+    let slot = Slot::acquire(&route, &version, &active, 16).expect("slot");
+    match Session::open(
+        1,
+        route,
+        version,
+        runtime.clone(),
+        slot,
+        Arc::new(request()),
+    ) {
+        Opened::Accept(session, _) => session,
+        _ => panic!("echo refused the connection"),
+    }
+}
 
 fn request() -> wasmgate::bindings::wasmgate::plugin::types::Request {
     wasmgate::bindings::wasmgate::plugin::types::Request {
@@ -41,21 +75,14 @@ fn round_trip(c: &mut Criterion) {
     let _guard = rt.enter();
     let config = Config::parse(CONFIG, Path::new("<bench>")).expect("config");
     let runtime = Runtime::new(&config.sandbox, 16, None).expect("engine");
-    let plugin = runtime
-        .load("/echo", &config.routes[0].plugin)
-        .expect("echo plugin");
-    let route = Arc::new(Route::new(
-        config.routes[0].clone(),
-        Arc::new(plugin),
-        Tenant::default_tenant(None),
-    ));
-    let active = Arc::new(AtomicUsize::new(0));
-    let version = route.current();
-    let slot = Slot::acquire(&route, &version, &active, 16).expect("slot");
-    let mut session = match Session::open(1, route, version, runtime, slot, Arc::new(request())) {
-        Opened::Accept(session, _) => session,
-        _ => panic!("echo refused the connection"),
-    };
+    let mut session = open_session(&config, &runtime, 0, Tenant::default_tenant(None));
+    let mut metered = open_session(
+        &config,
+        &runtime,
+        1,
+        Tenant::from_settings(&config.tenants[0], None),
+    );
+    let metered_outbox = metered.outbox().clone();
     let outbox = session.outbox().clone();
 
     let mut group = c.benchmark_group("echo round trip, 32 B text");
@@ -87,6 +114,21 @@ fn round_trip(c: &mut Criterion) {
             start.elapsed()
         })
     });
+    // The same with the costs a tenant's quotas add on this path: guest
+    // time measured for a CPU budget, and a tenant-wide send rate.
+    group.bench_function(
+        "wasm: echo plugin, tenant with cpu_budget and a send rate",
+        |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    assert!(metered.deliver(Message::Text(text.clone())));
+                    assert_eq!(metered_outbox.drain().len(), 1);
+                }
+                start.elapsed()
+            })
+        },
+    );
     group.finish();
 }
 

@@ -340,6 +340,17 @@ impl Default for Limits {
     }
 }
 
+impl RouteSettings {
+    /// How messages name the route: its path, and its tenant if it has one
+    /// (`/chat (tenant acme)`).
+    pub fn label(&self) -> String {
+        match &self.tenant {
+            Some(t) => format!("{} (tenant {t})", self.path),
+            None => self.path.clone(),
+        }
+    }
+}
+
 /// One `[[route]]`, resolved.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteSettings {
@@ -1160,6 +1171,8 @@ struct RawTenant {
     has_name: bool,
     /// Whether a `hosts` key is there (perhaps with bad values).
     has_hosts: bool,
+    /// Whether a `hosts` value was refused (already reported).
+    bad_hosts: bool,
     hosts: Vec<(String, usize)>,
     quotas: TenantQuotas,
     routes: Vec<(usize, RawRoute)>,
@@ -1382,6 +1395,11 @@ impl Parser<'_> {
     }
 
     fn route(&mut self, t: &DeTable<'_>) -> RawRoute {
+        self.route_in(t, "[[route]]")
+    }
+
+    /// A route table, named `table` in errors.
+    fn route_in(&mut self, t: &DeTable<'_>, table: &str) -> RawRoute {
         let mut r = RawRoute::default();
         for (key, at, v) in entries(t) {
             if r.limits.set(self, key, at, v) {
@@ -1450,7 +1468,7 @@ impl Parser<'_> {
                 }
                 "env" => r.env = self.env(key, at, v),
                 "dirs" => r.dirs = self.dirs(key, at, v),
-                _ => self.unknown(key, at, "[[route]]", &[ROUTE_KEYS, LIMIT_KEYS]),
+                _ => self.unknown(key, at, table, &[ROUTE_KEYS, LIMIT_KEYS]),
             }
         }
         r
@@ -1672,7 +1690,7 @@ impl Parser<'_> {
                         if !valid {
                             self.error(at, format!("name: {n:?} must be 1 to 64 letters, digits, '.', '_' or '-'"));
                             None
-                        } else if n == DEFAULT_TENANT {
+                        } else if n.eq_ignore_ascii_case(DEFAULT_TENANT) {
                             self.error(at, format!("name: {n:?} is the name of the top-level routes' tenant; choose another"));
                             None
                         } else {
@@ -1685,10 +1703,17 @@ impl Parser<'_> {
                     let list = ValueDe(v).deserialize_any(TextList(
                         r#"a list of host names like ["chat.example.com", "*.example.org"]"#,
                     ));
-                    for host in self.visit(key, at, list).unwrap_or_default() {
+                    let Some(list) = self.visit(key, at, list) else {
+                        r.bad_hosts = true;
+                        continue;
+                    };
+                    for host in list {
                         match check_host(&host) {
                             Ok(h) => r.hosts.push((h, at)),
-                            Err(why) => self.error(at, format!("hosts: {why}")),
+                            Err(why) => {
+                                r.bad_hosts = true;
+                                self.error(at, format!("hosts: {why}"));
+                            }
                         }
                     }
                 }
@@ -1706,7 +1731,9 @@ impl Parser<'_> {
                     for item in items.iter() {
                         let at = item.span().start;
                         match item.get_ref() {
-                            DeValue::Table(t) => r.routes.push((at, self.route(t))),
+                            DeValue::Table(t) => {
+                                r.routes.push((at, self.route_in(t, "[[tenant.route]]")))
+                            }
                             other => self.error(
                                 at,
                                 format!(
@@ -1749,24 +1776,41 @@ pub const DEFAULT_TENANT: &str = "default";
 /// A `hosts` entry, lower-cased: a host name (or IP address) without a
 /// port, or `*.` and a name (any one label in front of it).
 fn check_host(host: &str) -> Result<String, String> {
-    let h = host.trim_end_matches('.').to_ascii_lowercase();
-    let name = h.strip_prefix("*.").unwrap_or(&h);
-    if name.is_empty() {
-        return Err(format!("{host:?} is not a host name"));
+    let h = host.to_ascii_lowercase();
+    let h = h.strip_suffix('.').unwrap_or(&h).to_owned();
+    if h.starts_with('[') || h.contains(':') {
+        // An IPv6 literal, in brackets, without a port.
+        let inner = h.strip_prefix('[').and_then(|r| r.strip_suffix(']'));
+        return match inner {
+            Some(a) if a.parse::<std::net::Ipv6Addr>().is_ok() => Ok(h),
+            _ if h.parse::<std::net::Ipv6Addr>().is_ok() => Err(format!(
+                "{host:?}: write an IPv6 address in brackets, as in a Host header: \"[{h}]\""
+            )),
+            _ => Err(format!("{host:?}: give the host name without a port")),
+        };
     }
+    let name = h.strip_prefix("*.").unwrap_or(&h);
     if name.contains('*') {
         return Err(format!(
             "{host:?}: a wildcard is only allowed as the whole first label (\"*.example.org\")"
         ));
     }
-    if name.contains(':') && !name.starts_with('[') {
-        return Err(format!("{host:?}: give the host name without a port"));
+    if name.is_empty() {
+        return Err(format!("{host:?} is not a host name"));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '[' | ']' | ':')))
-    {
-        return Err(format!("{host:?} contains {c:?}, which no host name has"));
+    for label in name.split('.') {
+        if label.is_empty() {
+            return Err(format!("{host:?} has an empty label"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!("{host:?}: a label may not start or end with '-'"));
+        }
+        if let Some(c) = label
+            .chars()
+            .find(|&c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+        {
+            return Err(format!("{host:?} contains {c:?}, which no host name has"));
+        }
     }
     Ok(h)
 }
@@ -1790,6 +1834,42 @@ fn check_path(path: &str) -> Result<(), String> {
 }
 
 impl Config {
+    /// Errors in what routes grant their plugins that only the file system
+    /// can tell: a `dirs` host that is not a directory that can be read.
+    /// Checked where plugins are loaded (start, `check`, reload).
+    pub fn grant_errors(&self) -> Vec<Error> {
+        let mut errors = Vec::new();
+        for r in &self.routes {
+            for d in &r.dirs {
+                let problem = match std::fs::metadata(&d.host) {
+                    Ok(m) if m.is_dir() => match std::fs::read_dir(&d.host) {
+                        Ok(_) => None,
+                        Err(e) => Some(format!("cannot be read: {e}")),
+                    },
+                    Ok(_) => Some("is not a directory".to_owned()),
+                    Err(e) => Some(format!("cannot be opened: {e}")),
+                };
+                if let Some(problem) = problem {
+                    let tenant = r
+                        .tenant
+                        .as_deref()
+                        .map_or(String::new(), |t| format!(" (tenant {t})"));
+                    errors.push(Error::Config {
+                        file: self.file.clone(),
+                        line: r.line,
+                        message: format!(
+                            "dirs: route {}{tenant} grants {} as {}, which {problem}",
+                            r.path,
+                            d.host.display(),
+                            d.guest
+                        ),
+                    });
+                }
+            }
+        }
+        errors
+    }
+
     /// Reads and validates a config file, reporting every error.
     pub fn load(file: &Path) -> Result<Config, Errors> {
         let text = Config::read_text(file)?;
@@ -1983,14 +2063,23 @@ impl Config {
                 }
                 continue;
             };
-            if let Some(first) = named.get(&name) {
+            let key = name.to_ascii_lowercase();
+            if let Some(first) = named.get(&key) {
                 p.error(
                     at,
-                    format!("name: tenant {name:?} is already defined (line {first})"),
+                    format!(
+                        "name: tenant {name:?} is already defined (line {first}; names are compared ignoring case)"
+                    ),
                 );
                 continue;
             }
-            named.insert(name.clone(), line);
+            named.insert(key, line);
+            if t.has_hosts && t.hosts.is_empty() && !t.bad_hosts {
+                p.error(
+                    at,
+                    format!("hosts: tenant {name:?} lists no host name: nobody could reach it"),
+                );
+            }
             if !t.has_hosts {
                 p.error(
                     at,
@@ -2000,6 +2089,9 @@ impl Config {
             let mut hosts = Vec::new();
             for (host, host_at) in t.hosts {
                 match hosted.get(&host) {
+                    Some(other) if *other == name => {
+                        p.error(host_at, format!("hosts: {host:?} is listed twice"))
+                    }
                     Some(other) => p.error(
                         host_at,
                         format!("hosts: {host:?} is already served by tenant {other:?}"),
@@ -2547,6 +2639,50 @@ mod tests {
         assert_eq!(
             error(&format!("{ROUTE}max_messages_per_second = 0\n")),
             "4: max_messages_per_second: expected a number per second (at least 1), or \"off\", found the number 0"
+        );
+    }
+
+    #[test]
+    fn tenant_hosts_are_checked_like_host_headers() {
+        let tenant = |name: &str, hosts: &str| {
+            format!(
+                "[[tenant]]\nname = \"{name}\"\nhosts = {hosts}\n\
+                 [[tenant.route]]\npath = \"/a\"\nplugin = \"a\"\n"
+            )
+        };
+        assert_eq!(
+            error(&tenant("a", "[\"::1\"]")),
+            "3: hosts: \"::1\": write an IPv6 address in brackets, as in a Host header: \"[::1]\""
+        );
+        assert!(parse(&tenant("a", "[\"[::1]\", \"10.0.0.1\"]")).is_ok());
+        assert_eq!(
+            error(&tenant("a", "[\"[::1]:80\"]")),
+            "3: hosts: \"[::1]:80\": give the host name without a port"
+        );
+        assert_eq!(
+            error(&tenant("a", "[\"a..b\"]")),
+            "3: hosts: \"a..b\" has an empty label"
+        );
+        assert_eq!(
+            error(&tenant("a", "[\"-x.com\"]")),
+            "3: hosts: \"-x.com\": a label may not start or end with '-'"
+        );
+        assert_eq!(
+            error(&tenant("a", "[]")),
+            "1: hosts: tenant \"a\" lists no host name: nobody could reach it"
+        );
+        assert_eq!(
+            error(&tenant("a", "[\"x.com\", \"X.com\"]")),
+            "3: hosts: \"x.com\" is listed twice"
+        );
+        assert!(error(&tenant("Default", "[\"x.com\"]")).contains("is the name of the top-level"));
+        let two = format!(
+            "{}{}",
+            tenant("a", "[\"x.com\"]"),
+            tenant("A", "[\"y.com\"]")
+        );
+        assert!(
+            error(&two).contains("is already defined (line 1; names are compared ignoring case)")
         );
     }
 

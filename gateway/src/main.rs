@@ -197,7 +197,7 @@ fn check(file: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     for r in config.iter().flat_map(|c| &c.routes) {
-        println!("ok: route {} -> {}", r.path, r.plugin);
+        println!("ok: route {} -> {}", r.label(), r.plugin);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -123,6 +123,31 @@ impl CpuMeter {
     }
 }
 
+/// Lets one log line of a kind through per second and counts the rest, so
+/// that what clients or plugins can trigger again and again (refused
+/// instances, dropped log lines) cannot flood the gateway's log.
+#[derive(Debug, Default)]
+pub struct LogThrottle {
+    last: Mutex<Option<Instant>>,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl LogThrottle {
+    /// `Some(n)` if a line may be logged now, `n` being how many were
+    /// suppressed since the last one; `None` (counted) if not.
+    pub fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = Instant::now();
+        let mut last = self.last.lock();
+        if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -138,6 +163,16 @@ mod tests {
         // Never more than one second's worth saved up.
         assert!(b.take(10, 10, t0 + Duration::from_secs(60)));
         assert!(!b.take(1, 10, t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_log_throttle_lets_one_line_a_second_through_and_counts_the_rest() {
+        let t = LogThrottle::default();
+        assert_eq!(t.admit(), Some(0));
+        assert_eq!(t.admit(), None);
+        assert_eq!(t.admit(), None);
+        *t.last.lock() = Some(Instant::now() - Duration::from_secs(2));
+        assert_eq!(t.admit(), Some(2));
     }
 
     #[test]

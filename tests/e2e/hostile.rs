@@ -304,3 +304,74 @@ dirs = [{{ host = "{}", guest = "/data", read_only = true }}]
         .await
         .starts_with("err "));
 }
+
+#[tokio::test]
+async fn a_client_flooding_empty_messages_it_never_reads_is_closed_as_a_slow_consumer() {
+    let gw = Gateway::start(
+        "hostile-empty-flood",
+        "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\nmax_outbound_buffer = \"64KiB\"\n",
+    );
+    let mut raw = Raw::connect(gw.addr, "/echo").await;
+    // 64 KiB at 64 bytes of overhead each holds 1,024 empty messages.
+    for _ in 0..5000 {
+        raw.send_frame(0x82, &[], true).await;
+    }
+    assert_eq!(raw.expect_close().await, 1008);
+}
+
+/// The gateway process's CPU time (user + system, all threads), in
+/// seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("comm")
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    ticks / 100.0
+}
+
+#[tokio::test]
+async fn a_looping_handler_of_a_tenant_with_a_cpu_budget_is_throttled_to_it() {
+    let gw = Gateway::start(
+        "hostile-cpu-budget",
+        r#"
+[sandbox]
+max_call_time = "2s"
+
+[[tenant]]
+name = "attacker"
+hosts = ["attacker.test"]
+cpu_budget = "50ms/s"
+
+[[tenant.route]]
+path = "/t"
+plugin = "{testkit}"
+
+[[tenant]]
+name = "victim"
+hosts = ["victim.test"]
+
+[[tenant.route]]
+path = "/t"
+plugin = "{testkit}"
+"#,
+    );
+    let mut spinner = attacker(&gw).await;
+    let mut v = victim(&gw).await;
+    let before = cpu_seconds(gw.pid());
+    send(&mut spinner, "spin").await;
+    victim_is_served(&mut v).await;
+    expect_close(&mut spinner, 1011).await;
+    let used = cpu_seconds(gw.pid()) - before;
+    // Unthrottled, the loop alone would burn 2 s of CPU; at 50 ms a second
+    // it gets about 0.1 s (the rest of the process adds a little).
+    assert!(
+        used < 1.0,
+        "the gateway used {used:.2} s of CPU during a 2 s loop"
+    );
+    victim_is_served(&mut v).await;
+}

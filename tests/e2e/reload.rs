@@ -414,3 +414,29 @@ async fn a_streamed_message_is_never_split_across_a_migration() {
     assert_eq!(String::from_utf8_lossy(&reply), "fragments text 1 bytes 7");
     gw.wait_log("on-resume ");
 }
+
+#[tokio::test]
+async fn a_config_edit_that_changes_no_route_leaves_migrating_connections_on_their_instance() {
+    let config = format!(
+        "[[route]]\npath = \"/t\"\nplugin = \"{}\"\non_reload = \"migrate\"\n",
+        plugin("testkit")
+    );
+    let (gw, dir) = serve_copy("reload-noop-edit", &plugin("testkit"), &config, &[]);
+    let mut ws = connect(&gw.url("/t")).await;
+    for n in 1..=3 {
+        assert_eq!(command(&mut ws, "hits").await, format!("ok {n}"));
+    }
+    // A comment, and a tenant that has nothing to do with this route.
+    std::fs::write(
+        dir.join("gateway.toml"),
+        format!(
+            "# edited\n{config}\n[[tenant]]\nname = \"other\"\nhosts = [\"other.test\"]\n\n\
+             [[tenant.route]]\npath = \"/t\"\nplugin = \"builtin:echo\"\n"
+        ),
+    )
+    .expect("write config");
+    gw.wait_log("config reloaded");
+    // Guest memory kept: no migration, no on-resume.
+    assert_eq!(command(&mut ws, "hits").await, "ok 4");
+    assert_eq!(command(&mut ws, "resumed").await, "ok 0");
+}

@@ -164,3 +164,74 @@ async fn a_tenant_at_its_max_connections_gets_503_while_other_tenants_connect() 
     }
     assert!(again.is_some(), "a closed connection's slot was not freed");
 }
+
+/// An upgrade request for `target` with these `host` header lines.
+fn upgrade(target: &str, host_lines: &str) -> String {
+    format!(
+        "GET {target} HTTP/1.1\r\n{host_lines}Upgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
+#[tokio::test]
+async fn an_absolute_form_target_picks_the_tenant_and_a_malformed_host_is_refused() {
+    let gw = Gateway::start("tenants-host-forms", TWO_TENANTS);
+    // The authority of an absolute-form target wins over Host (RFC 9112
+    // section 3.2.2): only the default tenant routes /only-default.
+    let reply = http(
+        gw.addr,
+        &upgrade(
+            "http://chat.acme.test/only-default",
+            "Host: elsewhere.test\r\n",
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 404, "{}", reply.head);
+    let reply = http(
+        gw.addr,
+        &upgrade(
+            "http://elsewhere.test/only-default",
+            "Host: chat.acme.test\r\n",
+        ),
+    )
+    .await;
+    assert_eq!(reply.status, 101, "{}", reply.head);
+    for host in [
+        "user@chat.acme.test",
+        "chat.acme.test:abc",
+        "chat.acme.test:",
+        "chat..acme.test",
+        "[::1",
+    ] {
+        let reply = http(gw.addr, &upgrade("/chat", &format!("Host: {host}\r\n"))).await;
+        assert_eq!(reply.status, 400, "Host: {host}: {}", reply.head);
+        assert!(reply.body.contains("invalid Host"), "{}", reply.body);
+    }
+}
+
+#[tokio::test]
+async fn a_tenant_without_an_instance_to_spare_gets_503_on_a_shared_route_too() {
+    let gw = Gateway::start(
+        "tenants-max-instances-shared",
+        r#"
+[[tenant]]
+name = "small"
+hosts = ["small.test"]
+max_instances = 1
+
+[[tenant.route]]
+path = "/own"
+plugin = "{testkit}"
+
+[[tenant.route]]
+path = "/shared"
+plugin = "{testkit}"
+isolation = "shared"
+"#,
+    );
+    let _own = connect_host(&gw.url("/own"), "small.test").await;
+    let e = try_connect_host(&gw.url("/shared"), "small.test")
+        .await
+        .expect_err("no instance to spare");
+    assert_eq!(refusal_status(&e), 503);
+}

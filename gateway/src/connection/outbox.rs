@@ -39,10 +39,25 @@ pub enum PushError {
     Full,
 }
 
+/// What one queued message costs beyond its payload (its queue slot, the
+/// allocation's header and rounding), counted against `max_outbound_buffer`
+/// so that many small (or empty) messages cannot hold more memory than the
+/// limit says.
+pub const MESSAGE_OVERHEAD: usize = 64;
+
+/// Most pongs queued at once (each at most 125 bytes).
+pub const MAX_PONGS: usize = 16;
+
 #[derive(Debug, Default)]
 struct Queue {
     frames: VecDeque<Outbound>,
-    /// Payload bytes of the data frames queued.
+    /// Pongs due, at most [`MAX_PONGS`]: past that the newest replaces the
+    /// last queued (RFC 6455 section 5.5.3 allows answering only the most
+    /// recent ping), so a peer that pings without reading cannot make pongs
+    /// pile up.
+    pongs: VecDeque<Bytes>,
+    /// Bytes of the data frames queued: payloads plus
+    /// [`MESSAGE_OVERHEAD`] each.
     bytes: usize,
     /// A close frame is queued: nothing but control frames may follow.
     closing: bool,
@@ -74,10 +89,11 @@ impl Outbox {
 
     /// Queues a text or binary message.
     pub fn push_data(&self, frame: Outbound) -> Result<(), PushError> {
-        let len = match &frame {
-            Outbound::Text(b) | Outbound::Binary(b) => b.len(),
-            _ => 0,
-        };
+        let len = MESSAGE_OVERHEAD
+            + match &frame {
+                Outbound::Text(b) | Outbound::Binary(b) => b.len(),
+                _ => 0,
+            };
         {
             let mut q = self.queue.lock();
             if q.closing || q.finished {
@@ -102,7 +118,15 @@ impl Outbox {
             if q.closing || q.finished {
                 return;
             }
-            q.frames.push_back(frame);
+            match frame {
+                Outbound::Pong(payload) => {
+                    if q.pongs.len() >= MAX_PONGS {
+                        q.pongs.pop_back();
+                    }
+                    q.pongs.push_back(payload);
+                }
+                other => q.frames.push_back(other),
+            }
         }
         self.ready.notify_one();
     }
@@ -145,7 +169,8 @@ impl Outbox {
     pub fn drain(&self) -> Vec<Outbound> {
         let mut q = self.queue.lock();
         q.bytes = 0;
-        q.frames.drain(..).collect()
+        let pongs: Vec<Outbound> = q.pongs.drain(..).map(Outbound::Pong).collect();
+        pongs.into_iter().chain(q.frames.drain(..)).collect()
     }
 
     /// Messages refused because the queue was full.
@@ -156,10 +181,13 @@ impl Outbox {
     /// Moves everything queued into `batch`; false if nothing was queued.
     fn take(&self, batch: &mut VecDeque<Outbound>) -> bool {
         let mut q = self.queue.lock();
-        if q.frames.is_empty() {
+        if q.frames.is_empty() && q.pongs.is_empty() {
             return false;
         }
         std::mem::swap(&mut q.frames, batch);
+        while let Some(pong) = q.pongs.pop_back() {
+            batch.push_front(Outbound::Pong(pong));
+        }
         q.bytes = 0;
         true
     }
@@ -290,6 +318,27 @@ mod tests {
             o.push_data(Outbound::Text(Bytes::new())),
             Err(PushError::Closed)
         );
+    }
+
+    #[test]
+    fn empty_messages_count_against_the_limit() {
+        let o = Outbox::new(MESSAGE_OVERHEAD * 10);
+        let queued = (0..100)
+            .filter(|_| o.push_data(Outbound::Binary(Bytes::new())).is_ok())
+            .count();
+        assert_eq!(queued, 10);
+    }
+
+    #[test]
+    fn pongs_to_a_peer_that_does_not_read_stay_bounded_and_answer_the_latest_ping() {
+        let o = Outbox::new(1 << 20);
+        for i in 0..1000u16 {
+            o.push_control(Outbound::Pong(Bytes::from(i.to_be_bytes().to_vec())));
+        }
+        let q = o.drain();
+        assert_eq!(q.len(), MAX_PONGS);
+        assert!(matches!(&q[MAX_PONGS - 1], Outbound::Pong(p) if p[..] == 999u16.to_be_bytes()));
+        assert!(matches!(&q[0], Outbound::Pong(p) if p[..] == 0u16.to_be_bytes()));
     }
 
     #[test]

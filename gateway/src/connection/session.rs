@@ -156,6 +156,12 @@ impl Session {
         let conn = ConnHandle::new(id, outbox, limits.slow_consumer);
         route.hub.insert(conn.clone());
         let mut instance = Instance::on(&version);
+        if let Instance::Shared { shared, .. } = &instance {
+            if !shared.available(&runtime, &conn) {
+                route.hub.remove(id);
+                return Opened::Unavailable;
+            }
+        }
         if let Instance::Own(guest) = &mut instance {
             let state = HostState::new(
                 conn.clone(),
@@ -167,10 +173,13 @@ impl Session {
             match Guest::new(runtime.clone(), &version.plugin, state) {
                 Ok(g) => *guest = Some(g),
                 Err(e) => {
-                    tracing::error!(
-                        route = %route.path, plugin = %version.plugin.name, conn = id,
-                        "cannot instantiate the plugin: {e:#}"
-                    );
+                    if let Some(suppressed) = version.tenant.counts.instance_errors.admit() {
+                        tracing::error!(
+                            tenant = %version.tenant.name, route = %route.path,
+                            plugin = %version.plugin.name, conn = id, suppressed,
+                            "cannot instantiate the plugin; answering 503: {e:#}"
+                        );
+                    }
                     route.hub.remove(id);
                     return Opened::Unavailable;
                 }
@@ -266,7 +275,7 @@ impl Session {
         self.route.hub.remove(self.id);
         if accepted {
             tracing::debug!(
-                route = %self.route.path,
+                tenant = %self.version.tenant.name, route = %self.route.path,
                 conn = self.id,
                 code,
                 reason,
@@ -345,7 +354,7 @@ impl Session {
                     }
                 }
                 tracing::debug!(
-                    route = %self.route.path, conn = self.id, from, to = self.version.version,
+                    tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id, from, to = self.version.version,
                     "connection migrated to the new plugin version"
                 );
                 return true;
@@ -356,13 +365,13 @@ impl Session {
             Instance::Own(None) => {
                 let ok = self.resume();
                 if ok {
-                    tracing::debug!(route = %self.route.path, conn = self.id, "connection resumed from hibernation");
+                    tracing::debug!(tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id, "connection resumed from hibernation");
                 }
                 ok
             }
             Instance::Shared { asleep, failed, .. } => {
                 if std::mem::take(asleep) {
-                    tracing::debug!(route = %self.route.path, conn = self.id, "connection resumed from hibernation");
+                    tracing::debug!(tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id, "connection resumed from hibernation");
                 }
                 !*failed
             }
@@ -386,10 +395,13 @@ impl Session {
                 ok
             }
             Err(e) => {
-                tracing::error!(
-                    route = %self.route.path, plugin = %self.version.plugin.name, conn = self.id,
-                    "cannot instantiate the plugin to resume the connection; closing it with 1011: {e:#}"
-                );
+                if let Some(suppressed) = self.version.tenant.counts.instance_errors.admit() {
+                    tracing::error!(
+                        tenant = %self.version.tenant.name, route = %self.route.path,
+                        plugin = %self.version.plugin.name, conn = self.id, suppressed,
+                        "cannot instantiate the plugin to resume the connection; closing it with 1011: {e:#}"
+                    );
+                }
                 false
             }
         }
@@ -412,7 +424,7 @@ impl Session {
             _ => false,
         };
         if released {
-            tracing::debug!(route = %self.route.path, conn = self.id, "connection hibernated: instance released");
+            tracing::debug!(tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id, "connection hibernated: instance released");
         }
     }
 
@@ -458,7 +470,7 @@ impl Session {
         .await;
         let dropped = conn.outbox.dropped();
         if dropped > 0 {
-            tracing::info!(route = %this.route.path, conn = this.id, dropped, "messages dropped for a slow consumer");
+            tracing::info!(tenant = %this.version.tenant.name, route = %this.route.path, conn = this.id, dropped, "messages dropped for a slow consumer");
         }
         if let Some(rates) = link.inbound.rates.as_ref().filter(|r| r.dropped > 0) {
             tracing::info!(
@@ -600,6 +612,11 @@ impl Session {
                         Ok(frame) => {
                             if !frame.opcode.is_control() {
                                 keepalive.data(now);
+                                // The tenant may have gone over its CPU
+                                // budget while this connection waited.
+                                if let Some(at) = self.version.tenant.cpu_ready_at() {
+                                    tokio::time::sleep_until(at.into()).await;
+                                }
                             }
                             if let Some(end) = self.on_frame(frame, now, &mut phase, inbound) {
                                 return Stop::Ended(end);
@@ -609,7 +626,7 @@ impl Session {
                             if let Phase::Closing(c) = phase {
                                 return Stop::Ended(c.into_ending());
                             }
-                            tracing::debug!(route = %self.route.path, conn = self.id, "protocol error: {e}");
+                            tracing::debug!(tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id, "protocol error: {e}");
                             phase = self.fail(&e);
                         }
                         Err(ReadError::Eof | ReadError::Io(_)) => return Stop::Ended(phase.ending_on_eof()),
@@ -629,7 +646,7 @@ impl Session {
                             Due::Nothing => {}
                             Due::Ping => outbox.push_control(Outbound::Ping(Bytes::new())),
                             Due::NoPong => {
-                                tracing::debug!(route = %self.route.path, conn = self.id, "no pong: dropping the connection");
+                                tracing::debug!(tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id, "no pong: dropping the connection");
                                 return Stop::Ended(Ending::abnormal());
                             }
                             Due::Idle => {

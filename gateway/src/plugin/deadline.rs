@@ -7,72 +7,122 @@
 //! parks, from the I/O driver: every connection could wait until the call
 //! ends, up to `[sandbox] max_call_time`.
 //!
-//! So a call's deadline comes in two stages, counted in the engine's epoch
+//! So a call's deadline comes in stages, counted in the engine's epoch
 //! ticks (see [`crate::plugin::engine`]):
-//! 1. [`HAND_OFF_TICKS`] after it starts (10 to 20 ms), the epoch callback
+//! 1. At the first tick after it starts (within 10 ms), the epoch callback
 //!    hands the worker's queue to another thread
 //!    ([`tokio::task::block_in_place`]) and lets the call go on: from then
 //!    on the call only holds its own thread, and the other connections run
 //!    on the remaining workers.
-//! 2. At `max_call_time` it traps with [`wasmtime::Trap::Interrupt`].
+//! 2. From then on the callback runs at every tick (every 10 ms). For a
+//!    tenant with a CPU budget it charges the time the call has run so far,
+//!    and while the tenant is in debt it puts the call's thread to sleep
+//!    (the sleep is not charged): a tenant's long calls are throttled to
+//!    its budget, like a cgroup's CPU quota, instead of taking the machine.
+//! 3. At `max_call_time` (wall-clock, sleeps included) it traps with
+//!    [`wasmtime::Trap::Interrupt`].
 //!
-//! Calls shorter than the first stage (nearly all) pay nothing for this:
-//! the callback never runs. A current-thread runtime (`threads = 1`) has no
-//! other worker to hand to; there a long call holds the gateway until it
-//! ends or is interrupted.
+//! Calls shorter than a tick (nearly all) pay nothing for this: the callback
+//! never runs. A current-thread runtime (`threads = 1`) has no other worker
+//! to hand to; there a long call holds the gateway until it ends or is
+//! interrupted (and is not put to sleep).
 
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::runtime::{Handle, RuntimeFlavor};
 use wasmtime::{StoreContextMut, UpdateDeadline};
 
 use crate::plugin::host::HostState;
 
-/// Epoch ticks a call runs before its worker is handed off: 2 ticks of
-/// 10 ms, so a call runs at least 10 ms first.
-pub const HAND_OFF_TICKS: u64 = 2;
+/// Epoch ticks a call runs before its worker is handed off: the first tick,
+/// 0 to 10 ms into the call.
+pub const HAND_OFF_TICKS: u64 = 1;
+
+/// The epoch tick, as the engine's ticker advances it.
+const TICK: Duration = Duration::from_millis(10);
 
 /// Longest a hand-off waits for another thread to take the worker's queue.
 const HAND_OFF_WAIT: Duration = Duration::from_millis(100);
 
-/// Where the running call is in its deadline.
+/// Where the running call is in its deadline, and what of it was charged.
 #[derive(Debug, Default)]
 pub struct CallClock {
-    /// Ticks left after the first stage ends (0: the next deadline traps).
+    /// Ticks the call may run after the first stage (0: it traps there).
     rest: u64,
+    /// When it must end: set at the first stage, from `rest`.
+    deadline: Option<Instant>,
+    /// Guest time from here on is not yet charged to the tenant's CPU
+    /// budget (`None`: the tenant has no budget).
+    charged_from: Option<Instant>,
+    /// The call's thread was handed off: it is no longer a worker, and may
+    /// sleep.
+    handed_off: bool,
 }
 
 impl CallClock {
-    /// Arms a call that may run `total` epoch ticks; returns the deadline to
-    /// set for the first stage.
-    pub fn arm(&mut self, total: u64) -> u64 {
+    /// Arms a call that may run `total` epoch ticks, measured for a CPU
+    /// budget if `metered`; returns the deadline to set for the first
+    /// stage.
+    pub fn arm(&mut self, total: u64, metered: bool) -> u64 {
         let first = total.min(HAND_OFF_TICKS);
         self.rest = total - first;
+        self.deadline = None;
+        self.handed_off = false;
+        self.charged_from = metered.then(Instant::now);
         first
+    }
+
+    /// The guest time not yet charged (the call has ended): to charge now.
+    pub fn uncharged(&mut self) -> Option<Duration> {
+        self.charged_from.take().map(|from| from.elapsed())
     }
 }
 
 /// The epoch-deadline callback of every plugin store: hands the worker off
-/// at the first deadline of a call, traps at the second.
+/// at the first deadline of a call, then every tick charges and throttles a
+/// budgeted tenant's call, and traps at `max_call_time`.
 pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
-    let rest = std::mem::take(&mut ctx.data_mut().call.rest);
-    if rest == 0 {
+    let state = ctx.data_mut();
+    let now = Instant::now();
+    let first = state.call.deadline.is_none();
+    let deadline = *state
+        .call
+        .deadline
+        .get_or_insert(now + TICK * u32::try_from(state.call.rest).unwrap_or(u32::MAX));
+    if now >= deadline {
         return Err(wasmtime::Trap::Interrupt.into());
     }
-    hand_off_worker();
-    Ok(UpdateDeadline::Continue(rest))
+    if first {
+        state.call.handed_off = hand_off_worker();
+    }
+    let tenant = state.scope().tenant.clone();
+    if let (Some(cpu), Some(from)) = (&tenant.meters.cpu, state.call.charged_from) {
+        let now = Instant::now();
+        cpu.charge(now.saturating_duration_since(from));
+        state.call.charged_from = Some(now);
+        // In debt: this call's thread (no longer a worker) sleeps until the
+        // budget allows, or until the call's deadline.
+        if let Some(ready) = cpu.ready_at() {
+            if state.call.handed_off {
+                let until = ready.min(deadline);
+                std::thread::sleep(until.saturating_duration_since(now));
+                state.call.charged_from = Some(Instant::now());
+            }
+        }
+    }
+    Ok(UpdateDeadline::Continue(1))
 }
 
 /// Lets the tokio worker running this thread go on elsewhere while this
-/// thread keeps running the current (long) call. Does nothing outside a
-/// multi-thread runtime.
-pub fn hand_off_worker() {
+/// thread keeps running the current (long) call; whether it did. Does
+/// nothing outside a multi-thread runtime.
+pub fn hand_off_worker() -> bool {
     let Ok(handle) = Handle::try_current() else {
-        return;
+        return false;
     };
     if handle.runtime_flavor() != RuntimeFlavor::MultiThread {
-        return;
+        return false;
     }
     // A task spawned here is queued on this worker's own queue (its
     // next-task slot, which no other worker steals): it runs only once
@@ -83,9 +133,7 @@ pub fn hand_off_worker() {
     handle.spawn(async move {
         let _ = tx.send(());
     });
-    tokio::task::block_in_place(|| {
-        let _ = rx.recv_timeout(HAND_OFF_WAIT);
-    });
+    tokio::task::block_in_place(|| rx.recv_timeout(HAND_OFF_WAIT).is_ok())
 }
 
 /// Runs `f`, which may block the thread for a while (waiting for a lock

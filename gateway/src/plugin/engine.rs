@@ -248,7 +248,7 @@ impl Runtime {
             self.max_call_time(),
         );
         let mut store = self.store(state);
-        let first = store.data_mut().call.arm(self.call_deadline());
+        let first = store.data_mut().call.arm(self.call_deadline(), false);
         store.set_epoch_deadline(first);
         match pre.instantiate(&mut store) {
             Ok(_) => Ok(()),
@@ -429,6 +429,9 @@ pub(crate) fn wasi_ctx(tags: Tags, scope: &Scope) -> (WasiCtx, ResourceTable) {
             FsPerms::ReadWrite
         };
         if let Err(e) = b.preopened_dir(&dir.host, &dir.guest, perms) {
+            if scope.tenant.counts.instance_errors.admit().is_none() {
+                continue;
+            }
             tracing::error!(
                 tenant = %scope.tenant.name, route = %scope.route, plugin = %scope.plugin,
                 "cannot grant directory {} as {}: {e:#}; the plugin runs without it",

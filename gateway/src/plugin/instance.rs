@@ -29,8 +29,6 @@ pub struct Guest {
     runtime: Arc<Runtime>,
     /// The plugin trapped: its instance may not be entered again.
     trapped: bool,
-    /// When the running call started, if the tenant has a CPU budget.
-    started: Option<std::time::Instant>,
     /// The route grants directories: calls may do file I/O, which
     /// wasmtime-wasi runs by blocking on its async implementation.
     files: bool,
@@ -51,10 +49,8 @@ impl Guest {
     /// Arms the time limit of the next call.
     pub(crate) fn before_call(&mut self) {
         let state = self.store.data_mut();
-        if state.scope().tenant.meters.cpu.is_some() {
-            self.started = Some(std::time::Instant::now());
-        }
-        let first = state.call.arm(self.runtime.call_deadline());
+        let metered = state.scope().tenant.meters.cpu.is_some();
+        let first = state.call.arm(self.runtime.call_deadline(), metered);
         self.store.set_epoch_deadline(first);
     }
 
@@ -66,9 +62,10 @@ impl Guest {
         export: &'static str,
         result: wasmtime::Result<T>,
     ) -> Option<T> {
-        if let Some(started) = self.started.take() {
-            if let Some(cpu) = &self.store.data().scope().tenant.meters.cpu {
-                cpu.charge(started.elapsed());
+        let state = self.store.data_mut();
+        if let Some(used) = state.call.uncharged() {
+            if let Some(cpu) = &state.scope().tenant.meters.cpu {
+                cpu.charge(used);
             }
         }
         match result {
@@ -225,14 +222,14 @@ impl Guest {
                 tenant.quotas.max_instances.unwrap_or(usize::MAX)
             )));
         }
-        let started = tenant.meters.cpu.as_ref().map(|_| std::time::Instant::now());
+        let metered = tenant.meters.cpu.is_some();
         let mut store = runtime.store(state);
-        let first = store.data_mut().call.arm(runtime.call_deadline());
+        let first = store.data_mut().call.arm(runtime.call_deadline(), metered);
         store.set_epoch_deadline(first);
         let instantiated = plugin.instantiate(&mut store);
         // Instantiating (start functions included) is the tenant's CPU too.
-        if let (Some(started), Some(cpu)) = (started, &tenant.meters.cpu) {
-            cpu.charge(started.elapsed());
+        if let (Some(used), Some(cpu)) = (store.data_mut().call.uncharged(), &tenant.meters.cpu) {
+            cpu.charge(used);
         }
         let (bindings, instance, resume) = match instantiated {
             Ok(parts) => parts,
@@ -248,7 +245,6 @@ impl Guest {
             resume,
             runtime,
             trapped: false,
-            started: None,
             files,
         })
     }

@@ -59,10 +59,12 @@ impl ResourceLimiter for Limiter {
                 })
                 .is_ok();
             if !ok {
-                tracing::warn!(
-                    tenant = %self.tenant.name,
-                    "an instance's memory grow to {desired} bytes was refused: the tenant's instances would pass max_memory_total ({total} bytes)"
-                );
+                if let Some(suppressed) = self.tenant.counts.instance_errors.admit() {
+                    tracing::warn!(
+                        tenant = %self.tenant.name, suppressed,
+                        "an instance's memory grow to {desired} bytes was refused: the tenant's instances would pass max_memory_total ({total} bytes)"
+                    );
+                }
                 return Ok(false);
             }
         } else {

@@ -64,7 +64,11 @@ pub fn admit_line(scope: &Scope, conn: Option<&ConnHandle>) -> bool {
     let ok = take(&mut rates.log_lines, rate, 1) && scope.tenant.meters.log_lines.take(1);
     if !ok {
         rates.log_dropped += 1;
-        if !std::mem::replace(&mut rates.log_warned, true) {
+        // Once per connection, and at most once a second per tenant (a
+        // plugin reconnecting does not multiply the warnings).
+        if !std::mem::replace(&mut rates.log_warned, true)
+            && scope.tenant.counts.log_drops.admit().is_some()
+        {
             tracing::warn!(
                 tenant = %tenant, route = %route, plugin = %scope.plugin, conn = conn.id,
                 "plugin log lines over the rate limit (max_log_lines_per_second): dropping them until the rate allows, then reporting how many"

@@ -96,34 +96,8 @@ impl SharedInstance {
             None => crate::plugin::deadline::blocking(|| self.current.lock()),
         };
         let current = &mut *current;
-        if current.guest.is_none() {
-            let state = HostState::new(
-                conn.clone(),
-                self.hub.clone(),
-                self.scope.clone(),
-                runtime.max_memory(),
-                runtime.max_call_time(),
-            );
-            match Guest::new(runtime.clone(), &self.plugin, state) {
-                Ok(guest) => {
-                    current.guest = Some(guest);
-                    current.generation += 1;
-                    if current.generation > 1 {
-                        tracing::info!(
-                            route = %self.scope.route, plugin = %self.plugin.name,
-                            generation = current.generation,
-                            "shared instance replaced by a fresh one; each connection gets on-resume at its next event"
-                        );
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(
-                        route = %self.scope.route, plugin = %self.plugin.name, conn = conn.id,
-                        "cannot instantiate the route's shared plugin instance: {e:#}"
-                    );
-                    return None;
-                }
-            }
+        if current.guest.is_none() && !self.create(current, runtime, conn) {
+            return None;
         }
         let generation = current.generation;
         let guest = current.guest.as_mut()?;
@@ -140,6 +114,58 @@ impl SharedInstance {
             current.guest = None;
         }
         result
+    }
+
+    /// Whether the instance exists or can be created now (for connection
+    /// `conn`); false (logged) if it cannot: the route has no instance to
+    /// offer a new connection.
+    pub fn available(&self, runtime: &Arc<Runtime>, conn: &Arc<ConnHandle>) -> bool {
+        let mut current = match self.current.try_lock_for(LOCK_SPIN) {
+            Some(guard) => guard,
+            None => crate::plugin::deadline::blocking(|| self.current.lock()),
+        };
+        current.guest.is_some() || self.create(&mut current, runtime, conn)
+    }
+
+    /// Creates the instance (a new generation); false (logged) if it
+    /// cannot be.
+    fn create(
+        &self,
+        current: &mut Current,
+        runtime: &Arc<Runtime>,
+        conn: &Arc<ConnHandle>,
+    ) -> bool {
+        let state = HostState::new(
+            conn.clone(),
+            self.hub.clone(),
+            self.scope.clone(),
+            runtime.max_memory(),
+            runtime.max_call_time(),
+        );
+        match Guest::new(runtime.clone(), &self.plugin, state) {
+            Ok(guest) => {
+                current.guest = Some(guest);
+                current.generation += 1;
+                if current.generation > 1 {
+                    tracing::info!(
+                        tenant = %self.scope.tenant.name, route = %self.scope.route,
+                        plugin = %self.plugin.name, generation = current.generation,
+                        "shared instance replaced by a fresh one; each connection gets on-resume at its next event"
+                    );
+                }
+                true
+            }
+            Err(e) => {
+                if let Some(suppressed) = self.scope.tenant.counts.instance_errors.admit() {
+                    tracing::error!(
+                        tenant = %self.scope.tenant.name, route = %self.scope.route,
+                        plugin = %self.plugin.name, conn = conn.id, suppressed,
+                        "cannot instantiate the route's shared plugin instance: {e:#}"
+                    );
+                }
+                false
+            }
+        }
     }
 
     /// The current instance generation (0: none created yet).

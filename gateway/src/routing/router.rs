@@ -87,29 +87,33 @@ impl Table {
         }
     }
 
-    /// Which tenant serves `host` (an index into `tenants`).
-    fn tenant_of(&self, host: Option<&str>) -> usize {
-        if self.exact.is_empty() && self.wildcard.is_empty() {
-            return 0;
-        }
-        let Some(host) = host.map(normalize_host) else {
-            return 0;
+    /// Which tenant serves `host` (an index into `tenants`); `Err` if
+    /// `host` is not a valid host (and optional port).
+    fn tenant_of(&self, host: Option<&str>) -> Result<usize, InvalidHost> {
+        let Some(host) = host else {
+            return Ok(0);
         };
+        let host = normalize_host(host).ok_or(InvalidHost)?;
         if let Some(&i) = self.exact.get(&host) {
-            return i;
+            return Ok(i);
         }
-        match host.split_once('.') {
+        Ok(match host.split_once('.') {
             Some((label, parent)) if !label.is_empty() => {
                 self.wildcard.get(parent).copied().unwrap_or(0)
             }
             _ => 0,
-        }
+        })
     }
 
-    /// The route for a request to `host` (the `Host` header's value, port
-    /// included or not) and `path`.
-    pub fn resolve(&self, host: Option<&str>, path: &str) -> Option<&Arc<Route>> {
-        self.tenants[self.tenant_of(host)].by_path.get(path)
+    /// The route for a request to `host` (the request target's authority,
+    /// or the `Host` header: a host name or address, port optional) and
+    /// `path`; `Err` if the host is malformed (answered with 400).
+    pub fn resolve(
+        &self,
+        host: Option<&str>,
+        path: &str,
+    ) -> Result<Option<&Arc<Route>>, InvalidHost> {
+        Ok(self.tenants[self.tenant_of(host)?].by_path.get(path))
     }
 
     /// The route of `tenant` (`None`: the default tenant) at `path`.
@@ -141,17 +145,53 @@ impl Table {
     }
 }
 
-/// A `Host` header value as tenants' host names are written: without the
-/// port, lower-case, without a trailing dot.
-fn normalize_host(host: &str) -> String {
-    let host = host.trim();
-    let name = if host.starts_with('[') {
+/// A request's host is not a host name or address with an optional port
+/// (RFC 9110 section 7.2; RFC 3986 section 3.2.2): no user info, no
+/// whitespace, no empty labels, a port of digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidHost;
+
+/// A `Host` value as tenants' host names are written: without the port,
+/// lower-case, without one trailing dot; `None` if it is malformed.
+fn normalize_host(host: &str) -> Option<String> {
+    let (name, port) = if host.starts_with('[') {
         // An IPv6 literal: up to its closing bracket.
-        host.find(']').map_or(host, |end| &host[..=end])
+        let end = host.find(']')?;
+        let literal = &host[..=end];
+        let ok = literal[1..end]
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.'));
+        if !ok || end < 2 {
+            return None;
+        }
+        let rest = &host[end + 1..];
+        if !rest.is_empty() && !rest.starts_with(':') {
+            return None;
+        }
+        (literal, rest.strip_prefix(':'))
     } else {
-        host.rsplit_once(':').map_or(host, |(name, _port)| name)
+        match host.rsplit_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
+        }
     };
-    name.trim_end_matches('.').to_ascii_lowercase()
+    if let Some(port) = port {
+        if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+    }
+    if name.starts_with('[') {
+        return Some(name.to_ascii_lowercase());
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let valid = !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
+        });
+    valid.then(|| name.to_ascii_lowercase())
 }
 
 /// The current routing table.
@@ -174,8 +214,12 @@ impl Router {
     }
 
     /// The route for a request to `host` and `path`, as of now.
-    pub fn resolve(&self, host: Option<&str>, path: &str) -> Option<Arc<Route>> {
-        self.table.load().resolve(host, path).cloned()
+    pub fn resolve(
+        &self,
+        host: Option<&str>,
+        path: &str,
+    ) -> Result<Option<Arc<Route>>, InvalidHost> {
+        Ok(self.table.load().resolve(host, path)?.cloned())
     }
 
     /// Replaces the table.
@@ -190,9 +234,34 @@ mod tests {
 
     #[test]
     fn host_headers_lose_their_port_case_and_trailing_dot() {
-        assert_eq!(normalize_host("Chat.Example.COM:8080"), "chat.example.com");
-        assert_eq!(normalize_host("example.org."), "example.org");
-        assert_eq!(normalize_host("[::1]:8080"), "[::1]");
-        assert_eq!(normalize_host("127.0.0.1"), "127.0.0.1");
+        let n = |h: &str| normalize_host(h);
+        assert_eq!(
+            n("Chat.Example.COM:8080").as_deref(),
+            Some("chat.example.com")
+        );
+        assert_eq!(n("example.org.").as_deref(), Some("example.org"));
+        assert_eq!(n("[::1]:8080").as_deref(), Some("[::1]"));
+        assert_eq!(n("[::1]").as_deref(), Some("[::1]"));
+        assert_eq!(n("127.0.0.1").as_deref(), Some("127.0.0.1"));
+    }
+
+    #[test]
+    fn malformed_hosts_are_refused() {
+        for bad in [
+            "user@chat.acme.com",
+            "chat.acme.com:abc",
+            "chat.acme.com:",
+            "chat.acme.com..",
+            "a..b",
+            "chat.acme.com\tx",
+            "",
+            ":80",
+            "[::1",
+            "[zz]",
+            "[::1]x",
+            "a.com:123456",
+        ] {
+            assert_eq!(normalize_host(bad), None, "{bad:?}");
+        }
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::config::{TenantQuotas, TenantSettings, DEFAULT_TENANT};
-use crate::quota::{CpuMeter, SharedLimit};
+use crate::quota::{CpuMeter, LogThrottle, SharedLimit};
 
 /// One tenant, as of one config version.
 #[derive(Debug)]
@@ -36,7 +36,17 @@ pub struct Counts {
     pub instances: AtomicUsize,
     /// Linear memory of its live instances, in bytes.
     pub memory: AtomicUsize,
+    /// Errors about its instances (refused, failed to start, memory
+    /// refused): logged at most once a second.
+    pub instance_errors: LogThrottle,
+    /// Announcements that its plugins' log lines are being dropped: at most
+    /// once a second.
+    pub log_drops: LogThrottle,
 }
+
+/// The log lines a second a tenant's plugins may write in all, unless its
+/// `max_log_lines_per_second` says otherwise.
+pub const DEFAULT_TENANT_LOG_LINES: u32 = 1000;
 
 /// A tenant's rate meters.
 #[derive(Debug)]
@@ -63,7 +73,10 @@ impl Meters {
             sends: SharedLimit::new(q.max_sends_per_second),
             deliveries: SharedLimit::new(q.max_broadcast_deliveries_per_second),
             timers: SharedLimit::new(q.max_timers_per_second),
-            log_lines: SharedLimit::new(q.max_log_lines_per_second),
+            log_lines: SharedLimit::new(
+                q.max_log_lines_per_second
+                    .or(Some(DEFAULT_TENANT_LOG_LINES)),
+            ),
         }
     }
 
@@ -85,7 +98,9 @@ impl Tenant {
         Arc::new(Tenant {
             name: Arc::from(DEFAULT_TENANT),
             counts: previous.map(|p| p.counts.clone()).unwrap_or_default(),
-            meters: Arc::new(Meters::new(&quotas)),
+            meters: previous
+                .map(|p| p.meters.clone())
+                .unwrap_or_else(|| Arc::new(Meters::new(&quotas))),
             quotas,
         })
     }

@@ -87,7 +87,7 @@ impl Gateway {
         };
         // Compiled once, whichever number of routes serve the file.
         let runtime = self.shared.runtime.clone();
-        let (route_path, source) = (first.path.clone(), first.current().plugin.source.clone());
+        let (route_path, source) = (first.label.clone(), first.current().plugin.source.clone());
         let loaded =
             tokio::task::spawn_blocking(move || runtime.load_bytes(&route_path, &source, &bytes))
                 .await;
@@ -123,6 +123,10 @@ impl Gateway {
             self.shared.runtime.sandbox(),
             &config,
         );
+        let grant_errors = config.grant_errors();
+        if !grant_errors.is_empty() {
+            return Err(Errors(grant_errors));
+        }
         let table = self.shared.router.load();
         let runtime = self.shared.runtime.clone();
         let current: Vec<Option<Arc<RouteVersion>>> = config
@@ -231,7 +235,7 @@ fn load_all(
             plan.push(Next::New(p.clone()));
             continue;
         }
-        match runtime.load_bytes(&settings.path, &settings.plugin, &bytes) {
+        match runtime.load_bytes(&settings.label(), &settings.plugin, &bytes) {
             Ok(p) => {
                 let p = Arc::new(p);
                 loaded.push(p.clone());

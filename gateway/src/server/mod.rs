@@ -65,10 +65,10 @@ impl Gateway {
     pub fn new(config: &Config, cache_dir: Option<PathBuf>) -> Result<Gateway, Errors> {
         let runtime = Runtime::new(&config.sandbox, config.server.max_connections, cache_dir)?;
         let mut routes = Vec::new();
-        let mut errors = Vec::new();
+        let mut errors = config.grant_errors();
         let tenants = tenant::tenants_of(config, None);
         for r in &config.routes {
-            match runtime.load(&r.path, &r.plugin) {
+            match runtime.load(&r.label(), &r.plugin) {
                 Ok(plugin) => {
                     let t = tenant::find(&tenants, r.tenant.as_deref());
                     routes.push(Arc::new(Route::new(r.clone(), Arc::new(plugin), t)));

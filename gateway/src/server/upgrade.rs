@@ -34,13 +34,24 @@ pub(super) async fn handle(
     remote: SocketAddr,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    let host = req
-        .headers()
-        .get(hyper::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().authority().map(|a| a.as_str()));
-    let Some(route) = shared.router.resolve(host, path) else {
-        return refuse(Refusal::NotFound, remote, path);
+    // An absolute-form request target's authority wins over `Host` (RFC
+    // 9112 section 3.2.2), as a proxy in front would route it.
+    let host = match req.uri().authority() {
+        Some(a) => Some(a.as_str()),
+        None => match req.headers().get(hyper::header::HOST) {
+            Some(h) => match h.to_str() {
+                Ok(h) => Some(h),
+                Err(_) => {
+                    return refuse(Refusal::BadRequest("invalid Host header\n"), remote, path)
+                }
+            },
+            None => None,
+        },
+    };
+    let route = match shared.router.resolve(host, path) {
+        Ok(Some(route)) => route,
+        Ok(None) => return refuse(Refusal::NotFound, remote, path),
+        Err(_) => return refuse(Refusal::BadRequest("invalid Host header\n"), remote, path),
     };
     // The version new connections get now; this one keeps it.
     let version = route.current();
@@ -50,7 +61,7 @@ pub(super) async fn handle(
     }
     if !handshake::origin_allowed(&req, settings.allowed_origins.as_deref()) {
         let origin = req.headers().get(hyper::header::ORIGIN);
-        tracing::debug!(%remote, ?origin, route = %route.path, "origin not in allowed_origins");
+        tracing::debug!(%remote, ?origin, tenant = %version.tenant.name, route = %route.path, "origin not in allowed_origins");
         return refuse(Refusal::Forbidden, remote, &route.path);
     }
     if shared.shutting_down.load(Ordering::SeqCst) {
@@ -91,7 +102,7 @@ pub(super) async fn handle(
     ) {
         Opened::Accept(session, accept) => (session, accept),
         Opened::Failed => {
-            tracing::debug!(%remote, route = %route.path, conn = id, status = 500, "upgrade refused: on-open failed");
+            tracing::debug!(%remote, tenant = %version.tenant.name, route = %route.path, conn = id, status = 500, "upgrade refused: on-open failed");
             return internal();
         }
         Opened::Unavailable => {
@@ -103,17 +114,17 @@ pub(super) async fn handle(
                 .filter(|s| s.is_client_error() || s.is_server_error())
                 .unwrap_or_else(|| {
                     tracing::error!(
-                        route = %route.path, plugin = %version.plugin.name,
+                        tenant = %version.tenant.name, route = %route.path, plugin = %version.plugin.name,
                         "on-open rejected with status {}, which is not 400-599: answering 500",
                         reject.status
                     );
                     StatusCode::INTERNAL_SERVER_ERROR
                 });
-            tracing::debug!(%remote, route = %route.path, conn = id, status = status.as_u16(), "upgrade refused by the plugin");
+            tracing::debug!(%remote, tenant = %version.tenant.name, route = %route.path, conn = id, status = status.as_u16(), "upgrade refused by the plugin");
             let mut resp = Response::new(Full::new(Bytes::from(reject.body)));
             *resp.status_mut() = status;
             if let Err(why) = apply_headers(resp.headers_mut(), &reject.headers) {
-                tracing::error!(route = %route.path, plugin = %version.plugin.name, "on-open rejection: {why}");
+                tracing::error!(tenant = %version.tenant.name, route = %route.path, plugin = %version.plugin.name, "on-open rejection: {why}");
                 return internal();
             }
             return resp;
@@ -123,7 +134,7 @@ pub(super) async fn handle(
         Ok(r) => r,
         Err(e) => {
             drop(session);
-            tracing::debug!(%remote, route = %route.path, "invalid upgrade request: {e}");
+            tracing::debug!(%remote, tenant = %version.tenant.name, route = %route.path, "invalid upgrade request: {e}");
             return Refusal::BadRequest("invalid upgrade request\n").response();
         }
     };
@@ -135,18 +146,18 @@ pub(super) async fn handle(
                 resp.headers_mut().insert("sec-websocket-protocol", v);
             }
             _ => {
-                tracing::error!(route = %route.path, plugin = %version.plugin.name, "on-open selected subprotocol {p:?}, which the client did not offer");
+                tracing::error!(tenant = %version.tenant.name, route = %route.path, plugin = %version.plugin.name, "on-open selected subprotocol {p:?}, which the client did not offer");
                 drop(session);
                 return internal();
             }
         }
     }
     if let Err(why) = apply_headers(resp.headers_mut(), &accept.headers) {
-        tracing::error!(route = %route.path, plugin = %version.plugin.name, "on-open accept: {why}");
+        tracing::error!(tenant = %version.tenant.name, route = %route.path, plugin = %version.plugin.name, "on-open accept: {why}");
         drop(session);
         return internal();
     }
-    tracing::debug!(%remote, route = %route.path, conn = id, "connection accepted");
+    tracing::debug!(%remote, tenant = %version.tenant.name, route = %route.path, conn = id, "connection accepted");
     let shared2 = shared.clone();
     shared.tasks.spawn(async move {
         let ws = match upgrade.await {
