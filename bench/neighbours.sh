@@ -55,7 +55,11 @@ plugin = "$TESTKIT"
 max_sends_per_second = 1000
 TOML
 
-RUST_LOG=warn "$BIN/wasmgate" serve --config "$OUT/neighbours.toml" >"$OUT/neighbours.log" 2>&1 &
+# The gateway on CPU 0, both load generators on CPU 1 (as bench/run.sh
+# pins server and load): the victim's figures then measure the gateway,
+# not the attacking client competing with the victim's for a core.
+if [ "$(nproc)" -ge 2 ]; then SERVER_CPU="taskset -c 0"; LOAD_CPU="taskset -c 1"; else SERVER_CPU=""; LOAD_CPU=""; fi
+RUST_LOG=warn $SERVER_CPU "$BIN/wasmgate" serve --config "$OUT/neighbours.toml" >"$OUT/neighbours.log" 2>&1 &
 GW=$!
 trap 'kill $GW 2>/dev/null || true' EXIT
 for _ in $(seq 1 200); do grep -q "listening on" "$OUT/neighbours.log" && break; sleep 0.05; done
@@ -63,17 +67,21 @@ ADDR=127.0.0.1:9102
 : > "$OUT/neighbours.jsonl"
 
 victim() { # label
-    "$BIN/loadgen" --addr "$ADDR" --host victim.test --path /echo --label "$1" --server-pid "$GW" \
+    $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --host victim.test --path /echo --label "$1" --server-pid "$GW" \
         echo --conns 10 --size 32 --inflight 1 --seconds "$SECS" | tee -a "$OUT/neighbours.jsonl" >&2
 }
 attack() { # command
-    "$BIN/loadgen" --addr "$ADDR" --host attacker.test --path /t --label "attack" \
+    $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --host attacker.test --path /t --label "attack" \
         attack --command "$1" --conns 2 --seconds $((SECS + 2)) >/dev/null &
     ATTACK=$!
     sleep 1
 }
 
-ATTACKS=("spin" "recurse" "grow 60" "flood-self 1000000" "log-flood 1024" "timers 100000")
+# ONLY=WORD runs only the attacks whose command contains WORD.
+ATTACKS=()
+for a in "spin" "recurse" "grow 60" "flood-self 1000000" "log-flood 1024" "timers 100000"; do
+    [[ -z "${ONLY:-}" || "$a" == *"$ONLY"* ]] && ATTACKS+=("$a")
+done
 for _ in $(seq 1 "$ROUNDS"); do
     victim "alone"
     for a in "${ATTACKS[@]}"; do

@@ -203,6 +203,47 @@ async fn broadcasting_in_a_loop_is_held_to_the_tenants_delivery_rate() {
 }
 
 #[tokio::test]
+async fn broadcasting_to_a_room_of_a_thousand_in_a_loop_is_held_to_the_connections_delivery_rate() {
+    assert!(
+        raise_open_file_limit() >= 2200,
+        "this test needs an open-file limit of at least 2,200 (ulimit -n)"
+    );
+    let gw = Gateway::start(
+        "hostile-room-of-1000",
+        "[[route]]\npath = \"/t\"\nplugin = \"{testkit}\"\n\
+         max_broadcast_deliveries_per_second = 10000\n\n\
+         [[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n",
+    );
+    let mut members = Vec::new();
+    for _ in 0..999 {
+        let mut m = Raw::connect(gw.addr, "/t").await;
+        m.send_frame(0x81, b"join lobby", true).await;
+        members.push(m);
+    }
+    for m in &mut members {
+        let (_, answer) = m.read_frame().await.expect("an answer");
+        assert_eq!(answer, b"ok joined");
+    }
+    let mut a = connect(&gw.url("/t")).await;
+    assert_eq!(command(&mut a, "join lobby").await, "ok joined");
+    assert_eq!(command(&mut a, "size lobby").await, "ok 1000");
+    send(&mut a, "flood-room lobby 1000000").await;
+    let line = gw.wait_log("flood-room ");
+    assert!(line.contains("limit-reached"), "{line}");
+    let broadcasts: u64 = line
+        .split("flood-room ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a count");
+    // 999 deliveries each against 10,000 a second.
+    assert!((10..=12).contains(&broadcasts), "{broadcasts} broadcasts");
+    let mut echo = connect(&gw.url("/echo")).await;
+    send(&mut echo, "still here").await;
+    assert_eq!(next_text(&mut echo).await, "still here");
+}
+
+#[tokio::test]
 async fn timers_rooms_and_metadata_are_capped_per_connection() {
     let gw = Gateway::start("hostile-counts", ARENA);
     let mut a = attacker(&gw).await;

@@ -342,6 +342,24 @@ pub async fn http(addr: SocketAddr, request: &str) -> HttpReply {
     HttpReply { status, head, body }
 }
 
+/// Raises this process's open-file limit to its hard limit (gateways
+/// started afterwards inherit it), for tests that open many sockets; the
+/// limit now.
+pub fn raise_open_file_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write `lim`.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+    lim.rlim_cur
+}
+
 /// A valid upgrade request for `path`, with `extra` header lines.
 pub fn upgrade_request(path: &str, extra: &str) -> String {
     format!(
