@@ -130,11 +130,17 @@ fn echo(mode: Mode) -> (Store<Bench>, Plugin) {
 }
 
 fn interruption(c: &mut Criterion) {
-    for (size, name) in [(32, "echo round trip, 32 B"), (16 << 10, "echo round trip, 16 KiB")] {
+    for (size, name) in [
+        (32, "echo round trip, 32 B"),
+        (16 << 10, "echo round trip, 16 KiB"),
+    ] {
         let mut group = c.benchmark_group(name);
         group.measurement_time(Duration::from_secs(5));
         let text = "a".repeat(size);
-        for (mode, label) in [(Mode::Epoch, "epoch deadline (the gateway's)"), (Mode::Fuel, "fuel")] {
+        for (mode, label) in [
+            (Mode::Epoch, "epoch deadline (the gateway's)"),
+            (Mode::Fuel, "fuel"),
+        ] {
             let (mut store, plugin) = echo(mode);
             group.bench_function(label, |b| {
                 b.iter_custom(|iters| {

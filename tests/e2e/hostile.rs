@@ -56,6 +56,19 @@ async fn victim_is_served(v: &mut Ws) {
     }
 }
 
+/// How many times the testkit command `cmd` (`flood-self`, `flood-room`)
+/// succeeded before it stopped, from its log line `<cmd> <count> <error>`;
+/// the error must be `error`.
+fn stopped_at(gw: &Gateway, cmd: &str, error: &str) -> u64 {
+    let line = gw.wait_log(&format!("{cmd} "));
+    assert!(line.contains(error), "{line}");
+    line.split(&format!("{cmd} "))
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line:?}"))
+}
+
 /// The log lines containing `text`.
 fn lines_with(gw: &Gateway, text: &str) -> Vec<String> {
     gw.log()
@@ -132,14 +145,7 @@ async fn sending_to_itself_as_fast_as_it_can_is_held_to_max_sends_per_second() {
     let mut a = attacker(&gw).await;
     let mut v = victim(&gw).await;
     send(&mut a, "flood-self 1000000").await;
-    let line = gw.wait_log("flood-self ");
-    let sent: u64 = line
-        .split("flood-self ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("a count");
-    assert!(line.contains("limit-reached"), "{line}");
+    let sent = stopped_at(&gw, "flood-self", "limit-reached");
     assert!(
         (100..=110).contains(&sent),
         "{sent} sends passed a rate of 100/s"
@@ -160,8 +166,7 @@ async fn sending_to_itself_without_a_rate_fills_only_its_own_buffer_and_is_close
     let mut a = connect_host(&gw.url("/free"), "attacker.test").await;
     let mut v = victim(&gw).await;
     send(&mut a, "flood-self 100000000").await;
-    let line = gw.wait_log("flood-self ");
-    assert!(line.contains("backpressure"), "{line}");
+    stopped_at(&gw, "flood-self", "backpressure");
     // What was queued arrives, then the slow-consumer close.
     loop {
         match next(&mut a).await {
@@ -189,14 +194,7 @@ async fn broadcasting_in_a_loop_is_held_to_the_tenants_delivery_rate() {
     assert_eq!(command(&mut a, "join lobby").await, "ok joined");
     let mut v = victim(&gw).await;
     send(&mut a, "flood-room lobby 100000").await;
-    let line = gw.wait_log("flood-room ");
-    assert!(line.contains("limit-reached"), "{line}");
-    let broadcasts: u64 = line
-        .split("flood-room ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("a count");
+    let broadcasts = stopped_at(&gw, "flood-room", "limit-reached");
     // 9 deliveries each against 1000 a second.
     assert!((100..=125).contains(&broadcasts), "{broadcasts} broadcasts");
     victim_is_served(&mut v).await;
@@ -228,14 +226,7 @@ async fn broadcasting_to_a_room_of_a_thousand_in_a_loop_is_held_to_the_connectio
     assert_eq!(command(&mut a, "join lobby").await, "ok joined");
     assert_eq!(command(&mut a, "size lobby").await, "ok 1000");
     send(&mut a, "flood-room lobby 1000000").await;
-    let line = gw.wait_log("flood-room ");
-    assert!(line.contains("limit-reached"), "{line}");
-    let broadcasts: u64 = line
-        .split("flood-room ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .expect("a count");
+    let broadcasts = stopped_at(&gw, "flood-room", "limit-reached");
     // 999 deliveries each against 10,000 a second.
     assert!((10..=12).contains(&broadcasts), "{broadcasts} broadcasts");
     let mut echo = connect(&gw.url("/echo")).await;
