@@ -13,6 +13,8 @@
 # of p99 under attack to p99 alone.
 #
 #   bench/neighbours.sh          3 rounds of 10 s per measurement
+#   ATTACKER_CPU_BUDGET=50ms/s bench/neighbours.sh
+#                                the attacker's cpu_budget (default 200ms/s)
 #   bench/neighbours.sh quick    1 round of 3 s
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +45,7 @@ plugin = "builtin:echo"
 [[tenant]]
 name = "attacker"
 hosts = ["attacker.test"]
-cpu_budget = "200ms/s"
+cpu_budget = "${ATTACKER_CPU_BUDGET:-200ms/s}"
 max_connections_per_second = 100
 max_memory_total = "64MiB"
 max_broadcast_deliveries_per_second = 10000

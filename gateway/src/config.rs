@@ -1566,6 +1566,13 @@ impl Parser<'_> {
                             at,
                             format!("{key}: guest path {guest:?} must start with '/'"),
                         );
+                    } else if guest.split('/').any(|c| c == ".." || c == ".")
+                        || guest.contains('\0')
+                    {
+                        self.error(
+                            at,
+                            format!("{key}: guest path {guest:?} may not contain '.', '..' or NUL"),
+                        );
                     } else if grants.iter().any(|g| g.guest == guest) {
                         self.error(at, format!("{key}: guest path {guest:?} is granted twice"));
                     } else {

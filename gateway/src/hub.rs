@@ -270,6 +270,11 @@ impl ConnHandle {
         self.timer_events.lock().pop_front()
     }
 
+    /// Whether a close was requested (it may not be handled yet).
+    pub fn close_pending(&self) -> bool {
+        self.close_requested.load(Ordering::Acquire)
+    }
+
     /// Takes the pending close request, if any.
     pub fn take_close_request(&self) -> Option<CloseRequest> {
         self.close_request.lock().take()

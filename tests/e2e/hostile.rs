@@ -102,6 +102,33 @@ async fn a_looping_handler_does_not_hold_up_other_tenants_and_is_cut_off_at_max_
 }
 
 #[tokio::test]
+async fn twenty_handlers_looping_at_once_do_not_hold_up_other_tenants() {
+    let gw = Gateway::start("hostile-spin-20", ARENA);
+    let mut spinners = Vec::new();
+    for _ in 0..20 {
+        spinners.push(attacker(&gw).await);
+    }
+    let mut v = victim(&gw).await;
+    for s in &mut spinners {
+        send(s, "spin").await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Served while all twenty are still looping (each runs for 2 s).
+    victim_is_served(&mut v).await;
+    let mut fresh = victim(&gw).await;
+    victim_is_served(&mut fresh).await;
+    assert!(
+        tokio::time::timeout(Duration::ZERO, spinners[19].next())
+            .await
+            .is_err(),
+        "the loops ended before the victim was served"
+    );
+    for s in &mut spinners {
+        expect_close(s, 1011).await;
+    }
+}
+
+#[tokio::test]
 async fn a_handler_recursing_until_the_stack_overflows_closes_only_its_connection() {
     let gw = Gateway::start("hostile-recurse", ARENA);
     let mut a = attacker(&gw).await;

@@ -610,16 +610,27 @@ impl Session {
                     keepalive.received(now);
                     match read {
                         Ok(frame) => {
+                            let mut deliver = true;
                             if !frame.opcode.is_control() {
                                 keepalive.data(now);
                                 // The tenant may have gone over its CPU
-                                // budget while this connection waited.
-                                if let Some(at) = self.version.tenant.cpu_ready_at() {
-                                    tokio::time::sleep_until(at.into()).await;
+                                // budget while this connection waited: wait
+                                // until it is back within it, unless the
+                                // connection is being closed meanwhile (the
+                                // frame is then dropped with it).
+                                while let Some(at) = self.version.tenant.cpu_ready_at() {
+                                    if conn.close_pending() {
+                                        deliver = false;
+                                        break;
+                                    }
+                                    let at = Instant::from_std(at).min(Instant::now() + CLOSE_CHECK);
+                                    tokio::time::sleep_until(at).await;
                                 }
                             }
-                            if let Some(end) = self.on_frame(frame, now, &mut phase, inbound) {
-                                return Stop::Ended(end);
+                            if deliver {
+                                if let Some(end) = self.on_frame(frame, now, &mut phase, inbound) {
+                                    return Stop::Ended(end);
+                                }
                             }
                         }
                         Err(ReadError::Protocol(e)) => {
@@ -872,6 +883,10 @@ impl Drop for Session {
         }
     }
 }
+
+/// While a connection waits for its tenant's CPU budget, how often it looks
+/// for a close request.
+const CLOSE_CHECK: Duration = Duration::from_millis(100);
 
 /// How many bytes a parked connection reads when the peer sends: enough for
 /// a small frame; the frame reader reads the rest.

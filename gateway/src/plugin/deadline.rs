@@ -19,21 +19,29 @@
 //!    and while the tenant is in debt it puts the call's thread to sleep
 //!    (the sleep is not charged): a tenant's long calls are throttled to
 //!    its budget, like a cgroup's CPU quota, instead of taking the machine.
-//! 3. At `max_call_time` (wall-clock, sleeps included) it traps with
-//!    [`wasmtime::Trap::Interrupt`].
+//! 3. Off the workers, at most as many long calls run at once as there are
+//!    workers, and at most half of those for one tenant ([`LongCalls`]);
+//!    more wait, paused, for a place: however many calls loop together, the
+//!    workers keep about half the CPU, and one tenant's loops leave places
+//!    for the others' long calls.
+//! 4. At `max_call_time` (wall-clock, sleeps and waits included) it traps
+//!    with [`wasmtime::Trap::Interrupt`].
 //!
 //! Calls shorter than a tick (nearly all) pay nothing for this: the callback
 //! never runs. A current-thread runtime (`threads = 1`) has no other worker
 //! to hand to; there a long call holds the gateway until it ends or is
 //! interrupted (and is not put to sleep).
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::runtime::{Handle, RuntimeFlavor};
 use wasmtime::{StoreContextMut, UpdateDeadline};
 
 use crate::plugin::host::HostState;
+use crate::routing::tenant::Counts;
 
 /// Epoch ticks a call runs before its worker is handed off: the first tick,
 /// 0 to 10 ms into the call.
@@ -41,9 +49,6 @@ pub const HAND_OFF_TICKS: u64 = 1;
 
 /// The epoch tick, as the engine's ticker advances it.
 const TICK: Duration = Duration::from_millis(10);
-
-/// Longest a hand-off waits for another thread to take the worker's queue.
-const HAND_OFF_WAIT: Duration = Duration::from_millis(100);
 
 /// Where the running call is in its deadline, and what of it was charged.
 #[derive(Debug, Default)]
@@ -58,6 +63,55 @@ pub struct CallClock {
     /// The call's thread was handed off: it is no longer a worker, and may
     /// sleep.
     handed_off: bool,
+    /// Its place among the long calls allowed to run at once.
+    permit: Option<LongCalls>,
+}
+
+/// A place among the long (handed-off) calls allowed to run at once: one
+/// per runtime worker in all, and at most half of them (at least one) for
+/// any one tenant, so that one tenant's loops cannot keep another's long
+/// calls waiting. Given back when dropped (the call ended).
+#[derive(Debug)]
+pub struct LongCalls(Arc<Counts>);
+
+/// Places taken, and the most there are (0 until first used).
+static LONG_CALLS: parking_lot::Mutex<(usize, usize)> = parking_lot::Mutex::new((0, 0));
+static LONG_CALL_FREED: parking_lot::Condvar = parking_lot::Condvar::new();
+
+impl LongCalls {
+    /// Takes a place for a call of the tenant whose counts are `tenant`,
+    /// waiting until one is free or until `deadline`.
+    fn acquire(tenant: &Arc<Counts>, deadline: Instant) -> Option<LongCalls> {
+        let mut places = LONG_CALLS.lock();
+        if places.1 == 0 {
+            places.1 = Handle::try_current()
+                .map(|h| h.metrics().num_workers())
+                .unwrap_or(1)
+                .max(1);
+        }
+        let per_tenant = (places.1 / 2).max(1);
+        while places.0 >= places.1 || tenant.long_calls.load(Ordering::Relaxed) >= per_tenant {
+            if LONG_CALL_FREED
+                .wait_until(&mut places, deadline)
+                .timed_out()
+            {
+                return None;
+            }
+        }
+        places.0 += 1;
+        tenant.long_calls.fetch_add(1, Ordering::Relaxed);
+        Some(LongCalls(tenant.clone()))
+    }
+}
+
+impl Drop for LongCalls {
+    fn drop(&mut self) {
+        let mut places = LONG_CALLS.lock();
+        places.0 -= 1;
+        self.0.long_calls.fetch_sub(1, Ordering::Relaxed);
+        drop(places);
+        LONG_CALL_FREED.notify_all();
+    }
 }
 
 impl CallClock {
@@ -73,8 +127,10 @@ impl CallClock {
         first
     }
 
-    /// The guest time not yet charged (the call has ended): to charge now.
+    /// The call has ended: gives back its place among long calls, and
+    /// returns the guest time not yet charged, to charge now.
     pub fn uncharged(&mut self) -> Option<Duration> {
+        self.permit = None;
         self.charged_from.take().map(|from| from.elapsed())
     }
 }
@@ -85,7 +141,6 @@ impl CallClock {
 pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
     let state = ctx.data_mut();
     let now = Instant::now();
-    let first = state.call.deadline.is_none();
     let deadline = *state
         .call
         .deadline
@@ -93,8 +148,18 @@ pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<
     if now >= deadline {
         return Err(wasmtime::Trap::Interrupt.into());
     }
-    if first {
-        state.call.handed_off = hand_off_worker();
+    // Until it has worked: under heavy load the thread taking the worker
+    // over may be slow to start, and the call must not keep the worker.
+    if !state.call.handed_off {
+        state.call.handed_off = hand_off_worker(deadline);
+    }
+    // Off the workers, long calls run at most a worker's count at once:
+    // the others wait here, paused, so that however many loop together
+    // they cannot take more than half the CPU from the workers.
+    if state.call.handed_off && state.call.permit.is_none() {
+        let tenant = state.scope().tenant.counts.clone();
+        state.call.permit =
+            Some(LongCalls::acquire(&tenant, deadline).ok_or(wasmtime::Trap::Interrupt)?);
     }
     let tenant = state.scope().tenant.clone();
     if let (Some(cpu), Some(from)) = (&tenant.meters.cpu, state.call.charged_from) {
@@ -115,9 +180,10 @@ pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<
 }
 
 /// Lets the tokio worker running this thread go on elsewhere while this
-/// thread keeps running the current (long) call; whether it did. Does
-/// nothing outside a multi-thread runtime.
-pub fn hand_off_worker() -> bool {
+/// thread keeps running the current (long) call; whether it did. Waits (the
+/// call paused) until another thread has taken the worker over, or until
+/// `deadline`. Does nothing outside a multi-thread runtime.
+pub fn hand_off_worker(deadline: Instant) -> bool {
     let Ok(handle) = Handle::try_current() else {
         return false;
     };
@@ -133,7 +199,10 @@ pub fn hand_off_worker() -> bool {
     handle.spawn(async move {
         let _ = tx.send(());
     });
-    tokio::task::block_in_place(|| rx.recv_timeout(HAND_OFF_WAIT).is_ok())
+    tokio::task::block_in_place(|| {
+        rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .is_ok()
+    })
 }
 
 /// Runs `f`, which may block the thread for a while (waiting for a lock

@@ -74,6 +74,9 @@ impl Guest {
                 self.trapped = true;
                 let state = self.store.data_mut();
                 state.conn().cancel_timers();
+                // At most once a second per tenant: a client can make a
+                // plugin fail on every connection it opens.
+                let suppressed = state.scope().tenant.counts.failures.admit()?;
                 let why = match e.downcast_ref::<wasmtime::Trap>() {
                     Some(wasmtime::Trap::Interrupt) => format!(
                         "exceeded max_call_time ({:?}) and was interrupted",
@@ -92,6 +95,7 @@ impl Guest {
                     plugin = %state.plugin_name(),
                     version = state.scope().version,
                     export,
+                    suppressed,
                     conn = state.conn_id(),
                     backtrace = %backtrace,
                     "plugin failed; {}: {why}",

@@ -80,12 +80,13 @@ pub fn admit_line(scope: &Scope, conn: Option<&ConnHandle>) -> bool {
     let due = rates
         .log_reported
         .is_none_or(|at| now.duration_since(at) >= std::time::Duration::from_secs(1));
-    let dropped = if due && rates.log_dropped > 0 {
-        rates.log_reported = Some(now);
-        std::mem::take(&mut rates.log_dropped)
-    } else {
-        0
-    };
+    let dropped =
+        if due && rates.log_dropped > 0 && scope.tenant.counts.drop_reports.admit().is_some() {
+            rates.log_reported = Some(now);
+            std::mem::take(&mut rates.log_dropped)
+        } else {
+            0
+        };
     drop(rates);
     if dropped > 0 {
         tracing::warn!(

@@ -27,7 +27,8 @@ pub enum Refusal {
     /// The request's tenant is at its `max_connections`: 503.
     TenantFull,
     /// The request's tenant opened `max_connections_per_second` this
-    /// second: 429 with `Retry-After: 1` (RFC 6585 section 4).
+    /// second, or stayed over its CPU budget for the handshake timeout: 429
+    /// with `Retry-After: 1` (RFC 6585 section 4).
     TenantRate,
     /// The gateway is shutting down: 503.
     ShuttingDown,
@@ -75,7 +76,7 @@ impl Refusal {
             ),
             Refusal::TenantRate => (
                 StatusCode::TOO_MANY_REQUESTS,
-                "too many new connections (tenant max_connections_per_second)\n",
+                "too many new connections (tenant max_connections_per_second or cpu_budget)\n",
             ),
             Refusal::ShuttingDown => (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n"),
             Refusal::NoInstance => (

@@ -42,6 +42,12 @@ pub struct Counts {
     /// Announcements that its plugins' log lines are being dropped: at most
     /// once a second.
     pub log_drops: LogThrottle,
+    /// Counts of dropped log lines: at most once a second.
+    pub drop_reports: LogThrottle,
+    /// Its plugins' failures (traps, interruptions): at most once a second.
+    pub failures: LogThrottle,
+    /// Its calls running off the workers now (plugin/deadline.rs).
+    pub long_calls: AtomicUsize,
 }
 
 /// The log lines a second a tenant's plugins may write in all, unless its

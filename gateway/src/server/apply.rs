@@ -34,7 +34,7 @@ pub(super) fn log_serving(route: &Route, version: &RouteVersion) {
     };
     tracing::info!(
         "route {}: now serving {} {} (version {}, {how} in {} ms)",
-        route.path,
+        route.label,
         plugin.name,
         plugin.hash,
         version.version,

@@ -82,10 +82,15 @@ pub(super) async fn handle(
         Err(Capacity::Tenant) => return refuse(Refusal::TenantFull, remote, &route.label),
     };
     // A tenant over its CPU budget: its new connections wait, like its
-    // other events, until the budget allows (bounded by the handshake
-    // timeout the client sees).
-    if let Some(at) = version.tenant.cpu_ready_at() {
-        tokio::time::sleep_until(at.into()).await;
+    // other events, until the budget allows; for at most the handshake
+    // timeout, and not past shutdown; then 429.
+    let give_up = std::time::Instant::now() + shared.settings.handshake_timeout;
+    while let Some(at) = version.tenant.cpu_ready_at() {
+        if std::time::Instant::now() >= give_up || shared.shutting_down.load(Ordering::SeqCst) {
+            return refuse(Refusal::TenantRate, remote, &route.label);
+        }
+        let step = std::time::Instant::now() + std::time::Duration::from_millis(100);
+        tokio::time::sleep_until(at.min(step).min(give_up).into()).await;
     }
     let offered = handshake::offered_subprotocols(&req, settings.subprotocols.as_deref());
     let request = Arc::new(plugin_request(&req, remote, offered));
