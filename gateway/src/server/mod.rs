@@ -67,11 +67,33 @@ impl Gateway {
         let mut routes = Vec::new();
         let mut errors = config.grant_errors();
         let tenants = tenant::tenants_of(config, None);
+        // A file many routes (or tenants) serve is compiled and held once.
+        let mut loaded: Vec<Arc<crate::plugin::Plugin>> = Vec::new();
         for r in &config.routes {
-            match runtime.load(&r.label(), &r.plugin) {
+            let plugin = crate::plugin::engine::read_source(&r.plugin)
+                .map_err(|reason| Error::Plugin {
+                    route: r.label(),
+                    file: r.plugin.to_string(),
+                    reason,
+                })
+                .and_then(|bytes| {
+                    let hash = crate::file::ContentHash::of(&bytes);
+                    match loaded
+                        .iter()
+                        .find(|p| p.source == r.plugin && p.hash == hash)
+                    {
+                        Some(p) => Ok(p.clone()),
+                        None => {
+                            let p = Arc::new(runtime.load_bytes(&r.label(), &r.plugin, &bytes)?);
+                            loaded.push(p.clone());
+                            Ok(p)
+                        }
+                    }
+                });
+            match plugin {
                 Ok(plugin) => {
                     let t = tenant::find(&tenants, r.tenant.as_deref());
-                    routes.push(Arc::new(Route::new(r.clone(), Arc::new(plugin), t)));
+                    routes.push(Arc::new(Route::new(r.clone(), plugin, t)));
                 }
                 // A plugin error points at the route's `plugin` key.
                 Err(e) => errors.push(e.located(&config.file, r.line)),
