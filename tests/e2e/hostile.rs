@@ -9,9 +9,26 @@ use futures_util::StreamExt;
 
 use crate::support::*;
 
-/// An attacker tenant with tight quotas and a victim tenant without, both
+/// The well-behaved tenant every test checks: the testkit plugin at `/t`
+/// of `victim.test`, with no quotas.
+macro_rules! victim_tenant {
+    () => {
+        r#"
+[[tenant]]
+name = "victim"
+hosts = ["victim.test"]
+
+[[tenant.route]]
+path = "/t"
+plugin = "{testkit}"
+"#
+    };
+}
+
+/// An attacker tenant with tight quotas and the victim tenant, both
 /// serving the testkit plugin at `/t`.
-const ARENA: &str = r#"
+const ARENA: &str = concat!(
+    r#"
 [sandbox]
 max_call_time = "2s"
 max_memory = "16MiB"
@@ -31,15 +48,9 @@ max_sends_per_second = 100
 path = "/free"
 plugin = "{testkit}"
 max_outbound_buffer = "64KiB"
-
-[[tenant]]
-name = "victim"
-hosts = ["victim.test"]
-
-[[tenant.route]]
-path = "/t"
-plugin = "{testkit}"
-"#;
+"#,
+    victim_tenant!()
+);
 
 async fn attacker(gw: &Gateway) -> Ws {
     connect_host(&gw.url("/t"), "attacker.test").await
@@ -397,7 +408,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 async fn a_looping_handler_of_a_tenant_with_a_cpu_budget_is_throttled_to_it() {
     let gw = Gateway::start(
         "hostile-cpu-budget",
-        r#"
+        concat!(
+            r#"
 [sandbox]
 max_call_time = "2s"
 
@@ -409,15 +421,9 @@ cpu_budget = "50ms/s"
 [[tenant.route]]
 path = "/t"
 plugin = "{testkit}"
-
-[[tenant]]
-name = "victim"
-hosts = ["victim.test"]
-
-[[tenant.route]]
-path = "/t"
-plugin = "{testkit}"
 "#,
+            victim_tenant!()
+        ),
     );
     let mut spinner = attacker(&gw).await;
     let mut v = victim(&gw).await;
