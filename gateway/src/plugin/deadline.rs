@@ -41,6 +41,7 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 use wasmtime::{StoreContextMut, UpdateDeadline};
 
 use crate::plugin::host::HostState;
+use crate::quota::{CpuMeter, MeterClock};
 use crate::routing::tenant::Counts;
 
 /// Epoch ticks a call runs before its worker is handed off: the first tick,
@@ -57,9 +58,14 @@ pub struct CallClock {
     rest: u64,
     /// When it must end: set at the first stage, from `rest`.
     deadline: Option<Instant>,
-    /// Guest time from here on is not yet charged to the tenant's CPU
-    /// budget (`None`: the tenant has no budget).
-    charged_from: Option<Instant>,
+    /// Guest time from this [`MeterClock`] reading on is not yet measured
+    /// (`None`: the tenant has no CPU budget).
+    measured_to: Option<u64>,
+    /// Guest time measured (in [`MeterClock`] ticks) and not yet charged
+    /// to the tenant's budget: charged once it reaches
+    /// [`crate::quota::FLUSH_GUEST_TIME`], at every tick of a long call,
+    /// and when the instance ends.
+    unflushed: u64,
     /// The call's thread was handed off: it is no longer a worker, and may
     /// sleep.
     handed_off: bool,
@@ -123,15 +129,38 @@ impl CallClock {
         self.rest = total - first;
         self.deadline = None;
         self.handed_off = false;
-        self.charged_from = metered.then(Instant::now);
+        self.measured_to = metered.then(|| MeterClock::get().raw());
         first
     }
 
     /// The call has ended: gives back its place among long calls, and
-    /// returns the guest time not yet charged, to charge now.
-    pub fn uncharged(&mut self) -> Option<Duration> {
+    /// measures its guest time for `meter` (the tenant's CPU budget, if it
+    /// has one), charging what was measured once there is enough of it.
+    pub fn ended(&mut self, meter: Option<&CpuMeter>) {
         self.permit = None;
-        self.charged_from.take().map(|from| from.elapsed())
+        self.measure();
+        if MeterClock::get().due(self.unflushed) {
+            self.flush(meter);
+        }
+    }
+
+    /// Adds the guest time since the last measurement to what is not yet
+    /// charged.
+    fn measure(&mut self) {
+        if let Some(from) = self.measured_to.take() {
+            let now = MeterClock::get().raw();
+            self.unflushed += MeterClock::ticks_between(from, now);
+        }
+    }
+
+    /// Charges all measured guest time to `meter`.
+    pub fn flush(&mut self, meter: Option<&CpuMeter>) {
+        if let Some(meter) = meter {
+            if self.unflushed > 0 {
+                meter.charge_ticks(self.unflushed);
+            }
+        }
+        self.unflushed = 0;
     }
 }
 
@@ -162,17 +191,17 @@ pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<
             Some(LongCalls::acquire(&tenant, deadline).ok_or(wasmtime::Trap::Interrupt)?);
     }
     let tenant = state.scope().tenant.clone();
-    if let (Some(cpu), Some(from)) = (&tenant.meters.cpu, state.call.charged_from) {
-        let now = Instant::now();
-        cpu.charge(now.saturating_duration_since(from));
-        state.call.charged_from = Some(now);
+    if let (Some(cpu), true) = (&tenant.meters.cpu, state.call.measured_to.is_some()) {
+        state.call.measure();
+        state.call.flush(Some(cpu));
+        state.call.measured_to = Some(MeterClock::get().raw());
         // In debt: this call's thread (no longer a worker) sleeps until the
         // budget allows, or until the call's deadline.
         if let Some(ready) = cpu.ready_at() {
             if state.call.handed_off {
                 let until = ready.min(deadline);
-                std::thread::sleep(until.saturating_duration_since(now));
-                state.call.charged_from = Some(Instant::now());
+                std::thread::sleep(until.saturating_duration_since(Instant::now()));
+                state.call.measured_to = Some(MeterClock::get().raw());
             }
         }
     }

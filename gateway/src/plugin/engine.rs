@@ -61,6 +61,9 @@ impl Runtime {
         max_instances: usize,
         cache_dir: Option<PathBuf>,
     ) -> Result<Arc<Self>, Error> {
+        // The CPU-budget meters' clock calibrates itself on first use:
+        // here, not in a connection's first call.
+        let _ = quanta::Instant::now();
         let mut config = Config::new();
         config
             .wasm_component_model(true)

@@ -160,6 +160,17 @@ impl HostState {
         &self.scope
     }
 
+    /// The running call has ended: see [`crate::plugin::deadline::CallClock::ended`].
+    pub(crate) fn call_ended(&mut self) {
+        self.call.ended(self.scope.tenant.meters.cpu.as_ref());
+    }
+
+    /// Charges the guest time measured and not yet charged to the tenant's
+    /// CPU budget (the instance is ending).
+    pub(crate) fn flush_guest_time(&mut self) {
+        self.call.flush(self.scope.tenant.meters.cpu.as_ref());
+    }
+
     /// Admits `n` host calls (or deliveries) against the connection's rate
     /// (`rate`, metered by the bucket `bucket` picks) and the tenant's
     /// (`tenant` takes from its meter); `limit-reached` if either is used up.

@@ -62,12 +62,7 @@ impl Guest {
         export: &'static str,
         result: wasmtime::Result<T>,
     ) -> Option<T> {
-        let state = self.store.data_mut();
-        if let Some(used) = state.call.uncharged() {
-            if let Some(cpu) = &state.scope().tenant.meters.cpu {
-                cpu.charge(used);
-            }
-        }
+        self.store.data_mut().call_ended();
         match result {
             Ok(v) => Some(v),
             Err(e) => {
@@ -205,7 +200,9 @@ impl Guest {
 
 impl Drop for Guest {
     fn drop(&mut self) {
-        self.store.data().scope().tenant.release_instance();
+        let state = self.store.data_mut();
+        state.flush_guest_time();
+        state.scope().tenant.release_instance();
     }
 }
 
@@ -232,12 +229,11 @@ impl Guest {
         store.set_epoch_deadline(first);
         let instantiated = plugin.instantiate(&mut store);
         // Instantiating (start functions included) is the tenant's CPU too.
-        if let (Some(used), Some(cpu)) = (store.data_mut().call.uncharged(), &tenant.meters.cpu) {
-            cpu.charge(used);
-        }
+        store.data_mut().call_ended();
         let (bindings, instance, resume) = match instantiated {
             Ok(parts) => parts,
             Err(e) => {
+                store.data_mut().flush_guest_time();
                 tenant.release_instance();
                 return Err(e);
             }
