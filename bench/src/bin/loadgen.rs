@@ -5,6 +5,9 @@
 //! Modes:
 //! - `echo`: N connections, each keeping K messages of S bytes in flight for
 //!   a duration; msgs/s, MB/s, p50/p99/p999 round-trip latency, errors.
+//!   With `--rate R`, the connections send R messages a second in all, one
+//!   at a time each, at an even pace: latency at a set load rather than at
+//!   saturation.
 //! - `setup`: connections per second, each one opened, handshaken, used for
 //!   one echo and closed, by C concurrent workers.
 //! - `idle`: opens N connections that stay idle and reports the server's RSS
@@ -66,6 +69,12 @@ enum Mode {
         /// Measured seconds (after one second of warm-up).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Messages per second over all connections, each connection
+        /// sending one at a time at an even pace (`--inflight` is then 1);
+        /// 0: as fast as answers come back (a closed loop, which runs the
+        /// server at saturation).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
     },
     /// Connection setup rate.
     Setup {
@@ -249,6 +258,37 @@ impl EchoLoad {
         }
     }
 
+    /// Like [`EchoLoad::start`] with one message in flight per connection,
+    /// but sent at `rate` a second over all connections, each connection
+    /// pacing its own share with a random phase: the server is loaded to a
+    /// set rate instead of to saturation, which is where tail latency is
+    /// meaningful.
+    fn paced(args: &Args, conns: usize, size: usize, rate: u64, seconds: u64) -> EchoLoad {
+        let measure_from = Instant::now() + Duration::from_secs(1);
+        let until = measure_from + Duration::from_secs(seconds);
+        let every = Duration::from_secs_f64(conns as f64 / rate as f64);
+        let tasks = (0..conns)
+            .map(|i| {
+                // Spread evenly over one period.
+                let phase = every.mul_f64(i as f64 / conns as f64);
+                tokio::spawn(paced_conn(
+                    args.addr,
+                    args.path.clone(),
+                    size,
+                    every,
+                    phase,
+                    measure_from,
+                    until,
+                ))
+            })
+            .collect();
+        EchoLoad {
+            measure_from,
+            tasks,
+            cpu: CpuWindow::start(args.server_pid, measure_from, until),
+        }
+    }
+
     /// Every round trip's latency in ns, sorted, the errors, and the
     /// server's CPU seconds over the measured window (with `--server-pid`).
     async fn finish(self) -> anyhow::Result<(Vec<u64>, u64, Option<f64>)> {
@@ -335,6 +375,70 @@ async fn echo_conn(
             result.errors += 1;
             break;
         }
+    }
+    let _ = s
+        .write_all(&client_frame(0x8, &1000u16.to_be_bytes()))
+        .await;
+    result
+}
+
+/// One connection sending a message every `every` (from `phase` after it
+/// opened), each when the previous one has been answered or when it is
+/// due, whichever is later; latency from sending to the answer.
+async fn paced_conn(
+    addr: SocketAddr,
+    path: String,
+    size: usize,
+    every: Duration,
+    phase: Duration,
+    measure_from: Instant,
+    until: Instant,
+) -> ConnResult {
+    let mut result = ConnResult {
+        latencies: Vec::new(),
+        errors: 0,
+    };
+    let (mut s, mut buf) = match open(addr, &path).await {
+        Ok(x) => x,
+        Err(_) => {
+            result.errors += 1;
+            return result;
+        }
+    };
+    let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    let frame = client_frame(0x2, &payload);
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut due = Instant::now() + phase;
+    'messages: while due < until {
+        tokio::time::sleep_until(due.into()).await;
+        let sent = Instant::now();
+        if s.write_all(&frame).await.is_err() {
+            result.errors += 1;
+            break;
+        }
+        loop {
+            let n = match tokio::time::timeout_at(until.into(), s.read(&mut chunk)).await {
+                Err(_) => break 'messages,
+                Ok(Ok(0)) | Ok(Err(_)) => {
+                    result.errors += 1;
+                    break 'messages;
+                }
+                Ok(Ok(n)) => n,
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            match take_frames(&mut buf) {
+                Ok(0) => continue,
+                Ok(_) => break,
+                Err(_) => {
+                    result.errors += 1;
+                    break 'messages;
+                }
+            }
+        }
+        if sent >= measure_from {
+            result.latencies.push(sent.elapsed().as_nanos() as u64);
+        }
+        due += every;
     }
     let _ = s
         .write_all(&client_frame(0x8, &1000u16.to_be_bytes()))
@@ -462,12 +566,18 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             size,
             inflight,
             seconds,
+            rate,
         } => {
-            let load = EchoLoad::start(args, conns, size, inflight, seconds);
+            let load = if rate > 0 {
+                EchoLoad::paced(args, conns, size, rate, seconds)
+            } else {
+                EchoLoad::start(args, conns, size, inflight, seconds)
+            };
             let (latencies, errors, cpu) = load.finish().await?;
             let msgs = latencies.len() as f64 / seconds as f64;
             Ok(serde_json::json!({
                 "label": args.label, "mode": "echo", "conns": conns, "size": size, "inflight": inflight,
+                "rate": rate,
                 "seconds": seconds, "msgs_per_s": msgs.round(),
                 "server_cpu_us_per_msg": cpu_us_per(cpu, latencies.len() as f64),
                 "mb_per_s": (msgs * size as f64 / 1e6 * 100.0).round() / 100.0,

@@ -27,12 +27,18 @@
 //! 4. At `max_call_time` (wall-clock, sleeps and waits included) it traps
 //!    with [`wasmtime::Trap::Interrupt`].
 //!
+//! A call that runs long holds its worker until its first tick, up to 10
+//! ms, and the connections queued on that worker wait as long. So once a
+//! route's call has run past a tick, the route's next calls start handed
+//! off ([`LongCallHint`]): a hand-off per call (tens of microseconds) for a
+//! route whose calls are long anyway, and no worker held.
+//!
 //! Calls shorter than a tick (nearly all) pay nothing for this: the callback
 //! never runs. A current-thread runtime (`threads = 1`) has no other worker
 //! to hand to; there a long call holds the gateway until it ends or is
 //! interrupted (and is not put to sleep).
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -49,7 +55,7 @@ use crate::routing::tenant::Counts;
 pub const HAND_OFF_TICKS: u64 = 1;
 
 /// The epoch tick, as the engine's ticker advances it.
-const TICK: Duration = Duration::from_millis(10);
+const TICK: Duration = crate::plugin::engine::EPOCH_TICK;
 
 /// Where the running call is in its deadline, and what of it was charged.
 #[derive(Debug, Default)]
@@ -122,13 +128,14 @@ impl Drop for LongCalls {
 
 impl CallClock {
     /// Arms a call that may run `total` epoch ticks, measured for a CPU
-    /// budget if `metered`; returns the deadline to set for the first
-    /// stage.
-    pub fn arm(&mut self, total: u64, metered: bool) -> u64 {
+    /// budget if `metered`, and started `off_worker` (the caller runs it
+    /// with the worker handed off already); returns the deadline to set for
+    /// the first stage.
+    pub fn arm(&mut self, total: u64, metered: bool, off_worker: bool) -> u64 {
         let first = total.min(HAND_OFF_TICKS);
         self.rest = total - first;
         self.deadline = None;
-        self.handed_off = false;
+        self.handed_off = off_worker;
         self.measured_to = metered.then(|| MeterClock::get().raw());
         first
     }
@@ -164,12 +171,46 @@ impl CallClock {
     }
 }
 
+/// Whether a route's calls start off the worker, from the way its recent
+/// calls went. A call that runs past its first tick holds its worker (and
+/// the connections queued on it) until then, up to 10 ms; on a route whose
+/// calls run that long, the next ones are handed off before they start
+/// instead, which costs a thread hand-off per call (tens of microseconds)
+/// but never holds a worker. A route whose calls stop running long returns
+/// to running them on the worker after [`LongCallHint::CALLS`] calls.
+#[derive(Debug, Default)]
+pub struct LongCallHint(AtomicU32);
+
+impl LongCallHint {
+    /// Calls started off the worker after one ran long.
+    pub const CALLS: u32 = 100;
+
+    /// Whether the next call is to start off the worker (counted).
+    pub fn start_off_worker(&self) -> bool {
+        if self.0.load(Ordering::Relaxed) == 0 {
+            return false;
+        }
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        true
+    }
+
+    /// A call of the route ran past its first tick.
+    pub fn ran_long(&self) {
+        self.0.store(Self::CALLS, Ordering::Relaxed);
+    }
+}
+
 /// The epoch-deadline callback of every plugin store: hands the worker off
 /// at the first deadline of a call, then every tick charges and throttles a
 /// budgeted tenant's call, and traps at `max_call_time`.
 pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<UpdateDeadline> {
     let state = ctx.data_mut();
     let now = Instant::now();
+    if state.call.deadline.is_none() {
+        state.scope().long_calls.ran_long();
+    }
     let deadline = *state
         .call
         .deadline
@@ -242,5 +283,22 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match Handle::try_current() {
         Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
         _ => f(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_starts_its_calls_off_the_worker_for_a_while_after_one_ran_long() {
+        let hint = LongCallHint::default();
+        assert!(!hint.start_off_worker(), "no call has run long yet");
+        hint.ran_long();
+        let off = (0..LongCallHint::CALLS)
+            .filter(|_| hint.start_off_worker())
+            .count();
+        assert_eq!(off, LongCallHint::CALLS as usize);
+        assert!(!hint.start_off_worker(), "back on the worker after that");
     }
 }

@@ -33,7 +33,7 @@ const RESUME_INTERFACE: &str = "wasmgate:plugin/resume@0.1.1";
 
 /// How often the engine's epoch advances; a call's time limit is counted in
 /// these ticks.
-const EPOCH_TICK: Duration = Duration::from_millis(10);
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// The engine and linker shared by every plugin.
 pub struct Runtime {
@@ -251,7 +251,10 @@ impl Runtime {
             self.max_call_time(),
         );
         let mut store = self.store(state);
-        let first = store.data_mut().call.arm(self.call_deadline(), false);
+        let first = store
+            .data_mut()
+            .call
+            .arm(self.call_deadline(), false, false);
         store.set_epoch_deadline(first);
         match pre.instantiate(&mut store) {
             Ok(_) => Ok(()),

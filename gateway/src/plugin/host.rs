@@ -43,6 +43,8 @@ pub struct Scope {
     pub env: Vec<EnvGrant>,
     /// Host directories granted to the plugin.
     pub dirs: Vec<DirGrant>,
+    /// Whether the route's calls have been running long.
+    pub long_calls: crate::plugin::deadline::LongCallHint,
 }
 
 impl Scope {
@@ -58,6 +60,7 @@ impl Scope {
             limits: Limits::default(),
             env: Vec::new(),
             dirs: Vec::new(),
+            long_calls: Default::default(),
         }
     }
 }

@@ -46,12 +46,19 @@ fn with_files<T>(files: bool, call: impl FnOnce() -> T) -> T {
 }
 
 impl Guest {
-    /// Arms the time limit of the next call.
-    pub(crate) fn before_call(&mut self) {
+    /// Arms the time limit of the next call; whether the call is to run
+    /// off the worker (handed off before it starts): when the route grants
+    /// directories (file I/O blocks), or when one of the route's recent
+    /// calls ran long ([`crate::plugin::deadline::LongCallHint`]).
+    pub(crate) fn before_call(&mut self) -> bool {
         let state = self.store.data_mut();
         let metered = state.scope().tenant.meters.cpu.is_some();
-        let first = state.call.arm(self.runtime.call_deadline(), metered);
+        let off_worker = self.files || state.scope().long_calls.start_off_worker();
+        let first = state
+            .call
+            .arm(self.runtime.call_deadline(), metered, off_worker);
         self.store.set_epoch_deadline(first);
+        off_worker
     }
 
     /// Checks how a call went. A trap or error is logged with the route, the
@@ -107,8 +114,7 @@ impl Guest {
 
     /// Runs `on-open`; `None` if the plugin failed.
     pub fn on_open(&mut self, id: u64, request: &types::Request) -> Option<OpenResponse> {
-        self.before_call();
-        let files = self.files;
+        let files = self.before_call();
         let r = with_files(files, || {
             self.bindings
                 .wasmgate_plugin_handler()
@@ -126,8 +132,7 @@ impl Guest {
             Message::Text(s) => types::Message::Text(s),
             Message::Binary(b) => types::Message::Binary(Vec::from(b)),
         };
-        self.before_call();
-        let files = self.files;
+        let files = self.before_call();
         let r = with_files(files, || {
             self.bindings
                 .wasmgate_plugin_handler()
@@ -147,8 +152,7 @@ impl Guest {
             fin: fragment.fin,
             data: Vec::from(fragment.data),
         };
-        self.before_call();
-        let files = self.files;
+        let files = self.before_call();
         let r = with_files(files, || {
             self.bindings
                 .wasmgate_plugin_handler()
@@ -172,8 +176,7 @@ impl Guest {
         if !live {
             return true;
         }
-        self.before_call();
-        let files = self.files;
+        let files = self.before_call();
         let r = with_files(files, || {
             self.bindings
                 .wasmgate_plugin_handler()
@@ -187,8 +190,7 @@ impl Guest {
         if self.trapped {
             return;
         }
-        self.before_call();
-        let files = self.files;
+        let files = self.before_call();
         let r = with_files(files, || {
             self.bindings
                 .wasmgate_plugin_handler()
@@ -225,7 +227,10 @@ impl Guest {
         }
         let metered = tenant.meters.cpu.is_some();
         let mut store = runtime.store(state);
-        let first = store.data_mut().call.arm(runtime.call_deadline(), metered);
+        let first = store
+            .data_mut()
+            .call
+            .arm(runtime.call_deadline(), metered, files);
         store.set_epoch_deadline(first);
         let instantiated = plugin.instantiate(&mut store);
         // Instantiating (start functions included) is the tenant's CPU too.
@@ -266,8 +271,7 @@ impl Guest {
             return true;
         };
         let request = &request.unpack();
-        self.before_call();
-        let files = self.files;
+        let files = self.before_call();
         let result = with_files(files, || {
             self.instance
                 .get_typed_func::<(u64, &types::Request), ()>(&mut self.store, index)

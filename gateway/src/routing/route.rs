@@ -122,6 +122,7 @@ fn version(
         limits: settings.limits.clone(),
         env: settings.env.clone(),
         dirs: settings.dirs.clone(),
+        long_calls: Default::default(),
     });
     let shared = (settings.isolation == Isolation::Shared).then(|| {
         Arc::new(SharedInstance::new(
