@@ -174,7 +174,7 @@ struct LineSink {
 
 impl LineSink {
     fn push(&mut self, mut bytes: &[u8]) {
-        while let Some(nl) = bytes.iter().position(|&b| b == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', bytes) {
             self.append(&bytes[..nl]);
             self.emit();
             bytes = &bytes[nl + 1..];
