@@ -440,3 +440,57 @@ plugin = "{testkit}"
     );
     victim_is_served(&mut v).await;
 }
+
+#[tokio::test]
+async fn a_ping_flood_counts_against_the_message_rate_and_closes_with_1008() {
+    let gw = Gateway::start(
+        "hostile-ping-flood-close",
+        "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n\
+         max_messages_per_second = 20\nrate_exceeded = \"close\"\n",
+    );
+    let mut raw = Raw::connect(gw.addr, "/echo").await;
+    for _ in 0..200 {
+        raw.send_frame(0x89, b"p", true).await;
+    }
+    assert_eq!(raw.expect_close().await, 1008);
+}
+
+#[tokio::test]
+async fn pings_over_the_message_rate_get_no_pong_when_the_route_drops() {
+    let gw = Gateway::start(
+        "hostile-ping-flood-drop",
+        "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n\
+         max_messages_per_second = 20\nrate_exceeded = \"drop\"\n",
+    );
+    let mut raw = Raw::connect(gw.addr, "/echo").await;
+    for _ in 0..200 {
+        raw.send_frame(0x89, b"p", true).await;
+    }
+    // A text message marks the end of what the flood got back.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    raw.send_frame(0x81, b"end", true).await;
+    let mut pongs = 0;
+    loop {
+        match raw.read_frame().await {
+            Some((b0, _)) if b0 & 0x0F == 0xA => pongs += 1,
+            Some((b0, p)) if b0 & 0x0F == 0x1 => {
+                assert_eq!(p, b"end");
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pongs <= 40, "{pongs} pongs");
+    // The pings over the rate were dropped, and counted at close: all but
+    // the burst of one second's rate and what refilled as they arrived.
+    raw.send_frame(0x88, &1000u16.to_be_bytes(), true).await;
+    assert_eq!(raw.expect_close().await, 1000);
+    let line = gw.wait_log("dropped over its inbound rate");
+    let dropped: u64 = line
+        .split("dropped=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("a dropped count");
+    assert!((160..=180).contains(&dropped), "{dropped} dropped");
+}

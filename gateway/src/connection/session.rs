@@ -748,12 +748,19 @@ impl Session {
         inbound: &mut Inbound,
     ) -> Option<Ending> {
         match frame.opcode {
-            OpCode::Ping => {
-                self.conn
-                    .outbox
-                    .push_control(Outbound::Pong(frame.payload.freeze()));
-            }
-            OpCode::Pong => {}
+            // Pings and pongs count against the inbound rates like
+            // messages, so that a client cannot make the gateway answer
+            // pings without limit where its messages are limited; one over
+            // the rate gets no pong (dropped) or closes the connection.
+            OpCode::Ping | OpCode::Pong => match self.admit_control(inbound, phase, &frame) {
+                Admit::Deliver if frame.opcode == OpCode::Ping => {
+                    self.conn
+                        .outbox
+                        .push_control(Outbound::Pong(frame.payload.freeze()));
+                }
+                Admit::Deliver | Admit::Drop => {}
+                Admit::Close => *phase = self.rate_exceeded(),
+            },
             OpCode::Close => {
                 if let Phase::Closing(c) = phase {
                     // The peer answered our close: the handshake is done.
@@ -842,6 +849,26 @@ impl Session {
             tracing::info!(
                 tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id,
                 "client over its inbound rate (max_messages_per_second / max_bytes_per_second): dropping its messages over the rate, counted at close"
+            );
+        }
+        admit
+    }
+
+    /// Meters a ping or pong against the route's inbound rates (not while
+    /// closing, when only the close handshake matters).
+    fn admit_control(&self, inbound: &mut Inbound, phase: &Phase, frame: &Frame) -> Admit {
+        let Some(rates) = &mut inbound.rates else {
+            return Admit::Deliver;
+        };
+        if !phase.is_open() {
+            return Admit::Deliver;
+        }
+        let policy = self.version.settings.limits.rate_exceeded;
+        let admit = rates.admit_control(frame.payload.len(), policy);
+        if admit == Admit::Drop && rates.dropped == 1 {
+            tracing::info!(
+                tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id,
+                "client over its inbound rate (max_messages_per_second / max_bytes_per_second): dropping its pings and messages over the rate, counted at close"
             );
         }
         admit
@@ -1032,6 +1059,31 @@ impl InboundRates {
             dropped: 0,
             dropping: false,
         }))
+    }
+
+    /// Meters a control frame (ping or pong) of `len` payload bytes as one
+    /// message: over the rate it is dropped (counted) or closes the
+    /// connection, without touching the state of a fragmented message in
+    /// progress.
+    fn admit_control(&mut self, len: usize, policy: RateExceeded) -> Admit {
+        let now = std::time::Instant::now();
+        let mut ok = true;
+        if let Some((b, rate)) = &mut self.messages {
+            ok &= b.take(1, *rate, now);
+        }
+        if ok {
+            if let Some((b, rate)) = &mut self.bytes {
+                ok &= b.take((len as u64).min(*rate), *rate, now);
+            }
+        }
+        match (ok, policy) {
+            (true, _) => Admit::Deliver,
+            (false, RateExceeded::Close) => Admit::Close,
+            (false, RateExceeded::Drop) => {
+                self.dropped += 1;
+                Admit::Drop
+            }
+        }
     }
 
     /// Meters one message start (`starts`) and `len` payload bytes; a
