@@ -74,22 +74,31 @@ fn request() -> wasmgate::bindings::wasmgate::plugin::types::Request {
     }
 }
 
-fn round_trip(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread()
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
-    // Host calls may spawn tasks (timers), as inside the gateway.
-    let _guard = rt.enter();
+        .expect("runtime")
+}
+
+/// A connection of each route of [`CONFIG`]: no quotas, a `cpu_budget`,
+/// and a `cpu_budget` with a send rate.
+fn sessions() -> [Box<Session>; 3] {
     let config = Config::parse(CONFIG, Path::new("<bench>")).expect("config");
     let runtime = Runtime::new(&config.sandbox, 16, None).expect("engine");
-    let mut session = open_session(&config, &runtime, 0, Tenant::default_tenant(None));
-    let mut metered = open_session(
-        &config,
-        &runtime,
-        2,
-        Tenant::from_settings(&config.tenants[1], None),
-    );
+    let tenant = |i: usize| Tenant::from_settings(&config.tenants[i], None);
+    [
+        open_session(&config, &runtime, 0, Tenant::default_tenant(None)),
+        open_session(&config, &runtime, 1, tenant(0)),
+        open_session(&config, &runtime, 2, tenant(1)),
+    ]
+}
+
+fn round_trip(c: &mut Criterion) {
+    let rt = runtime();
+    // Host calls may spawn tasks (timers), as inside the gateway.
+    let _guard = rt.enter();
+    let [mut session, _, mut metered] = sessions();
     let metered_outbox = metered.outbox().clone();
     let outbox = session.outbox().clone();
 
@@ -144,26 +153,9 @@ fn round_trip(c: &mut Criterion) {
 /// 20,000 calls for about 15 s: median nanoseconds per call of each, and
 /// their ratios to the echo without quotas.
 fn quota_overhead() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime();
     let _guard = rt.enter();
-    let config = Config::parse(CONFIG, Path::new("<bench>")).expect("config");
-    let runtime = Runtime::new(&config.sandbox, 16, None).expect("engine");
-    let mut plain = open_session(&config, &runtime, 0, Tenant::default_tenant(None));
-    let mut budget = open_session(
-        &config,
-        &runtime,
-        1,
-        Tenant::from_settings(&config.tenants[0], None),
-    );
-    let mut metered = open_session(
-        &config,
-        &runtime,
-        2,
-        Tenant::from_settings(&config.tenants[1], None),
-    );
+    let [mut plain, mut budget, mut metered] = sessions();
     let text = "a".repeat(32);
     let block = |session: &mut Box<Session>| {
         let outbox = session.outbox().clone();

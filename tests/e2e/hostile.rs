@@ -441,31 +441,32 @@ plugin = "{testkit}"
     victim_is_served(&mut v).await;
 }
 
-#[tokio::test]
-async fn a_ping_flood_counts_against_the_message_rate_and_closes_with_1008() {
+/// A gateway whose echo route allows 20 messages a second with
+/// `rate_exceeded = policy`, and a client that has sent it 200 pings.
+async fn ping_flood(policy: &str) -> (Gateway, Raw) {
     let gw = Gateway::start(
-        "hostile-ping-flood-close",
-        "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n\
-         max_messages_per_second = 20\nrate_exceeded = \"close\"\n",
+        &format!("hostile-ping-flood-{policy}"),
+        &format!(
+            "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n\
+             max_messages_per_second = 20\nrate_exceeded = \"{policy}\"\n"
+        ),
     );
     let mut raw = Raw::connect(gw.addr, "/echo").await;
     for _ in 0..200 {
         raw.send_frame(0x89, b"p", true).await;
     }
+    (gw, raw)
+}
+
+#[tokio::test]
+async fn a_ping_flood_counts_against_the_message_rate_and_closes_with_1008() {
+    let (_gw, mut raw) = ping_flood("close").await;
     assert_eq!(raw.expect_close().await, 1008);
 }
 
 #[tokio::test]
 async fn pings_over_the_message_rate_get_no_pong_when_the_route_drops() {
-    let gw = Gateway::start(
-        "hostile-ping-flood-drop",
-        "[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n\
-         max_messages_per_second = 20\nrate_exceeded = \"drop\"\n",
-    );
-    let mut raw = Raw::connect(gw.addr, "/echo").await;
-    for _ in 0..200 {
-        raw.send_frame(0x89, b"p", true).await;
-    }
+    let (gw, mut raw) = ping_flood("drop").await;
     // A text message marks the end of what the flood got back.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     raw.send_frame(0x81, b"end", true).await;

@@ -237,50 +237,41 @@ struct EchoLoad {
 
 impl EchoLoad {
     fn start(args: &Args, conns: usize, size: usize, inflight: usize, seconds: u64) -> EchoLoad {
-        let measure_from = Instant::now() + Duration::from_secs(1);
-        let until = measure_from + Duration::from_secs(seconds);
-        let tasks = (0..conns)
-            .map(|_| {
-                tokio::spawn(echo_conn(
-                    args.addr,
-                    args.path.clone(),
-                    size,
-                    inflight,
-                    measure_from,
-                    until,
-                ))
-            })
-            .collect();
-        EchoLoad {
-            measure_from,
-            tasks,
-            cpu: CpuWindow::start(args.server_pid, measure_from, until),
-        }
+        let (addr, path) = (args.addr, &args.path);
+        EchoLoad::spawn(args, conns, seconds, |_, measure_from, until| {
+            echo_conn(addr, path.clone(), size, inflight, measure_from, until)
+        })
     }
 
     /// Like [`EchoLoad::start`] with one message in flight per connection,
     /// but sent at `rate` a second over all connections, each connection
-    /// pacing its own share with a random phase: the server is loaded to a
-    /// set rate instead of to saturation, which is where tail latency is
-    /// meaningful.
+    /// pacing its own share, their phases spread evenly: the server is
+    /// loaded to a set rate instead of to saturation, which is where tail
+    /// latency is meaningful.
     fn paced(args: &Args, conns: usize, size: usize, rate: u64, seconds: u64) -> EchoLoad {
+        let (addr, path) = (args.addr, &args.path);
+        let every = Duration::from_secs_f64(conns as f64 / rate as f64);
+        EchoLoad::spawn(args, conns, seconds, |i, measure_from, until| {
+            let phase = every.mul_f64(i as f64 / conns as f64);
+            paced_conn(addr, path.clone(), size, every, phase, measure_from, until)
+        })
+    }
+
+    /// `conns` tasks of `conn(index, measure_from, until)`, measured for
+    /// `seconds` after one second of warm-up.
+    fn spawn<F>(
+        args: &Args,
+        conns: usize,
+        seconds: u64,
+        conn: impl Fn(usize, Instant, Instant) -> F,
+    ) -> EchoLoad
+    where
+        F: std::future::Future<Output = ConnResult> + Send + 'static,
+    {
         let measure_from = Instant::now() + Duration::from_secs(1);
         let until = measure_from + Duration::from_secs(seconds);
-        let every = Duration::from_secs_f64(conns as f64 / rate as f64);
         let tasks = (0..conns)
-            .map(|i| {
-                // Spread evenly over one period.
-                let phase = every.mul_f64(i as f64 / conns as f64);
-                tokio::spawn(paced_conn(
-                    args.addr,
-                    args.path.clone(),
-                    size,
-                    every,
-                    phase,
-                    measure_from,
-                    until,
-                ))
-            })
+            .map(|i| tokio::spawn(conn(i, measure_from, until)))
             .collect();
         EchoLoad {
             measure_from,
@@ -304,9 +295,32 @@ impl EchoLoad {
     }
 }
 
+#[derive(Default)]
 struct ConnResult {
     latencies: Vec<u64>,
     errors: u64,
+}
+
+impl ConnResult {
+    /// A connection that could not open: one error.
+    fn failed() -> ConnResult {
+        ConnResult {
+            latencies: Vec::new(),
+            errors: 1,
+        }
+    }
+}
+
+/// An echo connection: the stream, its read buffer, and the binary frame
+/// of `size` bytes it sends.
+async fn open_echo(
+    addr: SocketAddr,
+    path: &str,
+    size: usize,
+) -> anyhow::Result<(TcpStream, Vec<u8>, Vec<u8>)> {
+    let (s, buf) = open(addr, path).await?;
+    let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+    Ok((s, buf, client_frame(0x2, &payload)))
 }
 
 async fn echo_conn(
@@ -317,19 +331,10 @@ async fn echo_conn(
     measure_from: Instant,
     until: Instant,
 ) -> ConnResult {
-    let mut result = ConnResult {
-        latencies: Vec::new(),
-        errors: 0,
+    let Ok((mut s, mut buf, frame)) = open_echo(addr, &path, size).await else {
+        return ConnResult::failed();
     };
-    let (mut s, mut buf) = match open(addr, &path).await {
-        Ok(x) => x,
-        Err(_) => {
-            result.errors += 1;
-            return result;
-        }
-    };
-    let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
-    let frame = client_frame(0x2, &payload);
+    let mut result = ConnResult::default();
     let mut sent: VecDeque<Instant> = VecDeque::with_capacity(inflight);
     let mut out = Vec::with_capacity(frame.len() * inflight);
     for _ in 0..inflight {
@@ -394,19 +399,10 @@ async fn paced_conn(
     measure_from: Instant,
     until: Instant,
 ) -> ConnResult {
-    let mut result = ConnResult {
-        latencies: Vec::new(),
-        errors: 0,
+    let Ok((mut s, mut buf, frame)) = open_echo(addr, &path, size).await else {
+        return ConnResult::failed();
     };
-    let (mut s, mut buf) = match open(addr, &path).await {
-        Ok(x) => x,
-        Err(_) => {
-            result.errors += 1;
-            return result;
-        }
-    };
-    let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
-    let frame = client_frame(0x2, &payload);
+    let mut result = ConnResult::default();
     let mut chunk = vec![0u8; 64 << 10];
     let mut due = Instant::now() + phase;
     'messages: while due < until {
