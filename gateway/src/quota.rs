@@ -62,9 +62,9 @@ impl Bucket {
 /// instead of a token count.
 #[derive(Debug)]
 pub struct SharedLimit {
-    rate: Option<u64>,
-    /// What one token stands for: 1/rate of a second, in nanoseconds.
-    token_ns: f64,
+    /// What one token stands for: 1/rate of a second, in nanoseconds
+    /// (`None`: no limit).
+    token_ns: Option<f64>,
     /// When the bucket is full again, in nanoseconds since `origin`.
     full_at: AtomicU64,
     origin: quanta::Instant,
@@ -77,8 +77,7 @@ impl SharedLimit {
     /// A limit of `rate` a second (`None`: unlimited).
     pub fn new(rate: Option<u32>) -> SharedLimit {
         SharedLimit {
-            rate: rate.map(|r| u64::from(r.max(1))),
-            token_ns: SECOND_NS as f64 / f64::from(rate.unwrap_or(1).max(1)),
+            token_ns: rate.map(|r| SECOND_NS as f64 / f64::from(r.max(1))),
             full_at: AtomicU64::new(0),
             origin: MeterClock::get().now(),
         }
@@ -86,16 +85,16 @@ impl SharedLimit {
 
     /// Takes `n`; true if allowed (always, without a limit).
     pub fn take(&self, n: u64) -> bool {
-        match self.rate {
+        match self.token_ns {
             None => true,
-            Some(_) => self.take_at(n, MeterClock::get().now()),
+            Some(token_ns) => self.take_at(n, token_ns, MeterClock::get().now()),
         }
     }
 
-    fn take_at(&self, n: u64, now: quanta::Instant) -> bool {
+    fn take_at(&self, n: u64, token_ns: f64, now: quanta::Instant) -> bool {
         let now = nanos_since(self.origin, now);
         // Saturating (as casts from f64 do): a cost past a second is refused.
-        let cost = (n as f64 * self.token_ns) as u64;
+        let cost = (n as f64 * token_ns) as u64;
         self.full_at
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |full_at| {
                 let next = full_at.max(now).saturating_add(cost);
@@ -106,7 +105,7 @@ impl SharedLimit {
 
     /// Whether there is a limit.
     pub fn is_limited(&self) -> bool {
-        self.rate.is_some()
+        self.token_ns.is_some()
     }
 }
 
@@ -306,14 +305,14 @@ mod tests {
     fn a_shared_limit_allows_a_burst_of_its_rate_then_refills_over_time() {
         let l = SharedLimit::new(Some(10));
         let t0 = MeterClock::get().now();
-        assert!((0..10).all(|_| l.take_at(1, t0)));
-        assert!(!l.take_at(1, t0));
-        assert!(l.take_at(1, t0 + Duration::from_millis(100)));
-        assert!(!l.take_at(1, t0 + Duration::from_millis(100)));
+        assert!((0..10).all(|_| l.take_at(1, 1e8, t0)));
+        assert!(!l.take_at(1, 1e8, t0));
+        assert!(l.take_at(1, 1e8, t0 + Duration::from_millis(100)));
+        assert!(!l.take_at(1, 1e8, t0 + Duration::from_millis(100)));
         // Never more than one second's worth saved up.
-        assert!(l.take_at(10, t0 + Duration::from_secs(60)));
-        assert!(!l.take_at(1, t0 + Duration::from_secs(60)));
-        assert!(!l.take_at(11, t0 + Duration::from_secs(120)));
+        assert!(l.take_at(10, 1e8, t0 + Duration::from_secs(60)));
+        assert!(!l.take_at(1, 1e8, t0 + Duration::from_secs(60)));
+        assert!(!l.take_at(11, 1e8, t0 + Duration::from_secs(120)));
         assert!(SharedLimit::new(None).take(u64::MAX));
     }
 

@@ -752,15 +752,23 @@ impl Session {
             // messages, so that a client cannot make the gateway answer
             // pings without limit where its messages are limited; one over
             // the rate gets no pong (dropped) or closes the connection.
-            OpCode::Ping | OpCode::Pong => match self.admit_control(inbound, phase, &frame) {
-                Admit::Deliver if frame.opcode == OpCode::Ping => {
-                    self.conn
-                        .outbox
-                        .push_control(Outbound::Pong(frame.payload.freeze()));
+            // (Not while closing: then only the close handshake matters.)
+            OpCode::Ping | OpCode::Pong => {
+                let admit = if phase.is_open() {
+                    self.admit(inbound, Unit::Control, frame.payload.len())
+                } else {
+                    Admit::Deliver
+                };
+                match admit {
+                    Admit::Deliver if frame.opcode == OpCode::Ping => {
+                        self.conn
+                            .outbox
+                            .push_control(Outbound::Pong(frame.payload.freeze()));
+                    }
+                    Admit::Deliver | Admit::Drop => {}
+                    Admit::Close => *phase = self.rate_exceeded(),
                 }
-                Admit::Deliver | Admit::Drop => {}
-                Admit::Close => *phase = self.rate_exceeded(),
-            },
+            }
             OpCode::Close => {
                 if let Phase::Closing(c) = phase {
                     // The peer answered our close: the handshake is done.
@@ -794,7 +802,7 @@ impl Session {
                         Message::Text(t) => t.len(),
                         Message::Binary(b) => b.len(),
                     };
-                    match self.admit(inbound, true, len) {
+                    match self.admit(inbound, Unit::Starts, len) {
                         Admit::Deliver => {
                             if !self.deliver(msg) {
                                 *phase = self.plugin_failed();
@@ -808,7 +816,12 @@ impl Session {
                     if fragment.fin {
                         inbound.messages += 1;
                     }
-                    match self.admit(inbound, fragment.first, fragment.data.len()) {
+                    let unit = if fragment.first {
+                        Unit::Starts
+                    } else {
+                        Unit::Continues
+                    };
+                    match self.admit(inbound, unit, fragment.data.len()) {
                         Admit::Deliver => {
                             let ok = self.call(fragment.first, |g, id| g.on_fragment(id, fragment));
                             if !ok {
@@ -837,38 +850,18 @@ impl Session {
         })
     }
 
-    /// Meters an inbound message (or fragment) against the route's rates;
-    /// the first message dropped on a connection is logged.
-    fn admit(&self, inbound: &mut Inbound, starts: bool, len: usize) -> Admit {
+    /// Meters an inbound message, fragment, ping or pong against the
+    /// route's rates; the first one dropped on a connection is logged.
+    fn admit(&self, inbound: &mut Inbound, unit: Unit, len: usize) -> Admit {
         let Some(rates) = &mut inbound.rates else {
             return Admit::Deliver;
         };
         let policy = self.version.settings.limits.rate_exceeded;
-        let admit = rates.admit(starts, len, policy);
+        let admit = rates.admit(unit, len, policy);
         if admit == Admit::Drop && rates.dropped == 1 {
             tracing::info!(
                 tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id,
-                "client over its inbound rate (max_messages_per_second / max_bytes_per_second): dropping its messages over the rate, counted at close"
-            );
-        }
-        admit
-    }
-
-    /// Meters a ping or pong against the route's inbound rates (not while
-    /// closing, when only the close handshake matters).
-    fn admit_control(&self, inbound: &mut Inbound, phase: &Phase, frame: &Frame) -> Admit {
-        let Some(rates) = &mut inbound.rates else {
-            return Admit::Deliver;
-        };
-        if !phase.is_open() {
-            return Admit::Deliver;
-        }
-        let policy = self.version.settings.limits.rate_exceeded;
-        let admit = rates.admit_control(frame.payload.len(), policy);
-        if admit == Admit::Drop && rates.dropped == 1 {
-            tracing::info!(
-                tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id,
-                "client over its inbound rate (max_messages_per_second / max_bytes_per_second): dropping its pings and messages over the rate, counted at close"
+                "client over its inbound rate (max_messages_per_second / max_bytes_per_second): dropping its messages and pings over the rate, counted at close"
             );
         }
         admit
@@ -1035,6 +1028,17 @@ struct InboundRates {
     dropping: bool,
 }
 
+/// What an inbound rate meters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    /// A message, or the first fragment of one.
+    Starts,
+    /// A later fragment of a message.
+    Continues,
+    /// A ping or a pong.
+    Control,
+}
+
 /// What the inbound rate says of a message or fragment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Admit {
@@ -1061,43 +1065,20 @@ impl InboundRates {
         }))
     }
 
-    /// Meters a control frame (ping or pong) of `len` payload bytes as one
-    /// message: over the rate it is dropped (counted) or closes the
-    /// connection, without touching the state of a fragmented message in
-    /// progress.
-    fn admit_control(&mut self, len: usize, policy: RateExceeded) -> Admit {
+    /// Meters `unit` of `len` payload bytes. A message start, ping or pong
+    /// takes one message token; a fragment after the first of a message
+    /// only counts its bytes, and is dropped with its message. A message
+    /// over the byte rate is let through when a full second's allowance is
+    /// saved up (so messages larger than the rate still pass, at that
+    /// pace). A ping or pong leaves a fragmented message in progress as it
+    /// is.
+    fn admit(&mut self, unit: Unit, len: usize, policy: RateExceeded) -> Admit {
         let now = std::time::Instant::now();
-        let mut ok = true;
-        if let Some((b, rate)) = &mut self.messages {
-            ok &= b.take(1, *rate, now);
-        }
-        if ok {
-            if let Some((b, rate)) = &mut self.bytes {
-                ok &= b.take((len as u64).min(*rate), *rate, now);
-            }
-        }
-        match (ok, policy) {
-            (true, _) => Admit::Deliver,
-            (false, RateExceeded::Close) => Admit::Close,
-            (false, RateExceeded::Drop) => {
-                self.dropped += 1;
-                Admit::Drop
-            }
-        }
-    }
-
-    /// Meters one message start (`starts`) and `len` payload bytes; a
-    /// fragment after the first of a message only counts its bytes, and is
-    /// dropped with its message. A message over the byte rate is let
-    /// through when a full second's allowance is saved up (so messages
-    /// larger than the rate still pass, at that pace).
-    fn admit(&mut self, starts: bool, len: usize, policy: RateExceeded) -> Admit {
-        let now = std::time::Instant::now();
-        if !starts && self.dropping {
+        if unit == Unit::Continues && self.dropping {
             return Admit::Drop;
         }
         let mut ok = true;
-        if starts {
+        if unit != Unit::Continues {
             if let Some((b, rate)) = &mut self.messages {
                 ok &= b.take(1, *rate, now);
             }
@@ -1108,16 +1089,17 @@ impl InboundRates {
                 ok &= b.take(n, *rate, now);
             }
         }
-        match (ok, policy) {
-            (true, _) => {
+        match (ok, policy, unit) {
+            (true, _, Unit::Control) => Admit::Deliver,
+            (true, _, _) => {
                 self.dropping = false;
                 Admit::Deliver
             }
-            (false, RateExceeded::Close) => Admit::Close,
+            (false, RateExceeded::Close, _) => Admit::Close,
             // Part of a message already delivered cannot be taken back.
-            (false, RateExceeded::Drop) if !starts => Admit::Close,
-            (false, RateExceeded::Drop) => {
-                self.dropping = true;
+            (false, RateExceeded::Drop, Unit::Continues) => Admit::Close,
+            (false, RateExceeded::Drop, unit) => {
+                self.dropping |= unit == Unit::Starts;
                 self.dropped += 1;
                 Admit::Drop
             }

@@ -63,7 +63,7 @@ impl Runtime {
     ) -> Result<Arc<Self>, Error> {
         // The CPU-budget meters' clock calibrates itself on first use:
         // here, not in a connection's first call.
-        let _ = quanta::Instant::now();
+        crate::quota::MeterClock::get();
         let mut config = Config::new();
         config
             .wasm_component_model(true)

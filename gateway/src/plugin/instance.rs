@@ -34,11 +34,12 @@ pub struct Guest {
     files: bool,
 }
 
-/// Runs a guest call; with `files`, outside the async runtime's context
-/// (the worker handed off for the call), where wasmtime-wasi's synchronous
-/// file system calls may block on their async implementation.
-fn with_files<T>(files: bool, call: impl FnOnce() -> T) -> T {
-    if files {
+/// Runs a guest call; `off_worker`, with the worker handed off first (see
+/// [`Guest::before_call`]): outside the async runtime's context, where
+/// wasmtime-wasi's synchronous file system calls may block on their async
+/// implementation, and where a long call holds no worker.
+fn run_call<T>(off_worker: bool, call: impl FnOnce() -> T) -> T {
+    if off_worker {
         crate::plugin::deadline::blocking(call)
     } else {
         call()
@@ -114,8 +115,8 @@ impl Guest {
 
     /// Runs `on-open`; `None` if the plugin failed.
     pub fn on_open(&mut self, id: u64, request: &types::Request) -> Option<OpenResponse> {
-        let files = self.before_call();
-        let r = with_files(files, || {
+        let off_worker = self.before_call();
+        let r = run_call(off_worker, || {
             self.bindings
                 .wasmgate_plugin_handler()
                 .call_on_open(&mut self.store, id, request)
@@ -132,8 +133,8 @@ impl Guest {
             Message::Text(s) => types::Message::Text(s),
             Message::Binary(b) => types::Message::Binary(Vec::from(b)),
         };
-        let files = self.before_call();
-        let r = with_files(files, || {
+        let off_worker = self.before_call();
+        let r = run_call(off_worker, || {
             self.bindings
                 .wasmgate_plugin_handler()
                 .call_on_message(&mut self.store, id, &msg)
@@ -152,8 +153,8 @@ impl Guest {
             fin: fragment.fin,
             data: Vec::from(fragment.data),
         };
-        let files = self.before_call();
-        let r = with_files(files, || {
+        let off_worker = self.before_call();
+        let r = run_call(off_worker, || {
             self.bindings
                 .wasmgate_plugin_handler()
                 .call_on_fragment(&mut self.store, id, &fragment)
@@ -176,8 +177,8 @@ impl Guest {
         if !live {
             return true;
         }
-        let files = self.before_call();
-        let r = with_files(files, || {
+        let off_worker = self.before_call();
+        let r = run_call(off_worker, || {
             self.bindings
                 .wasmgate_plugin_handler()
                 .call_on_timer(&mut self.store, id, timer)
@@ -190,8 +191,8 @@ impl Guest {
         if self.trapped {
             return;
         }
-        let files = self.before_call();
-        let r = with_files(files, || {
+        let off_worker = self.before_call();
+        let r = run_call(off_worker, || {
             self.bindings
                 .wasmgate_plugin_handler()
                 .call_on_close(&mut self.store, id, code, reason)
@@ -230,7 +231,9 @@ impl Guest {
         let first = store
             .data_mut()
             .call
-            .arm(runtime.call_deadline(), metered, files);
+            // Instantiation runs on the worker: handed off at its first
+            // tick if it runs long.
+            .arm(runtime.call_deadline(), metered, false);
         store.set_epoch_deadline(first);
         let instantiated = plugin.instantiate(&mut store);
         // Instantiating (start functions included) is the tenant's CPU too.
@@ -271,8 +274,8 @@ impl Guest {
             return true;
         };
         let request = &request.unpack();
-        let files = self.before_call();
-        let result = with_files(files, || {
+        let off_worker = self.before_call();
+        let result = run_call(off_worker, || {
             self.instance
                 .get_typed_func::<(u64, &types::Request), ()>(&mut self.store, index)
                 .and_then(|f| f.call(&mut self.store, (id, request)))
