@@ -11,8 +11,9 @@
 #   export const { handler, resume } = definePlugin({ ... });
 #
 # Steps:
-#   1. installs the SDK's pinned build tools (npm ci into sdk/js/node_modules)
-#      when they are missing or package-lock.json changed;
+#   1. installs the SDK's pinned build tools (npm ci of sdk/js/package.json
+#      into TOOLCHAINS/js/node_modules) when they are missing or
+#      package-lock.json changed;
 #   2. bundles plugin.js and its imports into one ES module (esbuild);
 #   3. makes it a component with componentize-js against wit/ (world
 #      resumable-plugin), with only the WASI features the gateway provides:
@@ -22,6 +23,10 @@
 # Environment:
 #   WASMGATE_JS_BUNDLE=FILE   also keep the bundled module (step 2) in FILE:
 #                             stack traces in the gateway's log name its lines.
+#   WASMGATE_TOOLCHAINS=DIR   where the build tools are installed (TOOLCHAINS
+#                             above; default: target/toolchains next to sdk/):
+#                             point several checkouts or projects at one
+#                             folder to install the tools once.
 #
 # Works from any current directory; exits non-zero with a message on stderr
 # when anything is missing or fails.
@@ -42,7 +47,9 @@ usage() {
 [[ $# -eq 2 ]] || usage
 
 SDK_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
-WIT_DIR=$(cd "$SDK_DIR/../.." && pwd -P)/wit
+ROOT=$(cd "$SDK_DIR/../.." && pwd -P)
+WIT_DIR=$ROOT/wit
+TOOLS=${WASMGATE_TOOLCHAINS:-$ROOT/target/toolchains}/js
 WORLD=resumable-plugin
 # WASI features componentize-js enables by default, less those the gateway
 # does not provide (it links WASI 0.2 without wasi:http).
@@ -69,22 +76,25 @@ node -e '
     process.exit(1);
   }' || exit 1
 
-# 1. The pinned build tools. A stamp records which lock file was installed,
-# so a changed lock file reinstalls; a lock serializes concurrent builds.
+# 1. The pinned build tools, installed from the SDK's package.json and lock
+# file into TOOLS. A stamp records which lock file was installed, so a
+# changed lock file reinstalls; a lock serializes concurrent builds.
 install_tools() {
-    local stamp=$SDK_DIR/node_modules/.wasmgate-installed want
+    local stamp=$TOOLS/node_modules/.wasmgate-installed want
     want=$(sha256sum "$SDK_DIR/package-lock.json" | cut -d' ' -f1)
     if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
         return 0
     fi
-    echo "build.sh: installing the SDK's pinned build tools (npm ci in $SDK_DIR)" >&2
-    (cd "$SDK_DIR" && npm ci --include=dev --no-audit --no-fund --loglevel=error >&2) ||
-        die "npm ci failed in $SDK_DIR (is the npm registry reachable?)"
+    echo "build.sh: installing the SDK's pinned build tools (npm ci in $TOOLS)" >&2
+    cp -- "$SDK_DIR/package.json" "$SDK_DIR/package-lock.json" "$TOOLS/" ||
+        die "cannot copy the SDK's package.json and package-lock.json to $TOOLS"
+    (cd "$TOOLS" && npm ci --include=dev --no-audit --no-fund --loglevel=error >&2) ||
+        die "npm ci failed in $TOOLS (is the npm registry reachable? is the disk full?)"
     echo "$want" >"$stamp"
 }
+mkdir -p -- "$TOOLS" || die "cannot create the build tools' folder $TOOLS"
 if command -v flock >/dev/null; then
-    lock=${TMPDIR:-/tmp}/wasmgate-js-sdk-$(echo "$SDK_DIR" | sha256sum | cut -c1-12).lock
-    exec 9>"$lock"
+    exec 9>"$TOOLS/.install.lock"
     flock 9
     install_tools
     flock -u 9
@@ -92,10 +102,10 @@ else
     install_tools
 fi
 
-ESBUILD=$SDK_DIR/node_modules/esbuild/bin/esbuild
-COMPONENTIZE=$SDK_DIR/node_modules/@bytecodealliance/componentize-js/src/componentize.js
-[[ -x $ESBUILD ]] || die "esbuild missing from $SDK_DIR/node_modules: delete that folder and run again"
-[[ -f $COMPONENTIZE ]] || die "componentize-js missing from $SDK_DIR/node_modules: delete that folder and run again"
+ESBUILD=$TOOLS/node_modules/esbuild/bin/esbuild
+COMPONENTIZE=$TOOLS/node_modules/@bytecodealliance/componentize-js/src/componentize.js
+[[ -x $ESBUILD ]] || die "esbuild missing from $TOOLS/node_modules: delete that folder and run again"
+[[ -f $COMPONENTIZE ]] || die "componentize-js missing from $TOOLS/node_modules: delete that folder and run again"
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/wasmgate-js-build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT

@@ -9,9 +9,12 @@
 # success the absolute path of OUT.wasm is the only thing printed on stdout.
 #
 # The toolchain (componentize-py, pinned in requirements.txt) lives in a venv
-# at target/toolchains/python, created on first use and reinstalled when
-# requirements.txt changes. Set PYTHON to choose the interpreter that creates
-# it (default: python3, 3.9 or newer). Works from any current directory.
+# at TOOLCHAINS/python, created on first use and reinstalled when
+# requirements.txt changes. TOOLCHAINS is $WASMGATE_TOOLCHAINS, by default
+# target/toolchains next to sdk/ (point several checkouts or projects at one
+# folder to install the toolchain once). Set PYTHON to choose the interpreter
+# that creates it (default: python3, 3.9 or newer). Works from any current
+# directory.
 set -euo pipefail
 
 die() {
@@ -20,7 +23,7 @@ die() {
 }
 
 if [ $# -ne 2 ]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 fi
 
@@ -28,7 +31,8 @@ SDK_DIR=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
 REPO=$(cd -- "$SDK_DIR/../.." && pwd -P)
 WIT_DIR="$REPO/wit"
 WORLD="resumable-plugin"
-VENV="$REPO/target/toolchains/python"
+TOOLCHAINS=${WASMGATE_TOOLCHAINS:-$REPO/target/toolchains}
+VENV="$TOOLCHAINS/python"
 REQUIREMENTS="$SDK_DIR/requirements.txt"
 STAMP="$VENV/.wasmgate-requirements.txt"
 
@@ -76,9 +80,9 @@ setup_venv() {
 }
 
 # One build at a time sets the venv up.
-mkdir -p -- "$REPO/target/toolchains"
+mkdir -p -- "$TOOLCHAINS" || die "cannot create the toolchains folder $TOOLCHAINS"
 if command -v flock >/dev/null 2>&1; then
-    exec 9>"$REPO/target/toolchains/.python.lock"
+    exec 9>"$TOOLCHAINS/.python.lock"
     flock 9
     setup_venv
     flock -u 9

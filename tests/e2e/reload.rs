@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::support::*;
 
 /// `plugin.wasm` (a copy of `echo`) served at `/p` (plus `extra` lines).
-fn start(name: &str, extra: &str, args: &[&str]) -> (Gateway, PathBuf) {
+fn start(name: &str, extra: &str, args: &[&str]) -> (Gateway, Scratch) {
     let config = format!("[[route]]\npath = \"/p\"\nplugin = \"plugin.wasm\"\n{extra}");
     serve_copy(name, &plugin("echo"), &config, args)
 }
@@ -273,7 +273,7 @@ async fn a_restart_loads_a_plugin_seen_before_from_the_compile_cache() {
 
 /// A gateway serving `plugin.wasm` (a copy of `first`) at `/m` with
 /// `on_reload = "migrate"`, watching its files.
-fn start_migrate(name: &str, first: &str) -> (Gateway, PathBuf) {
+fn start_migrate(name: &str, first: &str) -> (Gateway, Scratch) {
     let config = "[[route]]\npath = \"/m\"\nplugin = \"plugin.wasm\"\non_reload = \"migrate\"\n";
     let (gw, dir) = serve_copy(name, first, config, &[]);
     gw.wait_log("hot reload: watching");

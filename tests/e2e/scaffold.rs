@@ -26,12 +26,18 @@ async fn new_builds_and_serves(lang: &str) {
     );
     let project = dir.join(&name);
     // The build runs in a thread: it takes seconds to minutes (a first
-    // toolchain install), and must not hold up the async runtime.
+    // toolchain install), and must not hold up the async runtime. The JS
+    // and Python toolchains are the ones this checkout's plugin builds
+    // installed (WASMGATE_TOOLCHAINS): installing them again per project
+    // would cost 400 MB and a minute each, and the install itself is
+    // exercised by those builds.
     let build_dir = project.clone();
+    let toolchains = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/toolchains");
     let built = tokio::task::spawn_blocking(move || {
         Command::new("./build.sh")
             .current_dir(&build_dir)
             .env_remove("CARGO_TARGET_DIR")
+            .env("WASMGATE_TOOLCHAINS", toolchains)
             .output()
             .expect("run build.sh")
     })

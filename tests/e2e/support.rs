@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,12 +23,44 @@ pub fn plugin(name: &str) -> String {
     format!("{}/{name}.wasm", wasmgate::builtin::PLUGIN_DIR)
 }
 
-/// A scratch folder for one test.
-pub fn scratch(name: &str) -> PathBuf {
+/// A scratch folder for one test, removed with everything in it when the
+/// value is dropped, unless the test is failing (then it is kept for a look,
+/// and its path is printed).
+pub struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "kept the failing test's scratch folder {}",
+                self.0.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// A fresh scratch folder for one test (see [`Scratch`]).
+pub fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("wasmgate-e2e-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch dir");
-    dir
+    Scratch(dir)
 }
 
 /// A running gateway process; killed on drop.
@@ -37,6 +69,9 @@ pub struct Gateway {
     /// Where it listens.
     pub addr: SocketAddr,
     stderr: Arc<Mutex<String>>,
+    /// The folder of a config written by [`Gateway::start`], removed after
+    /// the process is killed.
+    scratch: Option<Scratch>,
 }
 
 impl Gateway {
@@ -50,13 +85,15 @@ impl Gateway {
             .replace("{testkit}", &plugin("testkit"))
             .replace("{plugins}", wasmgate::builtin::PLUGIN_DIR);
         std::fs::write(&file, text).expect("write config");
-        Gateway::spawn(&[
+        let mut gw = Gateway::spawn(&[
             "serve",
             "--listen",
             "127.0.0.1:0",
             "--config",
             file.to_str().unwrap(),
-        ])
+        ]);
+        gw.scratch = Some(dir);
+        gw
     }
 
     /// Starts `wasmgate` with `args`, waiting for its "listening on" line.
@@ -102,6 +139,7 @@ impl Gateway {
             child,
             addr,
             stderr,
+            scratch: None,
         }
     }
 
@@ -495,7 +533,7 @@ impl Raw {
 
 /// A scratch folder holding `plugin.wasm` (a copy of `first`) and a
 /// `gateway.toml` of `config`; the gateway serving it, started with `args`.
-pub fn serve_copy(name: &str, first: &str, config: &str, args: &[&str]) -> (Gateway, PathBuf) {
+pub fn serve_copy(name: &str, first: &str, config: &str, args: &[&str]) -> (Gateway, Scratch) {
     let dir = scratch(name);
     std::fs::copy(first, dir.join("plugin.wasm")).expect("copy plugin");
     let file = dir.join("gateway.toml");

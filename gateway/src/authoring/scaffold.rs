@@ -159,7 +159,7 @@ fn files(name: &str, lang: Lang, wasmgate: &Path) -> Vec<File> {
             ));
             (
                 format!(
-                    "#!/usr/bin/env bash\n# Builds {name}.wasm from src/plugin.js (the first build installs the pinned\n# componentize-js from npm into sdk/js/node_modules).\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n\
+                    "#!/usr/bin/env bash\n# Builds {name}.wasm from src/plugin.js (the first build installs the pinned\n# componentize-js from npm into target/toolchains/js, or $WASMGATE_TOOLCHAINS/js).\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n\
                      sdk/js/build.sh src {name}.wasm\n"
                 ),
                 "JavaScript",
@@ -201,7 +201,7 @@ fn files(name: &str, lang: Lang, wasmgate: &Path) -> Vec<File> {
             ));
             (
                 format!(
-                    "#!/usr/bin/env bash\n# Builds {name}.wasm from src/app.py (the first build installs the pinned\n# componentize-py from PyPI into target/toolchains/python).\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n\
+                    "#!/usr/bin/env bash\n# Builds {name}.wasm from src/app.py (the first build installs the pinned\n# componentize-py from PyPI into target/toolchains/python, or\n# $WASMGATE_TOOLCHAINS/python).\nset -euo pipefail\ncd \"$(dirname \"$0\")\"\n\
                      sdk/python/build.sh src {name}.wasm\n"
                 ),
                 "Python",
