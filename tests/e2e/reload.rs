@@ -7,7 +7,7 @@
 //! The two plugins told apart: `echo` answers `id` with `id`, `testkit`
 //! answers it with `ok <n>`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use crate::support::*;
