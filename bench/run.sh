@@ -12,6 +12,9 @@
 #   bench/run.sh quick           one run of 3 s each, for a smoke test
 #   bench/run.sh full|quick WORD only the scenarios whose name contains WORD
 #
+# Scenarios named "tls ..." run both servers with TLS (rustls, ring, the
+# same self-signed certificate) and the load generator with --tls.
+#
 # THREADS=N (default 0) runs both servers with the same runtime: 0 is
 # tokio's multi-thread scheduler with a worker per CPU, 1 a current-thread
 # runtime, N N workers (the gateway's `[server] threads`).
@@ -25,6 +28,7 @@ REPEAT=3
 if [ "${1:-}" = quick ]; then SECONDS_PER_RUN=3; REPEAT=1; fi
 ONLY=${2:-}
 export THREADS=${THREADS:-0}
+TLS=""
 
 cargo build --release -p wasmgate -p wasmgate-bench >&2
 BIN=target/release
@@ -57,13 +61,22 @@ if [ "$load" -gt 20 ]; then
     exit 1
 fi
 
-start_server() { # name -> sets PID, ADDR
+# The TLS scenarios' certificate (self-signed, for localhost): both servers
+# serve it with the same rustls settings.
+CERTS="$PWD/$OUT/certs"
+"$BIN/loadgen" cert --dir "$CERTS"
+
+start_server() { # name -> sets PID, ADDR; TLS=1 serves TLS
     local log="$OUT/$1.log"
     if [ "$1" = baseline ]; then
-        $SERVER_CPU "$BIN/baseline" --listen 127.0.0.1:9100 --threads "$THREADS" >"$log" 2>&1 &
+        local tls_args=()
+        [ -n "$TLS" ] && tls_args=(--tls-cert "$CERTS/server.pem" --tls-key "$CERTS/server.key")
+        $SERVER_CPU "$BIN/baseline" --listen 127.0.0.1:9100 --threads "$THREADS" "${tls_args[@]}" >"$log" 2>&1 &
         ADDR=127.0.0.1:9100
     else
-        sed "s/^\[server\]$/[server]\nthreads = $THREADS/" bench/gateway.toml > "$OUT/gateway.toml"
+        local tls_line=""
+        [ -n "$TLS" ] && tls_line="\ntls = { cert = \"$CERTS/server.pem\", key = \"$CERTS/server.key\" }"
+        sed "s|^\[server\]$|[server]\nthreads = $THREADS$tls_line|" bench/gateway.toml > "$OUT/gateway.toml"
         RUST_LOG=warn $SERVER_CPU "$BIN/wasmgate" serve --config "$OUT/gateway.toml" >"$log" 2>&1 &
         ADDR=127.0.0.1:9101
     fi
@@ -77,13 +90,15 @@ run() { # scenario-name loadgen-args...
     ROUTE=/echo
     [ "$1" = broadcast ] && ROUTE=/broadcast
     [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]] && return 0
+    TLS=""
+    [[ "$name" == tls* ]] && TLS=1
     for _ in $(seq 1 "$REPEAT"); do for server in baseline gateway; do
         start_server "$server"
         local args=("$@") path=$ROUTE
         [ "${args[0]}" = idle ] && args+=(--pid "$PID")
         # The gateway's route that releases idle instances (hibernate_after).
         [ "$server" = gateway ] && [[ "$name" == *hibernated* ]] && path=/echo-hibernated
-        $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --path "$path" --label "$name/$server" --server-pid "$PID" "${args[@]}" | tee -a "$OUT/results.jsonl" >&2
+        $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --path "$path" --label "$name/$server" --server-pid "$PID" ${TLS:+--tls} "${args[@]}" | tee -a "$OUT/results.jsonl" >&2
         kill "$PID"; wait "$PID" 2>/dev/null || true
         sleep 0.5
     done; done
@@ -95,6 +110,9 @@ run "echo 10x16KiB x1"   echo --conns 10 --size 16384 --inflight 1 --seconds "$S
 run "echo 1000x32B x1"   echo --conns 1000 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN"
 run "broadcast 1 to 1000" broadcast --members 1000 --size 32 --inflight 16 --seconds "$SECONDS_PER_RUN"
 run "setup rate"         setup --concurrency 16 --seconds "$SECONDS_PER_RUN"
+run "tls echo 100x32B x1" echo --conns 100 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN"
+run "tls echo 10x16KiB x1" echo --conns 10 --size 16384 --inflight 1 --seconds "$SECONDS_PER_RUN"
+run "tls setup rate"     setup --concurrency 16 --seconds "$SECONDS_PER_RUN"
 run "idle 10000"         idle --conns 10000
 # hibernate_after (1 s) + mimalloc's purge delay (1 s) + margin: measured
 # once the last connection's instance is released and its memory returned.

@@ -52,7 +52,23 @@ pub struct TenantSettings {
     pub hosts: Vec<String>,
     /// Its quotas, summed over all its connections.
     pub quotas: TenantQuotas,
+    /// The certificate served to TLS clients whose SNI names one of its
+    /// hosts (`None`: the server's default certificate).
+    pub tls: Option<TlsFiles>,
     /// The line of its `[[tenant]]` table.
+    pub line: usize,
+}
+
+/// A certificate chain and its private key, both PEM files: `tls = { cert
+/// = "chain.pem", key = "key.pem" }`. Relative paths are resolved against
+/// the config file's folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// The certificate chain, leaf first (PEM `CERTIFICATE` blocks).
+    pub cert: PathBuf,
+    /// The leaf's private key (PEM: PKCS#8, PKCS#1 RSA or SEC1 EC).
+    pub key: PathBuf,
+    /// The line of the `tls` key, for errors.
     pub line: usize,
 }
 
@@ -151,6 +167,9 @@ pub struct ServerSettings {
     /// Worker threads: 0 for one per CPU; 1 for a single current-thread
     /// runtime.
     pub threads: usize,
+    /// TLS on the listener (`wss://`), with this default certificate; each
+    /// tenant may add its own, chosen by SNI. `None`: plain `ws://`.
+    pub tls: Option<TlsFiles>,
 }
 
 /// The `[sandbox]` table: what every plugin instance may use.
@@ -968,6 +987,7 @@ const LIMIT_KEYS: &[&str] = &[
 const TENANT_KEYS: &[&str] = &[
     "name",
     "hosts",
+    "tls",
     "route",
     "max_connections",
     "max_connections_per_second",
@@ -987,6 +1007,7 @@ const SERVER_KEYS: &[&str] = &[
     "max_header_size",
     "drain_timeout",
     "threads",
+    "tls",
 ];
 
 /// The keys of `[sandbox]`.
@@ -1131,6 +1152,15 @@ struct RawServer {
     max_header_size: Option<usize>,
     drain_timeout: Option<Duration>,
     threads: Option<usize>,
+    tls: Option<RawTls>,
+}
+
+/// A `tls = { cert, key }` as written, with the offset of its key.
+#[derive(Debug)]
+struct RawTls {
+    cert: String,
+    key: String,
+    at: usize,
 }
 
 /// `[sandbox]` as written.
@@ -1175,6 +1205,7 @@ struct RawTenant {
     bad_hosts: bool,
     hosts: Vec<(String, usize)>,
     quotas: TenantQuotas,
+    tls: Option<RawTls>,
     routes: Vec<(usize, RawRoute)>,
 }
 
@@ -1376,6 +1407,7 @@ impl Parser<'_> {
                 }
                 "drain_timeout" => s.drain_timeout = self.value::<Period>(key, at, v).map(|d| d.0),
                 "threads" => s.threads = self.count(key, at, v, 0),
+                "tls" => s.tls = self.tls(key, at, v),
                 _ => self.unknown(key, at, "[server]", &[SERVER_KEYS, LIMIT_KEYS]),
             }
         }
@@ -1506,6 +1538,58 @@ impl Parser<'_> {
             }
         }
         grants
+    }
+
+    /// `tls = { cert = "chain.pem", key = "key.pem" }`: both paths, as
+    /// written.
+    fn tls(&mut self, key: &str, at: usize, v: &DeValue<'_>) -> Option<RawTls> {
+        const FORM: &str = r#"a table like { cert = "chain.pem", key = "key.pem" }"#;
+        let DeValue::Table(t) = v else {
+            self.error(
+                at,
+                format!("{key}: expected {FORM}, found {}", Found(unexpected(v))),
+            );
+            return None;
+        };
+        let (mut cert, mut pem_key) = (None, None);
+        let (mut has_cert, mut has_key) = (false, false);
+        for (k, k_at, v) in entries(t) {
+            let name = format!("{key}.{k}");
+            let path = |p: &mut Self, what| {
+                p.visit(&name, k_at, ValueDe(v).deserialize_any(Text(what)))
+                    .filter(|s: &String| {
+                        let ok = !s.is_empty();
+                        if !ok {
+                            p.error(k_at, format!("{name}: empty path"));
+                        }
+                        ok
+                    })
+            };
+            match k {
+                "cert" => {
+                    has_cert = true;
+                    cert = path(self, "the path of a PEM certificate chain");
+                }
+                "key" => {
+                    has_key = true;
+                    pem_key = path(self, "the path of a PEM private key");
+                }
+                _ => self.unknown(k, k_at, "a tls table", &[&["cert", "key"]]),
+            }
+        }
+        match (cert, pem_key) {
+            (Some(cert), Some(key)) => Some(RawTls { cert, key, at }),
+            (None, _) if !has_cert => {
+                self.error(at, format!("{key}: `cert` is missing: {FORM}"));
+                None
+            }
+            (_, None) if !has_key => {
+                self.error(at, format!("{key}: `key` is missing: {FORM}"));
+                None
+            }
+            // A bad value, already reported.
+            _ => None,
+        }
     }
 
     /// `dirs = [{ host = "...", guest = "/data", read_only = true }]`.
@@ -1751,6 +1835,7 @@ impl Parser<'_> {
                         }
                     }
                 }
+                "tls" => r.tls = self.tls(key, at, v),
                 "max_connections" => q.max_connections = self.count(key, at, v, 1),
                 "max_connections_per_second" => {
                     q.max_connections_per_second = self.rate(key, at, v).flatten()
@@ -2032,7 +2117,15 @@ impl Config {
                 format!("{}: listen", file.display()),
             ),
         };
+        let dir = file.parent().unwrap_or(Path::new(""));
+        let tls_files = |raw: RawTls| TlsFiles {
+            cert: dir.join(raw.cert),
+            key: dir.join(raw.key),
+            line: line_of(text, raw.at),
+        };
+        let server_tls = server.tls.map(tls_files);
         let server_settings = ServerSettings {
+            tls: server_tls,
             listen,
             listen_origin,
             max_connections: server.limits.max_connections.unwrap_or(10_000),
@@ -2046,7 +2139,6 @@ impl Config {
             max_call_time: sandbox.max_call_time.unwrap_or(Duration::from_secs(1)),
         };
 
-        let dir = file.parent().unwrap_or(Path::new(""));
         let mut routes = Vec::new();
         let mut routed: HashMap<String, usize> = HashMap::new();
         for (at, r) in raw_routes {
@@ -2123,10 +2215,21 @@ impl Config {
                     routes.push(route);
                 }
             }
+            if let (Some(raw), None) = (&t.tls, &server_settings.tls) {
+                p.error(
+                    raw.at,
+                    format!(
+                        "tls: tenant {name:?} has a certificate but [server] has no tls: TLS is \
+                         turned on for the listener by [server] tls = {{ cert = \"...\", key = \"...\" }}, \
+                         the certificate for clients whose SNI names no tenant"
+                    ),
+                );
+            }
             tenants.push(TenantSettings {
                 name,
                 hosts,
                 quotas: t.quotas,
+                tls: t.tls.map(tls_files),
                 line,
             });
         }

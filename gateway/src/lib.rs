@@ -20,6 +20,8 @@
 //!   to route.
 //! - [`server`]: listening, HTTP, upgrades, applying reloads, graceful
 //!   shutdown.
+//! - [`tls`]: TLS termination: certificates, chosen by SNI per tenant, and
+//!   reloaded when their files change.
 //! - [`reload`]: watching plugin and config files and SIGHUP, and asking the
 //!   server to apply what changed.
 //! - [`authoring`]: what `wasmgate new`, `bindings` and `componentize`
@@ -45,6 +47,7 @@ pub mod quota;
 pub mod reload;
 pub mod routing;
 pub mod server;
+pub mod tls;
 
 /// Rust bindings generated from the WIT contract (`wit/plugin.wit`); the
 /// WIT file documents every item.

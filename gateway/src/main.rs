@@ -262,7 +262,8 @@ fn serve(
         let addr = listener.local_addr().context("listener address")?;
         let routes = gateway.routes();
         let paths: Vec<&str> = routes.iter().map(|r| r.path.as_str()).collect();
-        tracing::info!(routes = ?paths, config = %config.file.display(), "wasmgate listening on {addr}");
+        let scheme = if gateway.is_tls() { "wss" } else { "ws" };
+        tracing::info!(routes = ?paths, config = %config.file.display(), "wasmgate listening on {addr} ({scheme}://)");
         // A line on stdout for scripts and tests that start the gateway on
         // port 0; on a terminal the log line above already says it.
         if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {

@@ -20,3 +20,4 @@ mod scaffold;
 mod shared;
 mod shutdown;
 mod tenants;
+mod tls;

@@ -2,7 +2,9 @@
 //! plugin, on the same runtime settings as the gateway (tokio multi-thread,
 //! TCP_NODELAY). The benchmark compares the gateway's echo route with it.
 //! `/broadcast` is one room: every message goes to every other connection
-//! (the ceiling for the gateway's `fanout` plugin).
+//! (the ceiling for the gateway's `fanout` plugin). With `--tls-cert` and
+//! `--tls-key` it terminates TLS as the gateway does (rustls with ring, its
+//! safe defaults, ALPN http/1.1).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,6 +34,30 @@ struct Args {
     /// CPU, 1 for a current-thread runtime.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// A PEM certificate chain: serve TLS (with `--tls-key`).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+/// The TLS acceptor of `--tls-cert` and `--tls-key`.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+    let key = PrivateKeyDer::from_pem_file(key)?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 async fn echo(fut: upgrade::UpgradeFut) -> Result<(), WebSocketError> {
@@ -123,17 +149,34 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?,
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_acceptor(cert, key).context("TLS certificate")?),
+        _ => None,
+    };
     rt.block_on(async move {
         let listener = TcpListener::bind(args.listen).await.context("bind")?;
         println!("baseline listening on {}", listener.local_addr()?);
         loop {
             let (stream, _) = listener.accept().await?;
             let _ = stream.set_nodelay(true);
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let conn = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service_fn(handle))
-                    .with_upgrades();
-                let _ = conn.await;
+                let http = http1::Builder::new();
+                let _ = match tls {
+                    None => {
+                        http.serve_connection(TokioIo::new(stream), service_fn(handle))
+                            .with_upgrades()
+                            .await
+                    }
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => {
+                            http.serve_connection(TokioIo::new(stream), service_fn(handle))
+                                .with_upgrades()
+                                .await
+                        }
+                        Err(_) => return,
+                    },
+                };
             });
         }
     })

@@ -22,6 +22,12 @@
 //!   the close, then reconnecting, for a duration; reports attacks made.
 //!   Run beside `echo` (with `--host` naming another tenant) to measure a
 //!   neighbour's latency under attack.
+//! - `cert`: writes a self-signed certificate and key for `localhost`
+//!   (`DIR/server.pem`, `DIR/server.key`) for the TLS scenarios.
+//!
+//! With `--tls`, every mode connects over TLS (`wss://`, SNI `localhost`,
+//! ALPN http/1.1) and accepts any certificate: the benchmark measures the
+//! servers, not certificate checks.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -29,8 +35,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
 
 #[derive(Parser)]
 struct Args {
@@ -52,6 +64,9 @@ struct Args {
     /// on a gateway with `[[tenant]]`s.
     #[arg(long)]
     host: Option<String>,
+    /// Connect over TLS (SNI `localhost`, any certificate accepted).
+    #[arg(long)]
+    tls: bool,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -124,6 +139,11 @@ enum Mode {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Write a self-signed certificate for `localhost` into DIR.
+    Cert {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
     Idle {
         #[arg(long, default_value_t = 10_000)]
         conns: usize,
@@ -165,11 +185,140 @@ fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The TLS client every connection uses (`--tls`), if set.
+static TLS: std::sync::OnceLock<TlsConnector> = std::sync::OnceLock::new();
+
+/// A client connection: plain TCP or TLS over it.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// A certificate verifier that accepts any certificate (the benchmark's
+/// own, self-signed), still checking handshake signatures.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// The `--tls` client: ring, safe defaults, ALPN http/1.1, any certificate.
+fn tls_connector() -> anyhow::Result<TlsConnector> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAny(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Writes a self-signed certificate for `localhost` and its key.
+fn write_cert(dir: &std::path::Path) -> anyhow::Result<()> {
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("server.pem"), cert.cert.pem())?;
+    std::fs::write(dir.join("server.key"), cert.signing_key.serialize_pem())?;
+    Ok(())
+}
+
 /// Opens a WebSocket connection; returns the stream and any bytes read past
 /// the handshake.
-async fn open(addr: SocketAddr, path: &str) -> anyhow::Result<(TcpStream, Vec<u8>)> {
-    let mut s = TcpStream::connect(addr).await.context("connect")?;
-    s.set_nodelay(true)?;
+async fn open(addr: SocketAddr, path: &str) -> anyhow::Result<(Conn, Vec<u8>)> {
+    let tcp = TcpStream::connect(addr).await.context("connect")?;
+    tcp.set_nodelay(true)?;
+    let mut s = match TLS.get() {
+        None => Conn::Plain(tcp),
+        Some(tls) => {
+            let name = rustls::pki_types::ServerName::try_from("localhost")?;
+            Conn::Tls(Box::new(
+                tls.connect(name, tcp).await.context("TLS handshake")?,
+            ))
+        }
+    };
     let host = HOST.get().cloned().unwrap_or_else(|| addr.to_string());
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -317,7 +466,7 @@ async fn open_echo(
     addr: SocketAddr,
     path: &str,
     size: usize,
-) -> anyhow::Result<(TcpStream, Vec<u8>, Vec<u8>)> {
+) -> anyhow::Result<(Conn, Vec<u8>, Vec<u8>)> {
     let (s, buf) = open(addr, path).await?;
     let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
     Ok((s, buf, client_frame(0x2, &payload)))
@@ -547,6 +696,13 @@ fn main() -> anyhow::Result<()> {
     if let Some(h) = &args.host {
         let _ = HOST.set(h.clone());
     }
+    if let Mode::Cert { dir } = &args.mode {
+        write_cert(dir)?;
+        return Ok(());
+    }
+    if args.tls {
+        let _ = TLS.set(tls_connector()?);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -557,6 +713,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
     match args.mode {
+        Mode::Cert { .. } => bail!("`cert` writes files and prints nothing"),
         Mode::Echo {
             conns,
             size,
@@ -668,8 +825,20 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
                                     buf.extend_from_slice(&chunk[..n]);
                                 }
                                 s.write_all(&close).await?;
-                                // Wait for the server's close and EOF.
-                                while s.read(&mut chunk).await? > 0 {}
+                                // Wait for the server's close and EOF. Over
+                                // TLS a server that closes the TCP
+                                // connection without a close_notify (the
+                                // baseline) ends it as cleanly.
+                                loop {
+                                    match s.read(&mut chunk).await {
+                                        Ok(0) => break,
+                                        Ok(_) => {}
+                                        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                                            break
+                                        }
+                                        Err(e) => return Err(e.into()),
+                                    }
+                                }
                                 anyhow::Ok(())
                             }
                             .await;

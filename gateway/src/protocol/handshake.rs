@@ -40,6 +40,10 @@ pub enum Refusal {
     HttpVersion,
     /// No route for the path: 404.
     NotFound,
+    /// Over TLS, a `Host` of another tenant than the one the SNI named (and
+    /// whose certificate the connection got): 421 (RFC 9110 section
+    /// 15.5.20).
+    Misdirected,
 }
 
 impl Refusal {
@@ -88,6 +92,10 @@ impl Refusal {
                 "a WebSocket upgrade needs HTTP/1.1\n",
             ),
             Refusal::NotFound => (StatusCode::NOT_FOUND, "no route for this path\n"),
+            Refusal::Misdirected => (
+                StatusCode::MISDIRECTED_REQUEST,
+                "this host is not served on this TLS connection: its server name (SNI) names another host\n",
+            ),
         };
         (status, body.into())
     }

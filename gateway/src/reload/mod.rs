@@ -80,11 +80,16 @@ impl Reloader {
             })
             .collect();
         files.extend(self.config_file.clone());
+        // Certificates of the TLS listener (as started: a reload that turns
+        // TLS on needs a restart, and then watches them).
+        if self.gateway.is_tls() {
+            files.extend(crate::tls::files_of(config));
+        }
         files.sort();
         files.dedup();
         tracing::info!(
             files = files.len(),
-            "hot reload: watching the config and plugin files"
+            "hot reload: watching the config, plugin and certificate files"
         );
         if let Err(e) = watcher.set_files(files) {
             tracing::warn!("hot reload: {e}");
@@ -158,6 +163,19 @@ impl Reloader {
                 ),
             }
             return;
+        }
+        let config = self.gateway.config();
+        if self.gateway.is_tls() && crate::tls::files_of(&config).contains(&change.path) {
+            self.gateway.reload_tls_files();
+            // A file can be a certificate and a plugin only by mistake; a
+            // plugin file that is not one fails to load and is reported.
+            if !config
+                .routes
+                .iter()
+                .any(|r| r.plugin == PluginSource::File(change.path.clone()))
+            {
+                return;
+            }
         }
         self.gateway
             .apply_plugin_change(&change.path, change.content)

@@ -17,6 +17,8 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+pub use crate::routing::hosts::InvalidHost;
+use crate::routing::hosts::{normalize_host, HostMap};
 use crate::routing::route::Route;
 use crate::routing::tenant::Tenant;
 
@@ -33,8 +35,7 @@ pub struct Table {
     tenants: Vec<TenantRoutes>,
     /// The tenants as of this table's config, in the same order.
     tenant_info: Vec<Arc<Tenant>>,
-    exact: HashMap<String, usize>,
-    wildcard: HashMap<String, usize>,
+    hosts: HostMap<usize>,
     order: Vec<Arc<Route>>,
 }
 
@@ -48,16 +49,12 @@ impl Table {
     /// A table of `routes`, in this order, for `tenants`: the default tenant
     /// first, then each `[[tenant]]` with its host names.
     pub fn new(routes: Vec<Arc<Route>>, tenants: Vec<(Arc<Tenant>, Vec<String>)>) -> Table {
-        let mut exact = HashMap::new();
-        let mut wildcard = HashMap::new();
+        let mut host_map = HostMap::default();
         let mut by_tenant: Vec<TenantRoutes> = Vec::new();
         let mut tenant_info = Vec::new();
         for (i, (tenant, hosts)) in tenants.into_iter().enumerate() {
             for host in hosts {
-                match host.strip_prefix("*.") {
-                    Some(parent) => wildcard.insert(parent.to_owned(), i),
-                    None => exact.insert(host, i),
-                };
+                host_map.insert(&host, i);
             }
             by_tenant.push(TenantRoutes::default());
             tenant_info.push(tenant);
@@ -81,8 +78,7 @@ impl Table {
         Table {
             tenants: by_tenant,
             tenant_info,
-            exact,
-            wildcard,
+            hosts: host_map,
             order: routes,
         }
     }
@@ -94,15 +90,7 @@ impl Table {
             return Ok(0);
         };
         let host = normalize_host(host).ok_or(InvalidHost)?;
-        if let Some(&i) = self.exact.get(&host) {
-            return Ok(i);
-        }
-        Ok(match host.split_once('.') {
-            Some((label, parent)) if !label.is_empty() => {
-                self.wildcard.get(parent).copied().unwrap_or(0)
-            }
-            _ => 0,
-        })
+        Ok(self.hosts.get(&host).copied().unwrap_or(0))
     }
 
     /// The route for a request to `host` (the request target's authority,
@@ -114,6 +102,16 @@ impl Table {
         path: &str,
     ) -> Result<Option<&Arc<Route>>, InvalidHost> {
         Ok(self.tenants[self.tenant_of(host)?].by_path.get(path))
+    }
+
+    /// Whether the TLS server name `sni` and the request host `host` (as
+    /// for [`Table::resolve`]) belong to the same tenant; a host that is
+    /// malformed belongs to none.
+    pub fn same_tenant(&self, sni: &str, host: Option<&str>) -> bool {
+        match (self.tenant_of(Some(sni)), self.tenant_of(host)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        }
     }
 
     /// The route of `tenant` (`None`: the default tenant) at `path`.
@@ -143,55 +141,6 @@ impl Table {
     pub fn routes(&self) -> &[Arc<Route>] {
         &self.order
     }
-}
-
-/// A request's host is not a host name or address with an optional port
-/// (RFC 9110 section 7.2; RFC 3986 section 3.2.2): no user info, no
-/// whitespace, no empty labels, a port of digits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct InvalidHost;
-
-/// A `Host` value as tenants' host names are written: without the port,
-/// lower-case, without one trailing dot; `None` if it is malformed.
-fn normalize_host(host: &str) -> Option<String> {
-    let (name, port) = if host.starts_with('[') {
-        // An IPv6 literal: up to its closing bracket.
-        let end = host.find(']')?;
-        let literal = &host[..=end];
-        let ok = literal[1..end]
-            .chars()
-            .all(|c| c.is_ascii_hexdigit() || matches!(c, ':' | '.'));
-        if !ok || end < 2 {
-            return None;
-        }
-        let rest = &host[end + 1..];
-        if !rest.is_empty() && !rest.starts_with(':') {
-            return None;
-        }
-        (literal, rest.strip_prefix(':'))
-    } else {
-        match host.rsplit_once(':') {
-            Some((name, port)) => (name, Some(port)),
-            None => (host, None),
-        }
-    };
-    if let Some(port) = port {
-        if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-    }
-    if name.starts_with('[') {
-        return Some(name.to_ascii_lowercase());
-    }
-    let name = name.strip_suffix('.').unwrap_or(name);
-    let valid = !name.is_empty()
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_'))
-        });
-    valid.then(|| name.to_ascii_lowercase())
 }
 
 /// The current routing table.
@@ -225,43 +174,5 @@ impl Router {
     /// Replaces the table.
     pub fn store(&self, table: Table) {
         self.table.store(Arc::new(table));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::normalize_host;
-
-    #[test]
-    fn host_headers_lose_their_port_case_and_trailing_dot() {
-        let n = |h: &str| normalize_host(h);
-        assert_eq!(
-            n("Chat.Example.COM:8080").as_deref(),
-            Some("chat.example.com")
-        );
-        assert_eq!(n("example.org.").as_deref(), Some("example.org"));
-        assert_eq!(n("[::1]:8080").as_deref(), Some("[::1]"));
-        assert_eq!(n("[::1]").as_deref(), Some("[::1]"));
-        assert_eq!(n("127.0.0.1").as_deref(), Some("127.0.0.1"));
-    }
-
-    #[test]
-    fn malformed_hosts_are_refused() {
-        for bad in [
-            "user@chat.acme.com",
-            "chat.acme.com:abc",
-            "chat.acme.com:",
-            "chat.acme.com..",
-            "a..b",
-            "chat.acme.com\tx",
-            "",
-            ":80",
-            "[::1",
-            "[zz]",
-            "[::1]x",
-            "a.com:123456",
-        ] {
-            assert_eq!(normalize_host(bad), None, "{bad:?}");
-        }
     }
 }

@@ -123,9 +123,21 @@ impl Gateway {
             self.shared.runtime.sandbox(),
             &config,
         );
-        let grant_errors = config.grant_errors();
-        if !grant_errors.is_empty() {
-            return Err(Errors(grant_errors));
+        let mut errors = config.grant_errors();
+        // New certificates are loaded (and checked) now, installed with the
+        // routes below: a bad certificate file fails the whole reload.
+        let certificates = match &self.shared.tls {
+            Some(tls) => match tls.prepare(&config) {
+                Ok(prepared) => Some(prepared),
+                Err(e) => {
+                    errors.extend(e);
+                    None
+                }
+            },
+            None => None,
+        };
+        if !errors.is_empty() {
+            return Err(Errors(errors));
         }
         let table = self.shared.router.load();
         let runtime = self.shared.runtime.clone();
@@ -180,6 +192,9 @@ impl Gateway {
             routes.push(route);
         }
         self.shared.router.store(Table::new(routes, tenants));
+        if let (Some(tls), Some(prepared)) = (&self.shared.tls, certificates) {
+            tls.install(prepared);
+        }
         for gone in table.routes().iter().filter(|r| {
             config
                 .routes
@@ -293,6 +308,7 @@ fn warn_restart_only(
         (!listen_overridden && o.listen != n.listen, "listen"),
         (o.max_connections != n.max_connections, "max_connections"),
         (o.threads != n.threads, "threads"),
+        (o.tls.is_some() != n.tls.is_some(), "tls (on or off)"),
         (
             o.handshake_timeout != n.handshake_timeout,
             "handshake_timeout",

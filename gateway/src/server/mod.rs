@@ -1,5 +1,6 @@
-//! The server: loads every route's plugin, accepts TCP connections, serves
-//! HTTP/1.1 with hyper, hands upgrade requests to [`upgrade`], applies
+//! The server: loads every route's plugin, accepts TCP connections (and
+//! terminates TLS on them when `[server] tls` is set, see [`crate::tls`]),
+//! serves HTTP/1.1 with hyper, hands upgrade requests to [`upgrade`], applies
 //! reloads (a new config or a new plugin file, as the reload module asks),
 //! and shuts down gracefully (stop accepting, 1001 to every connection,
 //! wait up to `drain_timeout` for the close handshakes).
@@ -29,6 +30,7 @@ use crate::plugin::Runtime;
 use crate::routing::route::Route;
 use crate::routing::router::{Router, Table};
 use crate::routing::tenant;
+use crate::tls::Tls;
 
 /// A configured gateway: every plugin loaded, not yet listening. Cheap to
 /// clone: clones share the same routes and connections.
@@ -47,6 +49,8 @@ struct Shared {
     listen_overridden: AtomicBool,
     router: Router,
     runtime: Arc<Runtime>,
+    /// TLS on the listener, as set at start (`None`: plain TCP).
+    tls: Option<Tls>,
     /// The config now applied.
     config: Mutex<Arc<Config>>,
     active: Arc<AtomicUsize>,
@@ -66,6 +70,10 @@ impl Gateway {
         let runtime = Runtime::new(&config.sandbox, config.server.max_connections, cache_dir)?;
         let mut routes = Vec::new();
         let mut errors = config.grant_errors();
+        let tls = Tls::new(config).unwrap_or_else(|e| {
+            errors.extend(e);
+            None
+        });
         let tenants = tenant::tenants_of(config, None);
         // A file many routes (or tenants) serve is compiled and held once.
         let mut loaded: Vec<Arc<crate::plugin::Plugin>> = Vec::new();
@@ -108,6 +116,7 @@ impl Gateway {
                 listen_overridden: AtomicBool::new(false),
                 router: Router::new(Table::new(routes, tenants)),
                 runtime,
+                tls,
                 config: Mutex::new(Arc::new(config.clone())),
                 active: Arc::new(AtomicUsize::new(0)),
                 next_id: AtomicU64::new(1),
@@ -157,6 +166,19 @@ impl Gateway {
         self.shared.router.load().routes().to_vec()
     }
 
+    /// Whether the listener speaks TLS (`wss://`).
+    pub fn is_tls(&self) -> bool {
+        self.shared.tls.is_some()
+    }
+
+    /// Reads the TLS certificate and key files again (one of them changed
+    /// on disk): see [`Tls::reload_files`].
+    pub fn reload_tls_files(&self) {
+        if let Some(tls) = &self.shared.tls {
+            tls.reload_files(&self.config());
+        }
+    }
+
     /// The config now applied.
     pub fn config(&self) -> Arc<Config> {
         self.shared.config.lock().clone()
@@ -182,8 +204,12 @@ impl Gateway {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, remote)) => {
+                        let _ = stream.set_nodelay(true);
                         let shared2 = shared.clone();
-                        shared.tasks.spawn(serve_connection(shared2, stream, remote));
+                        match &shared.tls {
+                            None => shared.tasks.spawn(serve_connection(shared2, stream, remote, None)),
+                            Some(tls) => shared.tasks.spawn(serve_tls(shared2, tls.clone(), stream, remote)),
+                        };
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off a
@@ -254,14 +280,90 @@ fn check_map_count(max_connections: usize) {
 /// not a WebSocket may take before the connection is dropped.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
-async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, remote: SocketAddr) {
-    let _ = stream.set_nodelay(true);
+/// The body of the answer to a client that speaks plain HTTP to the TLS
+/// listener, as most servers give it (the first byte of a TLS connection is
+/// 0x16, a handshake record, RFC 8446 section 5.1; a request line starts
+/// with a letter).
+const PLAIN_HTTP_ON_TLS: &str = "this port speaks TLS: connect with wss:// (or https://)\n";
+
+/// Terminates TLS on `stream`, within the handshake timeout and not past
+/// shutdown, then serves HTTP on it. A client that sends plain HTTP gets a
+/// 400 that says so; any other failure ends the connection, logged at debug
+/// level.
+async fn serve_tls(shared: Arc<Shared>, tls: Tls, stream: TcpStream, remote: SocketAddr) {
+    let timeout = shared.settings.handshake_timeout;
+    let handshake = async {
+        let mut first = [0u8; 1];
+        match stream.peek(&mut first).await {
+            Ok(1) if first[0].is_ascii_alphabetic() => {
+                let mut stream = stream;
+                let answer = format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{PLAIN_HTTP_ON_TLS}",
+                    PLAIN_HTTP_ON_TLS.len()
+                );
+                let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, answer.as_bytes()).await;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut stream).await;
+                // Read what the client still sends (its request) for a
+                // moment before closing: closing with unread bytes resets
+                // the connection, and the client could lose the answer.
+                let mut sink = [0u8; 4096];
+                let drain = async {
+                    let mut left = 64usize << 10;
+                    while left > 0 {
+                        match tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => left = left.saturating_sub(n),
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), drain).await;
+                tracing::debug!(%remote, "plain HTTP on the TLS listener: answered 400");
+                return None;
+            }
+            Ok(1) => {}
+            _ => return None,
+        }
+        match tls.acceptor().accept(stream).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::debug!(%remote, "TLS handshake failed: {e}");
+                None
+            }
+        }
+    };
+    let stream = tokio::select! {
+        r = tokio::time::timeout(timeout, handshake) => match r {
+            Ok(Some(s)) => s,
+            Ok(None) => return,
+            Err(_) => {
+                tracing::debug!(%remote, "TLS handshake not done within handshake_timeout");
+                return;
+            }
+        },
+        _ = shared.stopping.cancelled() => return,
+    };
+    let sni: Option<Arc<str>> = stream.get_ref().1.server_name().map(Arc::from);
+    serve_connection(shared, stream, remote, sni).await;
+}
+
+/// Serves HTTP/1.1 on one connection (plain TCP, or TLS with the name the
+/// client's SNI gave) until it ends, is upgraded, or shutdown ends it.
+async fn serve_connection<S>(
+    shared: Arc<Shared>,
+    stream: S,
+    remote: SocketAddr,
+    sni: Option<Arc<str>>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let io = TokioIo::new(stream);
     let service = {
         let shared = shared.clone();
         service_fn(move |req| {
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(upgrade::handle(shared, req, remote).await) }
+            let sni = sni.clone();
+            async move { Ok::<_, Infallible>(upgrade::handle(shared, req, remote, sni).await) }
         })
     };
     let conn = http1::Builder::new()

@@ -14,6 +14,7 @@ use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
 use super::Shared;
 use crate::bindings::wasmgate::plugin::types;
@@ -32,6 +33,7 @@ pub(super) async fn handle(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
     remote: SocketAddr,
+    sni: Option<Arc<str>>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
     // An absolute-form request target's authority wins over `Host` (RFC
@@ -48,11 +50,22 @@ pub(super) async fn handle(
             None => None,
         },
     };
-    let route = match shared.router.resolve(host, path) {
-        Ok(Some(route)) => route,
+    let table = shared.router.load();
+    let route = match table.resolve(host, path) {
+        Ok(Some(route)) => route.clone(),
         Ok(None) => return refuse(Refusal::NotFound, remote, path),
         Err(_) => return refuse(Refusal::BadRequest("invalid Host header\n"), remote, path),
     };
+    // Over TLS, the certificate was chosen by the SNI's tenant: a request
+    // for another tenant's host on that connection is misdirected (RFC 9110
+    // section 15.5.20), as a client reusing a connection across names would
+    // send it.
+    if let Some(sni) = &sni {
+        if !table.same_tenant(sni, host) {
+            return refuse(Refusal::Misdirected, remote, path);
+        }
+    }
+    drop(table);
     // The version new connections get now; this one keeps it.
     let version = route.current();
     let settings = &version.settings;
@@ -178,10 +191,17 @@ pub(super) async fn handle(
             session.request_shutdown();
         }
         let upgraded = ws.into_inner().into_inner();
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 // Owned halves of a plain TCP stream: no lock per read or write.
                 let (rd, wr) = parts.io.into_inner().into_split();
+                return session.run(rd, wr, parts.read_buf).await;
+            }
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+            Ok(parts) => {
+                let (rd, wr) = tokio::io::split(parts.io.into_inner());
                 session.run(rd, wr, parts.read_buf).await
             }
             Err(upgraded) => {
