@@ -13,7 +13,9 @@
 #   bench/run.sh full|quick WORD only the scenarios whose name contains WORD
 #
 # Scenarios named "tls ..." run both servers with TLS (rustls, ring, the
-# same self-signed certificate) and the load generator with --tls.
+# same self-signed certificate) and the load generator with --tls. Those
+# named "... deflate" offer permessage-deflate (--deflate): the gateway's
+# compressing routes accept it, the baseline declines and runs plain.
 #
 # THREADS=N (default 0) runs both servers with the same runtime: 0 is
 # tokio's multi-thread scheduler with a worker per CPU, 1 a current-thread
@@ -98,7 +100,15 @@ run() { # scenario-name loadgen-args...
         [ "${args[0]}" = idle ] && args+=(--pid "$PID")
         # The gateway's route that releases idle instances (hibernate_after).
         [ "$server" = gateway ] && [[ "$name" == *hibernated* ]] && path=/echo-hibernated
-        $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --path "$path" --label "$name/$server" --server-pid "$PID" ${TLS:+--tls} "${args[@]}" | tee -a "$OUT/results.jsonl" >&2
+        # permessage-deflate: the gateway's compressing routes; the baseline
+        # declines the offer and runs uncompressed.
+        local deflate=""
+        if [[ "$name" == *deflate* ]]; then
+            deflate=--deflate
+            [ "$server" = gateway ] && path=/echo-deflate
+            [ "$server" = gateway ] && [[ "$name" == *takeover* ]] && path=/echo-deflate-takeover
+        fi
+        $LOAD_CPU "$BIN/loadgen" --addr "$ADDR" --path "$path" --label "$name/$server" --server-pid "$PID" ${TLS:+--tls} $deflate "${args[@]}" | tee -a "$OUT/results.jsonl" >&2
         kill "$PID"; wait "$PID" 2>/dev/null || true
         sleep 0.5
     done; done
@@ -113,7 +123,12 @@ run "setup rate"         setup --concurrency 16 --seconds "$SECONDS_PER_RUN"
 run "tls echo 100x32B x1" echo --conns 100 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN"
 run "tls echo 10x16KiB x1" echo --conns 10 --size 16384 --inflight 1 --seconds "$SECONDS_PER_RUN"
 run "tls setup rate"     setup --concurrency 16 --seconds "$SECONDS_PER_RUN"
+run "echo 100x1KiB x1"    echo --conns 100 --size 1024 --inflight 1 --seconds "$SECONDS_PER_RUN"
+run "echo 100x1KiB x1 deflate" echo --conns 100 --size 1024 --inflight 1 --seconds "$SECONDS_PER_RUN"
 run "idle 10000"         idle --conns 10000
+run "idle 10000 after 1KiB" idle --conns 10000 --message 1024
+run "idle 10000 after 1KiB deflate" idle --conns 10000 --message 1024
+run "idle 10000 after 1KiB deflate takeover" idle --conns 10000 --message 1024
 # hibernate_after (1 s) + mimalloc's purge delay (1 s) + margin: measured
 # once the last connection's instance is released and its memory returned.
 run "idle 10000 hibernated" idle --conns 10000 --settle 5

@@ -408,8 +408,12 @@ impl<'a> Pipeline<'a> {
 /// The close code section 7.4.1 gives an error, and one a server may send.
 fn check_close_code(e: &ProtocolError) {
     let expected = match e {
-        ProtocolError::InvalidUtf8 | ProtocolError::InvalidCloseReason => 1007,
-        ProtocolError::FrameTooLarge { .. } | ProtocolError::MessageTooLarge { .. } => 1009,
+        ProtocolError::InvalidUtf8
+        | ProtocolError::InvalidCloseReason
+        | ProtocolError::InvalidCompressedData => 1007,
+        ProtocolError::FrameTooLarge { .. }
+        | ProtocolError::MessageTooLarge { .. }
+        | ProtocolError::InflatedFragmentTooLarge { .. } => 1009,
         _ => 1002,
     };
     let code = e.close_code();

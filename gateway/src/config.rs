@@ -406,6 +406,9 @@ pub struct RouteSettings {
     pub env: Vec<EnvGrant>,
     /// Host directories the plugin sees (none by default).
     pub dirs: Vec<DirGrant>,
+    /// permessage-deflate (RFC 7692) when clients offer it (`None`: off,
+    /// the default).
+    pub compression: Option<crate::protocol::deflate::DeflateSettings>,
 }
 
 // ---------------------------------------------------------------------------
@@ -636,6 +639,32 @@ impl<'de> Deserialize<'de> for Timeout {
 
 /// A duration that cannot be turned off.
 #[derive(Debug, Clone, Copy)]
+/// `"on"` or `"off"` (true or false are accepted too).
+struct OnOff(bool);
+
+impl<'de> Deserialize<'de> for OnOff {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = OnOff;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(r#""on" or "off""#)
+            }
+            fn visit_bool<E: de::Error>(self, b: bool) -> Result<OnOff, E> {
+                Ok(OnOff(b))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<OnOff, E> {
+                match s {
+                    "on" => Ok(OnOff(true)),
+                    "off" => Ok(OnOff(false)),
+                    _ => Err(E::invalid_value(Unexpected::Str(s), &self)),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 struct Period(Duration);
 
 impl<'de> Deserialize<'de> for Period {
@@ -1026,7 +1055,15 @@ const ROUTE_KEYS: &[&str] = &[
     "hibernate_after",
     "env",
     "dirs",
+    "compression",
+    "compression_min_size",
+    "compression_level",
+    "compression_context_takeover",
 ];
+
+/// Messages shorter than this are sent uncompressed by default: below it
+/// the DEFLATE block overhead and the CPU cost outweigh the bytes saved.
+pub const DEFAULT_COMPRESSION_MIN_SIZE: usize = 64;
 
 /// The smallest `max_header_size`: the documented minimum.
 const MIN_HEADER_SIZE: usize = 8 << 10;
@@ -1191,6 +1228,10 @@ struct RawRoute {
     hibernate_after: Option<Option<Duration>>,
     env: Vec<EnvGrant>,
     dirs: Vec<DirGrant>,
+    compression: Option<bool>,
+    compression_min_size: Option<usize>,
+    compression_level: Option<usize>,
+    compression_context_takeover: Option<bool>,
 }
 
 /// One `[[tenant]]` as written.
@@ -1500,6 +1541,26 @@ impl Parser<'_> {
                 }
                 "env" => r.env = self.env(key, at, v),
                 "dirs" => r.dirs = self.dirs(key, at, v),
+                "compression" => r.compression = self.value::<OnOff>(key, at, v).map(|o| o.0),
+                "compression_min_size" => {
+                    r.compression_min_size = self.size(key, at, v, 0, usize::MAX)
+                }
+                "compression_level" => {
+                    r.compression_level = self.count(key, at, v, 1).and_then(|n| {
+                        if n > 9 {
+                            self.error(
+                                at,
+                                format!("{key}: must be 1 (fastest) to 9 (smallest), found {n}"),
+                            );
+                            None
+                        } else {
+                            Some(n)
+                        }
+                    })
+                }
+                "compression_context_takeover" => {
+                    r.compression_context_takeover = self.value::<bool>(key, at, v)
+                }
                 _ => self.unknown(key, at, table, &[ROUTE_KEYS, LIMIT_KEYS]),
             }
         }
@@ -1763,6 +1824,15 @@ impl Parser<'_> {
             tenant: tenant.map(str::to_owned),
             env: r.env,
             dirs,
+            compression: r.compression.unwrap_or(false).then(|| {
+                crate::protocol::deflate::DeflateSettings {
+                    min_size: r
+                        .compression_min_size
+                        .unwrap_or(DEFAULT_COMPRESSION_MIN_SIZE),
+                    context_takeover: r.compression_context_takeover.unwrap_or(false),
+                    level: r.compression_level.unwrap_or(1) as u32,
+                }
+            }),
         })
     }
 

@@ -44,6 +44,9 @@ const ALPN: &[&[u8]] = &[b"http/1.1"];
 pub struct Tls {
     acceptor: TlsAcceptor,
     certificates: Arc<Certificates>,
+    /// The certificate files (by their `cert` path) that failed to load at
+    /// their last change: a later good read says so.
+    failing: Arc<parking_lot::Mutex<std::collections::HashSet<PathBuf>>>,
 }
 
 impl fmt::Debug for Tls {
@@ -79,6 +82,7 @@ impl Tls {
         Ok(Some(Tls {
             acceptor: TlsAcceptor::from(Arc::new(server)),
             certificates,
+            failing: Default::default(),
         }))
     }
 
@@ -113,11 +117,29 @@ impl Tls {
     pub fn reload_files(&self, config: &Config) {
         let current = self.certificates.table.load_full();
         let mut entries = Vec::new();
+        let mut failing = self.failing.lock();
         for entry in current.entries() {
+            let tenant = entry
+                .tenant
+                .as_deref()
+                .unwrap_or(crate::config::DEFAULT_TENANT);
+            let recovered = |failing: &mut std::collections::HashSet<PathBuf>| {
+                if failing.remove(&entry.files.cert) {
+                    tracing::info!(
+                        tenant,
+                        cert = %entry.files.cert.display(),
+                        "TLS certificate files load again"
+                    );
+                }
+            };
             let reloaded = match read_pair(&entry.files) {
-                Ok((_, _, hash)) if hash == entry.hash => entry.clone(),
-                Ok((cert, key, hash)) => match certified_key(&cert, &key) {
+                Ok((_, _, hash)) if hash == entry.hash => {
+                    recovered(&mut failing);
+                    entry.clone()
+                }
+                Ok((cert, key, hash)) => match certified_key(&entry.files, &cert, &key) {
                     Ok(k) => {
+                        failing.remove(&entry.files.cert);
                         tracing::info!(
                             tenant = entry.tenant.as_deref().unwrap_or(crate::config::DEFAULT_TENANT),
                             cert = %entry.files.cert.display(),
@@ -130,20 +152,35 @@ impl Tls {
                         })
                     }
                     Err(reason) => {
+                        failing.insert(entry.files.cert.clone());
                         log_kept(config, entry, &reason);
                         entry.clone()
                     }
                 },
                 Err(reason) => {
+                    failing.insert(entry.files.cert.clone());
                     log_kept(config, entry, &reason);
                     entry.clone()
                 }
             };
             entries.push(reloaded);
         }
-        if let Some(table) = CertTable::from_entries(config, entries) {
+        drop(failing);
+        if let Some(table) = CertTable::from_entries(config, entries, Some(&current)) {
             self.certificates.table.store(Arc::new(table));
         }
+    }
+
+    /// Every certificate and key file now served (the listener's, which a
+    /// config reload that turns TLS off does not change until a restart),
+    /// to watch.
+    pub fn files(&self) -> Vec<PathBuf> {
+        self.certificates
+            .table
+            .load()
+            .entries()
+            .flat_map(|e| [e.files.cert.clone(), e.files.key.clone()])
+            .collect()
     }
 }
 
@@ -151,12 +188,24 @@ impl Tls {
 #[derive(Debug)]
 pub struct PreparedCertificates(Option<CertTable>);
 
+/// Logs that `entry`'s files did not load and its certificate stays. A
+/// mismatch of key and certificate is a warning: it is what a rotation
+/// shows between writing one file and the other.
 fn log_kept(config: &Config, entry: &Loaded, reason: &str) {
-    tracing::error!(
-        "{}:{}: tls: {reason}; the certificate loaded before keeps serving",
-        config.file.display(),
-        entry.files.line
-    );
+    if reason.contains("does not belong to the certificate") {
+        tracing::warn!(
+            "{}:{}: tls: {reason} (one of the pair not replaced yet?); the certificate loaded \
+             before keeps serving",
+            config.file.display(),
+            entry.files.line
+        );
+    } else {
+        tracing::error!(
+            "{}:{}: tls: {reason}; the certificate loaded before keeps serving",
+            config.file.display(),
+            entry.files.line
+        );
+    }
 }
 
 /// The certificate resolver rustls calls during each handshake: the
@@ -252,7 +301,7 @@ impl CertTable {
             });
             let key = match same {
                 Some(e) => e.key.clone(),
-                None => match certified_key(&cert, &key) {
+                None => match certified_key(files, &cert, &key) {
                     Ok(k) => Arc::new(k),
                     Err(reason) => {
                         errors.push(fail(reason));
@@ -270,13 +319,18 @@ impl CertTable {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(CertTable::from_entries(config, entries))
+        Ok(CertTable::from_entries(config, entries, previous))
     }
 
     /// The table of `entries` (the default certificate first), mapping each
     /// tenant's hosts to its own; warns about a certificate that does not
-    /// cover one of its tenant's hosts.
-    fn from_entries(config: &Config, entries: Vec<Arc<Loaded>>) -> Option<CertTable> {
+    /// cover one of its tenant's hosts, unless `previous` served the same
+    /// certificate for the same hosts (it warned then).
+    fn from_entries(
+        config: &Config,
+        entries: Vec<Arc<Loaded>>,
+        previous: Option<&CertTable>,
+    ) -> Option<CertTable> {
         let mut entries = entries.into_iter();
         let default = entries.next()?;
         let tenants: Vec<Arc<Loaded>> = entries.collect();
@@ -290,7 +344,12 @@ impl CertTable {
                 continue;
             };
             for host in &settings.hosts {
-                warn_uncovered(config, entry, host);
+                let warned = previous
+                    .and_then(|p| p.by_host.get(host))
+                    .is_some_and(|before| before.hash == entry.hash);
+                if !warned {
+                    warn_uncovered(config, entry, host);
+                }
                 by_host.insert(host, entry.clone());
             }
         }
@@ -357,36 +416,56 @@ fn read_pair(files: &TlsFiles) -> Result<(Vec<u8>, Vec<u8>, ContentHash), String
 }
 
 /// The chain in `cert` (PEM, leaf first) with the private key in `key`
-/// (PEM), checked to belong together; the reason otherwise.
-fn certified_key(cert: &[u8], key: &[u8]) -> Result<CertifiedKey, String> {
+/// (PEM), read from `files`, checked to belong together; the reason
+/// otherwise, naming the file.
+fn certified_key(files: &TlsFiles, cert: &[u8], key: &[u8]) -> Result<CertifiedKey, String> {
+    let (cert_path, key_path) = (files.cert.display(), files.key.display());
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("certificate file: not PEM: {e}"))?;
+        .map_err(|e| format!("{cert_path}: {}", pem_problem(&e)))?;
     if chain.is_empty() {
-        return Err("certificate file: no CERTIFICATE block".to_owned());
+        return Err(format!(
+            "{cert_path}: no CERTIFICATE block (is it the key, or not PEM?)"
+        ));
+    }
+    if contains(key, b"-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+        return Err(format!(
+            "{key_path}: the private key is encrypted, which is not supported: decrypt it \
+             (`openssl pkey -in {key_path} -out plain.key`) and keep the file readable by \
+             the gateway only"
+        ));
     }
     let private = PrivateKeyDer::from_pem_slice(key).map_err(|e| match e {
         rustls::pki_types::pem::Error::NoItemsFound => {
-            "key file: no PRIVATE KEY block (PKCS#8, RSA or EC)".to_owned()
+            format!("{key_path}: no PRIVATE KEY block (PKCS#8, RSA or EC)")
         }
-        e => format!("key file: not PEM: {e}"),
+        e => format!("{key_path}: {}", pem_problem(&e)),
     })?;
     let provider: &CryptoProvider = &rustls::crypto::ring::default_provider();
     CertifiedKey::from_der(chain, private, provider).map_err(|e| match e {
-        rustls::Error::InconsistentKeys(_) => {
-            "the private key does not belong to the certificate (the first one in the chain)"
-                .to_owned()
-        }
-        e => format!("cannot use the certificate and key: {e}"),
+        rustls::Error::InconsistentKeys(_) => format!(
+            "the private key in {key_path} does not belong to the certificate in {cert_path} \
+             (the first one of the chain)"
+        ),
+        e => format!("{key_path} with {cert_path}: cannot use them: {e}"),
     })
 }
 
-/// The file paths [`Tls`] watches for `config`: every `tls` cert and key.
-pub fn files_of(config: &Config) -> Vec<PathBuf> {
-    let server = config.server.tls.iter();
-    let tenants = config.tenants.iter().filter_map(|t| t.tls.as_ref());
-    server
-        .chain(tenants)
-        .flat_map(|f| [f.cert.clone(), f.key.clone()])
-        .collect()
+/// What is wrong with a PEM file, in words.
+fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
+    use rustls::pki_types::pem::Error as Pem;
+    match e {
+        Pem::MissingSectionEnd { .. } => {
+            "a PEM block has no END line (a file still being written?)".to_owned()
+        }
+        Pem::IllegalSectionStart { .. } => "a malformed BEGIN line".to_owned(),
+        Pem::Base64Decode(_) => "a PEM block is not valid base64".to_owned(),
+        Pem::SectionTooLarge => "a PEM block is over 256 MiB".to_owned(),
+        other => format!("not PEM: {other}"),
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -4,6 +4,7 @@
 mod support;
 
 mod close;
+mod compression;
 mod config_errors;
 mod echo;
 mod examples;

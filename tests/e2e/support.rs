@@ -409,9 +409,16 @@ pub fn upgrade_request(path: &str, extra: &str) -> String {
 impl Raw {
     /// Opens a WebSocket connection by hand.
     pub async fn connect(addr: SocketAddr, path: &str) -> Raw {
+        Raw::connect_with(addr, path, "").await.0
+    }
+
+    /// Opens a WebSocket connection by hand, with `extra` header lines
+    /// (each ending in CRLF) in the request; the connection and the
+    /// response head.
+    pub async fn connect_with(addr: SocketAddr, path: &str, extra: &str) -> (Raw, String) {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         stream
-            .write_all(upgrade_request(path, "").as_bytes())
+            .write_all(upgrade_request(path, extra).as_bytes())
             .await
             .expect("write");
         let mut raw = Raw {
@@ -427,7 +434,7 @@ impl Raw {
         let head = String::from_utf8_lossy(&raw.buf[..end]).into_owned();
         assert!(head.starts_with("HTTP/1.1 101"), "upgrade refused: {head}");
         raw.buf.drain(..end);
-        raw
+        (raw, head)
     }
 
     async fn fill(&mut self) -> usize {

@@ -201,7 +201,8 @@ fn tls_gateway(ca: &TestCa, name: &str, extra: &str) -> (Gateway, Scratch) {
 async fn a_wss_client_trusting_the_ca_echoes_over_http_1_1() {
     let ca = TestCa::new();
     let (gw, _dir) = tls_gateway(&ca, "tls-echo", "");
-    assert!(gw.log().contains("wss://"), "{}", gw.log());
+    let listening = gw.wait_log("wasmgate listening on");
+    assert!(listening.contains("(wss://)"), "{listening}");
     let tls = tls_connect(&ca, gw.addr, "localhost").await;
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let url = format!("wss://localhost:{}/echo", gw.addr.port());
@@ -460,4 +461,46 @@ async fn check_names_the_line_file_and_reason_of_a_bad_certificate() {
         &[("c.pem", &cert), ("k.key", &key)],
     );
     assert!(ok, "{err}");
+}
+
+#[tokio::test]
+async fn the_tls_handshake_and_the_upgrade_request_share_one_handshake_timeout() {
+    let ca = TestCa::new();
+    let dir = scratch("tls-timeout");
+    ca.write_leaf(&dir, "server", &["localhost"]);
+    let config = format!(
+        "[server]\nhandshake_timeout = \"2s\"\ntls = {{ cert = \"server.pem\", key = \"server.key\" }}\n\n\
+         [[route]]\npath = \"/echo\"\nplugin = \"{}\"\n",
+        plugin("echo")
+    );
+    std::fs::write(dir.join("gateway.toml"), config).expect("write config");
+    let gw = Gateway::spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        dir.join("gateway.toml").to_str().expect("utf-8 path"),
+    ]);
+    // 1.4 s before the TLS handshake, 1.4 s before the request: 2.8 s in
+    // all, past the 2 s the two share.
+    let tcp = TcpStream::connect(gw.addr).await.expect("connect");
+    tokio::time::sleep(std::time::Duration::from_millis(1400)).await;
+    let name = ServerName::try_from("localhost".to_owned()).expect("name");
+    let mut tls = TlsConnector::from(ca.client())
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake within the timeout");
+    tokio::time::sleep(std::time::Duration::from_millis(1400)).await;
+    let _ = tls.write_all(upgrade_request("/echo", "").as_bytes()).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut answer)).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 101"),
+        "upgraded after the handshake timeout: {}",
+        String::from_utf8_lossy(&answer)
+    );
+    // Within the timeout, the same steps upgrade.
+    let mut ws = wss(&ca, gw.addr, "localhost", "/echo").await;
+    ws.send(Message::text("in time")).await.expect("send");
+    assert_eq!(next_wss_text(&mut ws).await, "in time");
 }

@@ -28,6 +28,13 @@
 //! With `--tls`, every mode connects over TLS (`wss://`, SNI `localhost`,
 //! ALPN http/1.1) and accepts any certificate: the benchmark measures the
 //! servers, not certificate checks.
+//!
+//! With `--deflate`, every connection offers permessage-deflate (RFC 7692,
+//! leaving context takeover to the server) and, where the server accepts,
+//! sends its messages compressed, each one on its own (compressed once,
+//! ahead of the measurement: a message that refers to no earlier one is
+//! valid whatever was agreed); `echo` and `idle --message` messages are then text that
+//! compresses about 14:1 (1 KiB to 72 bytes at level 1).
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -67,6 +74,9 @@ struct Args {
     /// Connect over TLS (SNI `localhost`, any certificate accepted).
     #[arg(long)]
     tls: bool,
+    /// Offer permessage-deflate and compress what is sent when accepted.
+    #[arg(long)]
+    deflate: bool,
     #[command(subcommand)]
     mode: Mode,
 }
@@ -153,6 +163,11 @@ enum Mode {
         /// Keep the connections open this many seconds after measuring.
         #[arg(long, default_value_t = 0)]
         hold: u64,
+        /// Each connection first sends one text message of this many bytes
+        /// and reads its echo (0: none), so that what a used connection
+        /// keeps is measured.
+        #[arg(long, default_value_t = 0)]
+        message: usize,
         /// Seconds between the last connection opening and measuring: long
         /// enough for the server to settle (tasks started, buffers sized,
         /// and with hibernation, instances released and freed memory
@@ -305,9 +320,59 @@ fn write_cert(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether connections offer permessage-deflate (`--deflate`).
+static DEFLATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A text payload of `size` bytes that compresses about 14:1 (words from a
+/// small vocabulary in a repeating but irregular order).
+fn text_payload(size: usize) -> Vec<u8> {
+    const WORDS: [&str; 8] = [
+        "gateway ", "message ", "room ", "hello ", "plugin ", "wasm ", "event ", "tenant ",
+    ];
+    let mut out = Vec::with_capacity(size + 8);
+    let mut i = 0usize;
+    while out.len() < size {
+        out.extend_from_slice(WORDS[(i * 7 + i / 5) % WORDS.len()].as_bytes());
+        i += 1;
+    }
+    out.truncate(size);
+    out
+}
+
+/// `payload` as one permessage-deflate message (raw DEFLATE, sync flush,
+/// without the final 4 bytes).
+fn deflate(payload: &[u8]) -> Vec<u8> {
+    let mut z = flate2::Compress::new_with_window_bits(flate2::Compression::new(1), false, 15);
+    let mut out = Vec::with_capacity(payload.len() + 64);
+    let _ = z.compress_vec(payload, &mut out, flate2::FlushCompress::Sync);
+    if out.ends_with(&[0, 0, 0xff, 0xff]) {
+        out.truncate(out.len() - 4);
+    }
+    out
+}
+
+/// A masked client frame for a text message of `payload`: compressed (RSV1)
+/// when the connection agreed on permessage-deflate.
+fn text_frame(payload: &[u8], compressed: bool) -> Vec<u8> {
+    if compressed {
+        let mut frame = client_frame(0x1, &deflate(payload));
+        frame[0] |= 0x40;
+        frame
+    } else {
+        client_frame(0x1, payload)
+    }
+}
+
 /// Opens a WebSocket connection; returns the stream and any bytes read past
 /// the handshake.
 async fn open(addr: SocketAddr, path: &str) -> anyhow::Result<(Conn, Vec<u8>)> {
+    open_negotiated(addr, path)
+        .await
+        .map(|(s, buf, _)| (s, buf))
+}
+
+/// [`open`], and whether permessage-deflate was agreed.
+async fn open_negotiated(addr: SocketAddr, path: &str) -> anyhow::Result<(Conn, Vec<u8>, bool)> {
     let tcp = TcpStream::connect(addr).await.context("connect")?;
     tcp.set_nodelay(true)?;
     let mut s = match TLS.get() {
@@ -322,7 +387,12 @@ async fn open(addr: SocketAddr, path: &str) -> anyhow::Result<(Conn, Vec<u8>)> {
     let host = HOST.get().cloned().unwrap_or_else(|| addr.to_string());
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{}\r\n",
+        if DEFLATE.load(std::sync::atomic::Ordering::Relaxed) {
+            "Sec-WebSocket-Extensions: permessage-deflate\r\n"
+        } else {
+            ""
+        }
     );
     s.write_all(req.as_bytes()).await?;
     let mut buf = Vec::with_capacity(1024);
@@ -332,7 +402,9 @@ async fn open(addr: SocketAddr, path: &str) -> anyhow::Result<(Conn, Vec<u8>)> {
             if !buf.starts_with(b"HTTP/1.1 101") {
                 bail!("upgrade refused: {}", String::from_utf8_lossy(&buf[..i]));
             }
-            return Ok((s, buf[i + 4..].to_vec()));
+            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            let agreed = head.contains("\r\nsec-websocket-extensions: permessage-deflate");
+            return Ok((s, buf[i + 4..].to_vec(), agreed));
         }
         let n = s.read(&mut chunk).await?;
         if n == 0 {
@@ -460,14 +532,18 @@ impl ConnResult {
     }
 }
 
-/// An echo connection: the stream, its read buffer, and the binary frame
-/// of `size` bytes it sends.
+/// An echo connection: the stream, its read buffer, and the frame of `size`
+/// bytes it sends: binary, or with `--deflate` compressible text, compressed
+/// if the server agreed.
 async fn open_echo(
     addr: SocketAddr,
     path: &str,
     size: usize,
 ) -> anyhow::Result<(Conn, Vec<u8>, Vec<u8>)> {
-    let (s, buf) = open(addr, path).await?;
+    let (s, buf, agreed) = open_negotiated(addr, path).await?;
+    if DEFLATE.load(std::sync::atomic::Ordering::Relaxed) {
+        return Ok((s, buf, text_frame(&text_payload(size), agreed)));
+    }
     let payload: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
     Ok((s, buf, client_frame(0x2, &payload)))
 }
@@ -703,6 +779,7 @@ fn main() -> anyhow::Result<()> {
     if args.tls {
         let _ = TLS.set(tls_connector()?);
     }
+    DEFLATE.store(args.deflate, std::sync::atomic::Ordering::Relaxed);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -992,14 +1069,35 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
             pid,
             hold,
             settle,
+            message,
         } => {
             let before = rss_kib(pid)?;
             let pss_before = pss_kib(pid)?;
             let mut open_conns = Vec::with_capacity(conns);
             let mut errors = 0u64;
+            let (mut compressed, payload) = (0u64, text_payload(message));
             for _ in 0..conns {
-                match open(args.addr, &args.path).await {
-                    Ok(c) => open_conns.push(c),
+                let opened = async {
+                    let (mut s, mut buf, agreed) = open_negotiated(args.addr, &args.path).await?;
+                    if message > 0 {
+                        s.write_all(&text_frame(&payload, agreed)).await?;
+                        let mut chunk = [0u8; 4096];
+                        while take_frames(&mut buf)? == 0 {
+                            let n = s.read(&mut chunk).await?;
+                            if n == 0 {
+                                bail!("eof");
+                            }
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                    }
+                    anyhow::Ok((s, agreed))
+                }
+                .await;
+                match opened {
+                    Ok((c, agreed)) => {
+                        compressed += u64::from(agreed);
+                        open_conns.push(c);
+                    }
                     Err(_) => errors += 1,
                 }
             }
@@ -1014,6 +1112,7 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
                 "rss_before_kib": before, "rss_after_kib": after,
                 "kib_per_conn": ((after.saturating_sub(before)) as f64 / n * 100.0).round() / 100.0,
                 "pss_kib_per_conn": ((pss_after.saturating_sub(pss_before)) as f64 / n * 100.0).round() / 100.0,
+                "message": message, "deflate_agreed": compressed,
                 "errors": errors,
             }))
         }

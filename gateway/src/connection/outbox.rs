@@ -13,6 +13,7 @@ use parking_lot::Mutex;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
+use crate::protocol::deflate::{Agreed, Deflater};
 use crate::protocol::frame::{encode_header, OpCode};
 
 /// A frame waiting to be written.
@@ -203,11 +204,37 @@ pub struct Writer {
     batch: VecDeque<Outbound>,
     /// A close frame was encoded: nothing follows it.
     closed: bool,
+    /// A compressed message on its way into `buf`.
+    scratch: Vec<u8>,
     /// Text and binary frames encoded so far.
     messages: u64,
+    /// permessage-deflate, when agreed.
+    deflate: Option<OutboundDeflate>,
+}
+
+/// A connection's outbound compression: what was agreed, and its own
+/// compressor when it keeps context between messages.
+#[derive(Debug)]
+struct OutboundDeflate {
+    agreed: Agreed,
+    /// `None` without context takeover: the thread's shared compressor is
+    /// used, reset after each message.
+    own: Option<Box<Deflater>>,
 }
 
 impl Writer {
+    /// Compresses text and binary messages of at least the agreed minimum
+    /// size from now on (permessage-deflate was negotiated).
+    pub fn compress(&mut self, agreed: Agreed) {
+        let own = (!agreed.server_no_context_takeover).then(|| {
+            Box::new(Deflater::new(
+                agreed.server_max_window_bits,
+                agreed.settings.level,
+            ))
+        });
+        self.deflate = Some(OutboundDeflate { agreed, own });
+    }
+
     /// Text and binary messages encoded for the socket so far.
     pub fn messages_sent(&self) -> u64 {
         self.messages
@@ -225,6 +252,7 @@ impl Writer {
             self.buf = BytesMut::new();
             self.pos = 0;
             self.batch = VecDeque::new();
+            self.scratch = Vec::new();
         }
     }
 
@@ -275,8 +303,43 @@ impl Writer {
                         (OpCode::Close, p.freeze())
                     }
                 };
-                encode_header(&mut self.buf, true, opcode, payload.len());
-                self.buf.extend_from_slice(&payload);
+                let compress = matches!(opcode, OpCode::Text | OpCode::Binary)
+                    && self
+                        .deflate
+                        .as_ref()
+                        .is_some_and(|d| payload.len() >= d.agreed.settings.min_size);
+                match (&mut self.deflate, compress) {
+                    (Some(d), true) => {
+                        self.scratch.clear();
+                        let reset = d.agreed.server_no_context_takeover;
+                        match &mut d.own {
+                            Some(own) => own.compress(&payload, &mut self.scratch, reset),
+                            None => {
+                                let (bits, level) =
+                                    (d.agreed.server_max_window_bits, d.agreed.settings.level);
+                                Deflater::compress_shared(&payload, bits, level, &mut self.scratch)
+                            }
+                        }
+                        // Data that did not shrink goes as it is, where the
+                        // compressor keeps nothing between messages (with
+                        // context takeover the client's window must see
+                        // every message the compressor saw).
+                        if reset && self.scratch.len() >= payload.len() {
+                            encode_header(&mut self.buf, true, false, opcode, payload.len());
+                            self.buf.extend_from_slice(&payload);
+                        } else {
+                            encode_header(&mut self.buf, true, true, opcode, self.scratch.len());
+                            self.buf.extend_from_slice(&self.scratch);
+                        }
+                        if self.scratch.capacity() > 1 << 20 {
+                            self.scratch = Vec::new();
+                        }
+                    }
+                    _ => {
+                        encode_header(&mut self.buf, true, false, opcode, payload.len());
+                        self.buf.extend_from_slice(&payload);
+                    }
+                }
             }
         }
         !self.is_empty()

@@ -31,7 +31,10 @@ use crate::plugin::instance::Guest;
 use crate::plugin::request::PackedRequest;
 use crate::plugin::shared::{Seen, SharedInstance};
 use crate::plugin::Runtime;
-use crate::protocol::frame::{parse_close, Frame, FrameReader, OpCode, ProtocolError, ReadError};
+use crate::protocol::deflate::{Agreed, Inflater};
+use crate::protocol::frame::{
+    parse_close, Frame, FrameReader, OpCode, ProtocolError, ReadError, Utf8Stream,
+};
 use crate::protocol::message::{Assembler, Fragment, Message, Streamer};
 use crate::quota::Bucket;
 use crate::routing::route::{Route, RouteVersion, Slot};
@@ -123,6 +126,8 @@ pub struct Session {
     /// The close frame we sent, if any: what `on-close` reports if the
     /// session is dropped before the peer answers.
     sent_close: Option<(u16, String)>,
+    /// permessage-deflate, when the handshake agreed on it.
+    compression: Option<Agreed>,
     _slot: Slot,
 }
 
@@ -198,6 +203,7 @@ impl Session {
             opened_at: Instant::now(),
             messages: (0, 0),
             sent_close: None,
+            compression: None,
             _slot: slot,
         };
         let response = match &mut session.instance {
@@ -480,6 +486,12 @@ impl Session {
         }
     }
 
+    /// Compresses and decompresses messages as `agreed` in the opening
+    /// handshake (permessage-deflate, RFC 7692); before [`Session::run`].
+    pub fn set_compression(&mut self, agreed: Agreed) {
+        self.compression = Some(agreed);
+    }
+
     /// The state that outlives one run of the event loop; `initial` holds
     /// bytes the client sent right after its request.
     fn link(&self, initial: Bytes) -> Link {
@@ -488,7 +500,7 @@ impl Session {
         // `initial` is a slice of hyper's whole read buffer: it is copied
         // here and dropped, as holding it would keep that buffer alive for
         // the life of the connection.
-        Link {
+        let mut link = Link {
             reader: FrameReader::new(&initial, limits.max_frame_size),
             // This task writes too: no writer task to wake per message.
             out: Writer::default(),
@@ -496,7 +508,13 @@ impl Session {
             keepalive: Keepalive::new(started),
             hibernate_after: self.version.settings.hibernate_after,
             limits,
+        };
+        if let Some(agreed) = self.compression {
+            link.reader.allow_compressed();
+            link.out.compress(agreed);
+            link.inbound.inflate = Some(Box::new(InboundDeflate::new(agreed)));
         }
+        link
     }
 
     /// The event loop: reads frames and delivers them, writes what is
@@ -1014,6 +1032,108 @@ struct Inbound {
     last_event: Instant,
     /// The inbound rate meters, if the route has a rate limit.
     rates: Option<Box<InboundRates>>,
+    /// Decompression, when permessage-deflate was agreed.
+    inflate: Option<Box<InboundDeflate>>,
+    /// `max_message_size` and `max_frame_size`: what a decompressed message
+    /// (or streamed fragment) may grow to.
+    max_message_size: usize,
+    max_frame_size: usize,
+}
+
+/// A connection's inbound permessage-deflate state.
+#[derive(Debug)]
+struct InboundDeflate {
+    agreed: Agreed,
+    /// The connection's own decompressor: kept between messages when the
+    /// client takes its context over, and during a compressed message that
+    /// comes in several frames; otherwise a whole message is decompressed
+    /// with the thread's shared one.
+    own: Option<Box<Inflater>>,
+    /// Whether the message in progress is compressed (its first frame had
+    /// RSV1).
+    compressed: bool,
+    /// Decompressed bytes of the message in progress.
+    produced: usize,
+    /// UTF-8 state of a compressed text message streamed as fragments.
+    utf8: Utf8Stream,
+    /// Whether the message in progress is text.
+    utf8_text: bool,
+}
+
+impl InboundDeflate {
+    fn new(agreed: Agreed) -> InboundDeflate {
+        InboundDeflate {
+            agreed,
+            own: None,
+            compressed: false,
+            produced: 0,
+            utf8: Utf8Stream::default(),
+            utf8_text: false,
+        }
+    }
+
+    /// Decompresses `frame` if it belongs to a compressed message. The
+    /// output may grow to `limit` bytes (the message's remaining
+    /// allowance, or a streamed fragment's); text streamed as fragments is
+    /// validated as UTF-8 here, once decompressed (`stream_text`).
+    fn decompress(
+        &mut self,
+        frame: Frame,
+        limit: usize,
+        streaming: bool,
+    ) -> Result<Frame, ProtocolError> {
+        let first = matches!(frame.opcode, OpCode::Text | OpCode::Binary);
+        if first {
+            self.compressed = frame.rsv1;
+            self.produced = 0;
+            self.utf8 = Utf8Stream::default();
+        }
+        if !self.compressed {
+            return Ok(frame);
+        }
+        let limit = if streaming {
+            limit
+        } else {
+            limit.saturating_sub(self.produced)
+        };
+        let keep = !self.agreed.client_no_context_takeover;
+        let mut out = Vec::new();
+        if first && frame.fin && !keep {
+            // A whole message, nothing to keep: the thread's decompressor.
+            Inflater::shared(|z| z.inflate(&frame.payload, true, &mut out, limit))?;
+        } else {
+            let z = self.own.get_or_insert_with(Default::default);
+            let inflated = z.inflate(&frame.payload, frame.fin, &mut out, limit);
+            if frame.fin && !keep {
+                self.own = None;
+            }
+            inflated?;
+        }
+        self.produced += out.len();
+        if streaming && self.text_message(&frame) {
+            self.utf8.feed(&out)?;
+            if frame.fin {
+                self.utf8.finish()?;
+            }
+        }
+        Ok(Frame {
+            fin: frame.fin,
+            rsv1: false,
+            opcode: frame.opcode,
+            payload: bytes::BytesMut::from(Bytes::from(out)),
+        })
+    }
+
+    /// Whether `frame` belongs to a text message (tracked from the first
+    /// frame's opcode).
+    fn text_message(&mut self, frame: &Frame) -> bool {
+        if frame.opcode == OpCode::Text {
+            self.utf8_text = true;
+        } else if frame.opcode == OpCode::Binary {
+            self.utf8_text = false;
+        }
+        self.utf8_text
+    }
 }
 
 /// A connection's inbound rate meters (`max_messages_per_second`,
@@ -1123,6 +1243,9 @@ impl Inbound {
             messages: 0,
             last_event: now,
             rates: InboundRates::new(&settings.limits),
+            inflate: None,
+            max_message_size: settings.limits.max_message_size,
+            max_frame_size: settings.limits.max_frame_size,
         }
     }
 
@@ -1134,6 +1257,23 @@ impl Inbound {
     /// Takes a data frame that arrived at `now`.
     fn push(&mut self, frame: Frame, now: Instant) -> Result<Option<Delivery>, ProtocolError> {
         self.last_event = now;
+        let frame = match &mut self.inflate {
+            Some(z) => {
+                let limit = if self.streaming {
+                    self.max_frame_size
+                } else {
+                    self.max_message_size
+                };
+                z.decompress(frame, limit, self.streaming)
+                    .map_err(|e| match e {
+                        ProtocolError::MessageTooLarge { limit } if self.streaming => {
+                            ProtocolError::InflatedFragmentTooLarge { limit }
+                        }
+                        e => e,
+                    })?
+            }
+            None => frame,
+        };
         if self.streaming {
             self.streamer
                 .push(frame)

@@ -80,6 +80,10 @@ pub enum ProtocolError {
     /// RSV bits set without a negotiated extension.
     #[error("reserved bits set without a negotiated extension")]
     ReservedBits,
+    /// RSV1 (compressed, with permessage-deflate agreed) on a control or
+    /// continuation frame (RFC 7692 section 6.1).
+    #[error("RSV1 (compressed) on a control or continuation frame")]
+    CompressedControlOrContinuation,
     /// An opcode RFC 6455 does not define.
     #[error("unknown opcode {0:#x}")]
     UnknownOpcode(u8),
@@ -109,9 +113,20 @@ pub enum ProtocolError {
         /// The configured limit.
         limit: usize,
     },
+    /// A compressed fragment streamed to the plugin (`deliver =
+    /// "fragments"`) that decompresses past `max_frame_size`.
+    #[error("decompressed fragment is over max_frame_size ({limit})")]
+    InflatedFragmentTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
     /// Text that is not valid UTF-8.
     #[error("invalid UTF-8 in a text message")]
     InvalidUtf8,
+    /// A compressed message (permessage-deflate, RFC 7692) that does not
+    /// decompress.
+    #[error("invalid compressed data (permessage-deflate)")]
+    InvalidCompressedData,
     /// A continuation frame with no message in progress.
     #[error("continuation frame without a message in progress")]
     UnexpectedContinuation,
@@ -130,12 +145,16 @@ pub enum ProtocolError {
 }
 
 impl ProtocolError {
-    /// The close code this error is answered with: 1007 for bad UTF-8, 1009
-    /// for a limit, 1002 for everything else.
+    /// The close code this error is answered with: 1007 for bad UTF-8 or
+    /// compressed data, 1009 for a limit, 1002 for everything else.
     pub fn close_code(&self) -> u16 {
         match self {
-            ProtocolError::InvalidUtf8 | ProtocolError::InvalidCloseReason => 1007,
-            ProtocolError::FrameTooLarge { .. } | ProtocolError::MessageTooLarge { .. } => 1009,
+            ProtocolError::InvalidUtf8
+            | ProtocolError::InvalidCloseReason
+            | ProtocolError::InvalidCompressedData => 1007,
+            ProtocolError::FrameTooLarge { .. }
+            | ProtocolError::MessageTooLarge { .. }
+            | ProtocolError::InflatedFragmentTooLarge { .. } => 1009,
             _ => 1002,
         }
     }
@@ -168,10 +187,14 @@ pub struct FrameReader {
     max_frame_size: usize,
     /// Bytes the frame being received needs in total, header included.
     want: usize,
-    /// Whether a negotiated extension claims RSV1 (none does yet).
+    /// Whether permessage-deflate was negotiated: RSV1 marks a compressed
+    /// message on its first frame (RFC 7692 section 6).
     allow_rsv1: bool,
     /// The kind of the fragmented message in progress: `Some(true)` text.
     message_text: Option<bool>,
+    /// Whether the fragmented message in progress is compressed (its text
+    /// is then validated once decompressed, not here).
+    message_compressed: bool,
     /// UTF-8 state of the text message in progress.
     utf8: Utf8Stream,
     /// Payload bytes of the incomplete frame already unmasked and checked.
@@ -255,10 +278,18 @@ impl FrameReader {
             want: 0,
             allow_rsv1: false,
             message_text: None,
+            message_compressed: false,
             utf8: Utf8Stream::default(),
             checked: 0,
             chunk: FIRST_CHUNK,
         }
+    }
+
+    /// Lets RSV1 mark compressed messages: permessage-deflate was
+    /// negotiated. RSV1 stays an error on continuation and control frames
+    /// (RFC 7692 section 6.1).
+    pub fn allow_compressed(&mut self) {
+        self.allow_rsv1 = true;
     }
 
     /// Whether nothing is held: no buffered bytes and no fragmented message
@@ -320,6 +351,9 @@ impl FrameReader {
             return Err(ProtocolError::ReservedBits);
         }
         let opcode = OpCode::from_bits(b[0] & 0x0F)?;
+        if rsv1 && !matches!(opcode, OpCode::Text | OpCode::Binary) {
+            return Err(ProtocolError::CompressedControlOrContinuation);
+        }
         if b[1] & 0x80 == 0 {
             return Err(ProtocolError::Unmasked);
         }
@@ -378,9 +412,10 @@ impl FrameReader {
             return Ok(None);
         }
         let mask = [b[header - 4], b[header - 3], b[header - 2], b[header - 1]];
+        // Compressed text is validated once decompressed.
         let is_text = match opcode {
-            OpCode::Text => true,
-            OpCode::Continuation => self.message_text == Some(true),
+            OpCode::Text => !rsv1,
+            OpCode::Continuation => self.message_text == Some(true) && !self.message_compressed,
             _ => false,
         };
         let available = b.len().min(total).saturating_sub(header);
@@ -406,8 +441,12 @@ impl FrameReader {
         match opcode {
             OpCode::Text | OpCode::Binary => {
                 self.message_text = (!fin).then_some(opcode == OpCode::Text);
+                self.message_compressed = !fin && rsv1;
             }
-            OpCode::Continuation if fin => self.message_text = None,
+            OpCode::Continuation if fin => {
+                self.message_text = None;
+                self.message_compressed = false;
+            }
             _ => {}
         }
         if is_text && fin {
@@ -423,9 +462,10 @@ impl FrameReader {
     }
 }
 
-/// Appends the header of an unmasked server frame to `out`.
-pub fn encode_header(out: &mut BytesMut, fin: bool, opcode: OpCode, len: usize) {
-    let b0 = (u8::from(fin) << 7) | opcode.bits();
+/// Appends the header of an unmasked server frame to `out` (with RSV1 set
+/// when `compressed`: a permessage-deflate message's first frame).
+pub fn encode_header(out: &mut BytesMut, fin: bool, compressed: bool, opcode: OpCode, len: usize) {
+    let b0 = (u8::from(fin) << 7) | (u8::from(compressed) << 6) | opcode.bits();
     if len < 126 {
         out.extend_from_slice(&[b0, len as u8]);
     } else if let Ok(len16) = u16::try_from(len) {
@@ -584,13 +624,13 @@ mod tests {
     #[test]
     fn header_uses_the_shortest_length_form() {
         let mut b = BytesMut::new();
-        encode_header(&mut b, true, OpCode::Binary, 125);
+        encode_header(&mut b, true, false, OpCode::Binary, 125);
         assert_eq!(&b[..], &[0x82, 125]);
         b.clear();
-        encode_header(&mut b, true, OpCode::Text, 126);
+        encode_header(&mut b, true, false, OpCode::Text, 126);
         assert_eq!(&b[..], &[0x81, 126, 0, 126]);
         b.clear();
-        encode_header(&mut b, false, OpCode::Binary, 70_000);
+        encode_header(&mut b, false, false, OpCode::Binary, 70_000);
         assert_eq!(&b[..2], &[0x02, 127]);
     }
 }

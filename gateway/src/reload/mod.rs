@@ -80,11 +80,9 @@ impl Reloader {
             })
             .collect();
         files.extend(self.config_file.clone());
-        // Certificates of the TLS listener (as started: a reload that turns
-        // TLS on needs a restart, and then watches them).
-        if self.gateway.is_tls() {
-            files.extend(crate::tls::files_of(config));
-        }
+        // The certificates the TLS listener serves (after a reload that
+        // turns TLS off, still those, until the restart it needs).
+        files.extend(self.gateway.tls_files());
         files.sort();
         files.dedup();
         tracing::info!(
@@ -165,7 +163,7 @@ impl Reloader {
             return;
         }
         let config = self.gateway.config();
-        if self.gateway.is_tls() && crate::tls::files_of(&config).contains(&change.path) {
+        if self.gateway.tls_files().contains(&change.path) {
             self.gateway.reload_tls_files();
             // A file can be a certificate and a plugin only by mistake; a
             // plugin file that is not one fails to load and is reported.

@@ -171,6 +171,11 @@ impl Gateway {
         self.shared.tls.is_some()
     }
 
+    /// The TLS certificate and key files served now (none without TLS).
+    pub fn tls_files(&self) -> Vec<PathBuf> {
+        self.shared.tls.as_ref().map_or_else(Vec::new, Tls::files)
+    }
+
     /// Reads the TLS certificate and key files again (one of them changed
     /// on disk): see [`Tls::reload_files`].
     pub fn reload_tls_files(&self) {
@@ -207,7 +212,10 @@ impl Gateway {
                         let _ = stream.set_nodelay(true);
                         let shared2 = shared.clone();
                         match &shared.tls {
-                            None => shared.tasks.spawn(serve_connection(shared2, stream, remote, None)),
+                            None => {
+                                let timeout = shared.settings.handshake_timeout;
+                                shared.tasks.spawn(serve_connection(shared2, stream, remote, None, timeout))
+                            }
                             Some(tls) => shared.tasks.spawn(serve_tls(shared2, tls.clone(), stream, remote)),
                         };
                     }
@@ -292,6 +300,7 @@ const PLAIN_HTTP_ON_TLS: &str = "this port speaks TLS: connect with wss:// (or h
 /// level.
 async fn serve_tls(shared: Arc<Shared>, tls: Tls, stream: TcpStream, remote: SocketAddr) {
     let timeout = shared.settings.handshake_timeout;
+    let started = std::time::Instant::now();
     let handshake = async {
         let mut first = [0u8; 1];
         match stream.peek(&mut first).await {
@@ -344,16 +353,21 @@ async fn serve_tls(shared: Arc<Shared>, tls: Tls, stream: TcpStream, remote: Soc
         _ = shared.stopping.cancelled() => return,
     };
     let sni: Option<Arc<str>> = stream.get_ref().1.server_name().map(Arc::from);
-    serve_connection(shared, stream, remote, sni).await;
+    // One handshake_timeout for the TLS handshake and the upgrade request
+    // together.
+    let left = timeout.saturating_sub(started.elapsed());
+    serve_connection(shared, stream, remote, sni, left).await;
 }
 
 /// Serves HTTP/1.1 on one connection (plain TCP, or TLS with the name the
-/// client's SNI gave) until it ends, is upgraded, or shutdown ends it.
+/// client's SNI gave) until it ends, is upgraded, or shutdown ends it; each
+/// request head must arrive within `header_timeout`.
 async fn serve_connection<S>(
     shared: Arc<Shared>,
     stream: S,
     remote: SocketAddr,
     sni: Option<Arc<str>>,
+    header_timeout: std::time::Duration,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -368,7 +382,7 @@ async fn serve_connection<S>(
     };
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.settings.handshake_timeout)
+        .header_read_timeout(header_timeout.max(std::time::Duration::from_millis(1)))
         .max_buf_size(shared.settings.max_header_size)
         .serve_connection(io, service)
         .with_upgrades();

@@ -19,6 +19,7 @@ use tokio_rustls::server::TlsStream;
 use super::Shared;
 use crate::bindings::wasmgate::plugin::types;
 use crate::connection::session::{Opened, Session};
+use crate::protocol::deflate;
 use crate::protocol::handshake::{self, Refusal};
 use crate::routing::route::{Capacity, Slot};
 
@@ -110,7 +111,7 @@ pub(super) async fn handle(
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let internal =
         || handshake::text_response(StatusCode::INTERNAL_SERVER_ERROR, "plugin failed\n");
-    let (session, accept) = match Session::open(
+    let (mut session, accept) = match Session::open(
         id,
         route.clone(),
         version.clone(),
@@ -157,6 +158,15 @@ pub(super) async fn handle(
         }
     };
     let mut resp = resp.map(|_| Full::new(Bytes::new()));
+    // permessage-deflate (RFC 7692), when the route has it on and the
+    // client offers something acceptable.
+    if let Some(compression) = &settings.compression {
+        if let Some((agreed, value)) = deflate::negotiate(req.headers(), compression) {
+            resp.headers_mut()
+                .insert(hyper::header::SEC_WEBSOCKET_EXTENSIONS, value);
+            session.set_compression(agreed);
+        }
+    }
     if let Some(p) = &accept.subprotocol {
         let valid = request.subprotocols.contains(p);
         match hyper::header::HeaderValue::from_str(p) {
