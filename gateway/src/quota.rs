@@ -36,6 +36,14 @@ impl Bucket {
         }
     }
 
+    /// Whether fewer than `n` tokens are there now (refilled at `rate` a
+    /// second), taking none.
+    pub fn short_of(&mut self, n: u64, rate: u64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        let tokens = (self.tokens + elapsed * rate as f64).min(rate as f64);
+        tokens < n as f64
+    }
+
     /// Takes `n` tokens at `rate` a second if there are that many; false
     /// (taking nothing) if not.
     pub fn take(&mut self, n: u64, rate: u64, now: Instant) -> bool {

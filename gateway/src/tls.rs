@@ -334,23 +334,28 @@ impl CertTable {
         let mut entries = entries.into_iter();
         let default = entries.next()?;
         let tenants: Vec<Arc<Loaded>> = entries.collect();
+        // Every tenant's hosts, those of a tenant without a certificate
+        // mapped to the default one: an exact name of such a tenant must
+        // not fall through to another tenant's wildcard, as routing would
+        // not either.
         let mut by_host = HostMap::default();
-        for entry in &tenants {
-            let Some(settings) = config
-                .tenants
+        for settings in &config.tenants {
+            let own = tenants
                 .iter()
-                .find(|t| Some(&t.name) == entry.tenant.as_ref())
-            else {
-                continue;
-            };
+                .find(|e| e.tenant.as_deref() == Some(settings.name.as_str()));
             for host in &settings.hosts {
-                let warned = previous
-                    .and_then(|p| p.by_host.get(host))
-                    .is_some_and(|before| before.hash == entry.hash);
-                if !warned {
-                    warn_uncovered(config, entry, host);
+                match own {
+                    Some(entry) => {
+                        let warned = previous
+                            .and_then(|p| p.by_host.get(host))
+                            .is_some_and(|before| before.hash == entry.hash);
+                        if !warned {
+                            warn_uncovered(config, entry, host);
+                        }
+                        by_host.insert(host, entry.clone());
+                    }
+                    None => by_host.insert(host, default.clone()),
                 }
-                by_host.insert(host, entry.clone());
             }
         }
         Some(CertTable {

@@ -250,3 +250,61 @@ async fn a_bad_compression_key_is_an_error_naming_it() {
         "{err}"
     );
 }
+
+/// The CPU time (user + system) a process has used, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+    // After the command name in parentheses: fields 14 and 15 are utime and
+    // stime.
+    let rest = stat.rsplit_once(')').expect("stat format").1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+#[tokio::test]
+async fn compressed_messages_over_the_rate_are_dropped_without_being_decompressed() {
+    let gw = echo_gateway(
+        "deflate-rate-drop",
+        "compression = \"on\"\nmax_messages_per_second = 2\nrate_exceeded = \"drop\"\n",
+    );
+    let (mut raw, _) = Raw::connect_with(gw.addr, "/e", OFFER).await;
+    // Each frame is about 1 KiB and inflates to 1 MiB (max_message_size):
+    // 2,000 of them would be 2 GiB to inflate.
+    let bomb = deflate(&mut raw_deflater(), &vec![0u8; 1 << 20]);
+    assert!(bomb.len() < 4 << 10, "{}", bomb.len());
+    let before = cpu_ticks(gw.pid());
+    for _ in 0..2000 {
+        raw.send_frame(0xC2, &bomb, true).await;
+    }
+    // The rate lets two through (their echoes come back, 1 MiB each,
+    // compressed), and drops the rest unread.
+    let mut echoes = 0;
+    while let Ok(Some((b0, _))) =
+        tokio::time::timeout(std::time::Duration::from_millis(500), raw.read_frame()).await
+    {
+        assert_eq!(b0 & 0x0F, 0x2, "a binary echo, not a close");
+        echoes += 1;
+    }
+    assert!((1..=3).contains(&echoes), "{echoes} echoes");
+    // Inflating 2 GiB takes seconds of CPU; skipping it, a fraction.
+    let used = cpu_ticks(gw.pid()) - before;
+    assert!(used < 80, "the gateway used {used} ticks of CPU");
+    // The connection is still open and served once the rate allows.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    raw.send_frame(0x81, b"after", true).await;
+    assert_eq!(raw.read_frame().await.expect("echo").1, b"after");
+}
+
+#[tokio::test]
+async fn a_compressed_message_over_the_rate_closes_with_1008_when_the_route_closes() {
+    let gw = echo_gateway(
+        "deflate-rate-close",
+        "compression = \"on\"\nmax_messages_per_second = 1\n",
+    );
+    let (mut raw, _) = Raw::connect_with(gw.addr, "/e", OFFER).await;
+    let wire = deflate(&mut raw_deflater(), &[b'x'; 300]);
+    for _ in 0..3 {
+        raw.send_frame(0xC1, &wire, true).await;
+    }
+    assert_eq!(raw.expect_close().await, 1008);
+}

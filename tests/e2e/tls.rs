@@ -504,3 +504,47 @@ async fn the_tls_handshake_and_the_upgrade_request_share_one_handshake_timeout()
     ws.send(Message::text("in time")).await.expect("send");
     assert_eq!(next_wss_text(&mut ws).await, "in time");
 }
+
+#[tokio::test]
+async fn an_exact_host_of_a_tenant_without_a_certificate_is_not_taken_by_another_tenants_wildcard()
+{
+    let ca = TestCa::new();
+    let dir = scratch("tls-exact-vs-wildcard");
+    let default = ca.write_leaf(&dir, "server", &["localhost"]);
+    let wild = ca.write_leaf(&dir, "wild", &["*.example.org"]);
+    let config = format!(
+        r#"[server]
+tls = {{ cert = "server.pem", key = "server.key" }}
+
+[[tenant]]
+name = "exact"
+hosts = ["a.example.org"]
+
+[[tenant.route]]
+path = "/echo"
+plugin = "{echo}"
+
+[[tenant]]
+name = "wild"
+hosts = ["*.example.org"]
+tls = {{ cert = "wild.pem", key = "wild.key" }}
+
+[[tenant.route]]
+path = "/echo"
+plugin = "{echo}"
+"#,
+        echo = plugin("echo")
+    );
+    std::fs::write(dir.join("gateway.toml"), config).expect("write config");
+    let gw = Gateway::spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        dir.join("gateway.toml").to_str().expect("utf-8 path"),
+    ]);
+    // Routing sends a.example.org to tenant "exact": so does SNI, which
+    // then gets the default certificate, not the wildcard tenant's.
+    assert_eq!(served_certificate(gw.addr, "a.example.org").await, default);
+    assert_eq!(served_certificate(gw.addr, "b.example.org").await, wild);
+}

@@ -813,6 +813,35 @@ impl Session {
             }
             // Data after a close frame was sent is ignored (section 5.5.1).
             _ if !phase.is_open() => {}
+            // The rest of a compressed message skipped over the rate.
+            _ if inbound.skipping => inbound.skipping = !frame.fin,
+            // A compressed message is checked against the inbound rates
+            // before it is decompressed, where its cost is: a client over
+            // its rate must not make the gateway inflate what it then drops
+            // (a frame of a kilobyte can inflate to a megabyte).
+            OpCode::Text | OpCode::Binary if frame.rsv1 && self.over_rate_already(inbound) => {
+                let keeps_window = inbound
+                    .inflate
+                    .as_ref()
+                    .is_some_and(|z| !z.agreed.client_no_context_takeover);
+                let policy = self.version.settings.limits.rate_exceeded;
+                if policy == RateExceeded::Close || keeps_window {
+                    // With context takeover, skipping a message would leave
+                    // the decompressor's window behind the client's.
+                    *phase = self.rate_exceeded();
+                } else {
+                    if let Some(rates) = inbound.rates.as_mut() {
+                        rates.dropped += 1;
+                        if rates.dropped == 1 {
+                            tracing::info!(
+                                tenant = %self.version.tenant.name, route = %self.route.path, conn = self.id,
+                                "client over its inbound rate (max_messages_per_second / max_bytes_per_second): dropping its messages over the rate, compressed ones unread, counted at close"
+                            );
+                        }
+                    }
+                    inbound.skipping = !frame.fin;
+                }
+            }
             _ => match inbound.push(frame, now) {
                 Ok(Some(Delivery::Message(msg))) => {
                     inbound.messages += 1;
@@ -883,6 +912,24 @@ impl Session {
             );
         }
         admit
+    }
+
+    /// Whether the connection's inbound rates are used up already (no
+    /// message token, or no byte left), before a message is decompressed.
+    fn over_rate_already(&self, inbound: &mut Inbound) -> bool {
+        let Some(rates) = inbound.rates.as_mut() else {
+            return false;
+        };
+        let now = std::time::Instant::now();
+        let messages = rates
+            .messages
+            .as_mut()
+            .is_some_and(|(b, rate)| b.short_of(1, *rate, now));
+        let bytes = rates
+            .bytes
+            .as_mut()
+            .is_some_and(|(b, rate)| b.short_of(1, *rate, now));
+        messages || bytes
     }
 
     /// Closes with 1008 a client over its inbound rate.
@@ -1034,6 +1081,9 @@ struct Inbound {
     rates: Option<Box<InboundRates>>,
     /// Decompression, when permessage-deflate was agreed.
     inflate: Option<Box<InboundDeflate>>,
+    /// The compressed message in progress is being skipped, unread: it
+    /// started over the inbound rate.
+    skipping: bool,
     /// `max_message_size` and `max_frame_size`: what a decompressed message
     /// (or streamed fragment) may grow to.
     max_message_size: usize,
@@ -1244,6 +1294,7 @@ impl Inbound {
             last_event: now,
             rates: InboundRates::new(&settings.limits),
             inflate: None,
+            skipping: false,
             max_message_size: settings.limits.max_message_size,
             max_frame_size: settings.limits.max_frame_size,
         }
@@ -1251,7 +1302,7 @@ impl Inbound {
 
     /// Whether no message is part-way through (nothing held between frames).
     fn is_idle(&self) -> bool {
-        !self.streamer.in_message() && !self.assembler.in_message()
+        !self.streamer.in_message() && !self.assembler.in_message() && !self.skipping
     }
 
     /// Takes a data frame that arrived at `now`.

@@ -29,13 +29,14 @@
 //!
 //! A call that runs long holds its worker until its first tick, up to 10
 //! ms, and the connections queued on that worker wait as long. So once a
-//! route's call has run into a second tick (so for 10 ms at least), the
+//! route's call has run 2 ms by its first tick, or into a second tick, the
 //! route's next calls start handed off ([`LongCallHint`]): a hand-off per
 //! call (tens of microseconds) for a route whose calls are long anyway, and
-//! no worker held. The first tick does not mark the route: under load some
-//! call is running at nearly every tick, most of them microseconds old,
-//! and marking their routes handed off most calls of a busy gateway
-//! (connection setup fell from 7,800 to 1,100-2,700 a second).
+//! no worker held. A call the first tick catches microseconds after it
+//! started does not mark its route: under load some call is running at
+//! nearly every tick, and marking every one of their routes handed off most
+//! calls of a busy gateway (connection setup fell from 7,800 to 1,100-2,700
+//! a second).
 //!
 //! Calls shorter than a tick (nearly all) pay nothing for this: the callback
 //! never runs. A current-thread runtime (`threads = 1`) has no other worker
@@ -57,6 +58,11 @@ use crate::routing::tenant::Counts;
 /// Epoch ticks a call runs before its worker is handed off: the first tick,
 /// 0 to 10 ms into the call.
 pub const HAND_OFF_TICKS: u64 = 1;
+
+/// How long a call must have run by its first tick to mark its route's
+/// next calls for starting handed off ([`LongCallHint`]): well above a
+/// normal handler call (microseconds), well below the tick.
+const LONG_CALL: Duration = Duration::from_millis(2);
 
 /// The epoch tick, as the engine's ticker advances it.
 const TICK: Duration = crate::plugin::engine::EPOCH_TICK;
@@ -83,6 +89,8 @@ pub struct CallClock {
     permit: Option<LongCalls>,
     /// Deadline callbacks the call has seen (the epoch ticks it ran into).
     ticks_seen: u32,
+    /// When the call started, as a [`MeterClock`] reading.
+    started: u64,
 }
 
 /// A place among the long (handed-off) calls allowed to run at once: one
@@ -143,7 +151,9 @@ impl CallClock {
         self.deadline = None;
         self.handed_off = off_worker;
         self.ticks_seen = 0;
-        self.measured_to = metered.then(|| MeterClock::get().raw());
+        let clock = MeterClock::get();
+        self.started = clock.raw();
+        self.measured_to = metered.then_some(self.started);
         first
     }
 
@@ -179,8 +189,9 @@ impl CallClock {
 }
 
 /// Whether a route's calls start off the worker, from the way its recent
-/// calls went. A call that runs into its second tick ran 10 ms or more, and
-/// held its worker (and the connections queued on it) until its first tick;
+/// calls went. A call that had run 2 ms by its first tick, or runs into a
+/// second one, held its worker (and the connections queued on it) until
+/// that first tick;
 /// on a route whose calls run that long, the next ones are handed off before
 /// they start
 /// instead, which costs a thread hand-off per call (tens of microseconds)
@@ -204,7 +215,7 @@ impl LongCallHint {
         true
     }
 
-    /// A call of the route ran into its second tick (10 ms or more).
+    /// A call of the route ran long (see [`LongCallHint`]).
     pub fn ran_long(&self) {
         self.0.store(Self::CALLS, Ordering::Relaxed);
     }
@@ -217,8 +228,16 @@ pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<
     let state = ctx.data_mut();
     let now = Instant::now();
     state.call.ticks_seen = state.call.ticks_seen.saturating_add(1);
-    // The second tick: the call has run for a full tick period at least.
-    if state.call.ticks_seen == 2 {
+    // A call that has run LONG_CALL by its first tick, or reaches a second
+    // tick (a full period), ran long; one the tick caught just after it
+    // started did not.
+    if state.call.ticks_seen == 1 {
+        let clock = MeterClock::get();
+        let ran = clock.duration(MeterClock::ticks_between(state.call.started, clock.raw()));
+        if ran >= LONG_CALL {
+            state.scope().long_calls.ran_long();
+        }
+    } else if state.call.ticks_seen == 2 {
         state.scope().long_calls.ran_long();
     }
     let deadline = *state

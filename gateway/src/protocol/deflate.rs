@@ -267,6 +267,7 @@ impl Deflater {
     /// remembered, holding a reference to its bytes so that a match by
     /// address and length is a match of content.
     pub fn compress_shared(message: &Bytes, bits: u8, level: u32, out: &mut Vec<u8>) {
+        let bits = bits.max(9);
         thread_local! {
             static LAST: RefCell<Option<LastCompressed>> = const { RefCell::new(None) };
         }
@@ -294,6 +295,8 @@ impl Deflater {
     /// `level` (created on first use); for connections without context
     /// takeover, which reset it after each message.
     pub fn with_shared<T>(bits: u8, level: u32, f: impl FnOnce(&mut Deflater) -> T) -> T {
+        // 8 bits is compressed as 9: one compressor for both.
+        let bits = bits.max(9);
         SHARED_DEFLATERS.with(|cell| {
             let mut all = cell.borrow_mut();
             let i = match all.iter().position(|(b, l, _)| *b == bits && *l == level) {
@@ -355,9 +358,14 @@ impl Inflater {
                 if out.len() > limit {
                     return Err(ProtocolError::MessageTooLarge { limit });
                 }
-                // Never more than one byte past the limit: enough to tell
-                // that it was passed.
-                let room = INFLATE_CHUNK.min(limit + 1 - out.len()).max(1);
+                // Grows geometrically (no quadratic copying for a large
+                // limit), never more than one byte past the limit: enough
+                // to tell that it was passed.
+                let room = out
+                    .len()
+                    .max(INFLATE_CHUNK)
+                    .min(limit.saturating_add(1) - out.len())
+                    .max(1);
                 out.reserve_exact(room);
             }
             let before = self.decompress.total_in();
