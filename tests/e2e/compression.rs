@@ -191,12 +191,7 @@ async fn data_that_does_not_decompress_closes_with_1007() {
 
 /// The peak resident set size of a process, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM")
+    proc_status_kib(pid, "VmHWM")
 }
 
 #[tokio::test]

@@ -267,12 +267,7 @@ async fn with_the_drop_policy_a_slow_consumers_messages_are_dropped_and_it_stays
 
 /// The resident set size of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
+    proc_status_kib(pid, "VmRSS")
 }
 
 #[tokio::test]

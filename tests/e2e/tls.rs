@@ -175,6 +175,19 @@ async fn next_wss_text(ws: &mut Wss) -> String {
     }
 }
 
+/// Writes `config` as `DIR/gateway.toml` and serves it on an ephemeral port.
+fn serve_in(dir: &Path, config: &str) -> Gateway {
+    let file = dir.join("gateway.toml");
+    std::fs::write(&file, config).expect("write config");
+    Gateway::spawn(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        file.to_str().expect("utf-8 path"),
+    ])
+}
+
 /// A gateway with TLS: the default certificate (for `localhost`) in
 /// `server.pem`, and `extra` config after `[server]`.
 fn tls_gateway(ca: &TestCa, name: &str, extra: &str) -> (Gateway, Scratch) {
@@ -185,15 +198,7 @@ fn tls_gateway(ca: &TestCa, name: &str, extra: &str) -> (Gateway, Scratch) {
          [[route]]\npath = \"/echo\"\nplugin = \"{}\"\n{extra}",
         plugin("echo")
     );
-    let file = dir.join("gateway.toml");
-    std::fs::write(&file, config).expect("write config");
-    let gw = Gateway::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        file.to_str().expect("utf-8 path"),
-    ]);
+    let gw = serve_in(&dir, &config);
     (gw, dir)
 }
 
@@ -250,14 +255,7 @@ plugin = "{echo}"
 "#,
         echo = plugin("echo")
     );
-    std::fs::write(dir.join("gateway.toml"), config).expect("write config");
-    let gw = Gateway::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        dir.join("gateway.toml").to_str().expect("utf-8 path"),
-    ]);
+    let gw = serve_in(&dir, &config);
     // A certificate that does not cover its tenant's host is served, with a
     // warning at start naming both; the others get none.
     let warning = gw.wait_log("is not valid for host");
@@ -303,14 +301,7 @@ plugin = "{echo}"
 "#,
         echo = plugin("echo")
     );
-    std::fs::write(dir.join("gateway.toml"), config).expect("write config");
-    let gw = Gateway::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        dir.join("gateway.toml").to_str().expect("utf-8 path"),
-    ]);
+    let gw = serve_in(&dir, &config);
     // SNI localhost (the default tenant), Host of tenant acme.
     let tls = tls_connect(&ca, gw.addr, "localhost").await;
     let mut req = format!("ws://localhost:{}/echo", gw.addr.port())
@@ -473,14 +464,7 @@ async fn the_tls_handshake_and_the_upgrade_request_share_one_handshake_timeout()
          [[route]]\npath = \"/echo\"\nplugin = \"{}\"\n",
         plugin("echo")
     );
-    std::fs::write(dir.join("gateway.toml"), config).expect("write config");
-    let gw = Gateway::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        dir.join("gateway.toml").to_str().expect("utf-8 path"),
-    ]);
+    let gw = serve_in(&dir, &config);
     // 1.4 s before the TLS handshake, 1.4 s before the request: 2.8 s in
     // all, past the 2 s the two share.
     let tcp = TcpStream::connect(gw.addr).await.expect("connect");
@@ -535,14 +519,7 @@ plugin = "{echo}"
 "#,
         echo = plugin("echo")
     );
-    std::fs::write(dir.join("gateway.toml"), config).expect("write config");
-    let gw = Gateway::spawn(&[
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--config",
-        dir.join("gateway.toml").to_str().expect("utf-8 path"),
-    ]);
+    let gw = serve_in(&dir, &config);
     // Routing sends a.example.org to tenant "exact": so does SNI, which
     // then gets the default certificate, not the wildcard tenant's.
     assert_eq!(served_certificate(gw.addr, "a.example.org").await, default);
