@@ -20,7 +20,8 @@
 //!    (the sleep is not charged): a tenant's long calls are throttled to
 //!    its budget, like a cgroup's CPU quota, instead of taking the machine.
 //! 3. Off the workers, at most as many long calls run at once as there are
-//!    workers, and at most half of those for one tenant ([`LongCalls`]);
+//!    workers (at least two), and at most half of those for one tenant
+//!    ([`LongCalls`]);
 //!    more wait, paused, for a place: however many calls loop together, the
 //!    workers keep about half the CPU, and one tenant's loops leave places
 //!    for the others' long calls.
@@ -94,9 +95,14 @@ pub struct CallClock {
 }
 
 /// A place among the long (handed-off) calls allowed to run at once: one
-/// per runtime worker in all, and at most half of them (at least one) for
-/// any one tenant, so that one tenant's loops cannot keep another's long
-/// calls waiting. Given back when dropped (the call ended).
+/// per runtime worker in all (at least two), and at most half of them (at
+/// least one) for any one tenant, so that one tenant's loops cannot keep
+/// another's long calls waiting. Given back when dropped (the call ended).
+///
+/// Under CPU contention an ordinary call can be caught by a tick because
+/// the OS preempted its thread, and then needs a place too: with a single
+/// place, a looping tenant would hold it and such a call would wait until
+/// its deadline.
 #[derive(Debug)]
 pub struct LongCalls(Arc<Counts>);
 
@@ -110,10 +116,12 @@ impl LongCalls {
     fn acquire(tenant: &Arc<Counts>, deadline: Instant) -> Option<LongCalls> {
         let mut places = LONG_CALLS.lock();
         if places.1 == 0 {
+            // At least two, so that half of them for one tenant still
+            // leaves one for the others on a one-worker runtime.
             places.1 = Handle::try_current()
                 .map(|h| h.metrics().num_workers())
                 .unwrap_or(1)
-                .max(1);
+                .max(2);
         }
         let per_tenant = (places.1 / 2).max(1);
         while places.0 >= places.1 || tenant.long_calls.load(Ordering::Relaxed) >= per_tenant {
