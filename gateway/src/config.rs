@@ -39,6 +39,17 @@ pub struct Config {
     pub routes: Vec<RouteSettings>,
     /// The `[[tenant]]` tables, in file order.
     pub tenants: Vec<TenantSettings>,
+    /// The `[admin]` listener (`None`: off, the default).
+    pub admin: Option<AdminSettings>,
+}
+
+/// The `[admin]` table: the operators' listener for metrics and health.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminSettings {
+    /// Where it listens (a separate port; keep it off the public network).
+    pub listen: ListenAddr,
+    /// Where `listen` was set, for errors: `gateway.toml:12: listen`.
+    pub listen_origin: String,
 }
 
 /// One `[[tenant]]`: a customer's slice of the gateway, chosen by the
@@ -2085,6 +2096,8 @@ impl Config {
 
         let mut server = RawServer::default();
         let mut sandbox = RawSandbox::default();
+        let mut admin: Option<(ListenAddr, usize)> = None;
+        let mut saw_admin: Option<usize> = None;
         let mut raw_routes = Vec::new();
         let mut raw_tenants: Vec<(usize, RawTenant)> = Vec::new();
         let mut saw_route = false;
@@ -2093,6 +2106,17 @@ impl Config {
                 "server" => {
                     if let Some(t) = p.table(key, at, v, "a table ([server])") {
                         server = p.server(t);
+                    }
+                }
+                "admin" => {
+                    saw_admin = Some(at);
+                    if let Some(t) = p.table(key, at, v, "a table ([admin])") {
+                        for (k, k_at, v) in entries(t) {
+                            match k {
+                                "listen" => admin = p.value(k, k_at, v).map(|l| (l, k_at)),
+                                _ => p.unknown(k, k_at, "[admin]", &[&["listen"]]),
+                            }
+                        }
                     }
                 }
                 "sandbox" => {
@@ -2169,7 +2193,7 @@ impl Config {
                             key,
                             at,
                             "the file",
-                            &[&["server", "sandbox", "route", "tenant"]],
+                            &[&["server", "sandbox", "route", "tenant", "admin"]],
                         ),
                     }
                 }
@@ -2323,14 +2347,25 @@ impl Config {
                 "no [[route]] defined: the gateway would serve nothing".into(),
             );
         }
+        if let (Some(at), None) = (saw_admin, &admin) {
+            p.error(
+                at,
+                r#"admin: `listen` is missing: [admin] needs listen = "127.0.0.1:9090""#.into(),
+            );
+        }
         let mut errors = Errors(p.errors);
         errors.sort();
+        let admin = admin.map(|(listen, at)| AdminSettings {
+            listen,
+            listen_origin: format!("{}:{}: listen", file.display(), line_of(text, at)),
+        });
         let config = Config {
             file: file.to_owned(),
             server: server_settings,
             sandbox,
             routes,
             tenants,
+            admin,
         };
         (Some(config), errors.0)
     }

@@ -26,6 +26,7 @@
 //!   server to apply what changed.
 //! - [`authoring`]: what `wasmgate new`, `bindings` and `componentize`
 //!   give plugin authors (templates, C bindings, componentizing).
+//! - [`metrics`]: the Prometheus metrics the admin listener serves.
 //! - [`quota`]: token buckets and the CPU meter behind rate limits and
 //!   tenants' CPU budgets.
 //! - [`config`], [`error`], [`file`], [`builtin`]: `gateway.toml`, the error
@@ -41,6 +42,7 @@ pub mod connection;
 pub mod error;
 pub mod file;
 pub mod hub;
+pub mod metrics;
 pub mod plugin;
 pub mod protocol;
 pub mod quota;

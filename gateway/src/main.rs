@@ -19,6 +19,36 @@ use wasmgate::{builtin, Config, Errors, Gateway};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written to stderr: `text` (for people) or `json`
+    /// (one JSON object per line, for log shippers). Levels and targets
+    /// are chosen with RUST_LOG either way (default `info`).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// The log output formats of `--log-format`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines, coloured on a terminal.
+    Text,
+    /// One JSON object per event: `timestamp`, `level`, `target`,
+    /// `fields` (the message and the event's fields) and `span` data.
+    Json,
+}
+
+/// Sends `tracing` events to stderr in `format`, filtered by RUST_LOG.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.json().with_current_span(false).init(),
+    }
 }
 
 #[derive(Subcommand)]
@@ -144,15 +174,8 @@ fn load_config(file: Option<&Path>) -> anyhow::Result<Config> {
 
 fn main() -> ExitCode {
     allocator::configure();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
         Command::Serve {
             config,
@@ -268,6 +291,12 @@ fn serve(
         // port 0; on a terminal the log line above already says it.
         if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
             println!("wasmgate listening on {addr}");
+        }
+        // The admin listener, if configured: metrics and health.
+        if let Some(admin) = gateway.bind_admin().await? {
+            let at = admin.local_addr().context("admin listener address")?;
+            tracing::info!("admin listening on {at}: /metrics, /healthz, /readyz");
+            gateway.spawn_admin(admin);
         }
         // Hot reload: file changes (unless --no-watch) and SIGHUP.
         let reloader = Reloader::new(gateway.clone(), config_file.map(Path::to_owned), watch)

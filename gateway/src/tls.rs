@@ -140,6 +140,7 @@ impl Tls {
                 Ok((cert, key, hash)) => match certified_key(&entry.files, &cert, &key) {
                     Ok(k) => {
                         failing.remove(&entry.files.cert);
+                        crate::metrics::Metrics::global().reloaded("certificate", true);
                         tracing::info!(
                             tenant = entry.tenant.as_deref().unwrap_or(crate::config::DEFAULT_TENANT),
                             cert = %entry.files.cert.display(),
@@ -192,6 +193,7 @@ pub struct PreparedCertificates(Option<CertTable>);
 /// mismatch of key and certificate is a warning: it is what a rotation
 /// shows between writing one file and the other.
 fn log_kept(config: &Config, entry: &Loaded, reason: &str) {
+    crate::metrics::Metrics::global().reloaded("certificate", false);
     if reason.contains("does not belong to the certificate") {
         tracing::warn!(
             "{}:{}: tls: {reason} (one of the pair not replaced yet?); the certificate loaded \

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod admin;
 mod close;
 mod compression;
 mod config_errors;

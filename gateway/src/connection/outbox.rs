@@ -208,6 +208,8 @@ pub struct Writer {
     scratch: Vec<u8>,
     /// Text and binary frames encoded so far.
     messages: u64,
+    /// Their payload bytes, before compression.
+    bytes: u64,
     /// permessage-deflate, when agreed.
     deflate: Option<OutboundDeflate>,
 }
@@ -238,6 +240,11 @@ impl Writer {
     /// Text and binary messages encoded for the socket so far.
     pub fn messages_sent(&self) -> u64 {
         self.messages
+    }
+
+    /// The payload bytes of those messages, before compression.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes
     }
 
     /// Whether everything encoded has been written.
@@ -285,10 +292,12 @@ impl Writer {
                 let (opcode, payload) = match frame {
                     Outbound::Text(b) => {
                         self.messages += 1;
+                        self.bytes += b.len() as u64;
                         (OpCode::Text, b)
                     }
                     Outbound::Binary(b) => {
                         self.messages += 1;
+                        self.bytes += b.len() as u64;
                         (OpCode::Binary, b)
                     }
                     Outbound::Ping(b) => (OpCode::Ping, b),

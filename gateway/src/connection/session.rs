@@ -26,6 +26,7 @@ use crate::config::{Deliver, Limits, OnReload, RateExceeded};
 use crate::connection::keepalive::{Due, Keepalive};
 use crate::connection::outbox::{Outbound, Outbox, Writer};
 use crate::hub::{ClosedBy, ConnHandle};
+use crate::metrics::RouteMetrics;
 use crate::plugin::host::{HostState, MAX_CLOSE_REASON};
 use crate::plugin::instance::Guest;
 use crate::plugin::request::PackedRequest;
@@ -280,6 +281,7 @@ impl Session {
         self.stage = Stage::Ended;
         self.route.hub.remove(self.id);
         if accepted {
+            crate::metrics::Metrics::global().closed(&self.route.metrics, code);
             tracing::debug!(
                 tenant = %self.version.tenant.name, route = %self.route.path,
                 conn = self.id,
@@ -453,7 +455,9 @@ impl Session {
         let mut this = self;
         let mut link = this.link(initial);
         let ending = loop {
-            if let Stop::Ended(ending) = Box::pin(this.live(&mut rd, &mut wr, &mut link)).await {
+            let stop = Box::pin(this.live(&mut rd, &mut wr, &mut link)).await;
+            link.report(&this.route.metrics);
+            if let Stop::Ended(ending) = stop {
                 break ending;
             }
             link.reader.release_buffer();
@@ -474,7 +478,9 @@ impl Session {
             link.out.finish(&conn.outbox, &mut wr),
         )
         .await;
+        link.report(&this.route.metrics);
         let dropped = conn.outbox.dropped();
+        this.route.metrics.dropped.inc_by(dropped);
         if dropped > 0 {
             tracing::info!(tenant = %this.version.tenant.name, route = %this.route.path, conn = this.id, dropped, "messages dropped for a slow consumer");
         }
@@ -508,6 +514,7 @@ impl Session {
             keepalive: Keepalive::new(started),
             hibernate_after: self.version.settings.hibernate_after,
             limits,
+            tally: Tally::default(),
         };
         if let Some(agreed) = self.compression {
             link.reader.allow_compressed();
@@ -534,6 +541,7 @@ impl Session {
             keepalive,
             limits,
             hibernate_after,
+            tally,
         } = link;
         let hibernate_after = *hibernate_after;
         let conn = self.conn.clone();
@@ -581,6 +589,7 @@ impl Session {
             if out.messages_sent() != sent {
                 keepalive.data(Instant::now());
             }
+            tally.report_every(Tally::BATCH, inbound, out, &self.route.metrics);
             // Parked only with nothing due: a keepalive deadline that woke
             // the park is handled here first.
             if !self.instance.awake()
@@ -668,6 +677,9 @@ impl Session {
                 },
                 _ = &mut wake => {
                     let now = Instant::now();
+                    // A quiet connection's counts reach the metrics at least
+                    // this often (every keepalive deadline).
+                    tally.report_every(0, inbound, out, &self.route.metrics);
                     match &phase {
                         Phase::Closing(c) if now >= c.until => return Stop::Ended(c.clone().into_ending()),
                         Phase::Closing(_) => {}
@@ -849,6 +861,7 @@ impl Session {
                         Message::Text(t) => t.len(),
                         Message::Binary(b) => b.len(),
                     };
+                    inbound.bytes += len as u64;
                     match self.admit(inbound, Unit::Starts, len) {
                         Admit::Deliver => {
                             if !self.deliver(msg) {
@@ -863,6 +876,7 @@ impl Session {
                     if fragment.fin {
                         inbound.messages += 1;
                     }
+                    inbound.bytes += fragment.data.len() as u64;
                     let unit = if fragment.first {
                         Unit::Starts
                     } else {
@@ -986,6 +1000,61 @@ struct Link {
     /// The limits of the version the connection opened with.
     limits: Limits,
     hibernate_after: Option<Duration>,
+    /// What of the message and byte counts the route's metrics have.
+    tally: Tally,
+}
+
+impl Link {
+    /// Adds the messages and bytes not yet counted to the route's metrics.
+    fn report(&mut self, metrics: &RouteMetrics) {
+        self.tally
+            .report_every(0, &self.inbound, &self.out, metrics);
+    }
+}
+
+/// The message and byte counts of a connection already added to its
+/// route's metrics. The session counts in plain integers and adds to the
+/// shared counters (atomics every connection of the route writes) once per
+/// [`Tally::BATCH`] messages, when it parks, and when it ends, rather than
+/// per message.
+#[derive(Debug, Default)]
+struct Tally {
+    messages_in: u64,
+    messages_out: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Tally {
+    /// Messages (in and out together) between two reports of a busy
+    /// connection.
+    const BATCH: u64 = 64;
+
+    /// Reports the counts of `inbound` and `out` to `metrics` if at least
+    /// `every` messages were not yet reported (0: whatever there is).
+    fn report_every(
+        &mut self,
+        every: u64,
+        inbound: &Inbound,
+        out: &Writer,
+        metrics: &RouteMetrics,
+    ) {
+        let (msgs_in, msgs_out) = (inbound.messages, out.messages_sent());
+        let new = (msgs_in - self.messages_in) + (msgs_out - self.messages_out);
+        if new < every {
+            return;
+        }
+        metrics.messages_in.inc_by(msgs_in - self.messages_in);
+        metrics.messages_out.inc_by(msgs_out - self.messages_out);
+        metrics.bytes_in.inc_by(inbound.bytes - self.bytes_in);
+        metrics.bytes_out.inc_by(out.bytes_sent() - self.bytes_out);
+        *self = Tally {
+            messages_in: msgs_in,
+            messages_out: msgs_out,
+            bytes_in: inbound.bytes,
+            bytes_out: out.bytes_sent(),
+        };
+    }
 }
 
 /// Why the event loop returned.
@@ -1074,6 +1143,8 @@ struct Inbound {
     streaming: bool,
     /// Messages delivered (or whose final fragment was).
     messages: u64,
+    /// Their payload bytes (after decompression), fragments included.
+    bytes: u64,
     /// When the plugin last had an event (a data frame or a timer), for
     /// hibernation.
     last_event: Instant,
@@ -1291,6 +1362,7 @@ impl Inbound {
             streamer: Streamer::default(),
             streaming: settings.deliver == Deliver::Fragments,
             messages: 0,
+            bytes: 0,
             last_event: now,
             rates: InboundRates::new(&settings.limits),
             inflate: None,

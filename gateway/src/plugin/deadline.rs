@@ -168,12 +168,18 @@ impl CallClock {
     /// The call has ended: gives back its place among long calls, and
     /// measures its guest time for `meter` (the tenant's CPU budget, if it
     /// has one), charging what was measured once there is enough of it.
-    pub fn ended(&mut self, meter: Option<&CpuMeter>) {
+    /// Returns how long the call took (wall-clock, from [`CallClock::arm`]).
+    pub fn ended(&mut self, meter: Option<&CpuMeter>) -> Duration {
         self.permit = None;
-        self.measure();
-        if MeterClock::get().due(self.unflushed) {
+        let clock = MeterClock::get();
+        let now = clock.raw();
+        if let Some(from) = self.measured_to.take() {
+            self.unflushed += MeterClock::ticks_between(from, now);
+        }
+        if clock.due(self.unflushed) {
             self.flush(meter);
         }
+        clock.duration(MeterClock::ticks_between(self.started, now))
     }
 
     /// Adds the guest time since the last measurement to what is not yet

@@ -45,6 +45,8 @@ pub struct Scope {
     pub dirs: Vec<DirGrant>,
     /// Whether the route's calls have been running long.
     pub long_calls: crate::plugin::deadline::LongCallHint,
+    /// The route's metrics (`None` for a plugin instantiated to check it).
+    pub metrics: Option<crate::metrics::RouteMetrics>,
 }
 
 impl Scope {
@@ -61,6 +63,7 @@ impl Scope {
             env: Vec::new(),
             dirs: Vec::new(),
             long_calls: Default::default(),
+            metrics: None,
         }
     }
 }
@@ -165,7 +168,10 @@ impl HostState {
 
     /// The running call has ended: see [`crate::plugin::deadline::CallClock::ended`].
     pub(crate) fn call_ended(&mut self) {
-        self.call.ended(self.scope.tenant.meters.cpu.as_ref());
+        let took = self.call.ended(self.scope.tenant.meters.cpu.as_ref());
+        if let Some(m) = &self.scope.metrics {
+            m.call_duration.observe(took);
+        }
     }
 
     /// Charges the guest time measured and not yet charged to the tenant's

@@ -77,6 +77,15 @@ impl Guest {
                 self.trapped = true;
                 let state = self.store.data_mut();
                 state.conn().cancel_timers();
+                let interrupted = matches!(
+                    e.downcast_ref::<wasmtime::Trap>(),
+                    Some(wasmtime::Trap::Interrupt)
+                );
+                crate::metrics::Metrics::global().plugin_failed(
+                    &state.scope().tenant.name,
+                    state.route_path(),
+                    if interrupted { "interrupted" } else { "trap" },
+                );
                 // At most once a second per tenant: a client can make a
                 // plugin fail on every connection it opens.
                 let suppressed = state.scope().tenant.counts.failures.admit()?;
@@ -204,6 +213,9 @@ impl Guest {
 impl Drop for Guest {
     fn drop(&mut self) {
         let state = self.store.data_mut();
+        if let Some(m) = &state.scope().metrics {
+            m.instances.dec();
+        }
         state.flush_guest_time();
         state.scope().tenant.release_instance();
     }
@@ -246,6 +258,9 @@ impl Guest {
                 return Err(e);
             }
         };
+        if let Some(m) = &store.data().scope().metrics {
+            m.instances.inc();
+        }
         Ok(Guest {
             store,
             bindings,

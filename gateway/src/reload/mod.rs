@@ -197,11 +197,13 @@ impl Reloader {
                     tracing::error!("config reload: {e}");
                 }
                 tracing::error!("config reload: the old config keeps serving");
+                crate::metrics::Metrics::global().reloaded("config", false);
                 return;
             }
         };
         match self.gateway.apply_config(config).await {
             Ok(()) => {
+                crate::metrics::Metrics::global().reloaded("config", true);
                 let config = self.gateway.config();
                 tracing::info!(
                     routes = config.routes.len(),
@@ -215,6 +217,7 @@ impl Reloader {
                     tracing::error!("config reload: {e}");
                 }
                 tracing::error!("config reload: the old config keeps serving");
+                crate::metrics::Metrics::global().reloaded("config", false);
             }
         }
     }

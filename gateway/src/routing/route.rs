@@ -49,6 +49,8 @@ pub struct Route {
     current: ArcSwap<RouteVersion>,
     last_version: AtomicU64,
     active: AtomicUsize,
+    /// The route's metric handles (labels: tenant and path).
+    pub metrics: crate::metrics::RouteMetrics,
 }
 
 impl Route {
@@ -61,8 +63,10 @@ impl Route {
             None => path.clone(),
         };
         let hub = Arc::new(Hub::default());
+        let metrics = crate::metrics::Metrics::global().route(tenant_name.as_deref(), &path);
         Route {
-            current: ArcSwap::from_pointee(version(settings, plugin, tenant, &hub, 1)),
+            current: ArcSwap::from_pointee(version(settings, plugin, tenant, &hub, &metrics, 1)),
+            metrics,
             path,
             tenant: tenant_name,
             label,
@@ -88,7 +92,14 @@ impl Route {
         // Stored before the number is published, so that a connection that
         // sees the new number finds the new version.
         let n = self.last_version.load(Ordering::Acquire) + 1;
-        let v = Arc::new(version(settings, plugin, tenant, &self.hub, n));
+        let v = Arc::new(version(
+            settings,
+            plugin,
+            tenant,
+            &self.hub,
+            &self.metrics,
+            n,
+        ));
         self.current.store(v.clone());
         self.last_version.store(n, Ordering::Release);
         v
@@ -111,6 +122,7 @@ fn version(
     plugin: Arc<Plugin>,
     tenant: Arc<Tenant>,
     hub: &Arc<Hub>,
+    metrics: &crate::metrics::RouteMetrics,
     n: u64,
 ) -> RouteVersion {
     let scope = Arc::new(Scope {
@@ -123,6 +135,7 @@ fn version(
         env: settings.env.clone(),
         dirs: settings.dirs.clone(),
         long_calls: Default::default(),
+        metrics: Some(metrics.clone()),
     });
     let shared = (settings.isolation == Isolation::Shared).then(|| {
         Arc::new(SharedInstance::new(
@@ -185,6 +198,7 @@ impl Slot {
             tenant.counts.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(Capacity::Route);
         }
+        route.metrics.open.inc();
         Ok(Slot {
             route: route.clone(),
             server: server.clone(),
@@ -204,6 +218,7 @@ fn take(counter: &AtomicUsize, max: usize) -> bool {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.route.active.fetch_sub(1, Ordering::AcqRel);
+        self.route.metrics.open.dec();
         self.tenant.connections.fetch_sub(1, Ordering::AcqRel);
         self.server.fetch_sub(1, Ordering::AcqRel);
     }

@@ -107,6 +107,7 @@ impl Gateway {
         for route in &serving {
             let now = route.current();
             let v = route.install(now.settings.clone(), plugin.clone(), now.tenant.clone());
+            crate::metrics::Metrics::global().reloaded("plugin", true);
             log_serving(route, &v);
         }
     }
@@ -121,6 +122,7 @@ impl Gateway {
             &self.shared.settings,
             self.shared.listen_overridden.load(Ordering::SeqCst),
             self.shared.runtime.sandbox(),
+            self.shared.admin_listen.as_ref(),
             &config,
         );
         let mut errors = config.grant_errors();
@@ -275,6 +277,7 @@ fn same_settings(a: &RouteSettings, b: &RouteSettings) -> bool {
 
 /// Logs that `route` keeps its current version because of `reason`.
 fn keeps_serving(route: &Route, reason: &str) {
+    crate::metrics::Metrics::global().reloaded("plugin", false);
     let v = route.current();
     tracing::error!(
         "route {}: {reason}; keeps serving {} {} (version {})",
@@ -301,10 +304,15 @@ fn warn_restart_only(
     server: &ServerSettings,
     listen_overridden: bool,
     sandbox: &SandboxSettings,
+    admin: Option<&crate::config::ListenAddr>,
     new: &Config,
 ) {
     let (o, n) = (server, &new.server);
     let changed = [
+        (
+            admin != new.admin.as_ref().map(|a| &a.listen),
+            "[admin] listen",
+        ),
         (!listen_overridden && o.listen != n.listen, "listen"),
         (o.max_connections != n.max_connections, "max_connections"),
         (o.threads != n.threads, "threads"),

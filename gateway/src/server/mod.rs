@@ -5,6 +5,7 @@
 //! and shuts down gracefully (stop accepting, 1001 to every connection,
 //! wait up to `drain_timeout` for the close handshakes).
 
+mod admin;
 mod apply;
 mod upgrade;
 
@@ -51,6 +52,8 @@ struct Shared {
     runtime: Arc<Runtime>,
     /// TLS on the listener, as set at start (`None`: plain TCP).
     tls: Option<Tls>,
+    /// `[admin] listen` as set at start.
+    admin_listen: Option<crate::config::ListenAddr>,
     /// The config now applied.
     config: Mutex<Arc<Config>>,
     active: Arc<AtomicUsize>,
@@ -117,6 +120,7 @@ impl Gateway {
                 router: Router::new(Table::new(routes, tenants)),
                 runtime,
                 tls,
+                admin_listen: config.admin.as_ref().map(|a| a.listen.clone()),
                 config: Mutex::new(Arc::new(config.clone())),
                 active: Arc::new(AtomicUsize::new(0)),
                 next_id: AtomicU64::new(1),
@@ -142,28 +146,28 @@ impl Gateway {
             }
             None => (settings.listen.clone(), settings.listen_origin.clone()),
         };
-        let unresolved = |reason: String| Error::Resolve {
-            origin: origin.clone(),
-            host: listen.host().to_owned(),
-            reason,
-        };
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((listen.host(), listen.port()))
-            .await
-            .map_err(|e| unresolved(e.to_string()))?
-            .collect();
-        let mut failed = None;
-        for addr in addrs {
-            match TcpListener::bind(addr).await {
-                Ok(listener) => return Ok(listener),
-                Err(source) => failed = Some(Error::Bind { addr, source }),
-            }
+        bind_listen(&listen, &origin).await
+    }
+
+    /// Binds the `[admin]` listener, if the config has one.
+    pub async fn bind_admin(&self) -> Result<Option<TcpListener>, Error> {
+        match &self.config().admin {
+            Some(admin) => bind_listen(&admin.listen, &admin.listen_origin)
+                .await
+                .map(Some),
+            None => Ok(None),
         }
-        Err(failed.unwrap_or_else(|| unresolved("it has no addresses".to_owned())))
     }
 
     /// The routes served now, in config order.
     pub fn routes(&self) -> Vec<Arc<Route>> {
         self.shared.router.load().routes().to_vec()
+    }
+
+    /// Serves the admin endpoints (`/metrics`, `/healthz`, `/readyz`) on
+    /// `listener` from now until the process exits.
+    pub fn spawn_admin(&self, listener: TcpListener) {
+        tokio::spawn(admin::serve(self.shared.clone(), listener));
     }
 
     /// Whether the listener speaks TLS (`wss://`).
@@ -250,6 +254,31 @@ impl Gateway {
         }
         drained
     }
+}
+
+/// Binds `listen` (set at `origin`, for errors), resolving a host name
+/// first and trying each of its addresses in turn.
+async fn bind_listen(
+    listen: &crate::config::ListenAddr,
+    origin: &str,
+) -> Result<TcpListener, Error> {
+    let unresolved = |reason: String| Error::Resolve {
+        origin: origin.to_owned(),
+        host: listen.host().to_owned(),
+        reason,
+    };
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((listen.host(), listen.port()))
+        .await
+        .map_err(|e| unresolved(e.to_string()))?
+        .collect();
+    let mut failed = None;
+    for addr in addrs {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok(listener),
+            Err(source) => failed = Some(Error::Bind { addr, source }),
+        }
+    }
+    Err(failed.unwrap_or_else(|| unresolved("it has no addresses".to_owned())))
 }
 
 /// Memory maps one live plugin instance adds, measured: 1,000 open

@@ -186,6 +186,7 @@ pub(super) async fn handle(
         return internal();
     }
     tracing::debug!(%remote, tenant = %version.tenant.name, route = %route.path, conn = id, "connection accepted");
+    route.metrics.opened.inc();
     let shared2 = shared.clone();
     shared.tasks.spawn(async move {
         let ws = match upgrade.await {
@@ -227,6 +228,7 @@ pub(super) async fn handle(
 /// reason.
 fn refuse(refusal: Refusal, remote: SocketAddr, path: &str) -> Response<Full<Bytes>> {
     let resp = refusal.response();
+    crate::metrics::Metrics::global().refused(resp.status().as_u16());
     tracing::debug!(%remote, path, status = resp.status().as_u16(), reason = %refusal, "upgrade refused");
     resp
 }
