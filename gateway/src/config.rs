@@ -41,6 +41,48 @@ pub struct Config {
     pub tenants: Vec<TenantSettings>,
     /// The `[admin]` listener (`None`: off, the default).
     pub admin: Option<AdminSettings>,
+    /// The static file mounts (`[[static]]` and `[[tenant.static]]`), in
+    /// file order.
+    pub statics: Vec<StaticSettings>,
+}
+
+/// A `[[static]]` (or `[[tenant.static]]`) table: a folder served over
+/// plain HTTP `GET` and `HEAD` under a path prefix (see
+/// [`crate::static_files`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticSettings {
+    /// The URL path prefix, starting with `/` and without a trailing `/`
+    /// (except `/` itself): `/docs` serves `/docs` and `/docs/...`.
+    pub path: String,
+    /// Where the files are.
+    pub dir: StaticDir,
+    /// The file served for a request naming a folder (default
+    /// `index.html`).
+    pub index: String,
+    /// The tenant whose hosts it serves (`None`: the default tenant).
+    pub tenant: Option<String>,
+    /// The line of its table.
+    pub line: usize,
+}
+
+/// The folder of a static mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StaticDir {
+    /// A folder on disk (relative paths are resolved against the config
+    /// file's folder). Files are read at each request: an edit is served
+    /// at once.
+    Folder(PathBuf),
+    /// Files compiled into the binary: `builtin:demo` (the demo chat page).
+    Builtin(String),
+}
+
+impl fmt::Display for StaticDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StaticDir::Folder(p) => write!(f, "{}", p.display()),
+            StaticDir::Builtin(name) => write!(f, "builtin:{name}"),
+        }
+    }
 }
 
 /// The `[admin]` table: the operators' listener for metrics and health.
@@ -1029,6 +1071,7 @@ const TENANT_KEYS: &[&str] = &[
     "hosts",
     "tls",
     "route",
+    "static",
     "max_connections",
     "max_connections_per_second",
     "max_instances",
@@ -1259,7 +1302,19 @@ struct RawTenant {
     quotas: TenantQuotas,
     tls: Option<RawTls>,
     routes: Vec<(usize, RawRoute)>,
+    statics: Vec<(usize, RawStatic)>,
 }
+
+/// A `[[static]]` table as written.
+#[derive(Debug, Default)]
+struct RawStatic {
+    path: Option<(String, usize)>,
+    dir: Option<(String, usize)>,
+    index: Option<String>,
+}
+
+/// The keys of a `[[static]]` table.
+const STATIC_KEYS: &[&str] = &["path", "dir", "index"];
 
 /// The entries of a table in file order: key, the key's offset, value.
 fn entries<'a, 'i>(t: &'a DeTable<'i>) -> Vec<(&'a str, usize, &'a DeValue<'i>)> {
@@ -1847,6 +1902,156 @@ impl Parser<'_> {
         })
     }
 
+    /// The tables of an array of tables such as `[[static]]` (`name`, for
+    /// errors), each with its offset; other values are reported.
+    fn tables<'a, 'i>(
+        &mut self,
+        key: &str,
+        at: usize,
+        v: &'a DeValue<'i>,
+        name: &str,
+    ) -> Vec<(usize, &'a DeTable<'i>)> {
+        let DeValue::Array(items) = v else {
+            self.error(
+                at,
+                format!(
+                    "{key}: expected one {name} table each (double brackets), found {}",
+                    Found(unexpected(v))
+                ),
+            );
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for item in items.iter() {
+            let at = item.span().start;
+            match item.get_ref() {
+                DeValue::Table(t) => out.push((at, t)),
+                other => self.error(
+                    at,
+                    format!(
+                        "{key}: expected a {name} table, found {}",
+                        Found(unexpected(other))
+                    ),
+                ),
+            }
+        }
+        out
+    }
+
+    /// A `[[static]]` table (`name` is how it is written, for errors).
+    fn static_mount(&mut self, t: &DeTable<'_>, name: &str) -> RawStatic {
+        let mut r = RawStatic::default();
+        for (key, at, v) in entries(t) {
+            match key {
+                "path" => {
+                    let path =
+                        ValueDe(v).deserialize_any(Text(r#"a URL path such as "/" or "/docs""#));
+                    if let Some(path) = self.visit(key, at, path) {
+                        match check_static_path(&path) {
+                            Ok(p) => r.path = Some((p, at)),
+                            Err(why) => self.error(at, format!("path: {path:?}: {why}")),
+                        }
+                    }
+                }
+                "dir" => {
+                    let dir = ValueDe(v)
+                        .deserialize_any(Text(r#"a folder such as "public", or "builtin:demo""#));
+                    r.dir = self.visit(key, at, dir).map(|d| (d, at));
+                }
+                "index" => {
+                    let index =
+                        ValueDe(v).deserialize_any(Text(r#"a file name such as "index.html""#));
+                    if let Some(index) = self.visit(key, at, index) {
+                        if index.is_empty() || index.contains('/') || index.starts_with('.') {
+                            self.error(
+                                at,
+                                format!("index: {index:?} must be a file name, without '/', not starting with '.'"),
+                            );
+                        } else {
+                            r.index = Some(index);
+                        }
+                    }
+                }
+                _ => self.unknown(key, at, name, &[STATIC_KEYS]),
+            }
+        }
+        r
+    }
+
+    /// A static mount from its raw table at `at`, for `tenant`; `None`
+    /// (with errors) if it is incomplete, its folder is missing, or its
+    /// path is mounted already (`mounted`: path to line, per tenant).
+    fn build_static(
+        &mut self,
+        at: usize,
+        r: RawStatic,
+        tenant: Option<&str>,
+        mounted: &mut HashMap<String, usize>,
+        dir: &Path,
+    ) -> Option<StaticSettings> {
+        let line = line_of(self.text, at);
+        let Some((path, path_at)) = r.path else {
+            self.error(
+                at,
+                r#"path: missing: every [[static]] needs a URL path such as path = "/""#.into(),
+            );
+            return None;
+        };
+        let Some((folder, dir_at)) = r.dir else {
+            self.error(
+                at,
+                r#"dir: missing: every [[static]] needs a folder such as dir = "public""#.into(),
+            );
+            return None;
+        };
+        if let Some(first) = mounted.insert(path.clone(), line) {
+            self.error(
+                path_at,
+                format!("path: {path:?} is already served by the [[static]] at line {first}"),
+            );
+            return None;
+        }
+        let dir = match folder.strip_prefix("builtin:") {
+            Some(name) => {
+                if !crate::builtin::STATIC_FOLDERS.contains(&name) {
+                    self.error(
+                        dir_at,
+                        format!("dir: no built-in folder {folder:?} (there is \"builtin:demo\")"),
+                    );
+                    return None;
+                }
+                StaticDir::Builtin(name.to_owned())
+            }
+            None => {
+                let p = Path::new(&folder);
+                let p = if p.is_absolute() {
+                    p.to_owned()
+                } else {
+                    dir.join(p)
+                };
+                match std::fs::metadata(&p) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        self.error(dir_at, format!("dir: {} is not a folder", p.display()));
+                        return None;
+                    }
+                    Err(e) => {
+                        self.error(dir_at, format!("dir: {}: {e}", p.display()));
+                        return None;
+                    }
+                }
+                StaticDir::Folder(p)
+            }
+        };
+        Some(StaticSettings {
+            path,
+            dir,
+            index: r.index.unwrap_or_else(|| "index.html".to_owned()),
+            tenant: tenant.map(str::to_owned),
+            line,
+        })
+    }
+
     fn tenant(&mut self, t: &DeTable<'_>) -> RawTenant {
         let mut r = RawTenant::default();
         for (key, at, v) in entries(t) {
@@ -1916,6 +2121,12 @@ impl Parser<'_> {
                         }
                     }
                 }
+                "static" => {
+                    for (at, t) in self.tables(key, at, v, "[[tenant.static]]") {
+                        r.statics
+                            .push((at, self.static_mount(t, "[[tenant.static]]")));
+                    }
+                }
                 "tls" => r.tls = self.tls(key, at, v),
                 "max_connections" => q.max_connections = self.count(key, at, v, 1),
                 "max_connections_per_second" => {
@@ -1945,6 +2156,30 @@ impl Parser<'_> {
 
 /// The name logs give the tenant of the top-level `[[route]]`s.
 pub const DEFAULT_TENANT: &str = "default";
+
+/// A `[[static]]` path: starts with `/`, has no `?`, `#`, `%`, `\\`,
+/// empty, `.` or `..` segment; returned without a trailing `/` (except `/`).
+fn check_static_path(path: &str) -> Result<String, &'static str> {
+    if !path.starts_with('/') {
+        return Err("must start with '/'");
+    }
+    if path.contains(['?', '#', '%', '\\']) || path.chars().any(char::is_control) {
+        return Err("must be a plain path, without '?', '#', '%', '\\' or control characters");
+    }
+    let trimmed = path.trim_end_matches('/');
+    if trimmed
+        .split('/')
+        .skip(1)
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err("has an empty, '.' or '..' segment");
+    }
+    Ok(if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    })
+}
 
 /// A `hosts` entry, lower-cased: a host name (or IP address) without a
 /// port, or `*.` and a name (any one label in front of it).
@@ -2099,6 +2334,7 @@ impl Config {
         let mut admin: Option<(ListenAddr, usize)> = None;
         let mut saw_admin: Option<usize> = None;
         let mut raw_routes = Vec::new();
+        let mut raw_statics: Vec<(usize, RawStatic)> = Vec::new();
         let mut raw_tenants: Vec<(usize, RawTenant)> = Vec::new();
         let mut saw_route = false;
         for (key, at, v) in entries(&root) {
@@ -2150,6 +2386,11 @@ impl Config {
                         }
                     }
                 }
+                "static" => {
+                    for (at, t) in p.tables(key, at, v, "[[static]]") {
+                        raw_statics.push((at, p.static_mount(t, "[[static]]")));
+                    }
+                }
                 "tenant" => {
                     let DeValue::Array(items) = v else {
                         p.error(
@@ -2193,7 +2434,7 @@ impl Config {
                             key,
                             at,
                             "the file",
-                            &[&["server", "sandbox", "route", "tenant", "admin"]],
+                            &[&["server", "sandbox", "route", "static", "tenant", "admin"]],
                         ),
                     }
                 }
@@ -2238,6 +2479,13 @@ impl Config {
         for (at, r) in raw_routes {
             if let Some(route) = p.build_route(at, r, None, &mut routed, dir, &base) {
                 routes.push(route);
+            }
+        }
+        let mut statics = Vec::new();
+        let mut mounted: HashMap<String, usize> = HashMap::new();
+        for (at, r) in raw_statics {
+            if let Some(m) = p.build_static(at, r, None, &mut mounted, dir) {
+                statics.push(m);
             }
         }
         saw_route |= !raw_tenants.is_empty();
@@ -2309,6 +2557,12 @@ impl Config {
                     routes.push(route);
                 }
             }
+            let mut mounted: HashMap<String, usize> = HashMap::new();
+            for (at, r) in t.statics {
+                if let Some(m) = p.build_static(at, r, Some(&name), &mut mounted, dir) {
+                    statics.push(m);
+                }
+            }
             if let (Some(raw), None) = (&t.tls, &server_settings.tls) {
                 p.error(
                     raw.at,
@@ -2366,6 +2620,7 @@ impl Config {
             routes,
             tenants,
             admin,
+            statics,
         };
         (Some(config), errors.0)
     }

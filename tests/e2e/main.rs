@@ -21,5 +21,6 @@ mod reload;
 mod scaffold;
 mod shared;
 mod shutdown;
+mod static_files;
 mod tenants;
 mod tls;

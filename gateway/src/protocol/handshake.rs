@@ -155,6 +155,13 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
+/// Whether a request tries to be a WebSocket upgrade (it has `Upgrade` or
+/// `Sec-WebSocket-Key`), well-formed or not: such a request is answered by
+/// the routes, any other by the static mounts first.
+pub fn is_upgrade_attempt(h: &hyper::HeaderMap) -> bool {
+    h.contains_key(hyper::header::UPGRADE) || h.contains_key("sec-websocket-key")
+}
+
 /// Checks that `req` is a valid WebSocket upgrade (section 4.2.1): GET over
 /// HTTP/1.1 or later, `Upgrade: websocket`, `Connection: Upgrade`, version
 /// 13, a well-formed key, and `Host`. `Sec-WebSocket-Key`,
@@ -162,7 +169,7 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
 /// (section 11.3.1 and RFC 9112 section 3.2).
 pub fn validate<B>(req: &Request<B>) -> Result<(), Refusal> {
     let h = req.headers();
-    if !h.contains_key(hyper::header::UPGRADE) && !h.contains_key("sec-websocket-key") {
+    if !is_upgrade_attempt(h) {
         return Err(Refusal::NotWebSocket);
     }
     if req.version() < Version::HTTP_11 {

@@ -11,21 +11,27 @@
 //!    tenant: the top-level `[[route]]`s.
 //! 3. The path is looked up among that tenant's routes only: a path the
 //!    tenant does not route is 404, even if another tenant routes it.
+//! 4. A request that is not a WebSocket upgrade, to a path that is not one
+//!    of the tenant's routes, goes to the tenant's static mount with the
+//!    longest matching path prefix ([`Table::static_mount`]), if any.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
+use crate::config::StaticSettings;
 pub use crate::routing::hosts::InvalidHost;
 use crate::routing::hosts::{normalize_host, HostMap};
 use crate::routing::route::Route;
 use crate::routing::tenant::Tenant;
 
-/// One tenant's routes by path.
+/// One tenant's routes by path, and its static mounts.
 #[derive(Debug, Default)]
 struct TenantRoutes {
     by_path: HashMap<String, Arc<Route>>,
+    /// Longest path first.
+    statics: Vec<Arc<StaticSettings>>,
 }
 
 /// Hosts and paths to routes, with every route in config order for listing.
@@ -81,6 +87,55 @@ impl Table {
             hosts: host_map,
             order: routes,
         }
+    }
+
+    /// This table with the static mounts `statics` (each in its tenant's
+    /// list; a mount of an unknown tenant is the default tenant's).
+    pub fn with_statics(mut self, statics: &[StaticSettings]) -> Table {
+        for m in statics {
+            let i = match &m.tenant {
+                None => 0,
+                Some(name) => self
+                    .tenant_info
+                    .iter()
+                    .position(|t| !t.is_default() && &*t.name == name.as_str())
+                    .unwrap_or(0),
+            };
+            self.tenants[i].statics.push(Arc::new(m.clone()));
+        }
+        for t in &mut self.tenants {
+            t.statics.sort_by_key(|m| std::cmp::Reverse(m.path.len()));
+        }
+        self
+    }
+
+    /// The static mount serving `path` for `host` (as for
+    /// [`Table::resolve`]), and the rest of the path inside it, without its
+    /// leading `/` (`""` for the mount's own path): the tenant's mount with
+    /// the longest path that is `path` or a whole-segment prefix of it.
+    pub fn static_mount<'p>(
+        &self,
+        host: Option<&str>,
+        path: &'p str,
+    ) -> Result<Option<(Arc<StaticSettings>, &'p str)>, InvalidHost> {
+        let tenant = &self.tenants[self.tenant_of(host)?];
+        for m in &tenant.statics {
+            let rest = if m.path == "/" {
+                path.strip_prefix('/')
+            } else {
+                path.strip_prefix(m.path.as_str()).and_then(|r| {
+                    if r.is_empty() {
+                        Some(r)
+                    } else {
+                        r.strip_prefix('/')
+                    }
+                })
+            };
+            if let Some(rest) = rest {
+                return Ok(Some((m.clone(), rest)));
+            }
+        }
+        Ok(None)
     }
 
     /// Which tenant serves `host` (an index into `tenants`); `Err` if

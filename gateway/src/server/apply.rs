@@ -193,7 +193,9 @@ impl Gateway {
             };
             routes.push(route);
         }
-        self.shared.router.store(Table::new(routes, tenants));
+        self.shared
+            .router
+            .store(Table::new(routes, tenants).with_statics(&config.statics));
         if let (Some(tls), Some(prepared)) = (&self.shared.tls, certificates) {
             tls.install(prepared);
         }

@@ -7,6 +7,7 @@
 
 mod admin;
 mod apply;
+mod static_files;
 mod upgrade;
 
 use std::convert::Infallible;
@@ -117,7 +118,7 @@ impl Gateway {
             shared: Arc::new(Shared {
                 settings: config.server.clone(),
                 listen_overridden: AtomicBool::new(false),
-                router: Router::new(Table::new(routes, tenants)),
+                router: Router::new(Table::new(routes, tenants).with_statics(&config.statics)),
                 runtime,
                 tls,
                 admin_listen: config.admin.as_ref().map(|a| a.listen.clone()),

@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+use super::static_files::{self, full, Body};
 use super::Shared;
 use crate::bindings::wasmgate::plugin::types;
 use crate::connection::session::{Opened, Session};
@@ -32,24 +33,70 @@ use crate::routing::route::{Capacity, Slot};
 /// session, which runs `on-close` with 1006.
 pub(super) async fn handle(
     shared: Arc<Shared>,
+    req: Request<Incoming>,
+    remote: SocketAddr,
+    sni: Option<Arc<str>>,
+) -> Response<Body> {
+    if !handshake::is_upgrade_attempt(req.headers()) {
+        if let Some(resp) = static_file(&shared, &req, remote, sni.as_deref()).await {
+            return resp;
+        }
+    }
+    upgrade(shared, req, remote, sni).await.map(full)
+}
+
+/// The host a request names: an absolute-form request target's authority,
+/// which wins over `Host` (RFC 9112 section 3.2.2) as a proxy in front
+/// would route it, else its `Host` header; `Err` if that is not text.
+fn request_host<B>(req: &Request<B>) -> Result<Option<&str>, ()> {
+    match req.uri().authority() {
+        Some(a) => Ok(Some(a.as_str())),
+        None => match req.headers().get(hyper::header::HOST) {
+            Some(h) => h.to_str().map(Some).map_err(|_| ()),
+            None => Ok(None),
+        },
+    }
+}
+
+/// The answer from a static mount to a request that is not an upgrade, if
+/// one of its tenant's mounts serves its path and none of its routes does.
+async fn static_file(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    remote: SocketAddr,
+    sni: Option<&str>,
+) -> Option<Response<Body>> {
+    let path = req.uri().path();
+    let host = request_host(req).ok()?;
+    let (mount, rest) = {
+        let table = shared.router.load();
+        if !matches!(table.resolve(host, path), Ok(None)) {
+            return None;
+        }
+        let found = table.static_mount(host, path).ok()??;
+        if let Some(sni) = sni {
+            if !table.same_tenant(sni, host) {
+                return Some(refuse(Refusal::Misdirected, remote, path).map(full));
+            }
+        }
+        found
+    };
+    let resp = static_files::serve(&mount, rest, req).await;
+    tracing::debug!(%remote, path, status = resp.status().as_u16(), mount = %mount.path, "static file request");
+    Some(resp)
+}
+
+/// Answers a request that is (or tries to be) a WebSocket upgrade, or that
+/// no static mount serves.
+async fn upgrade(
+    shared: Arc<Shared>,
     mut req: Request<Incoming>,
     remote: SocketAddr,
     sni: Option<Arc<str>>,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path();
-    // An absolute-form request target's authority wins over `Host` (RFC
-    // 9112 section 3.2.2), as a proxy in front would route it.
-    let host = match req.uri().authority() {
-        Some(a) => Some(a.as_str()),
-        None => match req.headers().get(hyper::header::HOST) {
-            Some(h) => match h.to_str() {
-                Ok(h) => Some(h),
-                Err(_) => {
-                    return refuse(Refusal::BadRequest("invalid Host header\n"), remote, path)
-                }
-            },
-            None => None,
-        },
+    let Ok(host) = request_host(&req) else {
+        return refuse(Refusal::BadRequest("invalid Host header\n"), remote, path);
     };
     let table = shared.router.load();
     let route = match table.resolve(host, path) {
