@@ -4,6 +4,7 @@
 mod support;
 
 mod admin;
+mod browser;
 mod close;
 mod compression;
 mod config_errors;
