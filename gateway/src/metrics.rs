@@ -76,9 +76,24 @@ pub struct ReloadLabels {
     pub outcome: &'static str,
 }
 
+/// A reload that failed, for the admin page ([`Metrics::recent_reload_errors`]).
+#[derive(Debug, Clone)]
+pub struct ReloadError {
+    /// When it failed.
+    pub at: std::time::SystemTime,
+    /// `config`, `plugin` or `certificate`.
+    pub kind: &'static str,
+    /// Why, as logged (file, line and reason).
+    pub message: String,
+}
+
+/// How many failed reloads [`Metrics::recent_reload_errors`] keeps.
+pub const RECENT_RELOAD_ERRORS: usize = 20;
+
 /// Every metric of the process.
 pub struct Metrics {
     registry: Registry,
+    recent_errors: parking_lot::Mutex<std::collections::VecDeque<ReloadError>>,
     connections_open: Family<RouteLabels, Gauge>,
     connections_opened: Family<RouteLabels, Counter>,
     messages_in: Family<RouteLabels, Counter>,
@@ -118,6 +133,7 @@ impl Metrics {
             outbound_dropped: Family::default(),
             reloads: Family::default(),
             registry: Registry::default(),
+            recent_errors: Default::default(),
         };
         registry.register(
             "connections_open",
@@ -252,6 +268,26 @@ impl Metrics {
         self.reloads
             .get_or_create(&ReloadLabels { kind, outcome })
             .inc();
+    }
+
+    /// Counts a failed reload of `kind` and keeps `message` (why) among the
+    /// last [`RECENT_RELOAD_ERRORS`].
+    pub fn reload_failed(&self, kind: &'static str, message: String) {
+        self.reloaded(kind, false);
+        let mut recent = self.recent_errors.lock();
+        if recent.len() == RECENT_RELOAD_ERRORS {
+            recent.pop_front();
+        }
+        recent.push_back(ReloadError {
+            at: std::time::SystemTime::now(),
+            kind,
+            message,
+        });
+    }
+
+    /// The last failed reloads, oldest first.
+    pub fn recent_reload_errors(&self) -> Vec<ReloadError> {
+        self.recent_errors.lock().iter().cloned().collect()
     }
 
     /// Every metric in the OpenMetrics text format.

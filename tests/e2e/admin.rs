@@ -283,3 +283,57 @@ async fn with_log_format_json_every_log_line_is_a_json_object() {
     assert_eq!(v["fields"]["code"], 1000, "{closed}");
     assert!(lines >= 3, "{log}");
 }
+
+#[tokio::test]
+async fn events_stream_the_state_each_second_and_state_answers_it_once() {
+    let port = free_port();
+    let gw = Gateway::start(
+        "admin-events",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[[route]]\npath = \"/echo\"\nplugin = \"{}\"\n",
+            plugin("echo")
+        ),
+    );
+    gw.wait_log("admin listening on");
+    let (status, text) = get(port, "GET", "/state").await;
+    assert_eq!(status, 200);
+    let body = text.split("\r\n\r\n").nth(1).expect("a body");
+    let state: serde_json::Value = serde_json::from_str(body).expect("JSON");
+    assert_eq!(state["connections"], 0);
+    assert_eq!(state["routes"][0]["path"], "/echo");
+    assert_eq!(state["routes"][0]["version"], 1);
+    assert_eq!(state["reload_errors"], serde_json::json!([]));
+
+    let _ws = connect(&gw.url("/echo")).await;
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(b"GET /events HTTP/1.1\r\nHost: admin\r\n\r\n")
+        .await
+        .expect("write");
+    // Two events, about a second apart, each a whole JSON state.
+    let mut seen = String::new();
+    let start = std::time::Instant::now();
+    while seen.matches("event: state\ndata: ").count() < 2 {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(WAIT, s.read(&mut chunk))
+            .await
+            .expect("an event in time")
+            .expect("read");
+        assert!(n > 0, "the stream ended: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
+    assert!(
+        start.elapsed() >= std::time::Duration::from_millis(800),
+        "{seen}"
+    );
+    assert!(seen.contains("content-type: text/event-stream"), "{seen}");
+    let data = seen
+        .split("data: ")
+        .nth(1)
+        .and_then(|d| d.split("\n\n").next())
+        .expect("a data line");
+    let state: serde_json::Value = serde_json::from_str(data).expect("JSON");
+    assert_eq!(state["connections"], 1, "{data}");
+    assert_eq!(state["routes"][0]["connections"], 1, "{data}");
+}

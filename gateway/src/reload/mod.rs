@@ -197,7 +197,7 @@ impl Reloader {
                     tracing::error!("config reload: {e}");
                 }
                 tracing::error!("config reload: the old config keeps serving");
-                crate::metrics::Metrics::global().reloaded("config", false);
+                crate::metrics::Metrics::global().reload_failed("config", errors.to_string());
                 return;
             }
         };
@@ -217,7 +217,7 @@ impl Reloader {
                     tracing::error!("config reload: {e}");
                 }
                 tracing::error!("config reload: the old config keeps serving");
-                crate::metrics::Metrics::global().reloaded("config", false);
+                crate::metrics::Metrics::global().reload_failed("config", errors.to_string());
             }
         }
     }

@@ -279,7 +279,8 @@ fn same_settings(a: &RouteSettings, b: &RouteSettings) -> bool {
 
 /// Logs that `route` keeps its current version because of `reason`.
 fn keeps_serving(route: &Route, reason: &str) {
-    crate::metrics::Metrics::global().reloaded("plugin", false);
+    crate::metrics::Metrics::global()
+        .reload_failed("plugin", format!("route {}: {reason}", route.label));
     let v = route.current();
     tracing::error!(
         "route {}: {reason}; keeps serving {} {} (version {})",
