@@ -73,6 +73,11 @@ fn site(dir: &Path) {
     std::fs::write(public.join(".env"), "TOKEN=hidden").expect("write");
     std::fs::write(dir.join("secret.txt"), "TOP SECRET").expect("write");
     std::os::unix::fs::symlink(dir.join("secret.txt"), public.join("link-out")).expect("symlink");
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(public.join("pipe"))
+        .status()
+        .expect("mkfifo");
+    assert!(fifo.success());
 }
 
 /// A gateway serving `site` at `/` and the echo plugin at `/echo`, and
@@ -208,6 +213,8 @@ async fn no_spelling_of_a_path_reaches_outside_the_folder_or_a_dot_file() {
         "/%00",
         "/app.js%00.html",
         "/%c0%ae%c0%ae/secret.txt",
+        // Not a regular file: opening it would wait for a writer.
+        "/pipe",
     ] {
         let (status, _, body) = get(&gw, "GET", target, "").await;
         assert!(

@@ -248,6 +248,11 @@ async fn on_disk(base: &Path, segments: &[String], names_folder: bool, index: &s
         // `file.txt/`: a file is not a folder.
         return Found::Missing;
     }
+    // Only a regular file is opened: opening a FIFO would wait for a
+    // writer.
+    if !tokio::fs::metadata(&real).await.is_ok_and(|m| m.is_file()) {
+        return Found::Missing;
+    }
     let Ok(file) = tokio::fs::File::open(&real).await else {
         return Found::Missing;
     };
