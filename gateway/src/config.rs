@@ -2333,6 +2333,7 @@ impl Config {
         let mut sandbox = RawSandbox::default();
         let mut admin: Option<(ListenAddr, usize)> = None;
         let mut saw_admin: Option<usize> = None;
+        let mut admin_has_listen = false;
         let mut raw_routes = Vec::new();
         let mut raw_statics: Vec<(usize, RawStatic)> = Vec::new();
         let mut raw_tenants: Vec<(usize, RawTenant)> = Vec::new();
@@ -2349,7 +2350,10 @@ impl Config {
                     if let Some(t) = p.table(key, at, v, "a table ([admin])") {
                         for (k, k_at, v) in entries(t) {
                             match k {
-                                "listen" => admin = p.value(k, k_at, v).map(|l| (l, k_at)),
+                                "listen" => {
+                                    admin_has_listen = true;
+                                    admin = p.value(k, k_at, v).map(|l| (l, k_at));
+                                }
                                 _ => p.unknown(k, k_at, "[admin]", &[&["listen"]]),
                             }
                         }
@@ -2601,7 +2605,19 @@ impl Config {
                 "no [[route]] defined: the gateway would serve nothing".into(),
             );
         }
-        if let (Some(at), None) = (saw_admin, &admin) {
+        if let Some((a, at)) = &admin {
+            if a == &server_settings.listen && a.port() != 0 {
+                p.error(
+                    *at,
+                    format!(
+                        "listen: [admin] listen {a} is the public listener's address ({}): \
+                         the admin listener needs its own port",
+                        server_settings.listen_origin
+                    ),
+                );
+            }
+        }
+        if let (Some(at), None, false) = (saw_admin, &admin, admin_has_listen) {
             p.error(
                 at,
                 r#"admin: `listen` is missing: [admin] needs listen = "127.0.0.1:9090""#.into(),
@@ -2611,7 +2627,7 @@ impl Config {
         errors.sort();
         let admin = admin.map(|(listen, at)| AdminSettings {
             listen,
-            listen_origin: format!("{}:{}: listen", file.display(), line_of(text, at)),
+            listen_origin: format!("{}:{}: [admin] listen", file.display(), line_of(text, at)),
         });
         let config = Config {
             file: file.to_owned(),

@@ -72,8 +72,11 @@ pub enum Error {
     },
 
     /// The listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("{origin}: cannot listen on {addr}: {source}")]
     Bind {
+        /// Where the address was given: `gateway.toml:2: listen`,
+        /// `gateway.toml:9: [admin] listen`, or `--listen`.
+        origin: String,
         /// The address from `[server] listen`.
         addr: std::net::SocketAddr,
         /// The underlying I/O error.

@@ -36,6 +36,20 @@ enum LogFormat {
     Json,
 }
 
+/// Whether logs are JSON (`--log-format json`): errors that end the
+/// command are then logged as JSON events too.
+static JSON_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes an error that ends the command to stderr: `error: ...`, or a JSON
+/// log event with `--log-format json`.
+fn report_error(e: impl std::fmt::Display) {
+    if JSON_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!("{e}");
+    } else {
+        eprintln!("error: {e}");
+    }
+}
+
 /// Sends `tracing` events to stderr in `format`, filtered by RUST_LOG.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -47,7 +61,10 @@ fn init_logging(format: LogFormat) {
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init(),
-        LogFormat::Json => builder.json().with_current_span(false).init(),
+        LogFormat::Json => {
+            JSON_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+            builder.json().with_current_span(false).init()
+        }
     }
 }
 
@@ -199,12 +216,12 @@ fn main() -> ExitCode {
             // errors already say everything (their source included).
             if let Some(errors) = e.downcast_ref::<Errors>() {
                 for e in &errors.0 {
-                    eprintln!("error: {e}");
+                    report_error(e);
                 }
             } else if let Some(e) = e.downcast_ref::<wasmgate::Error>() {
-                eprintln!("error: {e}");
+                report_error(e);
             } else {
-                eprintln!("error: {e:#}");
+                report_error(format_args!("{e:#}"));
             }
             ExitCode::FAILURE
         }
@@ -215,7 +232,7 @@ fn check(file: &Path, cache_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let (config, errors) = every_error(file, cache_dir);
     if !errors.0.is_empty() {
         for e in &errors.0 {
-            eprintln!("error: {e}");
+            report_error(e);
         }
         return Ok(ExitCode::FAILURE);
     }
@@ -283,19 +300,26 @@ fn serve(
         gateway.log_routes();
         let listener = gateway.bind(listen).await?;
         let addr = listener.local_addr().context("listener address")?;
-        let routes = gateway.routes();
-        let paths: Vec<&str> = routes.iter().map(|r| r.path.as_str()).collect();
-        let scheme = if gateway.is_tls() { "wss" } else { "ws" };
-        tracing::info!(routes = ?paths, config = %config.file.display(), "wasmgate listening on {addr} ({scheme}://)");
+        // The admin listener, if configured (page, metrics, health), bound
+        // before the gateway says it listens: a gateway that cannot bind it
+        // does not start.
+        let admin = gateway.bind_admin().await?;
+        {
+            // The routes only for this line: holding them would keep a
+            // route removed by a later reload (and its shared instance) alive.
+            let routes = gateway.routes();
+            let paths: Vec<String> = routes.iter().map(|r| r.label.clone()).collect();
+            let scheme = if gateway.is_tls() { "wss" } else { "ws" };
+            tracing::info!(routes = ?paths, config = %config.file.display(), "wasmgate listening on {addr} ({scheme}://)");
+        }
         // A line on stdout for scripts and tests that start the gateway on
         // port 0; on a terminal the log line above already says it.
         if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
             println!("wasmgate listening on {addr}");
         }
-        // The admin listener, if configured: metrics and health.
-        if let Some(admin) = gateway.bind_admin().await? {
+        if let Some(admin) = admin {
             let at = admin.local_addr().context("admin listener address")?;
-            tracing::info!("admin listening on {at}: /metrics, /healthz, /readyz");
+            tracing::info!("admin listening on {at}: / (admin page), /events, /state, /metrics, /healthz, /readyz");
             gateway.spawn_admin(admin);
         }
         // Hot reload: file changes (unless --no-watch) and SIGHUP.

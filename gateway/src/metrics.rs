@@ -44,8 +44,35 @@ pub struct CloseLabels {
     /// The route's path.
     pub route: String,
     /// The close code (RFC 6455 section 7.4), 1006 for a connection that
-    /// ended without a closing handshake.
-    pub code: u16,
+    /// ended without a closing handshake; the codes applications choose
+    /// (3000-3999 registered, 4000-4999 private, section 7.4.2) are
+    /// grouped as `3xxx` and `4xxx`, so that clients cannot make a series
+    /// per code.
+    pub code: &'static str,
+}
+
+/// The `code` label of close code `code` (see [`CloseLabels::code`]).
+fn code_label(code: u16) -> &'static str {
+    match code {
+        1000 => "1000",
+        1001 => "1001",
+        1002 => "1002",
+        1003 => "1003",
+        1005 => "1005",
+        1006 => "1006",
+        1007 => "1007",
+        1008 => "1008",
+        1009 => "1009",
+        1010 => "1010",
+        1011 => "1011",
+        1012 => "1012",
+        1013 => "1013",
+        1014 => "1014",
+        1015 => "1015",
+        3000..=3999 => "3xxx",
+        4000..=4999 => "4xxx",
+        _ => "other",
+    }
 }
 
 /// A plugin failure's labels: its route and how it failed.
@@ -203,6 +230,13 @@ impl Metrics {
             "Config, plugin and certificate reloads, applied or failed",
             m.reloads.clone(),
         );
+        // Series that would otherwise appear only at their first event: a
+        // rate or increase over a series that starts at 1 misses that one.
+        for kind in ["config", "plugin", "certificate"] {
+            for outcome in ["applied", "failed"] {
+                let _ = m.reloads.get_or_create(&ReloadLabels { kind, outcome });
+            }
+        }
         Metrics { registry, ..m }
     }
 
@@ -219,6 +253,13 @@ impl Metrics {
             tenant: tenant.unwrap_or(crate::config::DEFAULT_TENANT).to_owned(),
             route: route.to_owned(),
         };
+        for kind in ["trap", "interrupted"] {
+            let _ = self.plugin_failures.get_or_create(&FailureLabels {
+                tenant: labels.tenant.clone(),
+                route: labels.route.clone(),
+                kind,
+            });
+        }
         RouteMetrics {
             open: self.connections_open.get_or_create(&labels).clone(),
             opened: self.connections_opened.get_or_create(&labels).clone(),
@@ -239,7 +280,7 @@ impl Metrics {
             .get_or_create(&CloseLabels {
                 tenant: route.labels.tenant.clone(),
                 route: route.labels.route.clone(),
-                code,
+                code: code_label(code),
             })
             .inc();
     }
@@ -405,6 +446,8 @@ mod tests {
         r.opened.inc();
         r.open.inc();
         m.closed(&r, 1000);
+        m.closed(&r, 4321);
+        m.closed(&r, 4999);
         m.refused(503);
         m.reloaded("config", false);
         r.call_duration.observe(Duration::from_micros(3));
@@ -433,7 +476,15 @@ mod tests {
         assert!(text.contains(
             r#"wasmgate_connections_closed_total{tenant="acme",route="/chat",code="1000"} 1"#
         ));
+        assert!(text.contains(
+            r#"wasmgate_connections_closed_total{tenant="acme",route="/chat",code="4xxx"} 2"#
+        ));
         assert!(text.contains(r#"wasmgate_upgrades_refused_total{status="503"} 1"#));
+        // Created before their first event, so that rates see the first one.
+        assert!(text.contains(r#"wasmgate_reloads_total{kind="plugin",outcome="failed"} 0"#));
+        assert!(text.contains(
+            r#"wasmgate_plugin_failures_total{tenant="acme",route="/chat",kind="interrupted"} 0"#
+        ));
         assert!(text.contains(r#"wasmgate_reloads_total{kind="config",outcome="failed"} 1"#));
         assert!(text.ends_with("# EOF\n"));
     }

@@ -193,14 +193,6 @@ pub struct PreparedCertificates(Option<CertTable>);
 /// mismatch of key and certificate is a warning: it is what a rotation
 /// shows between writing one file and the other.
 fn log_kept(config: &Config, entry: &Loaded, reason: &str) {
-    crate::metrics::Metrics::global().reload_failed(
-        "certificate",
-        format!(
-            "{}:{}: tls: {reason}",
-            config.file.display(),
-            entry.files.line
-        ),
-    );
     if reason.contains("does not belong to the certificate") {
         tracing::warn!(
             "{}:{}: tls: {reason} (one of the pair not replaced yet?); the certificate loaded \
@@ -209,6 +201,16 @@ fn log_kept(config: &Config, entry: &Loaded, reason: &str) {
             entry.files.line
         );
     } else {
+        // A mismatch is what every rotation shows between its two renames:
+        // only other failures count.
+        crate::metrics::Metrics::global().reload_failed(
+            "certificate",
+            format!(
+                "{}:{}: tls: {reason}",
+                config.file.display(),
+                entry.files.line
+            ),
+        );
         tracing::error!(
             "{}:{}: tls: {reason}; the certificate loaded before keeps serving",
             config.file.display(),

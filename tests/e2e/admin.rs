@@ -337,3 +337,129 @@ async fn events_stream_the_state_each_second_and_state_answers_it_once() {
     assert_eq!(state["connections"], 1, "{data}");
     assert_eq!(state["routes"][0]["connections"], 1, "{data}");
 }
+
+/// The config file [`Gateway::start`] wrote for the test named `name`.
+fn config_of(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir()
+        .join(format!("wasmgate-e2e-{}-{name}", std::process::id()))
+        .join("gateway.toml")
+}
+
+#[tokio::test]
+async fn a_shared_route_removed_by_a_reload_frees_its_instance_for_the_tenant() {
+    let port = free_port();
+    let route = |path: &str, extra: &str| {
+        format!("[[tenant.route]]\npath = \"{path}\"\nplugin = \"{{testkit}}\"\n{extra}\n")
+    };
+    let head = format!(
+        "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[[route]]\npath = \"/e\"\nplugin = \"builtin:echo\"\n\n\
+         [[tenant]]\nname = \"t\"\nhosts = [\"t.test\"]\nmax_instances = 1\n\n"
+    );
+    let both = format!(
+        "{head}{}{}",
+        route("/c", ""),
+        route("/shared", "isolation = \"shared\"")
+    );
+    let gw = Gateway::start("admin-shared-gone", &both);
+    gw.wait_log("admin listening on");
+    let mut s = connect_host(&gw.url("/shared"), "t.test").await;
+    assert!(command(&mut s, "hits").await.starts_with("ok "));
+    s.close(None).await.expect("close");
+    drop(s);
+    // The route goes; its instance must go with it.
+    let file = config_of("admin-shared-gone");
+    std::fs::write(
+        &file,
+        std::fs::read_to_string(&file)
+            .expect("read")
+            .replace("path = \"/shared\"", "path = \"/other\""),
+    )
+    .expect("write");
+    gw.wait_log("config reloaded");
+    let series = r#"wasmgate_plugin_instances{tenant="t",route="/shared"}"#;
+    let mut instances = None;
+    for _ in 0..100 {
+        instances = sample(&get(port, "GET", "/metrics").await.1, series);
+        if instances == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(instances, Some(0.0), "{series}");
+    // ...and the tenant's only instance is free for another connection.
+    let mut c = connect_host(&gw.url("/c"), "t.test").await;
+    assert!(command(&mut c, "id").await.starts_with("ok "));
+}
+
+#[tokio::test]
+async fn refusals_by_the_plugin_count_and_plain_requests_do_not() {
+    let port = free_port();
+    let gw = Gateway::start(
+        "admin-refusals",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[[route]]\npath = \"/auth\"\nplugin = \"builtin:auth\"\n[route.config]\nusers = \"s3cret=alice\"\n"
+        ),
+    );
+    gw.wait_log("admin listening on");
+    // The plugin refuses: 401, counted.
+    assert!(tokio_tungstenite::connect_async(gw.url("/auth"))
+        .await
+        .is_err());
+    // Plain HTTP, not upgrades: not counted.
+    for path in ["/auth", "/nothing-here"] {
+        let mut s = TcpStream::connect(gw.addr).await.expect("connect");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("write");
+        let mut out = String::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_string(&mut out)).await;
+    }
+    let text = get(port, "GET", "/metrics").await.1;
+    assert_eq!(
+        sample(&text, r#"wasmgate_upgrades_refused_total{status="401"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"wasmgate_upgrades_refused_total{status="426"}"#),
+        None,
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, r#"wasmgate_upgrades_refused_total{status="404"}"#),
+        None,
+        "{text}"
+    );
+}
+
+#[test]
+fn an_admin_address_equal_to_the_public_one_or_malformed_is_an_error_naming_it() {
+    let dir = scratch("admin-config-2");
+    let file = dir.join("gateway.toml");
+    let check = |text: &str| {
+        std::fs::write(&file, text).expect("write");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+            .env("RUST_LOG", "error")
+            .args(["check", file.to_str().expect("utf-8")])
+            .output()
+            .expect("run check");
+        assert!(!out.status.success(), "{text}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let same = check(
+        "[server]\nlisten = \"127.0.0.1:19999\"\n\n[admin]\nlisten = \"127.0.0.1:19999\"\n\n\
+         [[route]]\npath = \"/e\"\nplugin = \"builtin:echo\"\n",
+    );
+    assert!(
+        same.contains("gateway.toml:5: listen: [admin] listen 127.0.0.1:19999 is the public listener's address"),
+        "{same}"
+    );
+    let bad = check("[admin]\nlisten = \"127.0.0.1:99999\"\n\n[[route]]\npath = \"/e\"\nplugin = \"builtin:echo\"\n");
+    assert!(bad.contains("gateway.toml:2: listen:"), "{bad}");
+    assert!(
+        !bad.contains("is missing"),
+        "listen is there, if malformed: {bad}"
+    );
+}

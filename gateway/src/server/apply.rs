@@ -316,7 +316,10 @@ fn warn_restart_only(
             admin != new.admin.as_ref().map(|a| &a.listen),
             "[admin] listen",
         ),
-        (!listen_overridden && o.listen != n.listen, "listen"),
+        (
+            !listen_overridden && o.listen != n.listen,
+            "[server] listen",
+        ),
         (o.max_connections != n.max_connections, "max_connections"),
         (o.threads != n.threads, "threads"),
         (o.tls.is_some() != n.tls.is_some(), "tls (on or off)"),

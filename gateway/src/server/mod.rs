@@ -276,7 +276,13 @@ async fn bind_listen(
     for addr in addrs {
         match TcpListener::bind(addr).await {
             Ok(listener) => return Ok(listener),
-            Err(source) => failed = Some(Error::Bind { addr, source }),
+            Err(source) => {
+                failed = Some(Error::Bind {
+                    origin: origin.to_owned(),
+                    addr,
+                    source,
+                })
+            }
         }
     }
     Err(failed.unwrap_or_else(|| unresolved("it has no addresses".to_owned())))

@@ -37,12 +37,19 @@ pub(super) async fn handle(
     remote: SocketAddr,
     sni: Option<Arc<str>>,
 ) -> Response<Body> {
-    if !handshake::is_upgrade_attempt(req.headers()) {
+    let attempt = handshake::is_upgrade_attempt(req.headers());
+    if !attempt {
         if let Some(resp) = static_file(&shared, &req, remote, sni.as_deref()).await {
             return resp;
         }
     }
-    upgrade(shared, req, remote, sni).await.map(full)
+    let resp = upgrade(shared, req, remote, sni).await;
+    // Every upgrade request not answered with 101: the gateway's refusals,
+    // the plugin's, and its failures in on-open.
+    if attempt && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        crate::metrics::Metrics::global().refused(resp.status().as_u16());
+    }
+    resp.map(full)
 }
 
 /// The host a request names: an absolute-form request target's authority,
@@ -275,7 +282,6 @@ async fn upgrade(
 /// reason.
 fn refuse(refusal: Refusal, remote: SocketAddr, path: &str) -> Response<Full<Bytes>> {
     let resp = refusal.response();
-    crate::metrics::Metrics::global().refused(resp.status().as_u16());
     tracing::debug!(%remote, path, status = resp.status().as_u16(), reason = %refusal, "upgrade refused");
     resp
 }
