@@ -69,6 +69,8 @@ pub(super) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(std::time::Duration::from_secs(10))
+                // Admin requests are a line and a few headers.
+                .max_buf_size(16 << 10)
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
                 tracing::debug!(%remote, "admin connection ended: {e}");
@@ -91,7 +93,7 @@ fn answer(shared: Arc<Shared>, req: &Request<Incoming>, started: Instant) -> Res
         );
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n");
         resp.headers_mut()
             .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
         return resp;
