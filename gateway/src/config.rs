@@ -1311,6 +1311,13 @@ struct RawStatic {
     path: Option<(String, usize)>,
     dir: Option<(String, usize)>,
     index: Option<String>,
+    /// Whether `path` and `dir` keys are there (perhaps with bad values,
+    /// already reported).
+    has_path: bool,
+    has_dir: bool,
+    /// How the table is written, for errors: `[[static]]` or
+    /// `[[tenant.static]]`.
+    name: &'static str,
 }
 
 /// The keys of a `[[static]]` table.
@@ -1939,11 +1946,15 @@ impl Parser<'_> {
     }
 
     /// A `[[static]]` table (`name` is how it is written, for errors).
-    fn static_mount(&mut self, t: &DeTable<'_>, name: &str) -> RawStatic {
-        let mut r = RawStatic::default();
+    fn static_mount(&mut self, t: &DeTable<'_>, name: &'static str) -> RawStatic {
+        let mut r = RawStatic {
+            name,
+            ..RawStatic::default()
+        };
         for (key, at, v) in entries(t) {
             match key {
                 "path" => {
+                    r.has_path = true;
                     let path =
                         ValueDe(v).deserialize_any(Text(r#"a URL path such as "/" or "/docs""#));
                     if let Some(path) = self.visit(key, at, path) {
@@ -1954,6 +1965,7 @@ impl Parser<'_> {
                     }
                 }
                 "dir" => {
+                    r.has_dir = true;
                     let dir = ValueDe(v)
                         .deserialize_any(Text(r#"a folder such as "public", or "builtin:demo""#));
                     r.dir = self.visit(key, at, dir).map(|d| (d, at));
@@ -1990,33 +2002,50 @@ impl Parser<'_> {
         dir: &Path,
     ) -> Option<StaticSettings> {
         let line = line_of(self.text, at);
-        let Some((path, path_at)) = r.path else {
+        let name = r.name;
+        if !r.has_path {
             self.error(
                 at,
-                r#"path: missing: every [[static]] needs a URL path such as path = "/""#.into(),
+                format!(r#"path: missing: every {name} needs a URL path such as path = "/""#),
             );
-            return None;
-        };
-        let Some((folder, dir_at)) = r.dir else {
+        }
+        if !r.has_dir {
             self.error(
                 at,
-                r#"dir: missing: every [[static]] needs a folder such as dir = "public""#.into(),
+                format!(r#"dir: missing: every {name} needs a folder such as dir = "public""#),
             );
+        }
+        let (Some((path, path_at)), Some((folder, dir_at))) = (r.path, r.dir) else {
             return None;
         };
         if let Some(first) = mounted.insert(path.clone(), line) {
             self.error(
                 path_at,
-                format!("path: {path:?} is already served by the [[static]] at line {first}"),
+                format!("path: {path:?} is already served by the {name} at line {first}"),
             );
             return None;
         }
+        if folder.is_empty() {
+            self.error(
+                dir_at,
+                r#"dir: empty: name a folder such as dir = "public""#.into(),
+            );
+            return None;
+        }
+        let index = r.index.unwrap_or_else(|| "index.html".to_owned());
         let dir = match folder.strip_prefix("builtin:") {
             Some(name) => {
                 if !crate::builtin::STATIC_FOLDERS.contains(&name) {
                     self.error(
                         dir_at,
                         format!("dir: no built-in folder {folder:?} (there is \"builtin:demo\")"),
+                    );
+                    return None;
+                }
+                if crate::builtin::static_file(name, &index).is_none() {
+                    self.error(
+                        dir_at,
+                        format!("index: the built-in folder {folder:?} has no {index:?} (it has \"index.html\")"),
                     );
                     return None;
                 }
@@ -2046,7 +2075,7 @@ impl Parser<'_> {
         Some(StaticSettings {
             path,
             dir,
-            index: r.index.unwrap_or_else(|| "index.html".to_owned()),
+            index,
             tenant: tenant.map(str::to_owned),
             line,
         })
@@ -2163,8 +2192,14 @@ fn check_static_path(path: &str) -> Result<String, &'static str> {
     if !path.starts_with('/') {
         return Err("must start with '/'");
     }
-    if path.contains(['?', '#', '%', '\\']) || path.chars().any(char::is_control) {
-        return Err("must be a plain path, without '?', '#', '%', '\\' or control characters");
+    if path.contains(['?', '#', '%', '\\', '*'])
+        || path
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || !c.is_ascii())
+    {
+        return Err(
+            "must be a plain ASCII path prefix, without '?', '#', '%', '\\', '*', whitespace or control characters",
+        );
     }
     let trimmed = path.trim_end_matches('/');
     if trimmed
@@ -2492,7 +2527,7 @@ impl Config {
                 statics.push(m);
             }
         }
-        saw_route |= !raw_tenants.is_empty();
+        saw_route |= !raw_tenants.is_empty() || !statics.is_empty();
         let mut tenants = Vec::new();
         let mut named: HashMap<String, usize> = HashMap::new();
         let mut hosted: HashMap<String, String> = HashMap::new();
@@ -2547,11 +2582,11 @@ impl Config {
                     }
                 }
             }
-            if t.routes.is_empty() {
+            if t.routes.is_empty() && t.statics.is_empty() {
                 p.error(
                     at,
                     format!(
-                        "route: tenant {name:?} has no [[tenant.route]]: it would serve nothing"
+                        "route: tenant {name:?} has no [[tenant.route]] or [[tenant.static]]: it would serve nothing"
                     ),
                 );
             }
@@ -2602,7 +2637,7 @@ impl Config {
         if !saw_route {
             p.error(
                 0,
-                "no [[route]] defined: the gateway would serve nothing".into(),
+                "no [[route]] or [[static]] defined: the gateway would serve nothing".into(),
             );
         }
         if let Some((a, at)) = &admin {

@@ -463,3 +463,31 @@ fn an_admin_address_equal_to_the_public_one_or_malformed_is_an_error_naming_it()
         "listen is there, if malformed: {bad}"
     );
 }
+
+#[tokio::test]
+async fn a_quiet_connections_messages_reach_the_metrics_within_a_second_or_so() {
+    let port = free_port();
+    let gw = Gateway::start(
+        "admin-quiet",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{port}\"\n\n[[route]]\npath = \"/echo\"\nplugin = \"{}\"\n",
+            plugin("echo")
+        ),
+    );
+    gw.wait_log("admin listening on");
+    let mut ws = connect(&gw.url("/echo")).await;
+    ws.send(Message::text("one")).await.expect("send");
+    next_text(&mut ws).await;
+    // Still open, far below a batch: reported at the next period (1 s).
+    let series = r#"wasmgate_messages_received_total{tenant="default",route="/echo"}"#;
+    let start = std::time::Instant::now();
+    let mut seen = None;
+    while start.elapsed() < std::time::Duration::from_secs(3) {
+        seen = sample(&get(port, "GET", "/metrics").await.1, series);
+        if seen == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, Some(1.0), "{series} while the connection is open");
+}

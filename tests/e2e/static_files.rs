@@ -73,6 +73,11 @@ fn site(dir: &Path) {
     std::fs::write(public.join(".env"), "TOKEN=hidden").expect("write");
     std::fs::write(dir.join("secret.txt"), "TOP SECRET").expect("write");
     std::os::unix::fs::symlink(dir.join("secret.txt"), public.join("link-out")).expect("symlink");
+    // Links inside the folder to a dot file or folder.
+    std::os::unix::fs::symlink(".env", public.join("env-link.txt")).expect("symlink");
+    std::fs::create_dir_all(public.join(".git")).expect("mkdir");
+    std::fs::write(public.join(".git/config"), "TOKEN=git").expect("write");
+    std::os::unix::fs::symlink(".git", public.join("git-link")).expect("symlink");
     let fifo = std::process::Command::new("mkfifo")
         .arg(public.join("pipe"))
         .status()
@@ -215,6 +220,8 @@ async fn no_spelling_of_a_path_reaches_outside_the_folder_or_a_dot_file() {
         "/%c0%ae%c0%ae/secret.txt",
         // Not a regular file: opening it would wait for a writer.
         "/pipe",
+        "/env-link.txt",
+        "/git-link/config",
     ] {
         let (status, _, body) = get(&gw, "GET", target, "").await;
         assert!(
@@ -241,12 +248,25 @@ async fn a_folder_named_without_its_slash_is_redirected_and_routes_win_over_moun
             dir.join("public").display()
         ),
     );
-    let (status, h, _) = get(&gw, "GET", "/site", "").await;
-    assert_eq!(status, 200, "the mount's own path is its folder");
+    // The mount's own path is a folder too: redirected, query kept.
+    let (status, h, _) = get(&gw, "GET", "/site?x=1", "").await;
+    assert_eq!(status, 301);
+    assert_eq!(header(&h, "location"), Some("/site/?x=1"));
+    let (status, h, _) = get(&gw, "GET", "/site/", "").await;
+    assert_eq!(status, 200);
     assert_eq!(header(&h, "content-type"), Some("text/html; charset=utf-8"));
     let (status, h, _) = get(&gw, "GET", "/site/docs", "").await;
     assert_eq!(status, 301);
     assert_eq!(header(&h, "location"), Some("/site/docs/"));
+    // Another kind of upgrade (h2c) is not a WebSocket: the file is served.
+    let (status, _, body) = get(
+        &gw,
+        "GET",
+        "/site/app.js",
+        "Upgrade: h2c\r\nConnection: Upgrade\r\n",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "let a = 1;"));
     let (_, _, body) = get(&gw, "GET", "/site/docs/", "").await;
     assert_eq!(body, "<h1>docs</h1>");
     // Outside the mount's prefix (a longer name is not under it): 404.
@@ -324,7 +344,8 @@ async fn check_names_the_line_and_reason_of_a_bad_static_table() {
          [[static]]\npath = \"/b\"\ndir = \"builtin:nope\"\n\n\
          [[static]]\npath = \"/c/../d\"\ndir = \".\"\nroot = 1\n\n\
          [[static]]\npath = \"/\"\ndir = \".\"\n\n\
-         [[static]]\npath = \"/\"\ndir = \".\"\n",
+         [[static]]\npath = \"/\"\ndir = \".\"\n\n\
+         [[static]]\npath = \"/x y\"\ndir = \".\"\n",
     )
     .expect("write");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
@@ -334,6 +355,8 @@ async fn check_names_the_line_and_reason_of_a_bad_static_table() {
         .expect("run check");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
+    // A key with a bad value is not also reported missing.
+    assert!(!err.contains("path: missing"), "{err}");
     for wanted in [
         "gateway.toml:6: path: \"docs\": must start with '/'",
         "gateway.toml:11: dir: ",
@@ -342,7 +365,42 @@ async fn check_names_the_line_and_reason_of_a_bad_static_table() {
         "gateway.toml:18: path: \"/c/../d\": has an empty, '.' or '..' segment",
         "gateway.toml:20: root: unknown key in [[static]]",
         "gateway.toml:27: path: \"/\" is already served by the [[static]] at line 22",
+        "gateway.toml:31: path: \"/x y\": must be a plain ASCII path prefix",
     ] {
         assert!(err.contains(wanted), "no {wanted:?} in\n{err}");
     }
+}
+
+#[tokio::test]
+async fn a_file_dated_before_1970_is_served_without_last_modified() {
+    let (gw, dir) = start_site("static-old");
+    let old = dir.join("public/old.txt");
+    std::fs::write(&old, "old").expect("write");
+    let touched = std::process::Command::new("touch")
+        .args(["-d", "1960-01-01"])
+        .arg(&old)
+        .status()
+        .expect("touch");
+    assert!(touched.success());
+    let (status, h, body) = get(
+        &gw,
+        "GET",
+        "/old.txt",
+        "If-Modified-Since: Thu, 01 Jan 1998 00:00:00 GMT\r\n",
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "old"));
+    assert_eq!(header(&h, "last-modified"), None);
+    assert!(header(&h, "etag").is_some());
+}
+
+#[tokio::test]
+async fn a_config_with_only_static_mounts_serves_them() {
+    let dir = scratch("static-only-site");
+    std::fs::write(dir.join("index.html"), "only static").expect("write");
+    let gw = Gateway::start(
+        "static-only",
+        &format!("[[static]]\npath = \"/\"\ndir = \"{}\"\n", dir.display()),
+    );
+    assert_eq!(get(&gw, "GET", "/", "").await.2, "only static");
 }

@@ -589,7 +589,8 @@ impl Session {
             if out.messages_sent() != sent {
                 keepalive.data(Instant::now());
             }
-            tally.report_every(Tally::BATCH, inbound, out, &self.route.metrics);
+            let now = Instant::now();
+            tally.report_due(now, inbound, out, &self.route.metrics);
             // Parked only with nothing due: a keepalive deadline that woke
             // the park is handled here first.
             if !self.instance.awake()
@@ -604,13 +605,17 @@ impl Session {
             // The timer is only moved earlier here (a close or a ping is now
             // due sooner); activity that moves it later is seen when it fires,
             // so a busy connection does not re-register a timer per frame.
-            let deadline = next_wake(
+            let mut deadline = next_wake(
                 &phase,
                 keepalive,
                 self.instance.awake(),
                 inbound.last_event,
-                Instant::now(),
+                now,
             );
+            // Counts not yet in the metrics get there within a period.
+            if let Some(due) = tally.due(inbound, out) {
+                deadline = deadline.min(due);
+            }
             if deadline < wake.deadline() {
                 wake.as_mut().reset(deadline);
             }
@@ -677,9 +682,9 @@ impl Session {
                 },
                 _ = &mut wake => {
                     let now = Instant::now();
-                    // A quiet connection's counts reach the metrics at least
-                    // this often (every keepalive deadline).
-                    tally.report_every(0, inbound, out, &self.route.metrics);
+                    // Woken for the counts (or a keepalive deadline): they
+                    // reach the metrics now.
+                    tally.report(now, inbound, out, &self.route.metrics);
                     match &phase {
                         Phase::Closing(c) if now >= c.until => return Stop::Ended(c.clone().into_ending()),
                         Phase::Closing(_) => {}
@@ -1008,52 +1013,90 @@ impl Link {
     /// Adds the messages and bytes not yet counted to the route's metrics.
     fn report(&mut self, metrics: &RouteMetrics) {
         self.tally
-            .report_every(0, &self.inbound, &self.out, metrics);
+            .report(Instant::now(), &self.inbound, &self.out, metrics);
     }
 }
 
 /// The message and byte counts of a connection already added to its
 /// route's metrics. The session counts in plain integers and adds to the
 /// shared counters (atomics every connection of the route writes) once per
-/// [`Tally::BATCH`] messages, when it parks, and when it ends, rather than
-/// per message.
-#[derive(Debug, Default)]
+/// [`Tally::BATCH`] messages or [`Tally::PERIOD`], whichever comes first,
+/// and when it parks or ends, rather than per message: the metrics (and the
+/// admin page's rates) are at most a period behind.
+#[derive(Debug)]
 struct Tally {
     messages_in: u64,
     messages_out: u64,
     bytes_in: u64,
     bytes_out: u64,
+    /// When the counts were last added.
+    reported_at: Instant,
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            messages_in: 0,
+            messages_out: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            reported_at: Instant::now(),
+        }
+    }
 }
 
 impl Tally {
-    /// Messages (in and out together) between two reports of a busy
-    /// connection.
+    /// Messages (in and out together) that are reported at once.
     const BATCH: u64 = 64;
+    /// The longest counts wait to be reported.
+    const PERIOD: Duration = Duration::from_secs(1);
 
-    /// Reports the counts of `inbound` and `out` to `metrics` if at least
-    /// `every` messages were not yet reported (0: whatever there is).
-    fn report_every(
+    /// Whether `inbound` and `out` have counts not reported yet.
+    fn pending(&self, inbound: &Inbound, out: &Writer) -> bool {
+        inbound.messages != self.messages_in
+            || out.messages_sent() != self.messages_out
+            || inbound.bytes != self.bytes_in
+            || out.bytes_sent() != self.bytes_out
+    }
+
+    /// When the pending counts are due (`None`: nothing pending).
+    fn due(&self, inbound: &Inbound, out: &Writer) -> Option<Instant> {
+        self.pending(inbound, out)
+            .then(|| self.reported_at + Self::PERIOD)
+    }
+
+    /// Reports the counts if [`Tally::BATCH`] messages are pending, or
+    /// some have been for [`Tally::PERIOD`].
+    fn report_due(
         &mut self,
-        every: u64,
+        now: Instant,
         inbound: &Inbound,
         out: &Writer,
         metrics: &RouteMetrics,
     ) {
-        let (msgs_in, msgs_out) = (inbound.messages, out.messages_sent());
-        let new = (msgs_in - self.messages_in) + (msgs_out - self.messages_out);
-        if new < every {
+        let new = (inbound.messages - self.messages_in) + (out.messages_sent() - self.messages_out);
+        if new >= Self::BATCH
+            || (now >= self.reported_at + Self::PERIOD && self.pending(inbound, out))
+        {
+            self.report(now, inbound, out, metrics);
+        }
+    }
+
+    /// Adds the pending counts of `inbound` and `out` to `metrics`.
+    fn report(&mut self, now: Instant, inbound: &Inbound, out: &Writer, metrics: &RouteMetrics) {
+        self.reported_at = now;
+        if !self.pending(inbound, out) {
             return;
         }
+        let (msgs_in, msgs_out) = (inbound.messages, out.messages_sent());
         metrics.messages_in.inc_by(msgs_in - self.messages_in);
         metrics.messages_out.inc_by(msgs_out - self.messages_out);
         metrics.bytes_in.inc_by(inbound.bytes - self.bytes_in);
         metrics.bytes_out.inc_by(out.bytes_sent() - self.bytes_out);
-        *self = Tally {
-            messages_in: msgs_in,
-            messages_out: msgs_out,
-            bytes_in: inbound.bytes,
-            bytes_out: out.bytes_sent(),
-        };
+        self.messages_in = msgs_in;
+        self.messages_out = msgs_out;
+        self.bytes_in = inbound.bytes;
+        self.bytes_out = out.bytes_sent();
     }
 }
 

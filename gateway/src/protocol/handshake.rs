@@ -155,11 +155,19 @@ fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
     })
 }
 
-/// Whether a request tries to be a WebSocket upgrade (it has `Upgrade` or
-/// `Sec-WebSocket-Key`), well-formed or not: such a request is answered by
-/// the routes, any other by the static mounts first.
+/// Whether a request tries to be an upgrade of any kind (it has `Upgrade`
+/// or `Sec-WebSocket-Key`): on a route, one that is not a valid WebSocket
+/// upgrade is refused with its reason rather than 426.
 pub fn is_upgrade_attempt(h: &hyper::HeaderMap) -> bool {
     h.contains_key(hyper::header::UPGRADE) || h.contains_key("sec-websocket-key")
+}
+
+/// Whether a request asks for a WebSocket (`Upgrade: websocket` or a
+/// `Sec-WebSocket-Key`), well-formed or not: such a request is answered by
+/// the routes, any other (`Upgrade: h2c` included) by the static mounts
+/// first.
+pub fn wants_websocket(h: &hyper::HeaderMap) -> bool {
+    has_token(h, hyper::header::UPGRADE, "websocket") || h.contains_key("sec-websocket-key")
 }
 
 /// Checks that `req` is a valid WebSocket upgrade (section 4.2.1): GET over

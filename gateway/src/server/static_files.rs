@@ -13,13 +13,16 @@
 //!   section 2.1). A segment that decodes to `.` or `..`, holds `/`, `\`,
 //!   NUL or another control character, or is not UTF-8, is 404; so is an
 //!   empty segment (`a//b`) and a dot file (`.env`, `.git/`). Nothing
-//!   outside the folder can be named: the file is also opened by its
-//!   canonical path, which must lie inside the folder's canonical path, so a
-//!   symbolic link out of the folder is 404 too.
+//!   outside the folder can be reached: what was opened is checked through
+//!   its file descriptor, and its real path must lie inside the folder's
+//!   real path with no dot component, so a symbolic link out of the folder
+//!   or to a dot file is 404 too, even one swapped in during the request.
 //! - A folder is served as its `index` file (`index.html`); a folder named
-//!   without its trailing `/` is redirected (301) to the name with it, so
-//!   that the page's relative links resolve inside it.
-//! - Only regular files. `Content-Type` from the file extension (the
+//!   without its trailing `/` (the mount's own path too) is redirected
+//!   (301, query kept) to the name with it, so that the page's relative
+//!   links resolve inside it.
+//! - Only regular files, opened without blocking (a FIFO is 404, not a
+//!   hang). `Content-Type` from the file extension (the
 //!   `mime_guess` table, `application/octet-stream` when unknown; text
 //!   types get `charset=utf-8`), with `X-Content-Type-Options: nosniff`.
 //! - Validators (RFC 9110 section 8.8): `ETag` from the file's size and
@@ -72,26 +75,26 @@ pub(super) async fn serve<B>(
     let Some(segments) = decode(rest) else {
         return not_found();
     };
-    // `rest` empty or ending in `/`: a folder, named with its trailing `/`
-    // (the mount's own path counts as one: `/docs` and `/docs/` both name
-    // it).
-    let names_folder = rest.is_empty() || rest.ends_with('/');
+    // A path ending in `/` names a folder; a folder named without it
+    // (the mount's own path `/docs` included) is redirected to it, so that
+    // the page's relative links resolve inside it.
+    let names_folder = req.uri().path().ends_with('/');
     let found = match &mount.dir {
+        StaticDir::Builtin(_) if segments.is_empty() && !names_folder => Found::Redirect,
         StaticDir::Builtin(folder) => builtin(folder, &segments, &mount.index),
-        StaticDir::Folder(base) => {
-            match on_disk(base, &segments, names_folder, &mount.index).await {
-                Found::Redirect => {
-                    let location = format!("{}/", req.uri().path());
-                    let mut resp = plain(StatusCode::MOVED_PERMANENTLY, "moved\n");
-                    if let Ok(v) = HeaderValue::from_str(&location) {
-                        resp.headers_mut().insert(header::LOCATION, v);
-                    }
-                    return resp;
-                }
-                other => other,
-            }
-        }
+        StaticDir::Folder(base) => on_disk(base, &segments, names_folder, &mount.index).await,
     };
+    if let Found::Redirect = found {
+        let location = match req.uri().query() {
+            Some(q) => format!("{}/?{q}", req.uri().path()),
+            None => format!("{}/", req.uri().path()),
+        };
+        let mut resp = plain(StatusCode::MOVED_PERMANENTLY, "moved\n");
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        return resp;
+    }
     let (file, validators, name) = match found {
         Found::File {
             source,
@@ -131,7 +134,7 @@ pub(super) async fn serve<B>(
     if let Ok(v) = HeaderValue::from_str(&validators.etag) {
         h.insert(header::ETAG, v);
     }
-    if let Some(modified) = validators.modified {
+    if let Some(modified) = validators.modified.filter(|m| http_date_range(*m)) {
         if let Ok(v) = HeaderValue::from_str(&httpdate::fmt_http_date(modified)) {
             h.insert(header::LAST_MODIFIED, v);
         }
@@ -218,58 +221,41 @@ fn builtin(folder: &str, segments: &[String], index: &str) -> Found {
     }
 }
 
-/// A file under the folder `base`.
+/// A file under the folder `base` (see [`open_inside`]).
 async fn on_disk(base: &Path, segments: &[String], names_folder: bool, index: &str) -> Found {
-    let Ok(root) = tokio::fs::canonicalize(base).await else {
-        return Found::Missing;
-    };
-    let mut path: PathBuf = root.clone();
-    path.extend(segments);
-    let Ok(mut real) = tokio::fs::canonicalize(&path).await else {
-        return Found::Missing;
-    };
-    if !real.starts_with(&root) {
-        return Found::Missing;
-    }
-    let Ok(meta) = tokio::fs::metadata(&real).await else {
-        return Found::Missing;
-    };
-    if meta.is_dir() {
-        if !names_folder {
-            return Found::Redirect;
+    let base = base.to_owned();
+    let segments = segments.to_vec();
+    let index = index.to_owned();
+    let opened = tokio::task::spawn_blocking(move || {
+        let root = std::fs::canonicalize(&base).ok()?;
+        let mut path = root.clone();
+        path.extend(&segments);
+        match open_inside(&root, &path)? {
+            Opened::File(file, meta, real) => {
+                // `file.txt/`: a file is not a folder.
+                (!names_folder).then_some(Lookup::File(file, meta, real))
+            }
+            Opened::Folder if !names_folder => Some(Lookup::Redirect),
+            Opened::Folder => match open_inside(&root, &path.join(&index))? {
+                Opened::File(file, meta, real) => Some(Lookup::File(file, meta, real)),
+                Opened::Folder => None,
+            },
         }
-        real.push(index);
-        // The index may itself be a link: it must stay inside too.
-        match tokio::fs::canonicalize(&real).await {
-            Ok(r) if r.starts_with(&root) => real = r,
-            _ => return Found::Missing,
-        }
-    } else if names_folder {
-        // `file.txt/`: a file is not a folder.
-        return Found::Missing;
-    }
-    // Only a regular file is opened: opening a FIFO would wait for a
-    // writer.
-    if !tokio::fs::metadata(&real).await.is_ok_and(|m| m.is_file()) {
-        return Found::Missing;
-    }
-    let Ok(file) = tokio::fs::File::open(&real).await else {
-        return Found::Missing;
+    })
+    .await
+    .ok()
+    .flatten();
+    let (file, meta, real) = match opened {
+        Some(Lookup::File(file, meta, real)) => (file, meta, real),
+        Some(Lookup::Redirect) => return Found::Redirect,
+        None => return Found::Missing,
     };
-    // The metadata of what was opened, not of the name: the file may have
-    // been replaced in between.
-    let Ok(meta) = file.metadata().await else {
-        return Found::Missing;
-    };
-    if !meta.is_file() {
-        return Found::Missing;
-    }
     let modified = meta.modified().ok();
     let stamp = modified
         .and_then(|m| m.duration_since(SystemTime::UNIX_EPOCH).ok())
         .unwrap_or_default();
     Found::File {
-        source: Source::File(file),
+        source: Source::File(tokio::fs::File::from_std(file)),
         validators: Validators {
             len: meta.len(),
             etag: format!(
@@ -284,6 +270,53 @@ async fn on_disk(base: &Path, segments: &[String], names_folder: bool, index: &s
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
+    }
+}
+
+/// What a path under a mount's folder turned out to be.
+enum Lookup {
+    File(std::fs::File, std::fs::Metadata, PathBuf),
+    Redirect,
+}
+
+/// What [`open_inside`] opened.
+enum Opened {
+    /// A regular file, its metadata and its real path.
+    File(std::fs::File, std::fs::Metadata, PathBuf),
+    /// A folder.
+    Folder,
+}
+
+/// Opens `path` if what it names, once opened, is a regular file or a
+/// folder whose real path is inside `root` (canonical) with no component
+/// below `root` starting with `.`; `None` otherwise. The checks are made on
+/// what was opened (its file descriptor, through `/proc/self/fd`), not on
+/// the name before opening: a name swapped for a symbolic link between a
+/// check and the open cannot lead out of the folder or to a dot file. The
+/// open does not block (`O_NONBLOCK`): a FIFO would wait for a writer.
+fn open_inside(root: &Path, path: &Path) -> Option<Opened> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+    let inside = real.strip_prefix(root).ok()?;
+    if inside
+        .components()
+        .any(|c| c.as_os_str().as_encoded_bytes().starts_with(b"."))
+    {
+        return None;
+    }
+    let meta = file.metadata().ok()?;
+    if meta.is_dir() {
+        Some(Opened::Folder)
+    } else if meta.is_file() {
+        Some(Opened::File(file, meta, real))
+    } else {
+        None
     }
 }
 
@@ -303,7 +336,10 @@ fn not_modified<B>(req: &Request<B>, v: &Validators) -> bool {
             })
         });
     }
-    let (Some(modified), Some(since)) = (v.modified, h.get(header::IF_MODIFIED_SINCE)) else {
+    let (Some(modified), Some(since)) = (
+        v.modified.filter(|m| http_date_range(*m)),
+        h.get(header::IF_MODIFIED_SINCE),
+    ) else {
         return false;
     };
     let Some(since) = since
@@ -319,6 +355,13 @@ fn not_modified<B>(req: &Request<B>, v: &Validators) -> bool {
             .unwrap_or(0)
     };
     secs(modified) <= secs(since)
+}
+
+/// Whether `t` can be written as an HTTP date (`httpdate` panics outside
+/// the years 1970 to 9999; a file's time can be anything).
+fn http_date_range(t: SystemTime) -> bool {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .is_ok_and(|d| d.as_secs() < 253_402_300_800)
 }
 
 /// The `Content-Type` of a file named `name`.

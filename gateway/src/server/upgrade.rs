@@ -37,7 +37,7 @@ pub(super) async fn handle(
     remote: SocketAddr,
     sni: Option<Arc<str>>,
 ) -> Response<Body> {
-    let attempt = handshake::is_upgrade_attempt(req.headers());
+    let attempt = handshake::wants_websocket(req.headers());
     if !attempt {
         if let Some(resp) = static_file(&shared, &req, remote, sni.as_deref()).await {
             return resp;
