@@ -275,14 +275,14 @@ async fn on_disk(base: &Path, segments: &[String], names_folder: bool, index: &s
 
 /// What a path under a mount's folder turned out to be.
 enum Lookup {
-    File(std::fs::File, std::fs::Metadata, PathBuf),
+    File(std::fs::File, Box<std::fs::Metadata>, PathBuf),
     Redirect,
 }
 
 /// What [`open_inside`] opened.
 enum Opened {
     /// A regular file, its metadata and its real path.
-    File(std::fs::File, std::fs::Metadata, PathBuf),
+    File(std::fs::File, Box<std::fs::Metadata>, PathBuf),
     /// A folder.
     Folder,
 }
@@ -314,7 +314,7 @@ fn open_inside(root: &Path, path: &Path) -> Option<Opened> {
     if meta.is_dir() {
         Some(Opened::Folder)
     } else if meta.is_file() {
-        Some(Opened::File(file, meta, real))
+        Some(Opened::File(file, Box::new(meta), real))
     } else {
         None
     }
