@@ -18,8 +18,9 @@
 //! - [`routing`]: routes as they run (their current version, swapped on
 //!   reload), tenants and what they use, and the table from host and path
 //!   to route.
-//! - [`server`]: listening, HTTP, upgrades, applying reloads, graceful
-//!   shutdown.
+//! - [`server`]: listening, HTTP, upgrades, static files (`[[static]]`),
+//!   the admin listener (page, server-sent events, metrics, health),
+//!   applying reloads, graceful shutdown.
 //! - [`tls`]: TLS termination: certificates, chosen by SNI per tenant, and
 //!   reloaded when their files change.
 //! - [`reload`]: watching plugin and config files and SIGHUP, and asking the
@@ -31,7 +32,7 @@
 //!   tenants' CPU budgets.
 //! - [`config`], [`error`], [`file`], [`builtin`]: `gateway.toml`, the error
 //!   type, reading deployable files and their content hashes, the embedded
-//!   example plugins and default config.
+//!   example plugins, demo page and default config.
 
 #![warn(missing_docs)]
 

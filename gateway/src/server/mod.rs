@@ -1,6 +1,7 @@
 //! The server: loads every route's plugin, accepts TCP connections (and
 //! terminates TLS on them when `[server] tls` is set, see [`crate::tls`]),
-//! serves HTTP/1.1 with hyper, hands upgrade requests to [`upgrade`], applies
+//! serves HTTP/1.1 with hyper, hands requests to [`upgrade`] (which sends
+//! plain ones to [`static_files`]), runs the [`admin`] listener, applies
 //! reloads (a new config or a new plugin file, as the reload module asks),
 //! and shuts down gracefully (stop accepting, 1001 to every connection,
 //! wait up to `drain_timeout` for the close handshakes).
