@@ -6,7 +6,7 @@
 //! coverage would take far longer than the fuzzing itself. The parsers do
 //! not need any of it: `protocol/` (frames, messages, the opening
 //! handshake), `config.rs` and what it uses (`error.rs`, `file.rs`) depend
-//! only on ordinary crates. So this crate includes those files as they are,
+//! only on ordinary crates (and `assets.rs`, the built-in static files). So this crate includes those files as they are,
 //! through `#[path]`, in a module tree that mirrors the gateway's: the
 //! gateway's paths (`crate::protocol::frame`, `crate::error`,
 //! `crate::file::read_regular_file`) resolve here to the same files, and the
@@ -20,6 +20,8 @@
 
 #![warn(missing_docs)]
 
+#[path = "../../gateway/src/assets.rs"]
+pub mod assets;
 #[path = "../../gateway/src/config.rs"]
 pub mod config;
 #[path = "../../gateway/src/error.rs"]

@@ -2035,14 +2035,14 @@ impl Parser<'_> {
         let index = r.index.unwrap_or_else(|| "index.html".to_owned());
         let dir = match folder.strip_prefix("builtin:") {
             Some(name) => {
-                if !crate::builtin::STATIC_FOLDERS.contains(&name) {
+                if !crate::assets::STATIC_FOLDERS.contains(&name) {
                     self.error(
                         dir_at,
                         format!("dir: no built-in folder {folder:?} (there is \"builtin:demo\")"),
                     );
                     return None;
                 }
-                if crate::builtin::static_file(name, &index).is_none() {
+                if crate::assets::static_file(name, &index).is_none() {
                     self.error(
                         dir_at,
                         format!("index: the built-in folder {folder:?} has no {index:?} (it has \"index.html\")"),

@@ -32,10 +32,11 @@
 //!   tenants' CPU budgets.
 //! - [`config`], [`error`], [`file`], [`builtin`]: `gateway.toml`, the error
 //!   type, reading deployable files and their content hashes, the embedded
-//!   example plugins, demo page and default config.
+//!   example plugins and default config; [`assets`]: the demo page.
 
 #![warn(missing_docs)]
 
+pub mod assets;
 pub mod authoring;
 pub mod builtin;
 pub mod config;

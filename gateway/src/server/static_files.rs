@@ -204,7 +204,7 @@ fn builtin(folder: &str, segments: &[String], index: &str) -> Found {
     if path.is_empty() {
         path = index.to_owned();
     }
-    match crate::builtin::static_file(folder, &path) {
+    match crate::assets::static_file(folder, &path) {
         Some(bytes) => {
             let hash = crate::file::ContentHash::of(bytes).to_hex();
             Found::File {
