@@ -125,20 +125,12 @@ async fn readiness_turns_503_while_the_gateway_drains() {
 
 #[tokio::test]
 async fn an_admin_table_without_listen_is_an_error_naming_it() {
-    let dir = scratch("admin-config");
-    let file = dir.join("gateway.toml");
-    std::fs::write(
-        &file,
+    let (ok, _, err) = check_output(
+        "admin-config",
         "[admin]\nport = 9090\n\n[[route]]\npath = \"/e\"\nplugin = \"builtin:echo\"\n",
-    )
-    .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .env("RUST_LOG", "error")
-        .args(["check", file.to_str().expect("utf-8")])
-        .output()
-        .expect("run check");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+        &[],
+    );
+    assert!(!ok);
     assert!(
         err.contains("gateway.toml:2: port: unknown key in [admin]"),
         "{err}"
@@ -436,17 +428,10 @@ async fn refusals_by_the_plugin_count_and_plain_requests_do_not() {
 
 #[test]
 fn an_admin_address_equal_to_the_public_one_or_malformed_is_an_error_naming_it() {
-    let dir = scratch("admin-config-2");
-    let file = dir.join("gateway.toml");
     let check = |text: &str| {
-        std::fs::write(&file, text).expect("write");
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-            .env("RUST_LOG", "error")
-            .args(["check", file.to_str().expect("utf-8")])
-            .output()
-            .expect("run check");
-        assert!(!out.status.success(), "{text}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
+        let (ok, _, err) = check_output("admin-config-2", text, &[]);
+        assert!(!ok, "{text}");
+        err
     };
     let same = check(
         "[server]\nlisten = \"127.0.0.1:19999\"\n\n[admin]\nlisten = \"127.0.0.1:19999\"\n\n\

@@ -222,20 +222,12 @@ async fn a_decompression_bomb_is_closed_with_1009_before_it_is_inflated() {
 
 #[tokio::test]
 async fn a_bad_compression_key_is_an_error_naming_it() {
-    let dir = scratch("deflate-config");
-    let file = dir.join("gateway.toml");
-    std::fs::write(
-        &file,
+    let (ok, _, err) = check_output(
+        "deflate-config",
         "[[route]]\npath = \"/e\"\nplugin = \"builtin:echo\"\ncompression = \"yes\"\ncompression_level = 12\n",
-    )
-    .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .env("RUST_LOG", "error")
-        .args(["check", file.to_str().expect("utf-8")])
-        .output()
-        .expect("run check");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+        &[],
+    );
+    assert!(!ok);
     assert!(
         err.contains("gateway.toml:4: compression: ") && err.contains(r#""on" or "off""#),
         "{err}"

@@ -10,28 +10,6 @@ fn check(name: &str, config: &str, files: &[(&str, &[u8])]) -> (bool, String) {
     (ok, err)
 }
 
-/// Runs `wasmgate check` on `config` (with `files` beside it): success,
-/// stdout, stderr.
-fn check_output(name: &str, config: &str, files: &[(&str, &[u8])]) -> (bool, String, String) {
-    let dir = scratch(name);
-    for (f, bytes) in files {
-        std::fs::write(dir.join(f), bytes).unwrap();
-    }
-    let file = dir.join("gateway.toml");
-    std::fs::write(&file, config.replace("{testkit}", &plugin("testkit"))).unwrap();
-    // Errors only: no log lines (such as the vm.max_map_count warning).
-    let out = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .env("RUST_LOG", "error")
-        .args(["check", file.to_str().unwrap()])
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// Runs `wasmgate serve` with `config` and `args` until it exits (it must
 /// fail to start): success, stderr.
 fn serve_fails(name: &str, config: &str, args: &[&str]) -> (bool, String) {

@@ -334,10 +334,8 @@ async fn the_default_config_serves_the_demo_chat_page_at_the_root() {
 
 #[tokio::test]
 async fn check_names_the_line_and_reason_of_a_bad_static_table() {
-    let dir = scratch("static-check");
-    let file = dir.join("gateway.toml");
-    std::fs::write(
-        &file,
+    let (ok, _, err) = check_output(
+        "static-check",
         "[[route]]\npath = \"/e\"\nplugin = \"builtin:echo\"\n\n\
          [[static]]\npath = \"docs\"\ndir = \".\"\n\n\
          [[static]]\npath = \"/a\"\ndir = \"missing-folder\"\n\n\
@@ -346,15 +344,9 @@ async fn check_names_the_line_and_reason_of_a_bad_static_table() {
          [[static]]\npath = \"/\"\ndir = \".\"\n\n\
          [[static]]\npath = \"/\"\ndir = \".\"\n\n\
          [[static]]\npath = \"/x y\"\ndir = \".\"\n",
-    )
-    .expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .env("RUST_LOG", "error")
-        .args(["check", file.to_str().expect("utf-8")])
-        .output()
-        .expect("run check");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+        &[],
+    );
+    assert!(!ok);
     // A key with a bad value is not also reported missing.
     assert!(!err.contains("path: missing"), "{err}");
     for wanted in [

@@ -575,3 +575,25 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
+
+/// Runs `wasmgate check` on `config` (with `files` beside it): success,
+/// stdout, stderr.
+pub fn check_output(name: &str, config: &str, files: &[(&str, &[u8])]) -> (bool, String, String) {
+    let dir = scratch(name);
+    for (f, bytes) in files {
+        std::fs::write(dir.join(f), bytes).unwrap();
+    }
+    let file = dir.join("gateway.toml");
+    std::fs::write(&file, config.replace("{testkit}", &plugin("testkit"))).expect("write config");
+    // Errors only: no log lines (such as the vm.max_map_count warning).
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+        .env("RUST_LOG", "error")
+        .args(["check", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

@@ -387,21 +387,9 @@ async fn a_replaced_certificate_serves_new_handshakes_open_connections_keep_thei
 
 /// `wasmgate check` on `config` written beside `files`: success, stderr.
 fn check(name: &str, config: &str, files: &[(&str, &str)]) -> (bool, String) {
-    let dir = scratch(name);
-    for (f, text) in files {
-        std::fs::write(dir.join(f), text).expect("write");
-    }
-    let file = dir.join("gateway.toml");
-    std::fs::write(&file, config.replace("{echo}", &plugin("echo"))).expect("write");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .env("RUST_LOG", "error")
-        .args(["check", file.to_str().expect("utf-8 path")])
-        .output()
-        .expect("run check");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(f, t)| (*f, t.as_bytes())).collect();
+    let (ok, _, err) = check_output(name, &config.replace("{echo}", &plugin("echo")), &files);
+    (ok, err)
 }
 
 #[tokio::test]
