@@ -44,6 +44,34 @@ pub struct Config {
     /// The static file mounts (`[[static]]` and `[[tenant.static]]`), in
     /// file order.
     pub statics: Vec<StaticSettings>,
+    /// `[cluster]`: rooms, broadcast and sends across gateway nodes through
+    /// Redis (`None`: this node is alone, the default; nothing connects to
+    /// Redis).
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// The `[cluster]` table: this node's place in a cluster of gateways that
+/// share rooms through Redis (see `crate::cluster`). Read at start; a
+/// reload that changes it is logged as needing a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// The Redis server, as a `redis://[user:password@]host[:port][/db]`
+    /// URL.
+    pub redis: String,
+    /// This node's name in logs and in what other nodes see
+    /// (default: `<hostname>-<process id>`).
+    pub node_id: Option<String>,
+    /// The prefix of every Redis key and channel the cluster uses
+    /// (default `wasmgate`): clusters that share one Redis need their own.
+    pub namespace: String,
+    /// How often the node tells the others it is alive (default 1 s).
+    pub heartbeat: Duration,
+    /// How long after its last heartbeat a silent node's room members stop
+    /// counting, and its state in Redis expires (default 5 s; at least
+    /// twice `heartbeat`).
+    pub node_timeout: Duration,
+    /// Where `[cluster]` is, for errors: `gateway.toml:30: [cluster]`.
+    pub origin: String,
 }
 
 /// A `[[static]]` (or `[[tenant.static]]`) table: a folder served over
@@ -1484,6 +1512,138 @@ impl Parser<'_> {
         }
     }
 
+    /// The `[cluster]` table at `at`; `None` (and errors) if it is not
+    /// usable.
+    fn cluster(&mut self, t: &DeTable<'_>, at: usize) -> Option<ClusterSettings> {
+        let mut redis: Option<String> = None;
+        let mut node_id = None;
+        let mut namespace = "wasmgate".to_owned();
+        let mut heartbeat = (Duration::from_secs(1), at);
+        let mut node_timeout = (Duration::from_secs(5), at);
+        let mut ok = true;
+        for (k, k_at, v) in entries(t) {
+            match k {
+                "redis" => {
+                    let url =
+                        self.visit(k, k_at, ValueDe(v).deserialize_any(Text("a redis:// URL")));
+                    match url {
+                        Some(u) if u.starts_with("redis://") && u.len() > "redis://".len() => {
+                            redis = Some(u)
+                        }
+                        Some(u) if u.starts_with("rediss://") => {
+                            ok = false;
+                            self.error(
+                                k_at,
+                                format!(
+                                    "redis: {u:?}: TLS to Redis (rediss://) is not supported; \
+                                     use redis:// on a private network or through a TLS tunnel"
+                                ),
+                            );
+                        }
+                        Some(u) => {
+                            ok = false;
+                            self.error(
+                                k_at,
+                                format!(
+                                    r#"redis: {u:?} is not a Redis URL: expected redis://host:port, for example "redis://127.0.0.1:6379""#
+                                ),
+                            );
+                        }
+                        None => ok = false,
+                    }
+                }
+                "node_id" | "namespace" => {
+                    let what = if k == "node_id" {
+                        "a node name"
+                    } else {
+                        "a key prefix"
+                    };
+                    match self.visit(k, k_at, ValueDe(v).deserialize_any(Text(what))) {
+                        Some(n)
+                            if !n.is_empty()
+                                && n.len() <= 64
+                                && n.chars().all(|c| {
+                                    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+                                }) =>
+                        {
+                            if k == "node_id" {
+                                node_id = Some(n);
+                            } else {
+                                namespace = n;
+                            }
+                        }
+                        Some(n) => {
+                            ok = false;
+                            self.error(
+                                k_at,
+                                format!("{k}: {n:?}: use 1 to 64 letters, digits, `-`, `_` or `.`"),
+                            );
+                        }
+                        None => ok = false,
+                    }
+                }
+                "heartbeat" => match self.value::<Period>(k, k_at, v) {
+                    Some(d) => heartbeat = (d.0, k_at),
+                    None => ok = false,
+                },
+                "node_timeout" => match self.value::<Period>(k, k_at, v) {
+                    Some(d) => node_timeout = (d.0, k_at),
+                    None => ok = false,
+                },
+                _ => self.unknown(
+                    k,
+                    k_at,
+                    "[cluster]",
+                    &[&["redis", "node_id", "namespace", "heartbeat", "node_timeout"]],
+                ),
+            }
+        }
+        if heartbeat.0 < Duration::from_millis(100) {
+            ok = false;
+            self.error(
+                heartbeat.1,
+                format!(
+                    "heartbeat: must be at least 100ms, found {}ms",
+                    heartbeat.0.as_millis()
+                ),
+            );
+        }
+        if node_timeout.0 < heartbeat.0 * 2 {
+            ok = false;
+            self.error(
+                node_timeout.1,
+                format!(
+                    "node_timeout: must be at least twice the heartbeat ({}ms), found {}ms: \
+                     one late heartbeat would drop a live node's members",
+                    heartbeat.0.as_millis(),
+                    node_timeout.0.as_millis()
+                ),
+            );
+        }
+        let Some(redis) = redis else {
+            if ok {
+                self.error(
+                    at,
+                    r#"cluster: `redis` is missing: [cluster] needs redis = "redis://127.0.0.1:6379""#
+                        .into(),
+                );
+            }
+            return None;
+        };
+        ok.then(|| ClusterSettings {
+            redis,
+            node_id,
+            namespace,
+            heartbeat: heartbeat.0,
+            node_timeout: node_timeout.0,
+            origin: format!(
+                "{}:{}: [cluster]",
+                self.file.display(),
+                line_of(self.text, at)
+            ),
+        })
+    }
+
     /// An unknown key in `table`: suggest the closest known key, or list them.
     fn unknown(&mut self, key: &str, at: usize, table: &str, known: &[&[&str]]) {
         let all: Vec<&str> = known.iter().flat_map(|k| k.iter().copied()).collect();
@@ -2372,6 +2532,7 @@ impl Config {
         let mut raw_routes = Vec::new();
         let mut raw_statics: Vec<(usize, RawStatic)> = Vec::new();
         let mut raw_tenants: Vec<(usize, RawTenant)> = Vec::new();
+        let mut cluster: Option<ClusterSettings> = None;
         let mut saw_route = false;
         for (key, at, v) in entries(&root) {
             match key {
@@ -2397,6 +2558,11 @@ impl Config {
                 "sandbox" => {
                     if let Some(t) = p.table(key, at, v, "a table ([sandbox])") {
                         sandbox = p.sandbox(t);
+                    }
+                }
+                "cluster" => {
+                    if let Some(t) = p.table(key, at, v, "a table ([cluster])") {
+                        cluster = p.cluster(t, at);
                     }
                 }
                 "route" => {
@@ -2473,7 +2639,10 @@ impl Config {
                             key,
                             at,
                             "the file",
-                            &[&["server", "sandbox", "route", "static", "tenant", "admin"]],
+                            &[&[
+                                "server", "sandbox", "route", "static", "tenant", "admin",
+                                "cluster",
+                            ]],
                         ),
                     }
                 }
@@ -2672,6 +2841,7 @@ impl Config {
             tenants,
             admin,
             statics,
+            cluster,
         };
         (Some(config), errors.0)
     }

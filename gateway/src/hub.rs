@@ -1,6 +1,13 @@
 //! A route's shared state: its open connections, its rooms and each
 //! connection's metadata. Every lookup a plugin makes goes through its own
 //! route's hub, which is what scopes ids and room names to the route.
+//!
+//! In a cluster ([`crate::cluster`]) the hub holds this node's connections
+//! and their rooms, reports every join and leave to the cluster, and adds
+//! the other nodes' members (from the cluster's replica) to room sizes,
+//! member lists and broadcasts; sends and closes to another node's
+//! connection are queued to it. Metadata, timers and `rooms-of` stay
+//! node-local.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +19,8 @@ use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
 use crate::bindings::wasmgate::plugin::types::GatewayError;
+use crate::cluster::wire::{self, Delivery, RouteName, Target};
+use crate::cluster::Cluster;
 use crate::config::SlowConsumer;
 use crate::connection::outbox::{Outbound, Outbox, PushError};
 use crate::quota::Bucket;
@@ -301,9 +310,53 @@ type Members = HashMap<u64, Arc<ConnHandle>>;
 pub struct Hub {
     conns: RwLock<HashMap<u64, Arc<ConnHandle>>>,
     rooms: Mutex<HashMap<Arc<str>, Members>>,
+    cluster: Option<ClusterLink>,
+}
+
+/// A hub's place in the cluster: the route's name there.
+#[derive(Debug)]
+struct ClusterLink {
+    cluster: Arc<Cluster>,
+    route: RouteName,
+    /// The replica's key of the route.
+    key: String,
 }
 
 impl Hub {
+    /// The hub of route `path` of `tenant` (`None`: the default tenant),
+    /// linked to the process's cluster if there is one.
+    pub fn for_route(tenant: Option<&str>, path: &str) -> Hub {
+        let cluster = Cluster::global().map(|c| {
+            let route = RouteName {
+                tenant: tenant.map(str::to_owned),
+                path: path.to_owned(),
+            };
+            ClusterLink {
+                cluster: c.clone(),
+                key: route.key(),
+                route,
+            }
+        });
+        Hub {
+            cluster,
+            ..Hub::default()
+        }
+    }
+
+    /// The route's name in the cluster (`None` without one).
+    pub fn route_name(&self) -> Option<&RouteName> {
+        self.cluster.as_ref().map(|l| &l.route)
+    }
+
+    /// Every (room, connection) membership of this node's connections.
+    pub fn memberships(&self) -> Vec<(String, u64)> {
+        let rooms = self.rooms.lock();
+        rooms
+            .iter()
+            .flat_map(|(room, members)| members.keys().map(move |id| (room.to_string(), *id)))
+            .collect()
+    }
+
     /// Registers a connection (before its `on-open` runs).
     pub fn insert(&self, conn: Arc<ConnHandle>) {
         self.conns.write().insert(conn.id, conn);
@@ -317,6 +370,9 @@ impl Hub {
         let rooms = std::mem::take(&mut *conn.rooms.lock());
         let mut all = self.rooms.lock();
         for room in rooms {
+            if let Some(l) = &self.cluster {
+                l.cluster.changed(false, &l.route, &room, id);
+            }
             if let Some(members) = all.get_mut(&room) {
                 members.remove(&id);
                 if members.is_empty() {
@@ -377,6 +433,11 @@ impl Hub {
             Some((name, _)) => name.clone(),
             None => Arc::from(room),
         };
+        if let Some(l) = &self.cluster {
+            // Queued while the connection's rooms are locked, so the
+            // cluster sees its joins and leaves in the order they happened.
+            l.cluster.changed(true, &l.route, &name, id);
+        }
         mine.insert(name.clone());
         all.entry(name).or_default().insert(id, conn.clone());
         Ok(())
@@ -385,8 +446,14 @@ impl Hub {
     /// Removes a connection from a room; returns whether it was a member.
     pub fn leave(&self, id: u64, room: &str) -> Result<bool, GatewayError> {
         let conn = self.get(id)?;
-        if !conn.rooms.lock().remove(room) {
-            return Ok(false);
+        {
+            let mut mine = conn.rooms.lock();
+            if !mine.remove(room) {
+                return Ok(false);
+            }
+            if let Some(l) = &self.cluster {
+                l.cluster.changed(false, &l.route, room, id);
+            }
         }
         let mut all = self.rooms.lock();
         if let Some(members) = all.get_mut(room) {
@@ -400,8 +467,10 @@ impl Hub {
 
     /// Queues a message to every member of `room` except `except`; returns
     /// how many accepted it. `admit` is asked first with the number of
-    /// deliveries (the members but `except`); if it says no, nothing is
-    /// sent and the call fails with `limit-reached`.
+    /// deliveries (the members but `except`, on every node of a cluster);
+    /// if it says no, nothing is sent and the call fails with
+    /// `limit-reached`. Members on other nodes count as accepted once the
+    /// message is queued to their node.
     pub fn broadcast(
         &self,
         room: &str,
@@ -417,12 +486,36 @@ impl Hub {
                 .filter(|c| Some(c.id) != except)
                 .cloned()
                 .collect(),
-            None => return Ok(0),
+            None => Vec::new(),
         };
-        if !admit(members.len() as u64) {
+        let remote = match &self.cluster {
+            Some(l) => l.cluster.remote_room(&l.key, room, except),
+            None => Vec::new(),
+        };
+        let remote_count: usize = remote.iter().map(|(_, n)| n).sum();
+        if members.is_empty() && remote.is_empty() {
+            return Ok(0);
+        }
+        if !admit((members.len() + remote_count) as u64) {
             return Err(GatewayError::LimitReached);
         }
         let mut delivered = 0u32;
+        if let (Some(l), false) = (&self.cluster, remote.is_empty()) {
+            let message = wire::encode(&Delivery::Message {
+                route: l.route.clone(),
+                target: Target::Room {
+                    room: room.to_owned(),
+                    except,
+                },
+                text,
+                payload: payload.to_vec(),
+            });
+            for (node, n) in remote {
+                if l.cluster.deliver(node, message.clone()) {
+                    delivered = delivered.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+                }
+            }
+        }
         for conn in members {
             let frame = if text {
                 Outbound::Text(payload.clone())
@@ -436,21 +529,110 @@ impl Hub {
         Ok(delivered)
     }
 
-    /// How many connections are in a room.
-    pub fn room_size(&self, room: &str) -> u32 {
-        self.rooms
-            .lock()
-            .get(room)
-            .map_or(0, |m| u32::try_from(m.len()).unwrap_or(u32::MAX))
+    /// Queues a message to this node's members of `room` but `except`
+    /// (a broadcast from another node, already admitted there); returns
+    /// how many accepted it.
+    pub fn broadcast_local(
+        &self,
+        room: &str,
+        text: bool,
+        payload: Bytes,
+        except: Option<u64>,
+    ) -> u32 {
+        let members: Vec<Arc<ConnHandle>> = match self.rooms.lock().get(room) {
+            Some(m) => m
+                .values()
+                .filter(|c| Some(c.id) != except)
+                .cloned()
+                .collect(),
+            None => return 0,
+        };
+        let mut delivered = 0u32;
+        for conn in members {
+            let frame = if text {
+                Outbound::Text(payload.clone())
+            } else {
+                Outbound::Binary(payload.clone())
+            };
+            if conn.deliver(frame).is_ok() {
+                delivered += 1;
+            }
+        }
+        delivered
     }
 
-    /// The ids of a room's members.
+    /// Queues `frame` for connection `id` on another node of the cluster:
+    /// `unknown-connection` if there is no cluster or its node is not a
+    /// live one, `backpressure` if the queue to Redis is full. Whether the
+    /// connection still exists there is not known here: a message to one
+    /// that has closed is dropped by its node.
+    pub fn send_remote(&self, id: u64, frame: Outbound) -> Result<(), GatewayError> {
+        let l = self.remote(id)?;
+        let (text, payload) = match frame {
+            Outbound::Text(b) => (true, b),
+            Outbound::Binary(b) => (false, b),
+            _ => return Err(GatewayError::InvalidArgument("not a data message".into())),
+        };
+        let message = wire::encode(&Delivery::Message {
+            route: l.route.clone(),
+            target: Target::Conn(id),
+            text,
+            payload: payload.to_vec(),
+        });
+        if l.cluster.deliver(crate::cluster::node_of(id), message) {
+            Ok(())
+        } else {
+            Err(GatewayError::Backpressure)
+        }
+    }
+
+    /// Asks the node of connection `id` to start its closing handshake
+    /// (see [`Hub::send_remote`] for the errors).
+    pub fn close_remote(&self, id: u64, code: u16, reason: &str) -> Result<(), GatewayError> {
+        let l = self.remote(id)?;
+        let message = wire::encode(&Delivery::Close {
+            route: l.route.clone(),
+            conn: id,
+            code,
+            reason: reason.to_owned(),
+        });
+        if l.cluster.deliver(crate::cluster::node_of(id), message) {
+            Ok(())
+        } else {
+            Err(GatewayError::Backpressure)
+        }
+    }
+
+    /// The cluster link, if `id` belongs to another live node.
+    fn remote(&self, id: u64) -> Result<&ClusterLink, GatewayError> {
+        match &self.cluster {
+            Some(l) if l.cluster.knows_node(crate::cluster::node_of(id)) => Ok(l),
+            _ => Err(GatewayError::UnknownConnection),
+        }
+    }
+
+    /// How many connections are in a room (on every node of a cluster).
+    pub fn room_size(&self, room: &str) -> u32 {
+        let local = self.rooms.lock().get(room).map_or(0, HashMap::len);
+        let remote = match &self.cluster {
+            Some(l) => l.cluster.remote_room_size(&l.key, room),
+            None => 0,
+        };
+        u32::try_from(local + remote).unwrap_or(u32::MAX)
+    }
+
+    /// The ids of a room's members (on every node of a cluster).
     pub fn room_members(&self, room: &str) -> Vec<u64> {
-        self.rooms
+        let mut ids: Vec<u64> = self
+            .rooms
             .lock()
             .get(room)
             .map(|m| m.keys().copied().collect())
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if let Some(l) = &self.cluster {
+            ids.extend(l.cluster.remote_members(&l.key, room));
+        }
+        ids
     }
 
     /// The rooms a connection is in.

@@ -27,6 +27,8 @@
 //!   server to apply what changed.
 //! - [`authoring`]: what `wasmgate new`, `bindings` and `componentize`
 //!   give plugin authors (templates, C bindings, componentizing).
+//! - [`cluster`]: nodes sharing rooms, broadcasts and sends through Redis
+//!   (`[cluster]`).
 //! - [`metrics`]: the Prometheus metrics the admin listener serves.
 //! - [`quota`]: token buckets and the CPU meter behind rate limits and
 //!   tenants' CPU budgets.
@@ -39,6 +41,7 @@
 pub mod assets;
 pub mod authoring;
 pub mod builtin;
+pub mod cluster;
 pub mod config;
 pub mod connection;
 pub mod error;

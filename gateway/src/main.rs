@@ -296,7 +296,16 @@ fn serve(
         drop(tokio::signal::unix::signal(
             tokio::signal::unix::SignalKind::hangup(),
         ));
+        // `[cluster]`: the node number comes from Redis before the first
+        // connection id is handed out.
+        let cluster = match &config.cluster {
+            Some(c) => Some(wasmgate::cluster::Cluster::start(c).await?),
+            None => None,
+        };
         let gateway = Gateway::new(&config, cache_dir)?;
+        if let Some(cluster) = &cluster {
+            gateway.attach_cluster(cluster);
+        }
         gateway.log_routes();
         let listener = gateway.bind(listen).await?;
         let addr = listener.local_addr().context("listener address")?;
@@ -327,6 +336,9 @@ fn serve(
             .context("cannot start hot reload")?;
         tokio::spawn(reloader.run());
         let drained = gateway.serve(listener, shutdown_signal()).await;
+        if let Some(cluster) = &cluster {
+            cluster.leave().await;
+        }
         Ok(if drained { ExitCode::SUCCESS } else { ExitCode::from(2) })
     })
 }

@@ -134,6 +134,62 @@ pub struct Metrics {
     plugin_failures: Family<FailureLabels, Counter>,
     outbound_dropped: Family<RouteLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    /// The cluster's metrics (series appear once `[cluster]` starts).
+    pub cluster: ClusterMetrics,
+}
+
+/// A cluster metric's labels: what kind of traffic.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `membership` (room joins and leaves), `heartbeat`, or `delivery`
+    /// (sends, closes and broadcasts for connections on other nodes).
+    pub kind: &'static str,
+}
+
+/// The metrics of the cluster link to Redis (see [`crate::cluster`]).
+#[derive(Debug, Clone, Default)]
+pub struct ClusterMetrics {
+    /// Messages published to other nodes, by kind.
+    pub published: Family<KindLabels, Counter>,
+    /// Messages received from other nodes, by kind.
+    pub received: Family<KindLabels, Counter>,
+    /// Messages that could not be published (Redis unreachable, or the
+    /// queue to it full), by kind. Lost membership changes are repaired
+    /// when the link is back (the node rewrites its state); lost deliveries
+    /// are not.
+    pub dropped: Family<KindLabels, Counter>,
+    /// Times another node's room membership was read again from Redis
+    /// (at start, after a gap in its updates, after a reconnect).
+    pub resyncs: Counter,
+    /// Other nodes heard from within `node_timeout` (label: this node's
+    /// `node_id`; no series without `[cluster]`).
+    pub nodes: Family<NodeLabels, Gauge>,
+    /// 1 while the link to Redis works, 0 while it is degraded (label:
+    /// this node's `node_id`; no series without `[cluster]`).
+    pub redis_up: Family<NodeLabels, Gauge>,
+}
+
+/// The labels of a cluster gauge: this node's name.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    /// `[cluster] node_id`.
+    pub node: String,
+}
+
+impl ClusterMetrics {
+    /// Creates the series that exist from the start (zero counts).
+    pub fn init(&self) {
+        for kind in ["membership", "heartbeat", "delivery"] {
+            let _ = self.published.get_or_create(&KindLabels { kind });
+            let _ = self.received.get_or_create(&KindLabels { kind });
+            let _ = self.dropped.get_or_create(&KindLabels { kind });
+        }
+    }
+
+    /// Counts `n` messages of `kind` in `family`.
+    pub fn count(family: &Family<KindLabels, Counter>, kind: &'static str, n: u64) {
+        family.get_or_create(&KindLabels { kind }).inc_by(n);
+    }
 }
 
 impl std::fmt::Debug for Metrics {
@@ -159,6 +215,7 @@ impl Metrics {
             plugin_failures: Family::default(),
             outbound_dropped: Family::default(),
             reloads: Family::default(),
+            cluster: ClusterMetrics::default(),
             registry: Registry::default(),
             recent_errors: Default::default(),
         };
@@ -229,6 +286,36 @@ impl Metrics {
             "reloads",
             "Config, plugin and certificate reloads, applied or failed",
             m.reloads.clone(),
+        );
+        registry.register(
+            "cluster_published",
+            "Messages published through Redis to other gateway nodes, by kind",
+            m.cluster.published.clone(),
+        );
+        registry.register(
+            "cluster_received",
+            "Messages received through Redis from other gateway nodes, by kind",
+            m.cluster.received.clone(),
+        );
+        registry.register(
+            "cluster_dropped",
+            "Messages to other nodes not published (Redis unreachable or queue full), by kind",
+            m.cluster.dropped.clone(),
+        );
+        registry.register(
+            "cluster_resyncs",
+            "Times another node's room membership was read again from Redis",
+            m.cluster.resyncs.clone(),
+        );
+        registry.register(
+            "cluster_nodes",
+            "Other gateway nodes heard from within node_timeout",
+            m.cluster.nodes.clone(),
+        );
+        registry.register(
+            "cluster_redis_up",
+            "1 while the cluster's link to Redis works, 0 while it is degraded",
+            m.cluster.redis_up.clone(),
         );
         // Series that would otherwise appear only at their first event: a
         // rate or increase over a series that starts at 1 misses that one.

@@ -6,6 +6,7 @@ mod support;
 mod admin;
 mod browser;
 mod close;
+mod cluster;
 mod compression;
 mod config_errors;
 mod echo;

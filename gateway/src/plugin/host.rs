@@ -233,7 +233,11 @@ impl Host for HostState {
         if conn == self.own.id {
             return self.own.deliver(outbound(msg));
         }
-        self.hub.get(conn)?.deliver(outbound(msg))
+        match self.hub.get(conn) {
+            Ok(c) => c.deliver(outbound(msg)),
+            // Maybe a connection of another node of the cluster.
+            Err(_) => self.hub.send_remote(conn, outbound(msg)),
+        }
     }
 
     fn close(&mut self, conn: u64, code: u16, reason: String) -> Result<(), GatewayError> {
@@ -245,7 +249,10 @@ impl Host for HostState {
         if reason.len() > MAX_CLOSE_REASON {
             return Err(GatewayError::TooLarge);
         }
-        let handle = self.hub.get(conn)?;
+        let handle = match self.hub.get(conn) {
+            Ok(h) => h,
+            Err(_) => return self.hub.close_remote(conn, code, &reason),
+        };
         if handle.outbox.is_closed() {
             return Err(GatewayError::Closed);
         }

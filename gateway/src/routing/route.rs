@@ -62,7 +62,7 @@ impl Route {
             Some(t) => format!("{path} (tenant {t})"),
             None => path.clone(),
         };
-        let hub = Arc::new(Hub::default());
+        let hub = Arc::new(Hub::for_route(tenant_name.as_deref(), &path));
         let metrics = crate::metrics::Metrics::global().route(tenant_name.as_deref(), &path);
         Route {
             current: ArcSwap::from_pointee(version(settings, plugin, tenant, &hub, &metrics, 1)),

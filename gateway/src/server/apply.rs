@@ -123,6 +123,7 @@ impl Gateway {
             self.shared.listen_overridden.load(Ordering::SeqCst),
             self.shared.runtime.sandbox(),
             self.shared.admin_listen.as_ref(),
+            self.shared.cluster.as_ref(),
             &config,
         );
         let mut errors = config.grant_errors();
@@ -308,13 +309,37 @@ fn warn_restart_only(
     listen_overridden: bool,
     sandbox: &SandboxSettings,
     admin: Option<&crate::config::ListenAddr>,
+    cluster: Option<&crate::config::ClusterSettings>,
     new: &Config,
 ) {
+    // What a node joins with (its place in the file aside).
+    type ClusterKey<'a> = (
+        &'a str,
+        Option<&'a str>,
+        &'a str,
+        std::time::Duration,
+        std::time::Duration,
+    );
+    fn cluster_key(c: Option<&crate::config::ClusterSettings>) -> Option<ClusterKey<'_>> {
+        c.map(|c| {
+            (
+                c.redis.as_str(),
+                c.node_id.as_deref(),
+                c.namespace.as_str(),
+                c.heartbeat,
+                c.node_timeout,
+            )
+        })
+    }
     let (o, n) = (server, &new.server);
     let changed = [
         (
             admin != new.admin.as_ref().map(|a| &a.listen),
             "[admin] listen",
+        ),
+        (
+            cluster_key(cluster) != cluster_key(new.cluster.as_ref()),
+            "[cluster]",
         ),
         (
             !listen_overridden && o.listen != n.listen,

@@ -42,6 +42,24 @@ pub struct Gateway {
     shared: Arc<Shared>,
 }
 
+/// The routes as the cluster's link sees them.
+struct ClusterRoutes(Arc<Shared>);
+
+impl crate::cluster::Routes for ClusterRoutes {
+    fn hub(&self, route: &crate::cluster::wire::RouteName) -> Option<Arc<crate::hub::Hub>> {
+        self.0
+            .router
+            .load()
+            .get(route.tenant.as_deref(), &route.path)
+            .map(|r| r.hub.clone())
+    }
+
+    fn hubs(&self) -> Vec<Arc<crate::hub::Hub>> {
+        let table = self.0.router.load();
+        table.routes().iter().map(|r| r.hub.clone()).collect()
+    }
+}
+
 #[derive(Debug)]
 struct Shared {
     /// `[server]` as loaded at start: a reload that changes it is logged as
@@ -56,6 +74,8 @@ struct Shared {
     tls: Option<Tls>,
     /// `[admin] listen` as set at start.
     admin_listen: Option<crate::config::ListenAddr>,
+    /// `[cluster]` as set at start.
+    cluster: Option<crate::config::ClusterSettings>,
     /// The config now applied.
     config: Mutex<Arc<Config>>,
     active: Arc<AtomicUsize>,
@@ -123,9 +143,14 @@ impl Gateway {
                 runtime,
                 tls,
                 admin_listen: config.admin.as_ref().map(|a| a.listen.clone()),
+                cluster: config.cluster.clone(),
                 config: Mutex::new(Arc::new(config.clone())),
                 active: Arc::new(AtomicUsize::new(0)),
-                next_id: AtomicU64::new(1),
+                // In a cluster, ids carry the node's number in their high
+                // bits (see crate::cluster::NODE_SHIFT).
+                next_id: AtomicU64::new(
+                    crate::cluster::Cluster::global().map_or(0, |c| c.id_base()) + 1,
+                ),
                 shutting_down: AtomicBool::new(false),
                 stopping: CancellationToken::new(),
                 tasks: TaskTracker::new(),
@@ -170,6 +195,12 @@ impl Gateway {
     /// `listener` from now until the process exits.
     pub fn spawn_admin(&self, listener: TcpListener) {
         tokio::spawn(admin::serve(self.shared.clone(), listener));
+    }
+
+    /// Starts the cluster's link tasks, delivering to this gateway's
+    /// routes (`[cluster]`; call after [`crate::cluster::Cluster::start`]).
+    pub fn attach_cluster(&self, cluster: &Arc<crate::cluster::Cluster>) {
+        cluster.attach(Arc::new(ClusterRoutes(self.shared.clone())));
     }
 
     /// Whether the listener speaks TLS (`wss://`).

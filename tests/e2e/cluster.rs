@@ -1,0 +1,331 @@
+//! Clusters: gateway nodes sharing rooms, broadcasts and sends through a
+//! real redis-server (started by each test on a free loopback port).
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// A redis-server on a free loopback port, killed when dropped.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    _dir: Scratch,
+}
+
+impl Redis {
+    fn start(name: &str) -> Redis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = scratch(name);
+        let mut r = Redis {
+            child: None,
+            port,
+            _dir: dir,
+        };
+        r.restart();
+        r
+    }
+
+    /// Starts (again) on the same port, without persistence.
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self._dir.to_str().unwrap(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server (./dev test installs it; apt-get install redis-server)");
+        self.child = Some(child);
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(start.elapsed() < WAIT, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to be gone.
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A node's config: the testkit on `/chat`, in the cluster of `redis`.
+fn node_config(redis: &Redis, name: &str) -> String {
+    format!(
+        r#"
+[cluster]
+redis = "{}"
+node_id = "{name}"
+heartbeat = "200ms"
+node_timeout = "1s"
+
+[[route]]
+path = "/chat"
+plugin = "{{testkit}}"
+
+[[route]]
+path = "/other"
+plugin = "{{testkit}}"
+"#,
+        redis.url()
+    )
+}
+
+fn node(redis: &Redis, test: &str, name: &str) -> Gateway {
+    Gateway::start(&format!("{test}-{name}"), &node_config(redis, name))
+}
+
+/// Asks `ws` for `cmd` until the answer is `want`, for at most `within`.
+async fn until(ws: &mut Ws, cmd: &str, want: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let got = command(ws, cmd).await;
+        if got == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < within,
+            "{cmd:?}: still {got:?} after {within:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broadcast_reaches_room_members_on_every_node_once_and_not_the_sender() {
+    let redis = Redis::start("cluster-broadcast-redis");
+    let a = node(&redis, "cluster-broadcast", "a");
+    let b = node(&redis, "cluster-broadcast", "b");
+    let c = node(&redis, "cluster-broadcast", "c");
+    let mut sender = connect(&a.url("/chat")).await;
+    let mut a2 = connect(&a.url("/chat")).await;
+    let mut on_b = connect(&b.url("/chat")).await;
+    let mut on_c = connect(&c.url("/chat")).await;
+    for ws in [&mut sender, &mut a2, &mut on_b, &mut on_c] {
+        assert_eq!(command(ws, "join lobby").await, "ok joined");
+    }
+    // Every node counts all four, wherever they are.
+    for ws in [&mut sender, &mut on_b, &mut on_c] {
+        until(ws, "size lobby", "ok 4", WAIT).await;
+    }
+    assert_eq!(command(&mut sender, "broadcast lobby hello").await, "ok 3");
+    for ws in [&mut a2, &mut on_b, &mut on_c] {
+        assert_eq!(next_text(ws).await, "hello");
+    }
+    // Exactly once, and not to the sender.
+    for ws in [&mut sender, &mut a2, &mut on_b, &mut on_c] {
+        expect_silence(ws, Duration::from_millis(300)).await;
+    }
+    // The same room name on another route is another room, on every node.
+    let mut other = connect(&b.url("/other")).await;
+    assert_eq!(command(&mut other, "size lobby").await, "ok 0");
+    assert_eq!(
+        command(&mut other, "broadcast lobby elsewhere").await,
+        "ok 0"
+    );
+    expect_silence(&mut on_c, Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_size_and_members_agree_on_every_node_and_ids_are_unique() {
+    let redis = Redis::start("cluster-members-redis");
+    let a = node(&redis, "cluster-members", "a");
+    let b = node(&redis, "cluster-members", "b");
+    let c = node(&redis, "cluster-members", "c");
+    let mut on_a = connect(&a.url("/chat")).await;
+    let mut on_b = connect(&b.url("/chat")).await;
+    let mut on_c = connect(&c.url("/chat")).await;
+    let mut ids = Vec::new();
+    for ws in [&mut on_a, &mut on_b, &mut on_c] {
+        ids.push(conn_id(ws).await.parse::<u64>().unwrap());
+        assert_eq!(command(ws, "join r").await, "ok joined");
+    }
+    let mut sorted = ids.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(
+        sorted.len(),
+        3,
+        "connection ids collide across nodes: {ids:?}"
+    );
+    let list: Vec<String> = sorted.iter().map(u64::to_string).collect();
+    let want = format!("ok {}", list.join(","));
+    for ws in [&mut on_a, &mut on_b, &mut on_c] {
+        until(ws, "size r", "ok 3", WAIT).await;
+        until(ws, "members r", &want, WAIT).await;
+    }
+    // A leave on one node shows on the others.
+    assert_eq!(command(&mut on_b, "leave r").await, "ok true");
+    for ws in [&mut on_a, &mut on_c] {
+        until(ws, "size r", "ok 2", WAIT).await;
+    }
+    // A closed connection leaves its rooms everywhere.
+    drop(on_c);
+    until(&mut on_a, "size r", "ok 1", WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_and_close_reach_a_connection_on_another_node() {
+    let redis = Redis::start("cluster-send-redis");
+    let a = node(&redis, "cluster-send", "a");
+    let b = node(&redis, "cluster-send", "b");
+    let mut on_a = connect(&a.url("/chat")).await;
+    let mut on_b = connect(&b.url("/chat")).await;
+    let b_id = conn_id(&mut on_b).await;
+    // Node a learns of node b from its heartbeat.
+    until(&mut on_a, &format!("send {b_id} ping"), "ok sent", WAIT).await;
+    assert_eq!(next_text(&mut on_b).await, "ping");
+    // An id of no live node is unknown, as on one node.
+    let a_id: u64 = conn_id(&mut on_a).await.parse().unwrap();
+    let nobody = (a_id | (0xf_fff0 << 40)) + 1;
+    assert_eq!(
+        command(&mut on_a, &format!("send {nobody} x")).await,
+        "err unknown-connection"
+    );
+    assert_eq!(
+        command(&mut on_a, &format!("close-other {b_id} 4001")).await,
+        "ok closing"
+    );
+    expect_close(&mut on_b, 4001).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_stops_counting_within_node_timeout_and_the_others_keep_serving() {
+    let redis = Redis::start("cluster-kill-redis");
+    let a = node(&redis, "cluster-kill", "a");
+    let b = node(&redis, "cluster-kill", "b");
+    let c = node(&redis, "cluster-kill", "c");
+    let mut on_a = connect(&a.url("/chat")).await;
+    let mut on_b = connect(&b.url("/chat")).await;
+    let mut on_c = connect(&c.url("/chat")).await;
+    for ws in [&mut on_a, &mut on_b, &mut on_c] {
+        assert_eq!(command(ws, "join r").await, "ok joined");
+    }
+    until(&mut on_a, "size r", "ok 3", WAIT).await;
+    c.signal("KILL");
+    let killed = Instant::now();
+    until(&mut on_a, "size r", "ok 2", WAIT).await;
+    until(&mut on_b, "size r", "ok 2", WAIT).await;
+    let took = killed.elapsed();
+    // The documented bound: node_timeout (1 s) plus a heartbeat (200 ms),
+    // with room for a loaded machine.
+    assert!(
+        took < Duration::from_millis(2500),
+        "a dead node's members counted for {took:?}"
+    );
+    assert!(
+        took > Duration::from_millis(500),
+        "dropped too early: {took:?}"
+    );
+    // a and b still talk.
+    assert_eq!(command(&mut on_a, "broadcast r still-here").await, "ok 1");
+    assert_eq!(next_text(&mut on_b).await, "still-here");
+    drop(on_c);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_chat_goes_on_while_redis_is_down_and_cross_node_delivery_resumes() {
+    let mut redis = Redis::start("cluster-outage-redis");
+    let a = node(&redis, "cluster-outage", "a");
+    let b = node(&redis, "cluster-outage", "b");
+    let mut a1 = connect(&a.url("/chat")).await;
+    let mut a2 = connect(&a.url("/chat")).await;
+    let mut on_b = connect(&b.url("/chat")).await;
+    for ws in [&mut a1, &mut a2, &mut on_b] {
+        assert_eq!(command(ws, "join r").await, "ok joined");
+    }
+    until(&mut a1, "size r", "ok 3", WAIT).await;
+
+    redis.kill();
+    a.wait_log("cluster: degraded");
+    // Local delivery goes on, nothing is closed.
+    for i in 0..5 {
+        let answer = command(&mut a1, &format!("broadcast r local-{i}")).await;
+        assert!(answer.starts_with("ok "), "{answer}");
+        assert_eq!(next_text(&mut a2).await, format!("local-{i}"));
+    }
+    // Once node b is silent for node_timeout, node a counts its own only.
+    until(&mut a1, "size r", "ok 2", WAIT).await;
+
+    redis.restart();
+    // The nodes rewrite their rooms into the empty Redis and read each
+    // other's again: cross-node delivery resumes.
+    until(&mut a1, "size r", "ok 3", Duration::from_secs(20)).await;
+    until(&mut on_b, "size r", "ok 3", Duration::from_secs(20)).await;
+    assert_eq!(command(&mut a1, "broadcast r back").await, "ok 2");
+    assert_eq!(next_text(&mut a2).await, "back");
+    assert_eq!(next_text(&mut on_b).await, "back");
+    a.wait_log("is reachable again");
+    for ws in [&mut a1, &mut a2, &mut on_b] {
+        assert_eq!(command(ws, "id").await.split(' ').next(), Some("ok"));
+    }
+}
+
+#[test]
+fn cluster_config_errors_name_the_line_and_the_fix() {
+    let (ok, _, err) = check_output(
+        "cluster-config",
+        r#"
+[cluster]
+redis = "http://127.0.0.1:6379"
+heartbeat = "1s"
+node_timeout = "1s"
+node_id = "a b"
+
+[[route]]
+path = "/chat"
+plugin = "{testkit}"
+"#,
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("gateway.toml:3: redis: \"http://127.0.0.1:6379\" is not a Redis URL"),
+        "{err}"
+    );
+    assert!(
+        err.contains("gateway.toml:5: node_timeout: must be at least twice the heartbeat"),
+        "{err}"
+    );
+    assert!(
+        err.contains("gateway.toml:6: node_id: \"a b\": use 1 to 64 letters"),
+        "{err}"
+    );
+    let (ok, _, err) = check_output(
+        "cluster-config-missing",
+        "[cluster]\nnode_id = \"a\"\n\n[[route]]\npath = \"/chat\"\nplugin = \"{testkit}\"\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("gateway.toml:1: cluster: `redis` is missing"),
+        "{err}"
+    );
+}
