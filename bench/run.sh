@@ -157,6 +157,74 @@ reload "reload steady (no swap)" 0 --cache-dir "$OUT/reload-cache"
 reload "reload warm cache" 10 --cache-dir "$OUT/reload-cache"
 reload "reload no cache" 10 --no-cache
 
+# Clusters (issue 12): one sender on node A and a room of 1,000 members
+# spread over three gateway nodes joined through Redis, against the same room
+# on one gateway without [cluster]. Every server (the nodes and
+# redis-server) is pinned to the same CPU as the single gateway, and the CPU
+# time per delivery sums them all. Alternating, REPEAT runs each.
+cluster() { # name
+    local name=$1
+    [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]] && return 0
+    command -v redis-server >/dev/null || { echo "bench: $name: no redis-server, skipped" >&2; return 0; }
+    local dir="$OUT/cluster"
+    rm -rf "$dir" && mkdir -p "$dir"
+    for _ in $(seq 1 "$REPEAT"); do for setup in one-node three-nodes; do
+        local pids=() addrs=() n=1
+        if [ "$setup" = three-nodes ]; then
+            n=3
+            $SERVER_CPU redis-server --port 9120 --bind 127.0.0.1 --save "" --appendonly no \
+                --dir "$dir" >"$dir/redis.log" 2>&1 &
+            pids+=($!)
+            for _ in $(seq 1 100); do redis-cli -p 9120 ping >/dev/null 2>&1 && break; sleep 0.05; done
+        fi
+        for i in $(seq 1 "$n"); do
+            local port=$((9110 + i)) cfg="$dir/node$i.toml"
+            sed -e "s|^listen = .*|listen = \"127.0.0.1:$port\"|" -e "s|^\[server\]$|[server]\nthreads = $THREADS|" bench/gateway.toml > "$cfg"
+            [ "$setup" = three-nodes ] && printf '\n[cluster]\nredis = "redis://127.0.0.1:9120"\nnode_id = "node%s"\n' "$i" >> "$cfg"
+            RUST_LOG=warn $SERVER_CPU "$BIN/wasmgate" serve --config "$cfg" >"$dir/node$i.log" 2>&1 &
+            pids+=($!)
+            for _ in $(seq 1 200); do grep -q "listening on" "$dir/node$i.log" && break; sleep 0.05; done
+            addrs+=("127.0.0.1:$port")
+        done
+        local list; list=$(IFS=,; echo "${addrs[*]}")
+        local pidlist; pidlist=$(IFS=,; echo "${pids[*]}")
+        $LOAD_CPU "$BIN/loadgen" --path /broadcast --label "$name/$setup" \
+            fanout --nodes "$list" --members 1000 --size 32 --inflight 16 \
+            --seconds "$SECONDS_PER_RUN" --pids "$pidlist" | tee -a "$OUT/results.jsonl" >&2
+        kill "${pids[@]}"; wait "${pids[@]}" 2>/dev/null || true
+        sleep 0.5
+    done; done
+}
+cluster "cluster broadcast 1 to 1000"
+
+# What [cluster] costs a node's local echo path: the same gateway with and
+# without [cluster] (Redis running), alternating.
+cluster_echo() { # name
+    local name=$1
+    [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]] && return 0
+    command -v redis-server >/dev/null || { echo "bench: $name: no redis-server, skipped" >&2; return 0; }
+    local dir="$OUT/cluster"
+    mkdir -p "$dir"
+    $SERVER_CPU redis-server --port 9120 --bind 127.0.0.1 --save "" --appendonly no \
+        --dir "$dir" >"$dir/redis.log" 2>&1 &
+    local redis=$!
+    for _ in $(seq 1 100); do redis-cli -p 9120 ping >/dev/null 2>&1 && break; sleep 0.05; done
+    for _ in $(seq 1 "$REPEAT"); do for setup in without-cluster with-cluster; do
+        local cfg="$dir/echo.toml"
+        sed "s|^\[server\]$|[server]\nthreads = $THREADS|" bench/gateway.toml > "$cfg"
+        [ "$setup" = with-cluster ] && printf '\n[cluster]\nredis = "redis://127.0.0.1:9120"\n' >> "$cfg"
+        RUST_LOG=warn $SERVER_CPU "$BIN/wasmgate" serve --config "$cfg" >"$dir/echo.log" 2>&1 &
+        local pid=$!
+        for _ in $(seq 1 200); do grep -q "listening on" "$dir/echo.log" && break; sleep 0.05; done
+        $LOAD_CPU "$BIN/loadgen" --addr 127.0.0.1:9101 --path /echo --label "$name/$setup" --server-pid "$pid" \
+            echo --conns 100 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN" | tee -a "$OUT/results.jsonl" >&2
+        kill "$pid"; wait "$pid" 2>/dev/null || true
+        sleep 0.5
+    done; done
+    kill "$redis"; wait "$redis" 2>/dev/null || true
+}
+cluster_echo "cluster echo 100x32B x1"
+
 python3 - "$OUT/results.jsonl" "$load" <<'PY'
 import json, os, sys, platform, datetime
 import statistics
@@ -179,6 +247,18 @@ for name, pair in by.items():
     if g and g["mode"] == "reload":
         for m in ["msgs_per_s", "p50_us", "p99_us", "errors", "swaps", "swap_to_served_ms_median", "swap_to_served_ms_max"]:
             print(f"| {name} | {m} | - | {g[m]} | - |")
+        continue
+    if "one-node" in pair and "three-nodes" in pair:
+        o, t = pair["one-node"], pair["three-nodes"]
+        for m in ["deliveries_per_s", "messages_per_s", "p50_us", "p99_us", "server_cpu_us_per_delivery", "stalled", "errors"]:
+            ratio = f"{t[m] / o[m]:.2f}" if o.get(m) else "-"
+            print(f"| {name} | {m} | one node: {o[m]} | three nodes: {t[m]} | {ratio} |")
+        continue
+    if "without-cluster" in pair and "with-cluster" in pair:
+        o, t = pair["without-cluster"], pair["with-cluster"]
+        for m in ["msgs_per_s", "server_cpu_us_per_msg", "p50_us", "p99_us", "errors"]:
+            ratio = f"{t[m] / o[m]:.2f}" if o.get(m) else "-"
+            print(f"| {name} | {m} | without: {o[m]} | with [cluster]: {t[m]} | {ratio} |")
         continue
     if not b or not g:
         continue

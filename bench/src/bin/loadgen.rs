@@ -121,6 +121,28 @@ enum Mode {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Fan-out across gateway nodes: one sender on the first of `nodes`,
+    /// `members` receivers spread over all of them in turn, all in one
+    /// room. A message is complete when every member has it; the sender
+    /// keeps `inflight` messages incomplete at a time. Reports deliveries
+    /// per second and the time from a send to its last delivery.
+    Fanout {
+        /// The nodes' addresses (default: `--addr` alone).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 1000)]
+        members: usize,
+        /// Payload bytes (at least 16: a sequence number and a send time).
+        #[arg(long, default_value_t = 32)]
+        size: usize,
+        #[arg(long, default_value_t = 16)]
+        inflight: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Every process whose CPU time counts (the nodes, Redis).
+        #[arg(long, value_delimiter = ',')]
+        pids: Vec<u32>,
+    },
     /// Echo load while the route's plugin file is replaced.
     Reload {
         #[arg(long, default_value_t = 100)]
@@ -697,6 +719,188 @@ async fn raw_answer_to_id(addr: SocketAddr, path: &str) -> anyhow::Result<Vec<u8
     }
 }
 
+/// Takes every complete frame from `buf`, calling `data` with the payload
+/// of each data frame (server frames are not masked).
+fn take_payloads(buf: &mut Vec<u8>, mut data: impl FnMut(&[u8])) -> anyhow::Result<()> {
+    let mut pos = 0;
+    loop {
+        let b = &buf[pos..];
+        if b.len() < 2 {
+            break;
+        }
+        let (hdr, len) = match b[1] & 0x7F {
+            126 if b.len() >= 4 => (4, u16::from_be_bytes([b[2], b[3]]) as usize),
+            127 if b.len() >= 10 => {
+                let mut n = [0u8; 8];
+                n.copy_from_slice(&b[2..10]);
+                (10, u64::from_be_bytes(n) as usize)
+            }
+            126 | 127 => break,
+            n => (2, n as usize),
+        };
+        if b.len() < hdr + len {
+            break;
+        }
+        match b[0] & 0x0F {
+            0x1 | 0x2 => data(&b[hdr..hdr + len]),
+            0x8 => bail!("server closed the connection"),
+            _ => {}
+        }
+        pos += hdr + len;
+    }
+    buf.drain(..pos);
+    Ok(())
+}
+
+/// Messages of the fan-out scenario in flight, by sequence number.
+struct Pending {
+    slots: Vec<(u64, usize, Instant)>,
+    /// Send-to-last-delivery times of messages sent in the measured window,
+    /// in ns.
+    latencies: Vec<u64>,
+    measure_from: Instant,
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn fanout(
+    args: &Args,
+    nodes: &[SocketAddr],
+    members: usize,
+    size: usize,
+    inflight: usize,
+    seconds: u64,
+    pids: &[u32],
+) -> anyhow::Result<serde_json::Value> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex};
+    let nodes: Vec<SocketAddr> = if nodes.is_empty() {
+        vec![args.addr]
+    } else {
+        nodes.to_vec()
+    };
+    let size = size.max(16);
+    let ring = inflight.next_power_of_two().max(64) * 4;
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(2);
+    let until = measure_from + Duration::from_secs(seconds);
+    let pending = Arc::new(Mutex::new(Pending {
+        slots: vec![(u64::MAX, 0, start); ring],
+        latencies: Vec::new(),
+        measure_from,
+    }));
+    let delivered = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let mut receivers = Vec::new();
+    for i in 0..members {
+        let (mut s, mut buf) = open(nodes[i % nodes.len()], &args.path).await?;
+        let (pending, delivered, errors, done) = (
+            pending.clone(),
+            delivered.clone(),
+            errors.clone(),
+            done_tx.clone(),
+        );
+        receivers.push(tokio::spawn(async move {
+            let mut chunk = vec![0u8; 64 << 10];
+            loop {
+                match s.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                let now = Instant::now();
+                let mut p = pending.lock().unwrap();
+                let r = take_payloads(&mut buf, |payload| {
+                    let seq = u64::from_be_bytes(payload[..8].try_into().unwrap_or([0; 8]));
+                    if now >= p.measure_from {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let n = p.slots.len();
+                    let slot = &mut p.slots[(seq % n as u64) as usize];
+                    if slot.0 == seq {
+                        slot.1 -= 1;
+                        if slot.1 == 0 {
+                            let sent = slot.2;
+                            slot.0 = u64::MAX;
+                            if sent >= p.measure_from {
+                                p.latencies.push((now - sent).as_nanos() as u64);
+                            }
+                            let _ = done.send(());
+                        }
+                    }
+                });
+                drop(p);
+                if r.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }));
+    }
+    drop(done_tx);
+    let (mut sender, _) = open(nodes[0], &args.path).await?;
+    // Let every node learn every membership before the first send.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let cpu: Vec<CpuWindow> = pids
+        .iter()
+        .map(|&pid| CpuWindow::start(Some(pid), measure_from, until))
+        .collect();
+    let mut seq = 0u64;
+    let mut payload = vec![b'x'; size];
+    let mut send = |seq: u64, pending: &Mutex<Pending>| {
+        payload[..8].copy_from_slice(&seq.to_be_bytes());
+        let mut p = pending.lock().unwrap();
+        let n = p.slots.len();
+        p.slots[(seq % n as u64) as usize] = (seq, members, Instant::now());
+        client_frame(0x2, &payload)
+    };
+    for _ in 0..inflight {
+        let frame = send(seq, &pending);
+        seq += 1;
+        sender.write_all(&frame).await?;
+    }
+    let mut stalled = 0;
+    while Instant::now() < until {
+        match tokio::time::timeout(Duration::from_secs(2), done_rx.recv()).await {
+            Ok(Some(())) => {
+                let frame = send(seq, &pending);
+                seq += 1;
+                sender.write_all(&frame).await?;
+            }
+            Ok(None) => break,
+            // A message some member never got (dropped on the way): count
+            // it and send another, so the window does not shrink.
+            Err(_) => {
+                stalled += 1;
+                let frame = send(seq, &pending);
+                seq += 1;
+                sender.write_all(&frame).await?;
+            }
+        }
+    }
+    let total = delivered.load(Ordering::Relaxed);
+    for r in receivers {
+        r.abort();
+    }
+    let mut cpu_s = Some(0.0);
+    for c in cpu {
+        cpu_s = match (cpu_s, c.seconds().await) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+    }
+    let mut lat = std::mem::take(&mut pending.lock().unwrap().latencies);
+    lat.sort_unstable();
+    Ok(serde_json::json!({
+        "label": args.label, "mode": "fanout", "nodes": nodes.len(), "members": members,
+        "size": size, "inflight": inflight,
+        "deliveries_per_s": (total as f64 / seconds as f64).round(),
+        "messages_per_s": (lat.len() as f64 / seconds as f64).round(),
+        "p50_us": percentile(&lat, 0.5), "p99_us": percentile(&lat, 0.99),
+        "server_cpu_us_per_delivery": cpu_us_per(cpu_s, total as f64),
+        "stalled": stalled, "errors": errors.load(Ordering::Relaxed),
+    }))
+}
+
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -1013,6 +1217,14 @@ async fn run(args: &Args) -> anyhow::Result<serde_json::Value> {
                 "errors": errors.load(Ordering::Relaxed),
             }))
         }
+        Mode::Fanout {
+            ref nodes,
+            members,
+            size,
+            inflight,
+            seconds,
+            ref pids,
+        } => fanout(args, nodes, members, size, inflight, seconds, pids).await,
         Mode::Reload {
             conns,
             size,
