@@ -32,7 +32,7 @@ use fred::prelude::{
     SortedSetsInterface, TransactionInterface,
 };
 use fred::types::config::{Config, ReconnectPolicy};
-use fred::types::{Builder, Expiration, Key, Map, Value};
+use fred::types::{Builder, Expiration, Key, Map, SetOptions, Value};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
 
@@ -86,11 +86,22 @@ pub fn client(settings: &ClusterSettings) -> Result<Client, ClusterError> {
     Ok(client)
 }
 
-/// Takes a node number (`INCR node-seq`), waiting at most 3 s.
+/// Takes a node number (`INCR node-seq`), waiting at most 3 s. A number
+/// whose keys exist (a live node took it before Redis lost the counter, in
+/// a restart without persistence) is skipped.
 pub async fn take_node_number(client: &Client, names: &wire::Names) -> Result<u64, String> {
     let attempt = async {
         client.wait_for_connect().await?;
-        client.incr::<u64, _>(names.node_seq()).await
+        let mut n = client.incr::<u64, _>(names.node_seq()).await?;
+        for _ in 0..64 {
+            let node = super::node_number(n);
+            let taken: u64 = client.exists(names.seq(node)).await?;
+            if taken == 0 {
+                break;
+            }
+            n = client.incr::<u64, _>(names.node_seq()).await?;
+        }
+        Ok::<u64, fred::error::Error>(n)
     };
     match tokio::time::timeout(Duration::from_secs(3), attempt).await {
         Ok(Ok(n)) => Ok(n),
@@ -345,6 +356,16 @@ impl Writer {
                 ((now_ms() + timeout) as f64, c.node.to_string()),
             )
             .await?;
+            // A Redis that lost the counter (restarted without persistence)
+            // gets one again, at least this node's number.
+            tx.set::<(), _, _>(
+                c.names.node_seq(),
+                u64::from(c.node),
+                None,
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
             tx.exec::<Value>(true).await?;
             Ok::<(), fred::error::Error>(())
         };
@@ -466,6 +487,7 @@ async fn subscriber(cluster: Arc<Cluster>, sub: SubscriberClient) {
         subscribed: false,
         bootstrap: true,
         stale: Vec::new(),
+        collision_logged: false,
     };
     loop {
         tokio::select! {
@@ -524,6 +546,8 @@ struct Subscriber {
     bootstrap: bool,
     /// Nodes whose snapshot could not be read, to try again.
     stale: Vec<(u32, Option<String>)>,
+    /// Whether another node with this node's number was reported.
+    collision_logged: bool,
 }
 
 impl Subscriber {
@@ -555,6 +579,14 @@ impl Subscriber {
             }
             Membership::Heartbeat { node, name, seq } => {
                 if node == c.node {
+                    if name != c.name && !self.collision_logged {
+                        self.collision_logged = true;
+                        tracing::error!(
+                            "cluster: node {name} uses this node's number {node} too (Redis lost its \
+                             node counter while both started?): connection ids of the two nodes can \
+                             collide; restart one of them"
+                        );
+                    }
                     return;
                 }
                 ClusterMetrics::count(&Cluster::metrics().received, "heartbeat", 1);

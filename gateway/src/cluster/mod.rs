@@ -61,6 +61,13 @@ pub fn node_of(id: u64) -> u32 {
     (id >> NODE_SHIFT) as u32
 }
 
+/// The node number of the `n`th number Redis handed out: 1 to
+/// `ASSIGNED_NODES - 1`, wrapping.
+fn node_number(n: u64) -> u32 {
+    // Below 2^19: fits.
+    ((n.max(1) - 1) % (ASSIGNED_NODES - 1) + 1) as u32
+}
+
 /// Why the cluster could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -142,7 +149,7 @@ impl Cluster {
         let names = Names::new(&settings.namespace);
         let name = settings.node_id.clone().unwrap_or_else(default_node_id);
         let node = match link::take_node_number(&client, &names).await {
-            Ok(n) => ((n.max(1) - 1) % (ASSIGNED_NODES - 1) + 1) as u32,
+            Ok(n) => node_number(n),
             Err(e) => {
                 let n = (ASSIGNED_NODES | (random() % ASSIGNED_NODES)) as u32;
                 tracing::warn!(

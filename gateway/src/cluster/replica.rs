@@ -54,15 +54,21 @@ impl Replica {
         };
         n.heard = now;
         let seq = n.seq;
-        let last = first + changes.len() as u64 - 1;
-        if changes.is_empty() || last <= seq {
+        // `first` comes from another node: no arithmetic on it may wrap.
+        let Some(last) = (changes.len() as u64)
+            .checked_sub(1)
+            .and_then(|k| first.checked_add(k))
+        else {
+            return Apply::Done;
+        };
+        if last <= seq {
             return Apply::Done;
         }
         if first > seq + 1 {
             return Apply::Resync;
         }
         n.seq = last;
-        let skip = usize::try_from(seq + 1 - first).unwrap_or(usize::MAX);
+        let skip = usize::try_from((seq + 1).saturating_sub(first)).unwrap_or(usize::MAX);
         for c in changes.iter().skip(skip) {
             self.apply(node, c);
         }
@@ -270,6 +276,25 @@ mod tests {
         r.changes(2, 7, &[change(false, "a", 3)], now);
         assert_eq!(r.room_size(KEY, "a"), 0);
         assert!(r.room(KEY, "a").is_none(), "empty rooms are dropped");
+    }
+
+    #[test]
+    fn foreign_sequence_numbers_cannot_overflow() {
+        let mut r = Replica::default();
+        let now = Instant::now();
+        r.snapshot(2, Some("b"), 5, Vec::new(), now);
+        assert_eq!(r.changes(2, 0, &[], now), Apply::Done);
+        assert_eq!(
+            r.changes(
+                2,
+                u64::MAX,
+                &[change(true, "a", 1), change(true, "a", 2)],
+                now
+            ),
+            Apply::Done
+        );
+        assert_eq!(r.changes(2, 0, &[change(true, "a", 1)], now), Apply::Done);
+        assert_eq!(r.room_size(KEY, "a"), 0);
     }
 
     #[test]
