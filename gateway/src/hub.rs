@@ -501,7 +501,7 @@ impl Hub {
         }
         let mut delivered = 0u32;
         if let (Some(l), false) = (&self.cluster, remote.is_empty()) {
-            let message = wire::encode(&Delivery::Message {
+            let message = wire::encode_delivery(Delivery::Message {
                 route: l.route.clone(),
                 target: Target::Room {
                     room: room.to_owned(),
@@ -573,7 +573,7 @@ impl Hub {
             Outbound::Binary(b) => (false, b),
             _ => return Err(GatewayError::InvalidArgument("not a data message".into())),
         };
-        let message = wire::encode(&Delivery::Message {
+        let message = wire::encode_delivery(Delivery::Message {
             route: l.route.clone(),
             target: Target::Conn(id),
             text,
@@ -590,7 +590,7 @@ impl Hub {
     /// (see [`Hub::send_remote`] for the errors).
     pub fn close_remote(&self, id: u64, code: u16, reason: &str) -> Result<(), GatewayError> {
         let l = self.remote(id)?;
-        let message = wire::encode(&Delivery::Close {
+        let message = wire::encode_delivery(Delivery::Close {
             route: l.route.clone(),
             conn: id,
             code,

@@ -102,11 +102,49 @@ fn node(redis: &Redis, test: &str, name: &str) -> Gateway {
     Gateway::start(&format!("{test}-{name}"), &node_config(redis, name))
 }
 
+/// A free loopback port (bound, then released).
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// The body of `GET path` on the admin port `port`.
+fn admin_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("admin port");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out.split_once("\r\n\r\n")
+        .map(|x| x.1.to_owned())
+        .unwrap_or_default()
+}
+
+/// The value of the metric line starting with `series` (name and labels).
+fn metric(port: u16, series: &str) -> f64 {
+    let text = admin_get(port, "/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
 /// Asks `ws` for `cmd` until the answer is `want`, for at most `within`.
 async fn until(ws: &mut Ws, cmd: &str, want: &str, within: Duration) -> Duration {
     let start = Instant::now();
     loop {
         let got = command(ws, cmd).await;
+        // Anything but an answer is a message that should not be here (a
+        // duplicate, or a delivery that should have been dropped).
+        assert!(
+            got.starts_with("ok") || got.starts_with("err"),
+            "{cmd:?}: an unexpected message {got:?}"
+        );
         if got == want {
             return start.elapsed();
         }
@@ -253,7 +291,14 @@ async fn a_killed_node_stops_counting_within_node_timeout_and_the_others_keep_se
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_chat_goes_on_while_redis_is_down_and_cross_node_delivery_resumes() {
     let mut redis = Redis::start("cluster-outage-redis");
-    let a = node(&redis, "cluster-outage", "a");
+    let admin = free_port();
+    let a = Gateway::start(
+        "cluster-outage-a",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+            node_config(&redis, "a")
+        ),
+    );
     let b = node(&redis, "cluster-outage", "b");
     let mut a1 = connect(&a.url("/chat")).await;
     let mut a2 = connect(&a.url("/chat")).await;
@@ -262,9 +307,25 @@ async fn local_chat_goes_on_while_redis_is_down_and_cross_node_delivery_resumes(
         assert_eq!(command(ws, "join r").await, "ok joined");
     }
     until(&mut a1, "size r", "ok 3", WAIT).await;
+    let state = admin_get(admin, "/state");
+    assert!(
+        state.contains(r#""node_id":"a""#) && state.contains(r#""redis_up":true"#),
+        "{state}"
+    );
+    assert!(
+        state.contains(r#""node_id":"b""#),
+        "node b is listed: {state}"
+    );
+    assert_eq!(metric(admin, "wasmgate_cluster_redis_up{node=\"a\"}"), 1.0);
+    let dropped = metric(admin, "wasmgate_cluster_dropped_total{kind=\"delivery\"}");
 
     redis.kill();
+    // Node a does not know yet: this reaches a2 and is queued for node b,
+    // where it cannot go.
+    assert_eq!(command(&mut a1, "broadcast r lost").await, "ok 2");
+    assert_eq!(next_text(&mut a2).await, "lost");
     a.wait_log("cluster: degraded");
+    assert_eq!(metric(admin, "wasmgate_cluster_redis_up{node=\"a\"}"), 0.0);
     // Local delivery goes on, nothing is closed.
     for i in 0..5 {
         let answer = command(&mut a1, &format!("broadcast r local-{i}")).await;
@@ -273,6 +334,11 @@ async fn local_chat_goes_on_while_redis_is_down_and_cross_node_delivery_resumes(
     }
     // Once node b is silent for node_timeout, node a counts its own only.
     until(&mut a1, "size r", "ok 2", WAIT).await;
+    // What could not reach node b was counted, not lost silently.
+    assert!(
+        metric(admin, "wasmgate_cluster_dropped_total{kind=\"delivery\"}") > dropped,
+        "the delivery to node b during the outage is counted as dropped"
+    );
 
     redis.restart();
     // The nodes rewrite their rooms into the empty Redis and read each
@@ -283,6 +349,7 @@ async fn local_chat_goes_on_while_redis_is_down_and_cross_node_delivery_resumes(
     assert_eq!(next_text(&mut a2).await, "back");
     assert_eq!(next_text(&mut on_b).await, "back");
     a.wait_log("is reachable again");
+    assert_eq!(metric(admin, "wasmgate_cluster_redis_up{node=\"a\"}"), 1.0);
     for ws in [&mut a1, &mut a2, &mut on_b] {
         assert_eq!(command(ws, "id").await.split(' ').next(), Some("ok"));
     }

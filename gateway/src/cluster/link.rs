@@ -488,6 +488,7 @@ async fn subscriber(cluster: Arc<Cluster>, sub: SubscriberClient) {
         bootstrap: true,
         stale: Vec::new(),
         collision_logged: false,
+        stale_logged: false,
     };
     loop {
         tokio::select! {
@@ -548,6 +549,8 @@ struct Subscriber {
     stale: Vec<(u32, Option<String>)>,
     /// Whether another node with this node's number was reported.
     collision_logged: bool,
+    /// Whether a stale delivery was reported.
+    stale_logged: bool,
 }
 
 impl Subscriber {
@@ -610,11 +613,28 @@ impl Subscriber {
     }
 
     fn delivery(&mut self, bytes: &[u8]) {
-        let Some(d) = wire::decode::<Delivery>(bytes) else {
+        let Some(envelope) = wire::decode::<wire::Envelope>(bytes) else {
             tracing::debug!("cluster: a delivery did not decode; dropped");
             return;
         };
         ClusterMetrics::count(&Cluster::metrics().received, "delivery", 1);
+        // Held up longer than a node may be silent (a publish in flight
+        // when Redis went away, written once it was back): too late to
+        // deliver. Counted with the drops.
+        let age = wire::now_ms().saturating_sub(envelope.sent_ms);
+        if u128::from(age) > self.cluster.settings.node_timeout.as_millis() {
+            ClusterMetrics::count(&Cluster::metrics().dropped, "delivery", 1);
+            if !self.stale_logged {
+                self.stale_logged = true;
+                tracing::warn!(
+                    "cluster: a delivery arrived {age} ms after it was sent, past node_timeout: \
+                     dropped (and counted in wasmgate_cluster_dropped_total); later ones are \
+                     counted without a log line"
+                );
+            }
+            return;
+        }
+        let d = envelope.delivery;
         let Some(routes) = self.cluster.routes.get() else {
             return;
         };

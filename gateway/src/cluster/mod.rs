@@ -226,6 +226,16 @@ impl Cluster {
         &self.name
     }
 
+    /// The other live nodes, as (number, `node_id`), by number.
+    pub fn nodes(&self) -> Vec<(u32, String)> {
+        self.replica.read().nodes()
+    }
+
+    /// Whether the link to Redis works now.
+    pub fn redis_up(&self) -> bool {
+        Self::metrics().redis_up.get_or_create(&self.labels).get() == 1
+    }
+
     /// Whether node `node` is another node heard from lately.
     pub fn knows_node(&self, node: u32) -> bool {
         node != self.node && self.replica.read().has_node(node)

@@ -202,9 +202,15 @@ impl Replica {
         self.nodes.contains_key(&node)
     }
 
-    /// The numbers of the nodes known.
-    pub fn node_numbers(&self) -> Vec<u32> {
-        self.nodes.keys().copied().collect()
+    /// The nodes known, as (number, name), by number.
+    pub fn nodes(&self) -> Vec<(u32, String)> {
+        let mut v: Vec<(u32, String)> = self
+            .nodes
+            .iter()
+            .map(|(k, n)| (*k, n.name.clone()))
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// How many other nodes are known.

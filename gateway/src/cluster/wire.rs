@@ -136,6 +136,33 @@ pub enum Delivery {
     },
 }
 
+/// A delivery as it travels: stamped with the sender's clock, so that one
+/// held up (a publish in flight when Redis went away, sent once it was
+/// back) can be recognised as stale by the receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// When it was queued: milliseconds since the Unix epoch, by the
+    /// sender's clock.
+    pub sent_ms: u64,
+    /// The delivery.
+    pub delivery: Delivery,
+}
+
+/// Encodes `delivery` in an [`Envelope`] stamped now.
+pub fn encode_delivery(delivery: Delivery) -> Bytes {
+    encode(&Envelope {
+        sent_ms: now_ms(),
+        delivery,
+    })
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Encodes a message.
 pub fn encode<T: Serialize>(value: &T) -> Bytes {
     // Encoding into a Vec fails only for types postcard cannot express,
@@ -230,7 +257,10 @@ mod tests {
             text: false,
             payload: vec![0, 1, 255],
         };
-        assert_eq!(decode::<Delivery>(&encode(&d)), Some(d));
+        assert_eq!(decode::<Delivery>(&encode(&d)), Some(d.clone()));
+        let e = decode::<Envelope>(&encode_delivery(d.clone())).expect("an envelope");
+        assert_eq!(e.delivery, d);
+        assert!(e.sent_ms.abs_diff(now_ms()) < 10_000);
         let route = RouteName {
             tenant: None,
             path: "/chat".into(),

@@ -129,7 +129,9 @@ fn answer(shared: Arc<Shared>, req: &Request<Incoming>, started: Instant) -> Res
 /// `connections`, `instances`, `messages_in` and `messages_out` (totals
 /// since start, for rates)), and `reload_errors` (the last 20 failed
 /// reloads, oldest first, each with `at` (milliseconds since the Unix
-/// epoch), `kind` and `message`).
+/// epoch), `kind` and `message`), and `cluster` (`null` without
+/// `[cluster]`; else `node_id`, `node` (its number), `redis_up`, and `nodes`,
+/// the other live nodes, each with `node` and `node_id`).
 pub(super) fn state(shared: &Shared, started: Instant) -> serde_json::Value {
     let table = shared.router.load();
     let routes: Vec<_> = table
@@ -176,6 +178,19 @@ pub(super) fn state(shared: &Shared, started: Instant) -> serde_json::Value {
         "connections": shared.active.load(Ordering::Relaxed),
         "routes": routes,
         "reload_errors": errors,
+        "cluster": crate::cluster::Cluster::global().map(|c| {
+            let nodes: Vec<_> = c
+                .nodes()
+                .into_iter()
+                .map(|(node, name)| serde_json::json!({ "node": node, "node_id": name }))
+                .collect();
+            serde_json::json!({
+                "node_id": c.name(),
+                "node": c.node(),
+                "redis_up": c.redis_up(),
+                "nodes": nodes,
+            })
+        }),
     })
 }
 
