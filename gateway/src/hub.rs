@@ -88,6 +88,9 @@ pub struct ConnHandle {
     pub rates: Mutex<ConnRates>,
     /// Bytes of metadata (keys and values) it holds.
     metadata_bytes: std::sync::atomic::AtomicUsize,
+    /// Set (under `rooms`' lock) when it leaves the hub: a `join` racing
+    /// the removal must not put it back in a room.
+    gone: AtomicBool,
 }
 
 /// One connection's host-call rate meters: each bucket is created full at
@@ -154,6 +157,7 @@ impl ConnHandle {
             timers: Mutex::new(Timers::default()),
             rates: Mutex::new(ConnRates::default()),
             metadata_bytes: std::sync::atomic::AtomicUsize::new(0),
+            gone: AtomicBool::new(false),
         })
     }
 
@@ -367,7 +371,14 @@ impl Hub {
         let Some(conn) = self.conns.write().remove(&id) else {
             return;
         };
-        let rooms = std::mem::take(&mut *conn.rooms.lock());
+        let rooms = {
+            let mut mine = conn.rooms.lock();
+            conn.gone.store(true, Ordering::Release);
+            std::mem::take(&mut *mine)
+        };
+        // Each leave is queued for the cluster under the rooms' lock, with
+        // the change it reports: a rewrite of this node's state (which
+        // reads the rooms under that lock) sees both or neither.
         let mut all = self.rooms.lock();
         for room in rooms {
             if let Some(l) = &self.cluster {
@@ -418,6 +429,9 @@ impl Hub {
         check_room(room)?;
         let conn = self.get(id)?;
         let mut mine = conn.rooms.lock();
+        if conn.gone.load(Ordering::Acquire) {
+            return Err(GatewayError::UnknownConnection);
+        }
         if mine.contains(room) {
             return Ok(());
         }
@@ -434,8 +448,10 @@ impl Hub {
             None => Arc::from(room),
         };
         if let Some(l) = &self.cluster {
-            // Queued while the connection's rooms are locked, so the
-            // cluster sees its joins and leaves in the order they happened.
+            // Queued under both locks, with the change itself: the cluster
+            // sees a connection's joins and leaves in the order they
+            // happened, and a rewrite sees the change and its report
+            // together.
             l.cluster.changed(true, &l.route, &name, id);
         }
         mine.insert(name.clone());
@@ -446,16 +462,16 @@ impl Hub {
     /// Removes a connection from a room; returns whether it was a member.
     pub fn leave(&self, id: u64, room: &str) -> Result<bool, GatewayError> {
         let conn = self.get(id)?;
-        {
-            let mut mine = conn.rooms.lock();
-            if !mine.remove(room) {
-                return Ok(false);
-            }
-            if let Some(l) = &self.cluster {
-                l.cluster.changed(false, &l.route, room, id);
-            }
+        let mut mine = conn.rooms.lock();
+        if !mine.remove(room) {
+            return Ok(false);
         }
+        // As in `join`: both locks held while the change is made and
+        // queued for the cluster.
         let mut all = self.rooms.lock();
+        if let Some(l) = &self.cluster {
+            l.cluster.changed(false, &l.route, room, id);
+        }
         if let Some(members) = all.get_mut(room) {
             members.remove(&id);
             if members.is_empty() {
@@ -501,15 +517,18 @@ impl Hub {
         }
         let mut delivered = 0u32;
         if let (Some(l), false) = (&self.cluster, remote.is_empty()) {
-            let message = wire::encode_delivery(Delivery::Message {
-                route: l.route.clone(),
-                target: Target::Room {
-                    room: room.to_owned(),
-                    except,
+            let message = wire::encode_delivery(
+                l.cluster.node(),
+                Delivery::Message {
+                    route: l.route.clone(),
+                    target: Target::Room {
+                        room: room.to_owned(),
+                        except,
+                    },
+                    text,
+                    payload: payload.to_vec(),
                 },
-                text,
-                payload: payload.to_vec(),
-            });
+            );
             for (node, n) in remote {
                 if l.cluster.deliver(node, message.clone()) {
                     delivered = delivered.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
@@ -573,12 +592,15 @@ impl Hub {
             Outbound::Binary(b) => (false, b),
             _ => return Err(GatewayError::InvalidArgument("not a data message".into())),
         };
-        let message = wire::encode_delivery(Delivery::Message {
-            route: l.route.clone(),
-            target: Target::Conn(id),
-            text,
-            payload: payload.to_vec(),
-        });
+        let message = wire::encode_delivery(
+            l.cluster.node(),
+            Delivery::Message {
+                route: l.route.clone(),
+                target: Target::Conn(id),
+                text,
+                payload: payload.to_vec(),
+            },
+        );
         if l.cluster.deliver(crate::cluster::node_of(id), message) {
             Ok(())
         } else {
@@ -590,12 +612,15 @@ impl Hub {
     /// (see [`Hub::send_remote`] for the errors).
     pub fn close_remote(&self, id: u64, code: u16, reason: &str) -> Result<(), GatewayError> {
         let l = self.remote(id)?;
-        let message = wire::encode_delivery(Delivery::Close {
-            route: l.route.clone(),
-            conn: id,
-            code,
-            reason: reason.to_owned(),
-        });
+        let message = wire::encode_delivery(
+            l.cluster.node(),
+            Delivery::Close {
+                route: l.route.clone(),
+                conn: id,
+                code,
+                reason: reason.to_owned(),
+            },
+        );
         if l.cluster.deliver(crate::cluster::node_of(id), message) {
             Ok(())
         } else {

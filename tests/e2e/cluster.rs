@@ -16,18 +16,23 @@ struct Redis {
 
 impl Redis {
     fn start(name: &str) -> Redis {
+        let mut r = Redis::reserve(name);
+        r.restart();
+        r
+    }
+
+    /// A port and folder for a server not started yet.
+    fn reserve(name: &str) -> Redis {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
         let dir = scratch(name);
-        let mut r = Redis {
+        Redis {
             child: None,
             port,
             _dir: dir,
-        };
-        r.restart();
-        r
+        }
     }
 
     /// Starts (again) on the same port, without persistence.
@@ -395,4 +400,61 @@ plugin = "{testkit}"
         err.contains("gateway.toml:1: cluster: `redis` is missing"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_while_redis_is_down_serves_alone_then_joins_the_cluster() {
+    let mut redis = Redis::reserve("cluster-late-redis");
+    let a = node(&redis, "cluster-late", "a");
+    let warning = a.wait_log("is unreachable at start");
+    assert!(warning.contains("takes the random node number"), "{warning}");
+    let mut on_a = connect(&a.url("/chat")).await;
+    let mut a2 = connect(&a.url("/chat")).await;
+    for ws in [&mut on_a, &mut a2] {
+        assert_eq!(command(ws, "join r").await, "ok joined");
+    }
+    // Alone, it serves its own.
+    assert_eq!(command(&mut on_a, "broadcast r alone").await, "ok 1");
+    assert_eq!(next_text(&mut a2).await, "alone");
+
+    redis.restart();
+    let b = node(&redis, "cluster-late", "b");
+    let mut on_b = connect(&b.url("/chat")).await;
+    assert_eq!(command(&mut on_b, "join r").await, "ok joined");
+    // Node a's client connects in the background and joins.
+    until(&mut on_b, "size r", "ok 3", Duration::from_secs(20)).await;
+    until(&mut on_a, "size r", "ok 3", Duration::from_secs(20)).await;
+    assert_eq!(command(&mut on_b, "broadcast r together").await, "ok 2");
+    assert_eq!(next_text(&mut on_a).await, "together");
+    assert_eq!(next_text(&mut a2).await, "together");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_number_another_node_took_leaves_the_cluster_and_serves_alone() {
+    let redis = Redis::start("cluster-taken-redis");
+    let a = node(&redis, "cluster-taken", "a");
+    let b = node(&redis, "cluster-taken", "b");
+    let mut on_a = connect(&a.url("/chat")).await;
+    let mut a2 = connect(&a.url("/chat")).await;
+    let mut on_b = connect(&b.url("/chat")).await;
+    for ws in [&mut on_a, &mut a2, &mut on_b] {
+        assert_eq!(command(ws, "join r").await, "ok joined");
+    }
+    until(&mut on_b, "size r", "ok 3", WAIT).await;
+    // What a node that took node a's number after Redis lost it would do.
+    let a_id: u64 = conn_id(&mut on_a).await.parse().unwrap();
+    let owner = format!("wasmgate:{{node:{}}}:owner", a_id >> 40);
+    let set = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "SET", &owner, "someone-else"])
+        .output()
+        .expect("redis-cli");
+    assert!(set.status.success());
+    let line = a.wait_log("leaves the cluster");
+    assert!(line.contains("another node (someone-else) holds its node number"), "{line}");
+    // Node a's members stop counting on node b; node a serves its own.
+    until(&mut on_b, "size r", "ok 1", WAIT).await;
+    until(&mut on_a, "size r", "ok 2", WAIT).await;
+    assert_eq!(command(&mut on_a, "broadcast r local").await, "ok 1");
+    assert_eq!(next_text(&mut a2).await, "local");
+    expect_silence(&mut on_b, Duration::from_millis(300)).await;
 }

@@ -3,27 +3,34 @@
 //!
 //! - The **writer** takes what [`super::Cluster`] queued, in order and in
 //!   batches: a batch's membership changes go to the node's hash in one
-//!   `MULTI` (with the number of the last change), then to the
+//!   `MULTI`, which also moves the node's change number on only if it still
+//!   holds the number before the batch (`SET ... XX GET`), then to the
 //!   `members` channel as one message; deliveries are published to each
 //!   receiving node's channel in one pipeline. Every `heartbeat` it renews
-//!   the node's keys and publishes a heartbeat. After any failure it
-//!   rewrites the node's whole state from its hubs (the truth) and moves
-//!   the change number on, so the other nodes read it again.
+//!   the node's keys and publishes a heartbeat. When the node's state in
+//!   Redis cannot be trusted (a failed write, a reconnect, keys found gone
+//!   or changed) it rewrites the whole state from its hubs (the truth),
+//!   under a new change number, so the other nodes read it again.
 //! - The **subscriber** listens (`SSUBSCRIBE`) to the `members` channel
 //!   and the node's own channel. It keeps the replica of other nodes'
 //!   memberships, reading a node's snapshot when its changes have a gap,
 //!   hands deliveries to the local hubs, and drops nodes silent for
 //!   `node_timeout`.
 //!
+//! Every command is slot-safe for a Redis Cluster: a `MULTI` touches one
+//! node's keys (hash tag `{node:P}`) only.
+//!
 //! Redis going away changes nothing local: the client reconnects with
-//! exponential backoff (100 ms to 5 s), commands fail at once while it is
-//! down (so the writer never stalls), the outage is logged once and shown
-//! by `wasmgate_cluster_redis_up`, and on reconnection the writer rewrites
-//! the node's state and the subscriber re-reads everyone's.
+//! exponential backoff (100 ms to 5 s), nothing is sent while it is
+//! disconnected (what would have been is dropped and counted), the outage
+//! is logged once and shown by `wasmgate_cluster_redis_up`, and on
+//! reconnection the writer rewrites the node's state and the subscriber
+//! re-reads everyone's.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fred::clients::{Client, SubscriberClient};
@@ -32,8 +39,9 @@ use fred::prelude::{
     SortedSetsInterface, TransactionInterface,
 };
 use fred::types::config::{Config, ReconnectPolicy};
+use fred::types::sorted_sets::Ordering as ZOrdering;
 use fred::types::{Builder, Expiration, Key, Map, SetOptions, Value};
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::mpsc;
 
 use super::replica::Apply;
@@ -48,60 +56,83 @@ use crate::metrics::ClusterMetrics;
 const BATCH: usize = 1024;
 /// Fields per `HSET` when the node rewrites its state.
 const HSET_CHUNK: usize = 1000;
+/// The member of the `node-seq` sorted set whose score is the counter.
+const COUNTER: &str = "counter";
 
 /// A client for `settings.redis`, not connected yet.
 fn builder(settings: &ClusterSettings) -> Result<Builder, ClusterError> {
-    let mut config = Config::from_url(&settings.redis).map_err(|e| ClusterError::Url {
-        origin: settings.origin.clone(),
-        url: settings.redis.clone(),
-        reason: e.details().to_owned(),
-    })?;
-    // While disconnected, commands fail at once instead of waiting for the
-    // reconnection: the writer counts them and moves on.
-    config.fail_fast = true;
+    let mut config = Config::from_url(&settings.redis).map_err(|e| url_error(settings, &e))?;
+    // In fred, `fail_fast` decides whether a first connection that fails
+    // gives up: it must not, so that a node started while Redis is down
+    // joins when it comes up. Commands are not sent while disconnected
+    // (the writer checks first).
+    config.fail_fast = false;
     let mut b = Builder::from_config(config);
     b.with_connection_config(|c| {
         c.connection_timeout = Duration::from_secs(2);
         c.internal_command_timeout = Duration::from_secs(2);
         c.max_command_attempts = 1;
+        // Commands caught by a disconnection wait here, bounded.
+        c.max_command_buffer_len = 10_000;
     })
     .with_performance_config(|p| {
         p.default_command_timeout = Duration::from_secs(2);
-        // Room for bursts of messages while the subscriber reads a
-        // snapshot; past it the subscriber resyncs everything.
-        p.broadcast_channel_capacity = 1 << 16;
+        // Messages received while the subscriber reads a snapshot; past
+        // this it re-reads every node.
+        p.broadcast_channel_capacity = 8192;
     })
     .set_policy(ReconnectPolicy::new_exponential(0, 100, 5_000, 2));
     Ok(b)
 }
 
-/// The command client for `settings`, connecting in the background.
-pub fn client(settings: &ClusterSettings) -> Result<Client, ClusterError> {
-    let client = builder(settings)?.build().map_err(|e| ClusterError::Url {
+fn url_error(settings: &ClusterSettings, e: &fred::error::Error) -> ClusterError {
+    ClusterError::Url {
         origin: settings.origin.clone(),
         url: settings.redis.clone(),
         reason: e.details().to_owned(),
-    })?;
+    }
+}
+
+/// The command client for `settings`, connecting in the background.
+pub fn client(settings: &ClusterSettings) -> Result<Client, ClusterError> {
+    let client = builder(settings)?
+        .build()
+        .map_err(|e| url_error(settings, &e))?;
     client.connect();
     Ok(client)
 }
 
-/// Takes a node number (`INCR node-seq`), waiting at most 3 s. A number
-/// whose keys exist (a live node took it before Redis lost the counter, in
-/// a restart without persistence) is skipped.
-pub async fn take_node_number(client: &Client, names: &wire::Names) -> Result<u64, String> {
+/// Takes a node number, waiting at most 3 s: `ZINCRBY` on the counter,
+/// then claims the number's owner key with `token` (`SET NX`); a number
+/// another node holds is skipped.
+pub async fn take_node_number(
+    client: &Client,
+    names: &wire::Names,
+    token: &str,
+    settings: &ClusterSettings,
+) -> Result<u32, String> {
     let attempt = async {
         client.wait_for_connect().await?;
-        let mut n = client.incr::<u64, _>(names.node_seq()).await?;
         for _ in 0..64 {
-            let node = super::node_number(n);
-            let taken: u64 = client.exists(names.seq(node)).await?;
-            if taken == 0 {
-                break;
+            let n: f64 = client.zincrby(names.node_seq(), 1.0, COUNTER).await?;
+            let node = super::node_number(n.max(1.0) as u64);
+            let claimed: Value = client
+                .set(
+                    names.owner(node),
+                    token,
+                    Some(Expiration::PX(ms(settings.node_timeout))),
+                    Some(SetOptions::NX),
+                    false,
+                )
+                .await?;
+            if !claimed.is_null() {
+                return Ok(node);
             }
-            n = client.incr::<u64, _>(names.node_seq()).await?;
         }
-        Ok::<u64, fred::error::Error>(n)
+        Err(fred::error::Error::new(
+            fred::error::ErrorKind::Unknown,
+            "64 node numbers in a row are taken",
+        ))
     };
     match tokio::time::timeout(Duration::from_secs(3), attempt).await {
         Ok(Ok(n)) => Ok(n),
@@ -110,29 +141,30 @@ pub async fn take_node_number(client: &Client, names: &wire::Names) -> Result<u6
     }
 }
 
-/// Starts the writer and subscriber tasks.
-pub fn spawn(cluster: Arc<Cluster>, rx: mpsc::Receiver<Outgoing>) {
-    let sub = builder(&cluster.settings).and_then(|b| {
-        b.build_subscriber_client().map_err(|e| ClusterError::Url {
-            origin: cluster.settings.origin.clone(),
-            url: cluster.settings.redis.clone(),
-            reason: e.details().to_owned(),
-        })
-    });
-    match sub {
+/// Starts the subscriber and writer tasks; returns the writer's handle.
+pub fn spawn(cluster: Arc<Cluster>, rx: mpsc::Receiver<Outgoing>) -> tokio::task::JoinHandle<()> {
+    match builder(&cluster.settings).and_then(|b| {
+        b.build_subscriber_client()
+            .map_err(|e| url_error(&cluster.settings, &e))
+    }) {
         Ok(sub) => {
             tokio::spawn(subscriber(cluster.clone(), sub));
         }
         // The same URL built the command client already.
         Err(e) => tracing::error!("cluster: {e}"),
     }
-    tokio::spawn(writer(cluster, rx));
+    tokio::spawn(writer(cluster, rx))
+}
+
+/// Whether the node can take part: connected, and listening on its
+/// channels (until then it does not announce itself: nobody could reach
+/// it).
+fn ready(c: &Cluster) -> bool {
+    c.listening.load(Ordering::Acquire) && c.client.is_connected()
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    i64::try_from(wire::now_ms()).unwrap_or(i64::MAX)
 }
 
 fn ms(d: Duration) -> i64 {
@@ -149,7 +181,7 @@ impl Health {
         if self.up != Some(true) {
             if self.up == Some(false) {
                 tracing::info!(
-                    "cluster: Redis at {} is reachable again: node {} rewrote its rooms, \
+                    "cluster: Redis at {} is reachable again: node {} rewrites its rooms, \
                      cross-node delivery resumes",
                     cluster.settings.redis,
                     cluster.name
@@ -163,10 +195,10 @@ impl Health {
         }
     }
 
-    fn failed(&mut self, cluster: &Cluster, e: &fred::error::Error) {
+    fn failed(&mut self, cluster: &Cluster, why: &dyn std::fmt::Display) {
         if self.up != Some(false) {
             tracing::warn!(
-                "cluster: degraded: Redis at {} is unreachable ({e}); local rooms and sends \
+                "cluster: degraded: Redis at {} is unreachable ({why}); local rooms and sends \
                  go on, deliveries to other nodes are dropped and counted until it is back",
                 cluster.settings.redis
             );
@@ -181,16 +213,34 @@ impl Health {
 
 /// The writer task.
 async fn writer(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>) {
+    let heartbeat = cluster.settings.heartbeat;
+    let mut reconnects = cluster.client.reconnect_rx();
     let mut w = Writer {
         cluster,
         seq: 0,
         health: Health { up: None },
+        last_beat: None,
+        last_rewrite: None,
     };
-    let mut tick = tokio::time::interval(w.cluster.settings.heartbeat);
+    let mut tick = tokio::time::interval(heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        if w.cluster.departed.load(Ordering::Acquire) {
+            return;
+        }
         tokio::select! {
-            biased;
+            _ = w.cluster.closing.cancelled() => {
+                // Shutdown: publish what is queued (the last deliveries),
+                // then stop; leave() removes the node's state.
+                let mut batch = Vec::new();
+                while let Ok(item) = rx.try_recv() {
+                    batch.push(item);
+                }
+                if !batch.is_empty() && !w.cluster.departed.load(Ordering::Acquire) {
+                    w.flush(batch).await;
+                }
+                return;
+            }
             item = rx.recv() => {
                 let Some(item) = item else { return };
                 let mut batch = vec![item];
@@ -201,8 +251,23 @@ async fn writer(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>) {
                     }
                 }
                 w.flush(batch).await;
+                // Steady traffic must not starve the heartbeat.
+                if w.last_beat.is_none_or(|t| t.elapsed() >= heartbeat) {
+                    w.heartbeat().await;
+                }
             }
-            _ = tick.tick() => w.heartbeat().await,
+            _ = tick.tick() => {
+                if w.last_beat.is_none_or(|t| t.elapsed() >= heartbeat / 2) {
+                    w.heartbeat().await;
+                }
+            }
+            r = reconnects.recv() => {
+                if r.is_ok() {
+                    // A new connection, maybe to a Redis that lost this
+                    // node's state: rewrite it.
+                    w.cluster.dirty.store(true, Ordering::Release);
+                }
+            }
         }
     }
 }
@@ -212,20 +277,37 @@ struct Writer {
     /// The number of this node's last membership change.
     seq: u64,
     health: Health,
+    last_beat: Option<Instant>,
+    last_rewrite: Option<Instant>,
 }
 
 impl Writer {
     async fn flush(&mut self, batch: Vec<Outgoing>) {
+        let c = self.cluster.clone();
         let mut changes = Vec::new();
         let mut deliveries = Vec::new();
         for item in batch {
             match item {
-                Outgoing::Change(c) => changes.push(c),
-                Outgoing::Deliver { node, message } => deliveries.push((node, message)),
+                Outgoing::Change(ch) => changes.push(ch),
+                Outgoing::Deliver { node, message } => {
+                    c.dequeued(message.len());
+                    deliveries.push((node, message));
+                }
             }
         }
-        if self.cluster.dirty.load(Ordering::Acquire) {
-            // The rewrite reads the hubs, which already hold these changes.
+        if !ready(&c) {
+            self.health.failed(&c, &"not connected");
+            if !changes.is_empty() {
+                c.dirty.store(true, Ordering::Release);
+            }
+            let m = Cluster::metrics();
+            ClusterMetrics::count(&m.dropped, "membership", changes.len() as u64);
+            ClusterMetrics::count(&m.dropped, "delivery", deliveries.len() as u64);
+            return;
+        }
+        if c.dirty.load(Ordering::Acquire) {
+            // The rewrite reads the hubs, which hold these changes already
+            // (they are queued under the hubs' locks).
             self.rewrite().await;
         } else if !changes.is_empty() {
             self.write_changes(changes).await;
@@ -236,11 +318,13 @@ impl Writer {
     }
 
     async fn write_changes(&mut self, changes: Vec<Change>) {
-        let c = &self.cluster;
-        let first = self.seq + 1;
-        self.seq += changes.len() as u64;
+        let c = self.cluster.clone();
+        let before = self.seq;
+        let first = before + 1;
         let n = changes.len() as u64;
+        self.seq += n;
         let members = c.names.members(c.node);
+        let timeout = ms(c.settings.node_timeout);
         let written = async {
             let tx = c.client.multi();
             for ch in &changes {
@@ -252,33 +336,48 @@ impl Writer {
                     tx.hdel::<(), _, _>(&members, Key::from(field)).await?;
                 }
             }
+            // Only if the key holds the number before this batch: a key
+            // that expired or was lost (the hash then holds only part of
+            // the state) is not brought back half full.
             tx.set::<(), _, _>(
                 c.names.seq(c.node),
                 self.seq,
-                Some(Expiration::PX(ms(c.settings.node_timeout))),
-                None,
-                false,
+                Some(Expiration::PX(timeout)),
+                Some(SetOptions::XX),
+                true,
             )
             .await?;
-            tx.pexpire::<(), _>(&members, ms(c.settings.node_timeout), None)
-                .await?;
-            tx.exec::<Value>(true).await?;
-            let message = wire::encode(&Membership::Changes {
-                node: c.node,
-                first,
-                changes,
-            });
-            c.client
-                .spublish::<(), _, _>(c.names.membership_channel(), message)
-                .await
+            tx.pexpire::<(), _>(&members, timeout, None).await?;
+            let results: Value = tx.exec(true).await?;
+            let previous = results.into_array().into_iter().nth(changes.len());
+            Ok::<Option<u64>, fred::error::Error>(previous.and_then(|v| v.as_u64()))
         };
         match written.await {
-            Ok(()) => {
-                self.health.ok(c);
-                ClusterMetrics::count(&Cluster::metrics().published, "membership", n);
+            Ok(Some(p)) if p == before => {
+                self.health.ok(&c);
+                let message = wire::encode(&Membership::Changes {
+                    node: c.node,
+                    first,
+                    changes,
+                });
+                match c
+                    .client
+                    .spublish::<(), _, _>(c.names.membership_channel(), message)
+                    .await
+                {
+                    Ok(()) => ClusterMetrics::count(&Cluster::metrics().published, "membership", n),
+                    // Redis has them; the others see the gap at the next
+                    // heartbeat and read them.
+                    Err(_) => ClusterMetrics::count(&Cluster::metrics().dropped, "membership", n),
+                }
+            }
+            Ok(_) => {
+                // The state in Redis is not what this node wrote last.
+                self.health.ok(&c);
+                c.dirty.store(true, Ordering::Release);
             }
             Err(e) => {
-                self.health.failed(c, &e);
+                self.health.failed(&c, &e);
                 c.dirty.store(true, Ordering::Release);
                 ClusterMetrics::count(&Cluster::metrics().dropped, "membership", n);
             }
@@ -286,7 +385,7 @@ impl Writer {
     }
 
     async fn publish_deliveries(&mut self, deliveries: Vec<(u32, Bytes)>) {
-        let c = &self.cluster;
+        let c = self.cluster.clone();
         let n = deliveries.len() as u64;
         let pipeline = c.client.pipeline();
         let sent = async {
@@ -299,20 +398,29 @@ impl Writer {
         };
         match sent.await {
             Ok(_) => {
-                self.health.ok(c);
+                self.health.ok(&c);
                 ClusterMetrics::count(&Cluster::metrics().published, "delivery", n);
             }
             Err(e) => {
-                self.health.failed(c, &e);
+                self.health.failed(&c, &e);
                 ClusterMetrics::count(&Cluster::metrics().dropped, "delivery", n);
             }
         }
     }
 
     /// Writes the node's whole membership (read from its hubs) under a new
-    /// change number, and tells the other nodes, which then read it.
+    /// change number, and tells the other nodes, which then read it. At
+    /// most once a heartbeat, and only while connected.
     async fn rewrite(&mut self) {
-        let c = &self.cluster;
+        let c = self.cluster.clone();
+        let interval = c.settings.heartbeat;
+        if !ready(&c) || self.last_rewrite.is_some_and(|t| t.elapsed() < interval) {
+            return;
+        }
+        self.last_rewrite = Some(Instant::now());
+        // Cleared before the hubs are read: a change dropped meanwhile sets
+        // it again (and, queued under the hubs' locks, is either seen here
+        // or reported by the flag).
         c.dirty.store(false, Ordering::Release);
         self.seq += 1;
         let mut fields: Vec<(Key, Value)> = Vec::new();
@@ -332,6 +440,17 @@ impl Writer {
         let timeout = ms(c.settings.node_timeout);
         let written = async {
             let tx = c.client.multi();
+            // This node's number must still be its own.
+            tx.set::<(), _, _>(
+                c.names.owner(c.node),
+                c.token.as_str(),
+                Some(Expiration::PX(timeout)),
+                Some(SetOptions::NX),
+                true,
+            )
+            .await?;
+            tx.pexpire::<(), _>(c.names.owner(c.node), timeout, None)
+                .await?;
             tx.del::<(), _>(&members).await?;
             let mut rest = fields;
             while !rest.is_empty() {
@@ -347,35 +466,26 @@ impl Writer {
                 false,
             )
             .await?;
-            tx.zadd::<(), _, _>(
-                c.names.nodes(),
-                None,
-                None,
-                false,
-                false,
-                ((now_ms() + timeout) as f64, c.node.to_string()),
-            )
-            .await?;
-            // A Redis that lost the counter (restarted without persistence)
-            // gets one again, at least this node's number.
-            tx.set::<(), _, _>(
-                c.names.node_seq(),
-                u64::from(c.node),
-                None,
-                Some(SetOptions::NX),
-                false,
-            )
-            .await?;
-            tx.exec::<Value>(true).await?;
-            Ok::<(), fred::error::Error>(())
+            let results: Value = tx.exec(true).await?;
+            let owner = results.into_array().into_iter().next();
+            Ok::<Option<Value>, fred::error::Error>(owner)
         };
         match written.await {
-            Ok(()) => {
-                self.health.ok(c);
-                self.publish_heartbeat().await;
+            Ok(owner) => {
+                self.health.ok(&c);
+                let owner = owner.and_then(|v| v.as_string());
+                if owner.as_deref().is_some_and(|o| o != c.token) {
+                    c.depart(&format!(
+                        "another node ({}) holds its node number {}",
+                        owner.as_deref().unwrap_or("?"),
+                        c.node
+                    ));
+                    return;
+                }
+                self.announce().await;
             }
             Err(e) => {
-                self.health.failed(c, &e);
+                self.health.failed(&c, &e);
                 c.dirty.store(true, Ordering::Release);
             }
         }
@@ -384,6 +494,14 @@ impl Writer {
     /// Renews this node's keys and publishes a heartbeat.
     async fn heartbeat(&mut self) {
         let c = self.cluster.clone();
+        self.last_beat = Some(Instant::now());
+        if !ready(&c) {
+            if !c.client.is_connected() {
+                self.health.failed(&c, &"not connected");
+            }
+            c.dirty.store(true, Ordering::Release);
+            return;
+        }
         if c.dirty.load(Ordering::Acquire) {
             self.rewrite().await;
             return;
@@ -395,29 +513,29 @@ impl Writer {
                 .await?;
             tx.pexpire::<(), _>(c.names.seq(c.node), timeout, None)
                 .await?;
-            tx.zadd::<(), _, _>(
-                c.names.nodes(),
-                None,
-                None,
-                false,
-                false,
-                ((now_ms() + timeout) as f64, c.node.to_string()),
-            )
-            .await?;
-            tx.zremrangebyscore::<(), _, _, _>(c.names.nodes(), f64::NEG_INFINITY, now_ms() as f64)
+            tx.get::<(), _>(c.names.owner(c.node)).await?;
+            tx.pexpire::<(), _>(c.names.owner(c.node), timeout, None)
                 .await?;
             let v: Value = tx.exec(true).await?;
-            // PEXPIRE of the change number answers 0 if the key is gone (it
-            // expired while this node could not renew it): rewrite.
-            let arr = v.into_array();
-            Ok::<bool, fred::error::Error>(arr.get(1).and_then(Value::as_u64) == Some(1))
+            let mut parts = v.into_array().into_iter().skip(1);
+            let seq_renewed = parts.next().and_then(|v| v.as_u64()) == Some(1);
+            let owner = parts.next().and_then(|v| v.as_string());
+            Ok::<(bool, Option<String>), fred::error::Error>((seq_renewed, owner))
         };
         match renewed.await {
-            Ok(true) => {
+            Ok((true, Some(owner))) if owner == c.token => {
                 self.health.ok(&c);
-                self.publish_heartbeat().await;
+                self.announce().await;
             }
-            Ok(false) => {
+            Ok((_, Some(owner))) if owner != c.token => {
+                self.health.ok(&c);
+                c.depart(&format!(
+                    "another node ({owner}) holds its node number {}",
+                    c.node
+                ));
+            }
+            Ok(_) => {
+                // Its keys are gone (expired, or Redis lost them): rewrite.
                 self.health.ok(&c);
                 c.dirty.store(true, Ordering::Release);
                 self.rewrite().await;
@@ -429,12 +547,48 @@ impl Writer {
         }
     }
 
-    async fn publish_heartbeat(&mut self) {
-        let c = &self.cluster;
+    /// Registers the node as live (and the counter past its number) and
+    /// publishes a heartbeat. Separate commands: these keys are in other
+    /// slots than the node's own.
+    async fn announce(&mut self) {
+        let c = self.cluster.clone();
+        let timeout = ms(c.settings.node_timeout);
+        let now = now_ms();
+        let live = async {
+            c.client
+                .zadd::<(), _, _>(
+                    c.names.nodes(),
+                    None,
+                    None,
+                    false,
+                    false,
+                    ((now + timeout) as f64, c.node.to_string()),
+                )
+                .await?;
+            c.client
+                .zremrangebyscore::<(), _, _, _>(c.names.nodes(), f64::NEG_INFINITY, now as f64)
+                .await?;
+            // A Redis that lost the counter gets it back, past this node.
+            c.client
+                .zadd::<(), _, _>(
+                    c.names.node_seq(),
+                    None,
+                    Some(ZOrdering::GreaterThan),
+                    false,
+                    false,
+                    (f64::from(c.node), COUNTER),
+                )
+                .await
+        };
+        if let Err(e) = live.await {
+            self.health.failed(&c, &e);
+            return;
+        }
         let message = wire::encode(&Membership::Heartbeat {
             node: c.node,
             name: c.name.clone(),
             seq: self.seq,
+            sent_ms: wire::now_ms(),
         });
         match c
             .client
@@ -443,16 +597,32 @@ impl Writer {
         {
             Ok(()) => ClusterMetrics::count(&Cluster::metrics().published, "heartbeat", 1),
             Err(e) => {
-                self.health.failed(c, &e);
+                self.health.failed(&c, &e);
                 ClusterMetrics::count(&Cluster::metrics().dropped, "heartbeat", 1);
             }
         }
     }
 }
 
-/// Says goodbye: publishes `Bye` and deletes this node's keys.
+/// Removes this node's state from Redis, then says goodbye (the writer has
+/// stopped: nothing writes the state back).
 pub async fn leave(cluster: &Cluster) {
     let c = cluster;
+    if c.departed.load(Ordering::Acquire) || !c.client.is_connected() {
+        return;
+    }
+    let _ = c
+        .client
+        .del::<(), _>(vec![
+            c.names.members(c.node),
+            c.names.seq(c.node),
+            c.names.owner(c.node),
+        ])
+        .await;
+    let _ = c
+        .client
+        .zrem::<(), _, _>(c.names.nodes(), c.node.to_string())
+        .await;
     let _ = c
         .client
         .spublish::<(), _, _>(
@@ -460,71 +630,61 @@ pub async fn leave(cluster: &Cluster) {
             wire::encode(&Membership::Bye { node: c.node }),
         )
         .await;
-    let _ = c
-        .client
-        .del::<(), _>(vec![c.names.members(c.node), c.names.seq(c.node)])
-        .await;
-    let _ = c
-        .client
-        .zrem::<(), _, _>(c.names.nodes(), c.node.to_string())
-        .await;
 }
 
 /// The subscriber task.
 async fn subscriber(cluster: Arc<Cluster>, sub: SubscriberClient) {
-    sub.connect();
     // Subscriptions are renewed here after a reconnect, not by the
     // client's manage_subscriptions (in fred 10.1 it sends PSUBSCRIBE with
-    // no pattern first, which Redis refuses, and stops there).
+    // no pattern first, which Redis refuses, and stops there). The
+    // receivers exist before the first connection, so none of its events
+    // is missed.
     let mut messages = sub.message_rx();
     let mut reconnects = sub.reconnect_rx();
+    sub.connect();
     let mut tick = tokio::time::interval(cluster.settings.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let members_channel = cluster.names.membership_channel();
-    let own_channel = cluster.names.node_channel(cluster.node);
     let mut s = Subscriber {
+        members_channel: cluster.names.membership_channel(),
+        own_channel: cluster.names.node_channel(cluster.node),
         cluster: cluster.clone(),
         subscribed: false,
         bootstrap: true,
-        stale: Vec::new(),
-        collision_logged: false,
+        stale: HashMap::new(),
         stale_logged: false,
     };
     loop {
+        if cluster.departed.load(Ordering::Acquire) {
+            return;
+        }
         tokio::select! {
+            _ = cluster.closing.cancelled() => return,
             m = messages.recv() => match m {
-                Ok(m) => {
-                    if let Some(bytes) = m.value.as_bytes() {
-                        if *m.channel == *members_channel {
-                            s.membership(bytes).await;
-                        } else if *m.channel == *own_channel {
-                            s.delivery(bytes);
-                        }
-                    }
-                }
-                Err(RecvError::Lagged(n)) => {
-                    tracing::warn!("cluster: {n} messages from Redis were lost (the subscriber fell behind); reading every node's rooms again");
-                    s.bootstrap = true;
-                }
+                Ok(m) => s.message(m).await,
+                Err(RecvError::Lagged(n)) => s.lagged(n),
                 Err(RecvError::Closed) => return,
             },
             r = reconnects.recv() => {
                 if r.is_ok() {
                     // A new connection: subscribe again, and read every node
                     // again (what was published meanwhile is lost).
-                    s.subscribed = sub
-                        .ssubscribe(vec![members_channel.clone(), own_channel.clone()])
-                        .await
-                        .is_ok();
+                    cluster.listening.store(false, Ordering::Release);
+                    s.subscribed = s.subscribe(&sub).await;
                     s.bootstrap = true;
                 }
             }
             _ = tick.tick() => {
-                if !s.subscribed {
-                    s.subscribed = sub
-                        .ssubscribe(vec![members_channel.clone(), own_channel.clone()])
-                        .await
-                        .is_ok();
+                // What arrived is handled before deciding who is silent.
+                loop {
+                    match messages.try_recv() {
+                        Ok(m) => s.message(m).await,
+                        Err(TryRecvError::Lagged(n)) => s.lagged(n),
+                        Err(_) => break,
+                    }
+                }
+                s.expire();
+                if !s.subscribed && sub.is_connected() {
+                    s.subscribed = s.subscribe(&sub).await;
                 }
                 if s.subscribed && s.bootstrap {
                     s.bootstrap = !s.read_all().await;
@@ -533,7 +693,6 @@ async fn subscriber(cluster: Arc<Cluster>, sub: SubscriberClient) {
                 for (node, name) in stale {
                     s.resync(node, name.as_deref()).await;
                 }
-                s.expire();
             }
         }
     }
@@ -541,25 +700,53 @@ async fn subscriber(cluster: Arc<Cluster>, sub: SubscriberClient) {
 
 struct Subscriber {
     cluster: Arc<Cluster>,
+    members_channel: String,
+    own_channel: String,
     subscribed: bool,
     /// Every node's state must be read (at start, after a reconnect or
     /// lost messages).
     bootstrap: bool,
     /// Nodes whose snapshot could not be read, to try again.
-    stale: Vec<(u32, Option<String>)>,
-    /// Whether another node with this node's number was reported.
-    collision_logged: bool,
+    stale: HashMap<u32, Option<String>>,
     /// Whether a stale delivery was reported.
     stale_logged: bool,
 }
 
 impl Subscriber {
+    /// Subscribes to the two channels, one command each (they are in
+    /// different slots of a Redis Cluster).
+    async fn subscribe(&self, sub: &SubscriberClient) -> bool {
+        let ok = sub.ssubscribe(self.members_channel.clone()).await.is_ok()
+            && sub.ssubscribe(self.own_channel.clone()).await.is_ok();
+        self.cluster.listening.store(ok, Ordering::Release);
+        ok
+    }
+
+    fn lagged(&mut self, n: u64) {
+        tracing::warn!(
+            "cluster: {n} messages from Redis were lost (the subscriber fell behind); \
+             reading every node's rooms again"
+        );
+        self.bootstrap = true;
+    }
+
+    async fn message(&mut self, m: fred::types::Message) {
+        let Some(bytes) = m.value.as_bytes() else {
+            return;
+        };
+        if *m.channel == *self.members_channel {
+            self.membership(bytes).await;
+        } else if *m.channel == *self.own_channel {
+            self.delivery(bytes);
+        }
+    }
+
     async fn membership(&mut self, bytes: &[u8]) {
         let Some(m) = wire::decode::<Membership>(bytes) else {
             tracing::debug!("cluster: a membership message did not decode; dropped");
             return;
         };
-        let c = &self.cluster;
+        let c = self.cluster.clone();
         let now = Instant::now();
         match m {
             Membership::Changes {
@@ -580,20 +767,20 @@ impl Subscriber {
                     self.resync(node, None).await;
                 }
             }
-            Membership::Heartbeat { node, name, seq } => {
+            Membership::Heartbeat {
+                node,
+                name,
+                seq,
+                sent_ms,
+            } => {
                 if node == c.node {
-                    if name != c.name && !self.collision_logged {
-                        self.collision_logged = true;
-                        tracing::error!(
-                            "cluster: node {name} uses this node's number {node} too (Redis lost its \
-                             node counter while both started?): connection ids of the two nodes can \
-                             collide; restart one of them"
-                        );
-                    }
                     return;
                 }
                 ClusterMetrics::count(&Cluster::metrics().received, "heartbeat", 1);
-                let r = c.replica.write().heartbeat(node, &name, seq, now);
+                let r =
+                    c.replica
+                        .write()
+                        .heartbeat(node, &name, seq, (sent_ms, wire::now_ms()), now);
                 if r == Apply::Resync {
                     self.resync(node, Some(&name)).await;
                 }
@@ -602,6 +789,7 @@ impl Subscriber {
                 if node == c.node {
                     return;
                 }
+                self.stale.remove(&node);
                 if let Some((name, n)) = c.replica.write().remove(node) {
                     tracing::info!(
                         "cluster: node {name} left; its {n} room memberships no longer count"
@@ -618,10 +806,15 @@ impl Subscriber {
             return;
         };
         ClusterMetrics::count(&Cluster::metrics().received, "delivery", 1);
-        // Held up longer than a node may be silent (a publish in flight
-        // when Redis went away, written once it was back): too late to
-        // deliver. Counted with the drops.
-        let age = wire::now_ms().saturating_sub(envelope.sent_ms);
+        // Held up longer than a node may be silent (a publish caught by a
+        // disconnection, written once Redis was back): too late to
+        // deliver. The age allows for the sender's clock, as its
+        // heartbeats show it. Counted with the drops.
+        let age =
+            self.cluster
+                .replica
+                .read()
+                .age_ms(envelope.node, envelope.sent_ms, wire::now_ms());
         if u128::from(age) > self.cluster.settings.node_timeout.as_millis() {
             ClusterMetrics::count(&Cluster::metrics().dropped, "delivery", 1);
             if !self.stale_logged {
@@ -634,11 +827,10 @@ impl Subscriber {
             }
             return;
         }
-        let d = envelope.delivery;
         let Some(routes) = self.cluster.routes.get() else {
             return;
         };
-        match d {
+        match envelope.delivery {
             Delivery::Message {
                 route,
                 target,
@@ -649,21 +841,19 @@ impl Subscriber {
                     return;
                 };
                 let payload = Bytes::from(payload);
-                let frame = || {
-                    if text {
-                        Outbound::Text(payload.clone())
-                    } else {
-                        Outbound::Binary(payload.clone())
-                    }
-                };
                 match target {
                     Target::Conn(id) => {
                         if let Ok(conn) = hub.get(id) {
-                            let _ = conn.deliver(frame());
+                            let frame = if text {
+                                Outbound::Text(payload)
+                            } else {
+                                Outbound::Binary(payload)
+                            };
+                            let _ = conn.deliver(frame);
                         }
                     }
                     Target::Room { room, except } => {
-                        let _ = hub.broadcast_local(&room, text, payload.clone(), except);
+                        let _ = hub.broadcast_local(&room, text, payload, except);
                     }
                 }
             }
@@ -687,6 +877,9 @@ impl Subscriber {
     /// Reads every live node's state; false if Redis did not answer.
     async fn read_all(&mut self) -> bool {
         let c = self.cluster.clone();
+        if !c.client.is_connected() {
+            return false;
+        }
         let nodes: Result<Vec<String>, _> = c
             .client
             .zrangebyscore(c.names.nodes(), now_ms() as f64, f64::INFINITY, false, None)
@@ -705,6 +898,10 @@ impl Subscriber {
     /// Reads node `node`'s snapshot and replaces the replica's view of it.
     async fn resync(&mut self, node: u32, name: Option<&str>) {
         let c = self.cluster.clone();
+        if !c.client.is_connected() {
+            self.stale.insert(node, name.map(str::to_owned));
+            return;
+        }
         Cluster::metrics().resyncs.inc();
         let read = async {
             let tx = c.client.multi();
@@ -716,7 +913,7 @@ impl Subscriber {
             Ok(v) => v,
             Err(e) => {
                 tracing::debug!("cluster: reading node {node}'s rooms failed ({e}); trying again");
-                self.stale.push((node, name.map(str::to_owned)));
+                self.stale.insert(node, name.map(str::to_owned));
                 return;
             }
         };
@@ -726,11 +923,14 @@ impl Subscriber {
         let Some(seq) = seq else {
             // No state: the node has expired (or never wrote it).
             if let Some((name, n)) = c.replica.write().remove(node) {
-                tracing::info!("cluster: node {name}'s state has expired in Redis; its {n} room memberships no longer count");
+                tracing::info!(
+                    "cluster: node {name}'s state has expired in Redis; its {n} room memberships no longer count"
+                );
             }
             self.count_nodes();
             return;
         };
+        // Decoded before the replica is locked.
         let mut list = Vec::new();
         if let Ok(map) = members.into_map() {
             let map: Map = map;
@@ -753,6 +953,7 @@ impl Subscriber {
             .write()
             .expire(c.settings.node_timeout, Instant::now());
         for (node, name, n) in gone {
+            self.stale.remove(&node);
             tracing::warn!(
                 "cluster: node {name} (number {node}) was not heard from for {} ms; its {n} room memberships no longer count",
                 c.settings.node_timeout.as_millis()

@@ -31,7 +31,7 @@ pub mod link;
 pub mod replica;
 pub mod wire;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -54,6 +54,9 @@ const ASSIGNED_NODES: u64 = 1 << 19;
 /// Changes and deliveries waiting for the link task before more are
 /// dropped (and counted).
 const QUEUE: usize = 1 << 16;
+/// Payload bytes of deliveries waiting for the link task before more are
+/// refused (`backpressure` to the plugin, counted as dropped).
+pub const MAX_QUEUED_BYTES: usize = 64 << 20;
 
 /// The node number of connection `id` (0 without a cluster).
 pub fn node_of(id: u64) -> u32 {
@@ -63,7 +66,7 @@ pub fn node_of(id: u64) -> u32 {
 
 /// The node number of the `n`th number Redis handed out: 1 to
 /// `ASSIGNED_NODES - 1`, wrapping.
-fn node_number(n: u64) -> u32 {
+pub(crate) fn node_number(n: u64) -> u32 {
     // Below 2^19: fits.
     ((n.max(1) - 1) % (ASSIGNED_NODES - 1) + 1) as u32
 }
@@ -121,6 +124,21 @@ pub struct Cluster {
     routes: OnceLock<Arc<dyn Routes>>,
     client: fred::clients::Client,
     labels: NodeLabels,
+    /// Proves in Redis that this node holds its number
+    /// (`{node:P}:owner`).
+    token: String,
+    /// Payload bytes of the deliveries queued.
+    queued_bytes: AtomicUsize,
+    /// Cancelled at shutdown: the link tasks finish.
+    closing: tokio_util::sync::CancellationToken,
+    /// The writer task, awaited at shutdown.
+    writer: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// This node left the cluster (another node holds its number): it
+    /// serves its own connections only, until restarted.
+    departed: AtomicBool,
+    /// The subscriber listens on the node's channels: until then the node
+    /// does not announce itself (nobody may send to it yet).
+    listening: AtomicBool,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -148,8 +166,9 @@ impl Cluster {
         let client = link::client(settings)?;
         let names = Names::new(&settings.namespace);
         let name = settings.node_id.clone().unwrap_or_else(default_node_id);
-        let node = match link::take_node_number(&client, &names).await {
-            Ok(n) => node_number(n),
+        let token = format!("{name}:{:016x}", random());
+        let node = match link::take_node_number(&client, &names, &token, settings).await {
+            Ok(n) => n,
             Err(e) => {
                 let n = (ASSIGNED_NODES | (random() % ASSIGNED_NODES)) as u32;
                 tracing::warn!(
@@ -174,6 +193,12 @@ impl Cluster {
             dirty: AtomicBool::new(true),
             routes: OnceLock::new(),
             client,
+            token,
+            queued_bytes: AtomicUsize::new(0),
+            closing: tokio_util::sync::CancellationToken::new(),
+            writer: Mutex::new(None),
+            departed: AtomicBool::new(false),
+            listening: AtomicBool::new(false),
         });
         let m = Self::metrics();
         m.init();
@@ -188,7 +213,7 @@ impl Cluster {
     pub fn attach(self: &Arc<Self>, routes: Arc<dyn Routes>) {
         let _ = self.routes.set(routes);
         if let Some(rx) = self.pending.lock().take() {
-            link::spawn(self.clone(), rx);
+            *self.writer.lock() = Some(link::spawn(self.clone(), rx));
         }
         tracing::info!(
             "cluster: node {} is node number {} (connection ids from {}), Redis {}, heartbeat {} ms, node_timeout {} ms",
@@ -201,10 +226,36 @@ impl Cluster {
         );
     }
 
-    /// Leaves the cluster at shutdown: tells the other nodes and removes
-    /// this node's state from Redis (waiting at most 1 s).
+    /// Leaves the cluster at shutdown: stops the link (publishing what
+    /// was queued), removes this node's state from Redis, then tells the
+    /// other nodes (waiting at most 2 s in all).
     pub async fn leave(&self) {
-        let _ = tokio::time::timeout(Duration::from_secs(1), link::leave(self)).await;
+        self.closing.cancel();
+        let writer = self.writer.lock().take();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            if let Some(w) = writer {
+                let _ = w.await;
+            }
+            link::leave(self).await;
+        })
+        .await;
+    }
+
+    /// Takes this node out of the cluster for good (another node holds its
+    /// number): local service goes on, nothing more crosses Redis.
+    fn depart(&self, why: &str) {
+        if self.departed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::error!(
+            "cluster: node {} leaves the cluster: {why}. It serves its own connections only \
+             (rooms, sizes and sends on this node) until it is restarted",
+            self.name
+        );
+        *self.replica.write() = Replica::default();
+        Self::metrics().redis_up.get_or_create(&self.labels).set(0);
+        Self::metrics().nodes.get_or_create(&self.labels).set(0);
+        self.closing.cancel();
     }
 
     fn metrics() -> &'static ClusterMetrics {
@@ -245,6 +296,9 @@ impl Cluster {
     /// is full the change is dropped, counted, and repaired by a rewrite of
     /// this node's state once the link catches up.
     pub fn changed(&self, join: bool, route: &RouteName, room: &str, conn: u64) {
+        if self.departed.load(Ordering::Relaxed) {
+            return;
+        }
         let change = Change {
             join,
             route: route.clone(),
@@ -258,16 +312,26 @@ impl Cluster {
     }
 
     /// Queues a delivery for node `node` (never waits); false if the queue
-    /// is full (counted as dropped).
+    /// is full, in items or in bytes ([`MAX_QUEUED_BYTES`]), counted as
+    /// dropped.
     pub fn deliver(&self, node: u32, message: Bytes) -> bool {
-        let ok = self
-            .queue
-            .try_send(Outgoing::Deliver { node, message })
-            .is_ok();
+        let len = message.len();
+        let held = self.queued_bytes.fetch_add(len, Ordering::AcqRel);
+        let ok = held + len <= MAX_QUEUED_BYTES
+            && self
+                .queue
+                .try_send(Outgoing::Deliver { node, message })
+                .is_ok();
         if !ok {
+            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
             ClusterMetrics::count(&Self::metrics().dropped, "delivery", 1);
         }
         ok
+    }
+
+    /// The link task took a delivery of `len` bytes off the queue.
+    fn dequeued(&self, len: usize) {
+        self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
     }
 
     /// The other nodes' members of `room` of route `key`, as (node, how

@@ -23,6 +23,9 @@ struct Node {
     seq: u64,
     /// When it was last heard from.
     heard: Instant,
+    /// How far ahead this node's clock is of its (ms), as its last
+    /// heartbeat showed (transit included).
+    offset_ms: i64,
 }
 
 /// Rooms of one route: room → node → members on that node.
@@ -108,11 +111,20 @@ impl Replica {
         }
     }
 
-    /// A heartbeat of `node` (named `name`) whose last change is `seq`.
-    pub fn heartbeat(&mut self, node: u32, name: &str, seq: u64, now: Instant) -> Apply {
+    /// A heartbeat of `node` (named `name`) whose last change is `seq`,
+    /// sent at `sent_ms` by its clock and received at `now_ms` by ours.
+    pub fn heartbeat(
+        &mut self,
+        node: u32,
+        name: &str,
+        seq: u64,
+        (sent_ms, now_ms): (u64, u64),
+        now: Instant,
+    ) -> Apply {
         match self.nodes.get_mut(&node) {
             Some(n) => {
                 n.heard = now;
+                n.offset_ms = clock_offset(sent_ms, now_ms);
                 if n.name != name {
                     n.name = name.to_owned();
                 }
@@ -141,12 +153,14 @@ impl Replica {
             .map(str::to_owned)
             .or_else(|| self.nodes.get(&node).map(|n| n.name.clone()))
             .unwrap_or_else(|| node.to_string());
+        let offset_ms = self.nodes.get(&node).map_or(0, |n| n.offset_ms);
         self.nodes.insert(
             node,
             Node {
                 name,
                 seq,
                 heard: now,
+                offset_ms,
             },
         );
         for (route, room, conn) in members {
@@ -197,6 +211,15 @@ impl Replica {
             .collect()
     }
 
+    /// How long ago (ms) node `node` sent what it stamped `sent_ms`, by
+    /// its clock as far as its heartbeats tell (unknown nodes: as if the
+    /// clocks agreed).
+    pub fn age_ms(&self, node: u32, sent_ms: u64, now_ms: u64) -> u64 {
+        let offset = self.nodes.get(&node).map_or(0, |n| n.offset_ms);
+        let age = i128::from(now_ms) - i128::from(sent_ms) + i128::from(offset);
+        u64::try_from(age.max(0)).unwrap_or(u64::MAX)
+    }
+
     /// Whether `node` is known and alive.
     pub fn has_node(&self, node: u32) -> bool {
         self.nodes.contains_key(&node)
@@ -228,6 +251,13 @@ impl Replica {
         self.room(key, room)
             .map_or(0, |nodes| nodes.values().map(HashSet::len).sum())
     }
+}
+
+/// `sent_ms` by the sender's clock arrived at `now_ms` by ours: the
+/// sender's clock is this far ahead (ms), transit included.
+fn clock_offset(sent_ms: u64, now_ms: u64) -> i64 {
+    let d = i128::from(sent_ms) - i128::from(now_ms);
+    i64::try_from(d).unwrap_or(if d < 0 { i64::MIN } else { i64::MAX })
 }
 
 #[cfg(test)]
@@ -277,11 +307,24 @@ mod tests {
         assert_eq!(r.room_size(KEY, "a"), 1);
         // A gap (7 is missing).
         assert_eq!(r.changes(2, 8, &[change(true, "a", 4)], now), Apply::Resync);
-        assert_eq!(r.heartbeat(2, "b", 9, now), Apply::Resync);
-        assert_eq!(r.heartbeat(2, "b", 6, now), Apply::Done);
+        assert_eq!(r.heartbeat(2, "b", 9, (0, 0), now), Apply::Resync);
+        assert_eq!(r.heartbeat(2, "b", 6, (0, 0), now), Apply::Done);
         r.changes(2, 7, &[change(false, "a", 3)], now);
         assert_eq!(r.room_size(KEY, "a"), 0);
         assert!(r.room(KEY, "a").is_none(), "empty rooms are dropped");
+    }
+
+    #[test]
+    fn delivery_ages_allow_for_the_senders_clock() {
+        let mut r = Replica::default();
+        let now = Instant::now();
+        r.snapshot(2, Some("b"), 0, Vec::new(), now);
+        // Node 2's clock is 10 s behind ours.
+        r.heartbeat(2, "b", 0, (90_000, 100_000), now);
+        assert_eq!(r.age_ms(2, 90_500, 100_700), 200);
+        // An unknown node: the clocks are taken to agree.
+        assert_eq!(r.age_ms(9, 100_000, 100_300), 300);
+        assert_eq!(r.age_ms(9, 200_000, 100_300), 0);
     }
 
     #[test]
@@ -315,7 +358,7 @@ mod tests {
         r.snapshot(3, Some("c"), 1, vec![(route, "a".into(), 2)], t0);
         assert_eq!(r.room_size(KEY, "a"), 2);
         let later = t0 + Duration::from_secs(4);
-        r.heartbeat(3, "c", 1, later);
+        r.heartbeat(3, "c", 1, (0, 0), later);
         let gone = r.expire(Duration::from_secs(3), later);
         assert_eq!(gone, vec![(2, "b".to_owned(), 1)]);
         assert_eq!(r.room_size(KEY, "a"), 1);

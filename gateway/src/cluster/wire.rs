@@ -12,7 +12,8 @@
 //!
 //! | name | kind | holds |
 //! |---|---|---|
-//! | `NS:node-seq` | string | the last node number handed out (`INCR`) |
+//! | `NS:node-seq` | sorted set | member `counter`: the last node number handed out (`ZINCRBY`; `ZADD GT` restores it) |
+//! | `NS:{node:P}:owner` | string | the token of the node holding number P |
 //! | `NS:nodes` | sorted set | live node numbers, scored by the time (ms since the Unix epoch) they expire |
 //! | `NS:{node:P}:members` | hash | node P's room memberships: field = (tenant, route, room, connection), encoded |
 //! | `NS:{node:P}:seq` | string | the number of node P's last membership change written to the hash |
@@ -86,6 +87,9 @@ pub enum Membership {
         name: String,
         /// The number of its last membership change.
         seq: u64,
+        /// When it was sent, by the sender's clock (ms since the Unix
+        /// epoch): how far its clock is from the receiver's.
+        sent_ms: u64,
     },
     /// Node `node` is shutting down: forget its members now.
     Bye {
@@ -141,6 +145,8 @@ pub enum Delivery {
 /// back) can be recognised as stale by the receiver.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Envelope {
+    /// The sending node.
+    pub node: u32,
     /// When it was queued: milliseconds since the Unix epoch, by the
     /// sender's clock.
     pub sent_ms: u64,
@@ -148,9 +154,10 @@ pub struct Envelope {
     pub delivery: Delivery,
 }
 
-/// Encodes `delivery` in an [`Envelope`] stamped now.
-pub fn encode_delivery(delivery: Delivery) -> Bytes {
+/// Encodes `delivery` from node `node` in an [`Envelope`] stamped now.
+pub fn encode_delivery(node: u32, delivery: Delivery) -> Bytes {
     encode(&Envelope {
+        node,
         sent_ms: now_ms(),
         delivery,
     })
@@ -221,6 +228,11 @@ impl Names {
         format!("{}:{{node:{node}}}:seq", self.ns)
     }
 
+    /// The token of the node holding number `node`.
+    pub fn owner(&self, node: u32) -> String {
+        format!("{}:{{node:{node}}}:owner", self.ns)
+    }
+
     /// The channel of membership changes and heartbeats.
     pub fn membership_channel(&self) -> String {
         format!("{}:members", self.ns)
@@ -258,7 +270,8 @@ mod tests {
             payload: vec![0, 1, 255],
         };
         assert_eq!(decode::<Delivery>(&encode(&d)), Some(d.clone()));
-        let e = decode::<Envelope>(&encode_delivery(d.clone())).expect("an envelope");
+        let e = decode::<Envelope>(&encode_delivery(3, d.clone())).expect("an envelope");
+        assert_eq!(e.node, 3);
         assert_eq!(e.delivery, d);
         assert!(e.sent_ms.abs_diff(now_ms()) < 10_000);
         let route = RouteName {
