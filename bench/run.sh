@@ -91,6 +91,7 @@ run() { # scenario-name loadgen-args...
     local name=$1; shift
     ROUTE=/echo
     [ "$1" = broadcast ] && ROUTE=/broadcast
+    [ "$1" = fanout ] && ROUTE=/broadcast
     [ -n "$ONLY" ] && [[ "$name" != *"$ONLY"* ]] && return 0
     TLS=""
     [[ "$name" == tls* ]] && TLS=1
@@ -119,6 +120,10 @@ run "echo 100x32B x16"   echo --conns 100 --size 32 --inflight 16 --seconds "$SE
 run "echo 10x16KiB x1"   echo --conns 10 --size 16384 --inflight 1 --seconds "$SECONDS_PER_RUN"
 run "echo 1000x32B x1"   echo --conns 1000 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN"
 run "broadcast 1 to 1000" broadcast --members 1000 --size 32 --inflight 16 --seconds "$SECONDS_PER_RUN"
+# A room of 10,000: one message at a time (the time until the last member
+# has it), and 16 at a time (deliveries per second).
+run "broadcast 1 to 10000 x1" fanout --members 10000 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN"
+run "broadcast 1 to 10000 x16" fanout --members 10000 --size 32 --inflight 16 --seconds "$SECONDS_PER_RUN"
 run "setup rate"         setup --concurrency 16 --seconds "$SECONDS_PER_RUN"
 run "tls echo 100x32B x1" echo --conns 100 --size 32 --inflight 1 --seconds "$SECONDS_PER_RUN"
 run "tls echo 10x16KiB x1" echo --conns 10 --size 16384 --inflight 1 --seconds "$SECONDS_PER_RUN"
@@ -241,7 +246,7 @@ print(f"Run {datetime.date.today()} on {platform.node()} ({open('/proc/cpuinfo')
 print("| scenario | metric | baseline | gateway | gateway/baseline |")
 print("|---|---|---|---|---|")
 metrics = {"echo": ["msgs_per_s", "server_cpu_us_per_msg", "mb_per_s", "p50_us", "p99_us", "p999_us", "errors"],
-           "setup": ["conns_per_s", "server_cpu_us_per_conn", "errors"], "broadcast": ["deliveries_per_s", "server_cpu_us_per_delivery", "errors"], "idle": ["kib_per_conn", "pss_kib_per_conn", "errors"]}
+           "setup": ["conns_per_s", "server_cpu_us_per_conn", "errors"], "broadcast": ["deliveries_per_s", "server_cpu_us_per_delivery", "errors"], "fanout": ["deliveries_per_s", "messages_per_s", "p50_us", "p99_us", "server_cpu_us_per_delivery", "stalled", "errors"], "idle": ["kib_per_conn", "pss_kib_per_conn", "errors"]}
 for name, pair in by.items():
     b, g = pair.get("baseline"), pair.get("gateway")
     if g and g["mode"] == "reload":

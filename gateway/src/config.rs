@@ -1527,9 +1527,13 @@ impl Parser<'_> {
                     let url =
                         self.visit(k, k_at, ValueDe(v).deserialize_any(Text("a redis:// URL")));
                     match url {
-                        Some(u) if u.starts_with("redis://") && u.len() > "redis://".len() => {
-                            redis = Some(u)
-                        }
+                        Some(u) if u.starts_with("redis://") => match check_redis_url(&u) {
+                            Ok(()) => redis = Some(u),
+                            Err(why) => {
+                                ok = false;
+                                self.error(k_at, format!("redis: {:?}: {why}", redact_url(&u)));
+                            }
+                        },
                         Some(u) if u.starts_with("rediss://") => {
                             ok = false;
                             self.error(
@@ -1610,15 +1614,30 @@ impl Parser<'_> {
         }
         if node_timeout.0 < heartbeat.0 * 2 {
             ok = false;
-            self.error(
-                node_timeout.1,
-                format!(
-                    "node_timeout: must be at least twice the heartbeat ({}ms), found {}ms: \
-                     one late heartbeat would drop a live node's members",
-                    heartbeat.0.as_millis(),
-                    node_timeout.0.as_millis()
-                ),
-            );
+            // `node_timeout` not in the file: the default.
+            let default = node_timeout.1 == at;
+            let (line, message) = if default {
+                (
+                    heartbeat.1,
+                    format!(
+                        "heartbeat: {}ms needs a node_timeout of at least twice that, and the \
+                         default node_timeout is 5s: set node_timeout = \"{}ms\" or more",
+                        heartbeat.0.as_millis(),
+                        heartbeat.0.as_millis() * 2
+                    ),
+                )
+            } else {
+                (
+                    node_timeout.1,
+                    format!(
+                        "node_timeout: {}ms is less than twice the heartbeat ({}ms): one late \
+                         heartbeat would drop a live node's members",
+                        node_timeout.0.as_millis(),
+                        heartbeat.0.as_millis()
+                    ),
+                )
+            };
+            self.error(line, message);
         }
         let Some(redis) = redis else {
             if ok {
@@ -2847,6 +2866,78 @@ impl Config {
     }
 }
 
+/// Checks a `redis://` URL: `redis://[user[:password]@]host[:port][/0]`.
+/// A database other than 0 is refused: pub/sub channels are shared by
+/// every database of a server, so it would not separate two clusters.
+fn check_redis_url(url: &str) -> Result<(), String> {
+    let rest = url.strip_prefix("redis://").unwrap_or(url);
+    if rest.contains('?') || rest.contains('#') {
+        return Err(
+            "query parameters are not supported: use redis://[user:password@]host[:port]".into(),
+        );
+    }
+    let (auth_host, db) = match rest.split_once('/') {
+        Some((h, db)) => (h, Some(db)),
+        None => (rest, None),
+    };
+    let host_port = auth_host.rsplit_once('@').map_or(auth_host, |(_, h)| h);
+    let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, p)) => match p {
+                "" => (h, None),
+                p => match p.strip_prefix(':') {
+                    Some(port) => (h, Some(port)),
+                    None => return Err(format!("{p:?} after the IPv6 address")),
+                },
+            },
+            None => return Err("an IPv6 address needs its closing `]`".into()),
+        }
+    } else {
+        match host_port.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (host_port, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(
+            "no host: expected redis://host:port, for example \"redis://127.0.0.1:6379\"".into(),
+        );
+    }
+    if let Some(p) = port {
+        match p.parse::<u16>() {
+            Ok(n) if n > 0 => {}
+            _ => return Err(format!("port {p:?} is not a port number (1 to 65535)")),
+        }
+    }
+    match db {
+        None | Some("") | Some("0") => Ok(()),
+        Some(d) if d.chars().all(|c| c.is_ascii_digit()) => Err(format!(
+            "database {d}: pub/sub channels are shared by every database of a Redis server, \
+             so a database number does not separate clusters; use database 0 and give each \
+             cluster its own `namespace`"
+        )),
+        Some(d) => Err(format!("{d:?} is not a database number")),
+    }
+}
+
+/// `url` with its password replaced by `***`, for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (auth_host, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match auth_host.rsplit_once('@') {
+        Some((auth, host)) => match auth.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
+            None => format!("{scheme}://***@{host}{path}"),
+        },
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2945,6 +3036,32 @@ mod tests {
         assert_eq!(c.server.threads, 0);
         let c = parse("[server]\nthreads = 1\n[[route]]\npath = \"/a\"\nplugin = \"a\"\n").unwrap();
         assert_eq!(c.server.threads, 1);
+    }
+
+    #[test]
+    fn redis_urls_are_checked_and_passwords_redacted() {
+        for good in [
+            "redis://127.0.0.1:6379",
+            "redis://localhost",
+            "redis://user:pw@10.0.0.5:6380/0",
+            "redis://:pw@[::1]:6379",
+        ] {
+            assert_eq!(check_redis_url(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "redis://",
+            "redis://127.0.0.1:99999",
+            "redis://127.0.0.1:0",
+            "redis://127.0.0.1:6379/abc",
+            "redis://127.0.0.1:6379/3",
+            "redis://127.0.0.1:6379?timeout=1",
+            "redis://[::1:6379",
+        ] {
+            assert!(check_redis_url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(redact_url("redis://:s3cret@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact_url("redis://u:s3cret@h"), "redis://u:***@h");
+        assert_eq!(redact_url("redis://h:1"), "redis://h:1");
     }
 
     #[test]

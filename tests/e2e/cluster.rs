@@ -383,7 +383,9 @@ plugin = "{testkit}"
         "{err}"
     );
     assert!(
-        err.contains("gateway.toml:5: node_timeout: must be at least twice the heartbeat"),
+        err.contains(
+            "gateway.toml:5: node_timeout: 1000ms is less than twice the heartbeat (1000ms)"
+        ),
         "{err}"
     );
     assert!(
@@ -400,6 +402,22 @@ plugin = "{testkit}"
         err.contains("gateway.toml:1: cluster: `redis` is missing"),
         "{err}"
     );
+    // The default node_timeout (5 s) against a long heartbeat: the error
+    // says what to set. A database number would not separate clusters.
+    let (ok, _, err) = check_output(
+        "cluster-config-default",
+        "[cluster]\nredis = \"redis://127.0.0.1:6379/3\"\nheartbeat = \"3s\"\n\n[[route]]\npath = \"/chat\"\nplugin = \"{testkit}\"\n",
+        &[],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("gateway.toml:3: heartbeat: 3000ms needs a node_timeout of at least twice that, and the default node_timeout is 5s"),
+        "{err}"
+    );
+    assert!(
+        err.contains("gateway.toml:2: redis: \"redis://127.0.0.1:6379/3\": database 3: pub/sub channels are shared"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,7 +425,10 @@ async fn a_node_started_while_redis_is_down_serves_alone_then_joins_the_cluster(
     let mut redis = Redis::reserve("cluster-late-redis");
     let a = node(&redis, "cluster-late", "a");
     let warning = a.wait_log("is unreachable at start");
-    assert!(warning.contains("takes the random node number"), "{warning}");
+    assert!(
+        warning.contains("takes the random node number"),
+        "{warning}"
+    );
     let mut on_a = connect(&a.url("/chat")).await;
     let mut a2 = connect(&a.url("/chat")).await;
     for ws in [&mut on_a, &mut a2] {
@@ -450,11 +471,138 @@ async fn a_node_whose_number_another_node_took_leaves_the_cluster_and_serves_alo
         .expect("redis-cli");
     assert!(set.status.success());
     let line = a.wait_log("leaves the cluster");
-    assert!(line.contains("another node (someone-else) holds its node number"), "{line}");
+    assert!(
+        line.contains("another node (someone-else) holds its node number"),
+        "{line}"
+    );
     // Node a's members stop counting on node b; node a serves its own.
     until(&mut on_b, "size r", "ok 1", WAIT).await;
     until(&mut on_a, "size r", "ok 2", WAIT).await;
     assert_eq!(command(&mut on_a, "broadcast r local").await, "ok 1");
     assert_eq!(next_text(&mut a2).await, "local");
     expect_silence(&mut on_b, Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_nodes_goodbyes_reach_the_other_nodes_before_its_members_stop_counting() {
+    let redis = Redis::start("cluster-sigterm-redis");
+    let config = |name: &str| {
+        format!(
+            "[cluster]\nredis = \"{}\"\nnode_id = \"{name}\"\nheartbeat = \"200ms\"\nnode_timeout = \"1s\"\n\n\
+             [[route]]\npath = \"/chat\"\nplugin = \"builtin:chat\"\n",
+            redis.url()
+        )
+    };
+    let a = Gateway::start("cluster-sigterm-a", &config("a"));
+    let mut b = Gateway::start("cluster-sigterm-b", &config("b"));
+    let mut watcher = connect(&a.url("/chat?room=r&name=watcher")).await;
+    let welcome = next_json(&mut watcher).await;
+    assert_eq!(welcome["members"], 1, "{welcome}");
+    // Until node b knows node a (it has just started), a join on b would
+    // not reach a's members: wait until b's welcome counts the watcher.
+    let start = Instant::now();
+    loop {
+        let mut probe = connect(&b.url("/chat?room=r&name=probe")).await;
+        let welcome = next_json(&mut probe).await;
+        drop(probe);
+        if welcome["members"] == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "node b never counted node a's member"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut leavers = Vec::new();
+    for i in 0..5 {
+        let mut ws = connect(&b.url(&format!("/chat?room=r&name=leaver{i}"))).await;
+        let _welcome = next_json(&mut ws).await;
+        leavers.push(ws);
+        // Each join crosses to node a.
+        let join = next_leaver(&mut watcher).await;
+        assert_eq!(join["type"], "join", "{join}");
+    }
+    b.signal("TERM");
+    // Every on-close broadcast (a "leave" per member) crosses before node b
+    // says goodbye.
+    let mut left = Vec::new();
+    for _ in 0..5 {
+        let m = next_leaver(&mut watcher).await;
+        assert_eq!(m["type"], "leave", "{m}");
+        left.push(m["name"].as_str().unwrap_or_default().to_owned());
+    }
+    left.sort();
+    assert_eq!(
+        left,
+        ["leaver0", "leaver1", "leaver2", "leaver3", "leaver4"]
+    );
+    assert_eq!(b.wait_exit(WAIT), Some(0));
+    a.wait_log("cluster: node b left");
+    drop(leavers);
+}
+
+/// The next chat event about a `leaver*` (the probes' are skipped).
+async fn next_leaver(ws: &mut Ws) -> serde_json::Value {
+    loop {
+        let m = next_json(ws).await;
+        if m["name"].as_str().is_some_and(|n| n.starts_with("leaver")) {
+            return m;
+        }
+    }
+}
+
+#[test]
+fn a_wrong_redis_password_stops_the_start_with_the_config_line() {
+    let mut redis = Redis::reserve("cluster-auth-redis");
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &redis.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--requirepass",
+            "right",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    redis.child = Some(child);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", redis.port)).is_err() {
+        assert!(start.elapsed() < WAIT, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dir = scratch("cluster-auth");
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[cluster]\nredis = \"redis://:wrong@127.0.0.1:{}\"\n\n[[route]]\npath = \"/chat\"\nplugin = \"builtin:echo\"\n",
+            redis.port
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .expect("wasmgate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("gateway.toml:1: [cluster]"), "{err}");
+    assert!(err.contains("check the user and password"), "{err}");
+    assert!(
+        err.contains("redis://:***@127.0.0.1"),
+        "the password is hidden: {err}"
+    );
+    assert!(!err.contains("wrong@"), "the password is hidden: {err}");
 }

@@ -840,6 +840,12 @@ async fn fanout(
     let (mut sender, _) = open(nodes[0], &args.path).await?;
     // Let every node learn every membership before the first send.
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The processes named, or else --server-pid.
+    let pids: Vec<u32> = if pids.is_empty() {
+        args.server_pid.into_iter().collect()
+    } else {
+        pids.to_vec()
+    };
     let cpu: Vec<CpuWindow> = pids
         .iter()
         .map(|&pid| CpuWindow::start(Some(pid), measure_from, until))
@@ -881,7 +887,7 @@ async fn fanout(
     for r in receivers {
         r.abort();
     }
-    let mut cpu_s = Some(0.0);
+    let mut cpu_s = (!pids.is_empty()).then_some(0.0);
     for c in cpu {
         cpu_s = match (cpu_s, c.seconds().await) {
             (Some(a), Some(b)) => Some(a + b),

@@ -88,18 +88,26 @@ fn builder(settings: &ClusterSettings) -> Result<Builder, ClusterError> {
 fn url_error(settings: &ClusterSettings, e: &fred::error::Error) -> ClusterError {
     ClusterError::Url {
         origin: settings.origin.clone(),
-        url: settings.redis.clone(),
+        url: crate::config::redact_url(&settings.redis),
         reason: e.details().to_owned(),
     }
 }
 
-/// The command client for `settings`, connecting in the background.
+/// The command client for `settings`, not connected yet
+/// ([`take_node_number`] connects it).
 pub fn client(settings: &ClusterSettings) -> Result<Client, ClusterError> {
-    let client = builder(settings)?
+    builder(settings)?
         .build()
-        .map_err(|e| url_error(settings, &e))?;
-    client.connect();
-    Ok(client)
+        .map_err(|e| url_error(settings, &e))
+}
+
+/// Why no node number could be taken at start.
+#[derive(Debug)]
+pub enum Start {
+    /// Redis refused the credentials (fatal: a config error).
+    Auth(String),
+    /// Redis did not answer (the node starts alone).
+    Unreachable(String),
 }
 
 /// Takes a node number, waiting at most 3 s: `ZINCRBY` on the counter,
@@ -110,9 +118,25 @@ pub async fn take_node_number(
     names: &wire::Names,
     token: &str,
     settings: &ClusterSettings,
-) -> Result<u32, String> {
+) -> Result<u32, Start> {
+    // Listening for errors before connecting: a refused password shows
+    // there (the client keeps retrying, so the connection never fails).
+    let mut errors = client.error_rx();
+    let connected = client.wait_for_connect();
+    client.connect();
     let attempt = async {
-        client.wait_for_connect().await?;
+        tokio::select! {
+            r = connected => r?,
+            e = async {
+                loop {
+                    match errors.recv().await {
+                        Ok((e, _)) if *e.kind() == fred::error::ErrorKind::Auth => return e,
+                        Ok(_) => {}
+                        Err(_) => std::future::pending::<()>().await,
+                    }
+                }
+            } => return Err(e),
+        }
         for _ in 0..64 {
             let n: f64 = client.zincrby(names.node_seq(), 1.0, COUNTER).await?;
             let node = super::node_number(n.max(1.0) as u64);
@@ -136,8 +160,9 @@ pub async fn take_node_number(
     };
     match tokio::time::timeout(Duration::from_secs(3), attempt).await {
         Ok(Ok(n)) => Ok(n),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no answer within 3 s".into()),
+        Ok(Err(e)) if *e.kind() == fred::error::ErrorKind::Auth => Err(Start::Auth(e.to_string())),
+        Ok(Err(e)) => Err(Start::Unreachable(e.to_string())),
+        Err(_) => Err(Start::Unreachable("no answer within 3 s".into())),
     }
 }
 
@@ -183,7 +208,7 @@ impl Health {
                 tracing::info!(
                     "cluster: Redis at {} is reachable again: node {} rewrites its rooms, \
                      cross-node delivery resumes",
-                    cluster.settings.redis,
+                    crate::config::redact_url(&cluster.settings.redis),
                     cluster.name
                 );
             }
@@ -200,7 +225,7 @@ impl Health {
             tracing::warn!(
                 "cluster: degraded: Redis at {} is unreachable ({why}); local rooms and sends \
                  go on, deliveries to other nodes are dropped and counted until it is back",
-                cluster.settings.redis
+                crate::config::redact_url(&cluster.settings.redis)
             );
             self.up = Some(false);
             Cluster::metrics()
@@ -296,7 +321,9 @@ impl Writer {
             }
         }
         if !ready(&c) {
-            self.health.failed(&c, &"not connected");
+            if !c.client.is_connected() {
+                self.health.failed(&c, &"not connected");
+            }
             if !changes.is_empty() {
                 c.dirty.store(true, Ordering::Release);
             }

@@ -46,11 +46,13 @@ use replica::Replica;
 use wire::{Change, Names, RouteName};
 
 /// Connection ids are `node << NODE_SHIFT | n`: 2^40 connections per node
-/// start, and node numbers below 2^20.
+/// start, and node numbers below 2^13, so that every id stays below 2^53
+/// (exact in JSON and JavaScript numbers).
 pub const NODE_SHIFT: u32 = 40;
 /// Node numbers handed out by Redis are below this; a node that could not
-/// reach Redis at start picks a random number at or above it.
-const ASSIGNED_NODES: u64 = 1 << 19;
+/// reach Redis at start picks a random number at or above it (and below
+/// twice it).
+const ASSIGNED_NODES: u64 = 1 << 12;
 /// Changes and deliveries waiting for the link task before more are
 /// dropped (and counted).
 const QUEUE: usize = 1 << 16;
@@ -74,6 +76,16 @@ pub(crate) fn node_number(n: u64) -> u32 {
 /// Why the cluster could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// Redis refused this node's credentials at start.
+    #[error("{origin}: redis {url:?}: {reason}: check the user and password in the URL")]
+    Auth {
+        /// Where `[cluster]` is.
+        origin: String,
+        /// The URL, its password hidden.
+        url: String,
+        /// What Redis said.
+        reason: String,
+    },
     /// The `redis` URL was refused by the client.
     #[error("{origin}: redis {url:?}: {reason}")]
     Url {
@@ -169,13 +181,20 @@ impl Cluster {
         let token = format!("{name}:{:016x}", random());
         let node = match link::take_node_number(&client, &names, &token, settings).await {
             Ok(n) => n,
-            Err(e) => {
+            Err(link::Start::Auth(reason)) => {
+                return Err(ClusterError::Auth {
+                    origin: settings.origin.clone(),
+                    url: crate::config::redact_url(&settings.redis),
+                    reason,
+                })
+            }
+            Err(link::Start::Unreachable(e)) => {
                 let n = (ASSIGNED_NODES | (random() % ASSIGNED_NODES)) as u32;
                 tracing::warn!(
                     "{}: Redis at {} is unreachable at start ({e}): node {name} takes the random \
                      node number {n} and serves on its own until Redis is back",
                     settings.origin,
-                    settings.redis
+                    crate::config::redact_url(&settings.redis)
                 );
                 n
             }
@@ -220,7 +239,7 @@ impl Cluster {
             self.name,
             self.node,
             self.id_base() + 1,
-            self.settings.redis,
+            crate::config::redact_url(&self.settings.redis),
             self.settings.heartbeat.as_millis(),
             self.settings.node_timeout.as_millis()
         );
@@ -394,7 +413,7 @@ mod tests {
 
     #[test]
     fn node_numbers_fit_the_id_layout() {
-        const { assert!(ASSIGNED_NODES * 2 <= 1 << (64 - NODE_SHIFT)) };
+        const { assert!((ASSIGNED_NODES * 2) << NODE_SHIFT <= 1 << 53) };
         assert_eq!(node_of(7 << NODE_SHIFT | 12345), 7);
         assert_eq!(node_of(12345), 0);
     }

@@ -86,8 +86,8 @@ impl Reloader {
         files.sort();
         files.dedup();
         tracing::info!(
-            files = files.len(),
-            "hot reload: watching the config, plugin and certificate files"
+            "hot reload: watching {} files (the config, plugins and certificates)",
+            files.len()
         );
         if let Err(e) = watcher.set_files(files) {
             tracing::warn!("hot reload: {e}");
