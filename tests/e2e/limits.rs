@@ -327,3 +327,75 @@ async fn fragments_mode_checks_text_across_fragments() {
     raw.send_frame(0x00, b"x", true).await;
     assert_eq!(raw.expect_close().await, 1007);
 }
+
+#[test]
+fn a_gateway_whose_open_file_limit_cannot_hold_max_connections_says_so_at_start() {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::process::CommandExt;
+    let dir = scratch("nofile");
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        "[server]\nmax_connections = 5000\n\n[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n",
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        file.to_str().unwrap(),
+    ])
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; it only lowers this child's
+    // limits before exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 200,
+                rlim_max: 600,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("start wasmgate");
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut seen = String::new();
+    let warning = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains("RLIMIT_NOFILE") => break line,
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no open-file warning:\n{seen}");
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    // The soft limit (200) was raised to the hard one (600).
+    assert!(
+        warning.contains("the open-file limit (RLIMIT_NOFILE) is 600: about 344 connections fit, but max_connections is 5000"),
+        "{warning}"
+    );
+    assert!(
+        warning.contains("to 5256 or lower max_connections"),
+        "{warning}"
+    );
+}

@@ -241,6 +241,7 @@ impl Gateway {
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> bool {
         let shared = self.shared;
         check_map_count(shared.settings.max_connections);
+        check_open_files(shared.settings.max_connections);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -348,6 +349,48 @@ fn check_map_count(max_connections: usize) {
              upgrades past about {fits} open connections will get 503. Raise it with \
              `sysctl -w vm.max_map_count={}` or lower max_connections",
             needed.max(262_144).next_power_of_two()
+        );
+    }
+}
+
+/// Descriptors kept free for everything but client sockets (the listeners,
+/// watched files, plugin files and directories, Redis, logs).
+const FILES_HEADROOM: u64 = 256;
+
+/// Raises the soft open-file limit (`RLIMIT_NOFILE`) to the hard one, as
+/// servers do (the soft default, often 1,024, would refuse connections long
+/// before `max_connections`), and warns, once at start, when even the hard
+/// limit cannot hold `max_connections` sockets: accepts past it fail and
+/// are retried until a connection closes. Says how many fit and how to
+/// raise it.
+fn check_open_files(max_connections: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            lim.rlim_cur = lim.rlim_max;
+        }
+    }
+    let limit: u64 = lim.rlim_cur;
+    let fits = limit.saturating_sub(FILES_HEADROOM);
+    if (max_connections as u64) > fits {
+        tracing::warn!(
+            "the open-file limit (RLIMIT_NOFILE) is {limit}: about {fits} connections fit, but \
+             max_connections is {max_connections}; accepts past that wait until a connection \
+             closes. Raise the hard limit (LimitNOFILE= in a systemd unit, `ulimit -Hn` as \
+             root, nofile in /etc/security/limits.conf) to {} or lower max_connections",
+            max_connections as u64 + FILES_HEADROOM
         );
     }
 }
