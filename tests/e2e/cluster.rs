@@ -606,3 +606,36 @@ fn a_wrong_redis_password_stops_the_start_with_the_config_line() {
     );
     assert!(!err.contains("wrong@"), "the password is hidden: {err}");
 }
+
+/// The node number a node's log line announces.
+fn number_of(gw: &Gateway) -> u64 {
+    let line = gw.wait_log("is node number");
+    line.split("is node number ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number in {line}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_right_after_redis_lost_its_data_does_not_take_a_live_nodes_number() {
+    let mut redis = Redis::start("cluster-renumber-redis");
+    let a = node(&redis, "cluster-renumber", "a");
+    let mut on_a = connect(&a.url("/chat")).await;
+    assert_eq!(command(&mut on_a, "join r").await, "ok joined");
+    // Redis restarts empty: the counter and the claims are gone.
+    redis.kill();
+    redis.restart();
+    let c = node(&redis, "cluster-renumber", "c");
+    c.wait_log("for the live nodes to claim their numbers again");
+    assert_ne!(
+        number_of(&a),
+        number_of(&c),
+        "two live nodes share a number"
+    );
+    let mut on_c = connect(&c.url("/chat")).await;
+    assert_eq!(command(&mut on_c, "join r").await, "ok joined");
+    until(&mut on_c, "size r", "ok 2", WAIT).await;
+    until(&mut on_a, "size r", "ok 2", WAIT).await;
+    assert!(!a.log().contains("leaves the cluster"), "{}", a.log());
+}

@@ -125,17 +125,51 @@ pub async fn take_node_number(
     let connected = client.wait_for_connect();
     client.connect();
     let attempt = async {
-        tokio::select! {
-            r = connected => r?,
-            e = async {
-                loop {
-                    match errors.recv().await {
-                        Ok((e, _)) if *e.kind() == fred::error::ErrorKind::Auth => return e,
-                        Ok(_) => {}
-                        Err(_) => std::future::pending::<()>().await,
+        let first = async {
+            tokio::select! {
+                r = connected => r,
+                e = async {
+                    loop {
+                        match errors.recv().await {
+                            Ok((e, _)) if *e.kind() == fred::error::ErrorKind::Auth => return e,
+                            Ok(_) => {}
+                            Err(_) => std::future::pending::<()>().await,
+                        }
                     }
-                }
-            } => return Err(e),
+                } => Err(e),
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(3), first).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(fred::error::Error::new(
+                    fred::error::ErrorKind::Timeout,
+                    "no answer within 3 s",
+                ))
+            }
+        }
+        // A Redis that has just started may have lost every claim: the
+        // live nodes reconnect (backoff up to 5 s) and claim their numbers
+        // again within a heartbeat. Numbers are taken only after that, so
+        // that a live node's number is never handed out again.
+        loop {
+            let info: String = client.info(Some(fred::types::InfoKind::Server)).await?;
+            let uptime = info
+                .lines()
+                .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(u64::MAX);
+            let settle = settle_time(settings);
+            let up = Duration::from_secs(uptime);
+            if up >= settle {
+                break;
+            }
+            tracing::info!(
+                "cluster: Redis started {uptime} s ago: waiting {} ms for the live nodes to \
+                 claim their numbers again before taking one",
+                (settle - up).as_millis()
+            );
+            tokio::time::sleep(settle - up).await;
         }
         for _ in 0..64 {
             let n: f64 = client.zincrby(names.node_seq(), 1.0, COUNTER).await?;
@@ -158,12 +192,19 @@ pub async fn take_node_number(
             "64 node numbers in a row are taken",
         ))
     };
-    match tokio::time::timeout(Duration::from_secs(3), attempt).await {
+    match tokio::time::timeout(Duration::from_secs(6) + settle_time(settings), attempt).await {
         Ok(Ok(n)) => Ok(n),
         Ok(Err(e)) if *e.kind() == fred::error::ErrorKind::Auth => Err(Start::Auth(e.to_string())),
         Ok(Err(e)) => Err(Start::Unreachable(e.to_string())),
         Err(_) => Err(Start::Unreachable("no answer within 3 s".into())),
     }
+}
+
+/// How long after Redis starts live nodes have all reclaimed their
+/// numbers: the longest reconnection backoff (5 s), two heartbeats, and a
+/// second of margin.
+fn settle_time(settings: &ClusterSettings) -> Duration {
+    Duration::from_secs(6) + settings.heartbeat * 2
 }
 
 /// Starts the subscriber and writer tasks; returns the writer's handle.
