@@ -114,7 +114,13 @@ async fn a_looping_handler_does_not_hold_up_other_tenants_and_is_cut_off_at_max_
 
 #[tokio::test]
 async fn twenty_handlers_looping_at_once_do_not_hold_up_other_tenants() {
-    let gw = Gateway::start("hostile-spin-20", ARENA);
+    // Loops of 4 s rather than 2: twenty of them saturate this machine's
+    // cores, and on a loaded test machine the victim's round trip needs
+    // the margin (the claim is only that it is served while they loop).
+    let gw = Gateway::start(
+        "hostile-spin-20",
+        &ARENA.replace(r#"max_call_time = "2s""#, r#"max_call_time = "4s""#),
+    );
     let mut spinners = Vec::new();
     for _ in 0..20 {
         spinners.push(attacker(&gw).await);
@@ -124,7 +130,7 @@ async fn twenty_handlers_looping_at_once_do_not_hold_up_other_tenants() {
         send(s, "spin").await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // Served while all twenty are still looping (each runs for 2 s).
+    // Served while all twenty are still looping (each runs for 4 s).
     victim_is_served(&mut v).await;
     let mut fresh = victim(&gw).await;
     victim_is_served(&mut fresh).await;
