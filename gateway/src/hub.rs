@@ -535,17 +535,7 @@ impl Hub {
                 }
             }
         }
-        for conn in members {
-            let frame = if text {
-                Outbound::Text(payload.clone())
-            } else {
-                Outbound::Binary(payload.clone())
-            };
-            if conn.deliver(frame).is_ok() {
-                delivered += 1;
-            }
-        }
-        Ok(delivered)
+        Ok(delivered.saturating_add(deliver_all(members, text, &payload)))
     }
 
     /// Queues a message to this node's members of `room` but `except`
@@ -566,18 +556,7 @@ impl Hub {
                 .collect(),
             None => return 0,
         };
-        let mut delivered = 0u32;
-        for conn in members {
-            let frame = if text {
-                Outbound::Text(payload.clone())
-            } else {
-                Outbound::Binary(payload.clone())
-            };
-            if conn.deliver(frame).is_ok() {
-                delivered += 1;
-            }
-        }
-        delivered
+        deliver_all(members, text, &payload)
     }
 
     /// Queues `frame` for connection `id` on another node of the cluster:
@@ -713,6 +692,22 @@ impl Hub {
         }
         Ok(removed)
     }
+}
+
+/// Queues `payload` to each of `members`; how many accepted it.
+fn deliver_all(members: Vec<Arc<ConnHandle>>, text: bool, payload: &Bytes) -> u32 {
+    let mut delivered = 0u32;
+    for conn in members {
+        let frame = if text {
+            Outbound::Text(payload.clone())
+        } else {
+            Outbound::Binary(payload.clone())
+        };
+        if conn.deliver(frame).is_ok() {
+            delivered += 1;
+        }
+    }
+    delivered
 }
 
 fn check_room(room: &str) -> Result<(), GatewayError> {

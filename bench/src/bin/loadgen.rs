@@ -439,34 +439,8 @@ async fn open_negotiated(addr: SocketAddr, path: &str) -> anyhow::Result<(Conn, 
 /// Takes complete server frames off the front of `buf`; returns how many
 /// data frames (text or binary) were removed.
 fn take_frames(buf: &mut Vec<u8>) -> anyhow::Result<usize> {
-    let mut pos = 0;
     let mut data = 0;
-    loop {
-        let b = &buf[pos..];
-        if b.len() < 2 {
-            break;
-        }
-        let (hdr, len) = match b[1] & 0x7F {
-            126 if b.len() >= 4 => (4, u16::from_be_bytes([b[2], b[3]]) as usize),
-            127 if b.len() >= 10 => {
-                let mut n = [0u8; 8];
-                n.copy_from_slice(&b[2..10]);
-                (10, u64::from_be_bytes(n) as usize)
-            }
-            126 | 127 => break,
-            n => (2, n as usize),
-        };
-        if b.len() < hdr + len {
-            break;
-        }
-        match b[0] & 0x0F {
-            0x1 | 0x2 => data += 1,
-            0x8 => bail!("server closed the connection"),
-            _ => {}
-        }
-        pos += hdr + len;
-    }
-    buf.drain(..pos);
+    take_payloads(buf, |_| data += 1)?;
     Ok(data)
 }
 
