@@ -55,8 +55,9 @@ pub struct Config {
 /// reload that changes it is logged as needing a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterSettings {
-    /// The Redis server, as a `redis://[user:password@]host[:port][/db]`
-    /// URL.
+    /// The Redis server, as a `redis://[user:password@]host[:port][/0]`
+    /// URL, or a Redis Cluster as
+    /// `redis-cluster://[user:password@]host:port[?node=host:port&...]`.
     pub redis: String,
     /// This node's name in logs and in what other nodes see
     /// (default: `<hostname>-<process id>`).
@@ -1527,20 +1528,27 @@ impl Parser<'_> {
                     let url =
                         self.visit(k, k_at, ValueDe(v).deserialize_any(Text("a redis:// URL")));
                     match url {
-                        Some(u) if u.starts_with("redis://") => match check_redis_url(&u) {
-                            Ok(()) => redis = Some(u),
-                            Err(why) => {
-                                ok = false;
-                                self.error(k_at, format!("redis: {:?}: {why}", redact_url(&u)));
+                        Some(u)
+                            if u.starts_with("redis://") || u.starts_with("redis-cluster://") =>
+                        {
+                            match check_redis_url(&u) {
+                                Ok(()) => redis = Some(u),
+                                Err(why) => {
+                                    ok = false;
+                                    self.error(k_at, format!("redis: {:?}: {why}", redact_url(&u)));
+                                }
                             }
-                        },
-                        Some(u) if u.starts_with("rediss://") => {
+                        }
+                        Some(u)
+                            if u.starts_with("rediss://") || u.starts_with("rediss-cluster://") =>
+                        {
                             ok = false;
                             self.error(
                                 k_at,
                                 format!(
-                                    "redis: {u:?}: TLS to Redis (rediss://) is not supported; \
-                                     use redis:// on a private network or through a TLS tunnel"
+                                    "redis: {:?}: TLS to Redis (rediss://) is not supported; \
+                                     use redis:// on a private network or through a TLS tunnel",
+                                    redact_url(&u)
                                 ),
                             );
                         }
@@ -1549,7 +1557,8 @@ impl Parser<'_> {
                             self.error(
                                 k_at,
                                 format!(
-                                    r#"redis: {u:?} is not a Redis URL: expected redis://host:port, for example "redis://127.0.0.1:6379""#
+                                    r#"redis: {:?} is not a Redis URL: expected redis://host:port, for example "redis://127.0.0.1:6379", or redis-cluster://host:port for a Redis Cluster"#,
+                                    redact_url(&u)
                                 ),
                             );
                         }
@@ -2866,22 +2875,88 @@ impl Config {
     }
 }
 
-/// Checks a `redis://` URL: `redis://[user[:password]@]host[:port][/0]`.
-/// A database other than 0 is refused: pub/sub channels are shared by
-/// every database of a server, so it would not separate two clusters.
+/// Checks a Redis URL: `redis://[user[:password]@]host[:port][/0]` for
+/// one server, or `redis-cluster://[user[:password]@]host[:port]` with
+/// optional `?node=host:port&node=...` (more seed nodes) for a Redis
+/// Cluster. A database other than 0 is refused: pub/sub channels are
+/// shared by every database of a server, so it would not separate two
+/// clusters (and a Redis Cluster has database 0 only). Error messages never
+/// quote the user or password.
 fn check_redis_url(url: &str) -> Result<(), String> {
-    let rest = url.strip_prefix("redis://").unwrap_or(url);
-    if rest.contains('?') || rest.contains('#') {
-        return Err(
-            "query parameters are not supported: use redis://[user:password@]host[:port]".into(),
-        );
+    let (cluster, rest) = match url.strip_prefix("redis-cluster://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("redis://").unwrap_or(url)),
+    };
+    // The credentials end at the last `@`; a `/`, `?` or `#` before it
+    // would end the host part early (and split the password).
+    if let Some(at) = rest.rfind('@') {
+        if rest[..at].contains(['/', '?', '#']) {
+            return Err(
+                "the user or password holds `/`, `?` or `#`: percent-encode them \
+                 (%2F, %3F, %23)"
+                    .into(),
+            );
+        }
     }
+    if rest.contains('#') {
+        return Err("a URL fragment (`#...`) is not supported".into());
+    }
+    let (rest, query) = match rest.split_once('?') {
+        Some((r, q)) => (r, Some(q)),
+        None => (rest, None),
+    };
     let (auth_host, db) = match rest.split_once('/') {
         Some((h, db)) => (h, Some(db)),
         None => (rest, None),
     };
     let host_port = auth_host.rsplit_once('@').map_or(auth_host, |(_, h)| h);
+    check_host_port(host_port, false)?;
+    match query {
+        None => {}
+        Some(_) if !cluster => {
+            return Err(
+                "query parameters are not supported: use redis://[user:password@]host[:port], \
+                 or redis-cluster://host:port?node=host:port for a Redis Cluster"
+                    .into(),
+            )
+        }
+        Some(q) => {
+            for part in q.split('&') {
+                match part.strip_prefix("node=") {
+                    Some(node) => {
+                        check_host_port(node, true).map_err(|why| format!("node={node}: {why}"))?
+                    }
+                    None => {
+                        return Err(format!(
+                            "{part:?}: the only query parameter is node=host:port (another \
+                             seed node of the Redis Cluster)"
+                        ))
+                    }
+                }
+            }
+        }
+    }
+    match db {
+        None | Some("") | Some("0") => Ok(()),
+        Some(_) if cluster => {
+            Err("a Redis Cluster has database 0 only: remove the path after the port".into())
+        }
+        Some(d) if d.chars().all(|c| c.is_ascii_digit()) => Err(format!(
+            "database {d}: pub/sub channels are shared by every database of a Redis server, \
+             so a database number does not separate clusters; use database 0 and give each \
+             cluster its own `namespace`"
+        )),
+        Some(d) => Err(format!("{d:?} is not a database number")),
+    }
+}
+
+/// Checks `host[:port]` (`[v6]:port` too, unless `seed`: the `node=` seeds
+/// of a Redis Cluster URL are `name-or-v4:port`, port required).
+fn check_host_port(host_port: &str, seed: bool) -> Result<(), String> {
     let (host, port) = if let Some(v6) = host_port.strip_prefix('[') {
+        if seed {
+            return Err("an IPv6 address is not supported in node=: use a host name".into());
+        }
         match v6.split_once(']') {
             Some((h, p)) => match p {
                 "" => (h, None),
@@ -2903,36 +2978,26 @@ fn check_redis_url(url: &str) -> Result<(), String> {
             "no host: expected redis://host:port, for example \"redis://127.0.0.1:6379\"".into(),
         );
     }
-    if let Some(p) = port {
-        match p.parse::<u16>() {
-            Ok(n) if n > 0 => {}
-            _ => return Err(format!("port {p:?} is not a port number (1 to 65535)")),
-        }
-    }
-    match db {
-        None | Some("") | Some("0") => Ok(()),
-        Some(d) if d.chars().all(|c| c.is_ascii_digit()) => Err(format!(
-            "database {d}: pub/sub channels are shared by every database of a Redis server, \
-             so a database number does not separate clusters; use database 0 and give each \
-             cluster its own `namespace`"
-        )),
-        Some(d) => Err(format!("{d:?} is not a database number")),
+    match port {
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(()),
+            _ => Err(format!("port {p:?} is not a port number (1 to 65535)")),
+        },
+        None if seed => Err("the port is missing: node=host:port".into()),
+        None => Ok(()),
     }
 }
 
-/// `url` with its password replaced by `***`, for logs and errors.
+/// `url` with its user's password replaced by `***`, for logs and errors.
+/// The credentials end at the last `@` (a password may hold `@`, `/`...).
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    let (auth_host, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match auth_host.rsplit_once('@') {
+    match rest.rsplit_once('@') {
         Some((auth, host)) => match auth.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{path}"),
-            None => format!("{scheme}://***@{host}{path}"),
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+            None => format!("{scheme}://***@{host}"),
         },
         None => url.to_owned(),
     }
@@ -3056,12 +3121,43 @@ mod tests {
             "redis://127.0.0.1:6379/3",
             "redis://127.0.0.1:6379?timeout=1",
             "redis://[::1:6379",
+            "redis-cluster://h:1/0?node=h2:2/3",
+            "redis-cluster://h:1/2",
+            "redis-cluster://h:1?node=h2",
+            "redis-cluster://h:1?node=h2:0",
+            "redis-cluster://h:1?timeout=5",
+            "redis-cluster://h:1#x",
+            "redis://u:pa/ss@h:1",
+            "redis://u:pa?ss@h:1",
         ] {
             assert!(check_redis_url(bad).is_err(), "{bad}");
+        }
+        for good in [
+            "redis-cluster://10.0.0.5:7000",
+            "redis-cluster://u:pw@10.0.0.5:7000?node=10.0.0.6:7001&node=redis-c:7002",
+            "redis-cluster://:p@ss@h:7000",
+            "redis://:p@ss@h:7000",
+        ] {
+            assert_eq!(check_redis_url(good), Ok(()), "{good}");
+        }
+        // No part of a password is ever quoted.
+        for url in [
+            "redis://u:zq/zq@h:1",
+            "redis://u:zq?zq@h:1",
+            "redis://u:zq#zq@h:1",
+            "redis://:zq@zq@h:1",
+        ] {
+            let why = check_redis_url(url).err().unwrap_or_default();
+            assert!(!why.contains("zq"), "{url}: {why}");
         }
         assert_eq!(redact_url("redis://:s3cret@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact_url("redis://u:s3cret@h"), "redis://u:***@h");
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");
+        assert_eq!(redact_url("redis://u:p@s/s@h:1"), "redis://u:***@h:1");
+        assert_eq!(
+            redact_url("redis-cluster://:x@h:1?node=h2:2"),
+            "redis-cluster://:***@h:1?node=h2:2"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -314,7 +314,11 @@ type Members = HashMap<u64, Arc<ConnHandle>>;
 pub struct Hub {
     conns: RwLock<HashMap<u64, Arc<ConnHandle>>>,
     rooms: Mutex<HashMap<Arc<str>, Members>>,
-    cluster: Option<ClusterLink>,
+    /// The route's name (`None` for a hub made without one, in tests).
+    name: Option<RouteName>,
+    /// Set once the process has joined its cluster (at start, after the
+    /// hubs of the first config exist; at creation for later hubs).
+    cluster: OnceLock<ClusterLink>,
 }
 
 /// A hub's place in the cluster: the route's name there.
@@ -330,26 +334,34 @@ impl Hub {
     /// The hub of route `path` of `tenant` (`None`: the default tenant),
     /// linked to the process's cluster if there is one.
     pub fn for_route(tenant: Option<&str>, path: &str) -> Hub {
-        let cluster = Cluster::global().map(|c| {
-            let route = RouteName {
+        let hub = Hub {
+            name: Some(RouteName {
                 tenant: tenant.map(str::to_owned),
                 path: path.to_owned(),
-            };
-            ClusterLink {
-                cluster: c.clone(),
-                key: route.key(),
-                route,
-            }
-        });
-        Hub {
-            cluster,
+            }),
             ..Hub::default()
+        };
+        if let Some(c) = Cluster::global() {
+            hub.link_cluster(c);
+        }
+        hub
+    }
+
+    /// Links the hub to `cluster` (once; before its first connection, so
+    /// that no membership is missed).
+    pub fn link_cluster(&self, cluster: &Arc<Cluster>) {
+        if let Some(route) = &self.name {
+            let _ = self.cluster.set(ClusterLink {
+                cluster: cluster.clone(),
+                key: route.key(),
+                route: route.clone(),
+            });
         }
     }
 
     /// The route's name in the cluster (`None` without one).
     pub fn route_name(&self) -> Option<&RouteName> {
-        self.cluster.as_ref().map(|l| &l.route)
+        self.cluster.get().map(|l| &l.route)
     }
 
     /// Every (room, connection) membership of this node's connections.
@@ -381,7 +393,7 @@ impl Hub {
         // reads the rooms under that lock) sees both or neither.
         let mut all = self.rooms.lock();
         for room in rooms {
-            if let Some(l) = &self.cluster {
+            if let Some(l) = self.cluster.get() {
                 l.cluster.changed(false, &l.route, &room, id);
             }
             if let Some(members) = all.get_mut(&room) {
@@ -447,7 +459,7 @@ impl Hub {
             Some((name, _)) => name.clone(),
             None => Arc::from(room),
         };
-        if let Some(l) = &self.cluster {
+        if let Some(l) = self.cluster.get() {
             // Queued under both locks, with the change itself: the cluster
             // sees a connection's joins and leaves in the order they
             // happened, and a rewrite sees the change and its report
@@ -469,7 +481,7 @@ impl Hub {
         // As in `join`: both locks held while the change is made and
         // queued for the cluster.
         let mut all = self.rooms.lock();
-        if let Some(l) = &self.cluster {
+        if let Some(l) = self.cluster.get() {
             l.cluster.changed(false, &l.route, room, id);
         }
         if let Some(members) = all.get_mut(room) {
@@ -504,7 +516,7 @@ impl Hub {
                 .collect(),
             None => Vec::new(),
         };
-        let remote = match &self.cluster {
+        let remote = match self.cluster.get() {
             Some(l) => l.cluster.remote_room(&l.key, room, except),
             None => Vec::new(),
         };
@@ -516,7 +528,7 @@ impl Hub {
             return Err(GatewayError::LimitReached);
         }
         let mut delivered = 0u32;
-        if let (Some(l), false) = (&self.cluster, remote.is_empty()) {
+        if let (Some(l), false) = (self.cluster.get(), remote.is_empty()) {
             let message = wire::encode_delivery(
                 l.cluster.node(),
                 Delivery::Message {
@@ -609,7 +621,7 @@ impl Hub {
 
     /// The cluster link, if `id` belongs to another live node.
     fn remote(&self, id: u64) -> Result<&ClusterLink, GatewayError> {
-        match &self.cluster {
+        match self.cluster.get() {
             Some(l) if l.cluster.knows_node(crate::cluster::node_of(id)) => Ok(l),
             _ => Err(GatewayError::UnknownConnection),
         }
@@ -618,7 +630,7 @@ impl Hub {
     /// How many connections are in a room (on every node of a cluster).
     pub fn room_size(&self, room: &str) -> u32 {
         let local = self.rooms.lock().get(room).map_or(0, HashMap::len);
-        let remote = match &self.cluster {
+        let remote = match self.cluster.get() {
             Some(l) => l.cluster.remote_room_size(&l.key, room),
             None => 0,
         };
@@ -633,7 +645,7 @@ impl Hub {
             .get(room)
             .map(|m| m.keys().copied().collect())
             .unwrap_or_default();
-        if let Some(l) = &self.cluster {
+        if let Some(l) = self.cluster.get() {
             ids.extend(l.cluster.remote_members(&l.key, room));
         }
         ids

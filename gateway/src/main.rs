@@ -296,16 +296,7 @@ fn serve(
         drop(tokio::signal::unix::signal(
             tokio::signal::unix::SignalKind::hangup(),
         ));
-        // `[cluster]`: the node number comes from Redis before the first
-        // connection id is handed out.
-        let cluster = match &config.cluster {
-            Some(c) => Some(wasmgate::cluster::Cluster::start(c).await?),
-            None => None,
-        };
         let gateway = Gateway::new(&config, cache_dir)?;
-        if let Some(cluster) = &cluster {
-            gateway.attach_cluster(cluster);
-        }
         gateway.log_routes();
         let listener = gateway.bind(listen).await?;
         let addr = listener.local_addr().context("listener address")?;
@@ -313,6 +304,16 @@ fn serve(
         // before the gateway says it listens: a gateway that cannot bind it
         // does not start.
         let admin = gateway.bind_admin().await?;
+        // `[cluster]`: joined once both ports are bound (a node that cannot
+        // start leaves nothing in Redis), and before the first connection
+        // is accepted (its id carries the node number).
+        let cluster = match &config.cluster {
+            Some(c) => Some(wasmgate::cluster::Cluster::start(c).await?),
+            None => None,
+        };
+        if let Some(cluster) = &cluster {
+            gateway.attach_cluster(cluster);
+        }
         {
             // The routes only for this line: holding them would keep a
             // route removed by a later reload (and its shared instance) alive.

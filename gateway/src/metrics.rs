@@ -142,7 +142,9 @@ pub struct Metrics {
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
     /// `membership` (room joins and leaves), `heartbeat`, or `delivery`
-    /// (sends, closes and broadcasts for connections on other nodes).
+    /// (sends, closes and broadcasts for connections on other nodes); for
+    /// drops also `lagged` (messages of any kind Redis sent while the
+    /// subscriber fell behind).
     pub kind: &'static str,
 }
 
@@ -153,10 +155,12 @@ pub struct ClusterMetrics {
     pub published: Family<KindLabels, Counter>,
     /// Messages received from other nodes, by kind.
     pub received: Family<KindLabels, Counter>,
-    /// Messages that could not be published (Redis unreachable, or the
-    /// queue to it full), by kind. Lost membership changes are repaired
-    /// when the link is back (the node rewrites its state); lost deliveries
-    /// are not.
+    /// Messages lost, by kind: not published (Redis unreachable, or the
+    /// queue to it full), published while the receiving node was not
+    /// subscribed (`SPUBLISH` reached nobody), received too late, or
+    /// missed by a subscriber that fell behind (`lagged`). Lost membership
+    /// changes are repaired (the node rewrites its state, the others read
+    /// it again); lost deliveries are not.
     pub dropped: Family<KindLabels, Counter>,
     /// Times another node's room membership was read again from Redis
     /// (at start, after a gap in its updates, after a reconnect).
@@ -184,6 +188,7 @@ impl ClusterMetrics {
             let _ = self.received.get_or_create(&KindLabels { kind });
             let _ = self.dropped.get_or_create(&KindLabels { kind });
         }
+        let _ = self.dropped.get_or_create(&KindLabels { kind: "lagged" });
     }
 
     /// Counts `n` messages of `kind` in `family`.

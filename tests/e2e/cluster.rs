@@ -131,6 +131,23 @@ fn admin_get(port: u16, path: &str) -> String {
         .unwrap_or_default()
 }
 
+/// The HTTP status of `GET path` on the admin port `port`.
+fn admin_status(port: u16, path: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("admin port");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read");
+    out.split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {out:?}"))
+}
+
 /// The value of the metric line starting with `series` (name and labels).
 fn metric(port: u16, series: &str) -> f64 {
     let text = admin_get(port, "/metrics");
@@ -262,9 +279,16 @@ async fn send_and_close_reach_a_connection_on_another_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_stops_counting_within_node_timeout_and_the_others_keep_serving() {
     let redis = Redis::start("cluster-kill-redis");
-    let a = node(&redis, "cluster-kill", "a");
+    let admin = free_port();
+    let a = Gateway::start(
+        "cluster-kill-a",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+            node_config(&redis, "a")
+        ),
+    );
     let b = node(&redis, "cluster-kill", "b");
-    let c = node(&redis, "cluster-kill", "c");
+    let mut c = node(&redis, "cluster-kill", "c");
     let mut on_a = connect(&a.url("/chat")).await;
     let mut on_b = connect(&b.url("/chat")).await;
     let mut on_c = connect(&c.url("/chat")).await;
@@ -272,8 +296,29 @@ async fn a_killed_node_stops_counting_within_node_timeout_and_the_others_keep_se
         assert_eq!(command(ws, "join r").await, "ok joined");
     }
     until(&mut on_a, "size r", "ok 3", WAIT).await;
+    let dropped = metric(admin, "wasmgate_cluster_dropped_total{kind=\"delivery\"}");
     c.signal("KILL");
     let killed = Instant::now();
+    let _ = c.wait_exit(WAIT);
+    // Redis closes the dead node's connections as soon as it reads their
+    // end; the test gives it a moment.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Node a still counts node c's member (its silence is not past
+    // node_timeout yet): the message to node c reaches nobody in Redis,
+    // and is counted as dropped, not as published.
+    assert_eq!(
+        command(&mut on_a, "broadcast r into-the-void").await,
+        "ok 2"
+    );
+    assert_eq!(next_text(&mut on_b).await, "into-the-void");
+    let start = Instant::now();
+    while metric(admin, "wasmgate_cluster_dropped_total{kind=\"delivery\"}") <= dropped {
+        assert!(
+            start.elapsed() < WAIT,
+            "the delivery to the killed node is not counted as dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     until(&mut on_a, "size r", "ok 2", WAIT).await;
     until(&mut on_b, "size r", "ok 2", WAIT).await;
     let took = killed.elapsed();
@@ -453,7 +498,15 @@ async fn a_node_started_while_redis_is_down_serves_alone_then_joins_the_cluster(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_whose_number_another_node_took_leaves_the_cluster_and_serves_alone() {
     let redis = Redis::start("cluster-taken-redis");
-    let a = node(&redis, "cluster-taken", "a");
+    let admin = free_port();
+    let a = Gateway::start(
+        "cluster-taken-a",
+        &format!(
+            "[admin]\nlisten = \"127.0.0.1:{admin}\"\n{}",
+            node_config(&redis, "a")
+        ),
+    );
+    assert_eq!(admin_status(admin, "/readyz"), 200);
     let b = node(&redis, "cluster-taken", "b");
     let mut on_a = connect(&a.url("/chat")).await;
     let mut a2 = connect(&a.url("/chat")).await;
@@ -481,6 +534,11 @@ async fn a_node_whose_number_another_node_took_leaves_the_cluster_and_serves_alo
     assert_eq!(command(&mut on_a, "broadcast r local").await, "ok 1");
     assert_eq!(next_text(&mut a2).await, "local");
     expect_silence(&mut on_b, Duration::from_millis(300)).await;
+    // A load balancer sends new clients elsewhere; operators see why.
+    assert_eq!(admin_status(admin, "/readyz"), 503);
+    assert_eq!(admin_status(admin, "/healthz"), 200);
+    let state = admin_get(admin, "/state");
+    assert!(state.contains(r#""departed":true"#), "{state}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -638,4 +696,269 @@ async fn a_node_started_right_after_redis_lost_its_data_does_not_take_a_live_nod
     until(&mut on_c, "size r", "ok 2", WAIT).await;
     until(&mut on_a, "size r", "ok 2", WAIT).await;
     assert!(!a.log().contains("leaves the cluster"), "{}", a.log());
+}
+
+/// `redis-cli -p port args...` (its stdout; the test fails if it fails).
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli (installed with redis-server)");
+    assert!(out.status.success(), "redis-cli {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_node_that_cannot_bind_its_port_leaves_nothing_in_redis() {
+    let redis = Redis::start("cluster-bind-redis");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("a port");
+    let port = taken.local_addr().unwrap().port();
+    let dir = scratch("cluster-bind");
+    let file = dir.join("gateway.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[cluster]\nredis = \"{}\"\n\n[[route]]\npath = \"/chat\"\nplugin = \"builtin:chat\"\n",
+            redis.url()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--config",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .expect("wasmgate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&port.to_string()),
+        "the error names the port: {err}"
+    );
+    // No node number taken, no key written, nothing announced.
+    assert_eq!(redis_cli(redis.port, &["DBSIZE"]).trim(), "0");
+    drop(taken);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_changed_on_redis_is_logged_as_refused_credentials() {
+    let mut redis = Redis::reserve("cluster-repass-redis");
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &redis.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--requirepass",
+            "first",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    redis.child = Some(child);
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", redis.port)).is_err() {
+        assert!(start.elapsed() < WAIT, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = Gateway::start(
+        "cluster-repass-a",
+        &format!(
+            "[cluster]\nredis = \"redis://:first@127.0.0.1:{}\"\nnode_id = \"a\"\n\n\
+             [[route]]\npath = \"/chat\"\nplugin = \"{{testkit}}\"\n",
+            redis.port
+        ),
+    );
+    a.wait_log("is node number");
+    let mut on_a = connect(&a.url("/chat")).await;
+    assert_eq!(command(&mut on_a, "join r").await, "ok joined");
+    // The operator changes the password and drops the clients: the node's
+    // reconnections are refused.
+    redis_cli(
+        redis.port,
+        &[
+            "-a",
+            "first",
+            "--no-auth-warning",
+            "CONFIG",
+            "SET",
+            "requirepass",
+            "second",
+        ],
+    );
+    redis_cli(
+        redis.port,
+        &[
+            "-a",
+            "second",
+            "--no-auth-warning",
+            "CLIENT",
+            "KILL",
+            "TYPE",
+            "normal",
+        ],
+    );
+    let line = a.wait_log("refuses node a's credentials");
+    assert!(line.contains("redis://:***@127.0.0.1"), "{line}");
+    assert!(!a.log().contains("first@"), "the password is hidden");
+    // The node goes on serving its own connections.
+    assert_eq!(command(&mut on_a, "size r").await, "ok 1");
+}
+
+/// A Redis Cluster of three primaries on loopback (no replicas), killed
+/// when dropped.
+struct RedisCluster {
+    shards: Vec<Redis>,
+}
+
+impl RedisCluster {
+    fn start(name: &str) -> RedisCluster {
+        let mut shards = Vec::new();
+        for i in 0..3 {
+            let r = Redis::reserve(&format!("{name}-{i}"));
+            // The cluster bus on a port of its own (the default, port +
+            // 10000, may be past 65535 for an ephemeral port).
+            let bus = free_port();
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &r.port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus.to_string(),
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--dir",
+                    r._dir.to_str().unwrap(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server");
+            let mut r = r;
+            r.child = Some(child);
+            shards.push(r);
+        }
+        for r in &shards {
+            let start = Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", r.port)).is_err() {
+                assert!(start.elapsed() < WAIT, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let addrs: Vec<String> = shards
+            .iter()
+            .map(|r| format!("127.0.0.1:{}", r.port))
+            .collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addrs.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+        redis_cli(shards[0].port, &args);
+        for r in &shards {
+            let start = Instant::now();
+            while !redis_cli(r.port, &["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+                assert!(start.elapsed() < WAIT, "the Redis Cluster did not form");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        RedisCluster { shards }
+    }
+
+    /// The `redis-cluster://` URL, seeded with two of the three shards.
+    fn url(&self) -> String {
+        format!(
+            "redis-cluster://127.0.0.1:{}?node=127.0.0.1:{}",
+            self.shards[0].port, self.shards[1].port
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_share_rooms_sends_and_broadcasts_through_a_redis_cluster() {
+    let redis = RedisCluster::start("cluster-rc-redis");
+    let config = |name: &str| {
+        format!(
+            "[cluster]\nredis = \"{}\"\nnode_id = \"{name}\"\nheartbeat = \"200ms\"\n\
+             node_timeout = \"1s\"\n\n[[route]]\npath = \"/chat\"\nplugin = \"{{testkit}}\"\n",
+            redis.url()
+        )
+    };
+    let a = Gateway::start("cluster-rc-a", &config("a"));
+    let b = Gateway::start("cluster-rc-b", &config("b"));
+    let c = Gateway::start("cluster-rc-c", &config("c"));
+    let mut sender = connect(&a.url("/chat")).await;
+    let mut on_b = connect(&b.url("/chat")).await;
+    let mut on_c = connect(&c.url("/chat")).await;
+    for ws in [&mut sender, &mut on_b, &mut on_c] {
+        assert_eq!(command(ws, "join lobby").await, "ok joined");
+    }
+    for ws in [&mut sender, &mut on_b, &mut on_c] {
+        until(ws, "size lobby", "ok 3", WAIT).await;
+    }
+    assert_eq!(command(&mut sender, "broadcast lobby hi").await, "ok 2");
+    for ws in [&mut on_b, &mut on_c] {
+        assert_eq!(next_text(ws).await, "hi");
+    }
+    for ws in [&mut sender, &mut on_b, &mut on_c] {
+        expect_silence(ws, Duration::from_millis(300)).await;
+    }
+    let c_id = conn_id(&mut on_c).await;
+    assert_eq!(
+        command(&mut on_b, &format!("send {c_id} direct")).await,
+        "ok sent"
+    );
+    assert_eq!(next_text(&mut on_c).await, "direct");
+    // The nodes' keys are spread over the shards by their hash tags, and
+    // every shard holds some of the cluster's state or none: nothing is
+    // refused for crossing slots.
+    let keys: usize = redis
+        .shards
+        .iter()
+        .map(|r| {
+            redis_cli(r.port, &["DBSIZE"])
+                .trim()
+                .parse::<usize>()
+                .unwrap_or(0)
+        })
+        .sum();
+    // The counter, the live-node set, and three keys per node.
+    assert_eq!(keys, 2 + 3 * 3, "keys in the Redis Cluster");
+    for gw in [&a, &b, &c] {
+        assert!(!gw.log().contains("CROSSSLOT"), "{}", gw.log());
+        assert!(!gw.log().contains("cluster: degraded"), "{}", gw.log());
+    }
+    // A node given one shard as a single server (redis://) is told what to
+    // write instead, and serves alone.
+    let other = redis
+        .shards
+        .iter()
+        .find(|r| redis_cli(r.port, &["TYPE", "wasmgate:node-seq"]).contains("MOVED"))
+        .expect("a shard without the counter");
+    let d = Gateway::start(
+        "cluster-rc-d",
+        &format!(
+            "[cluster]\nredis = \"{}\"\nnode_id = \"d\"\n\n[[route]]\npath = \"/chat\"\n\
+             plugin = \"{{testkit}}\"\n",
+            other.url()
+        ),
+    );
+    let line = d.wait_log("unreachable at start");
+    assert!(line.contains("use redis-cluster://"), "{line}");
+    let mut on_d = connect(&d.url("/chat")).await;
+    assert_eq!(command(&mut on_d, "size lobby").await, "ok 0");
 }

@@ -38,9 +38,9 @@ use fred::prelude::{
     ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface,
     SortedSetsInterface, TransactionInterface,
 };
-use fred::types::config::{Config, ReconnectPolicy};
+use fred::types::config::{Config, Options, ReconnectPolicy};
 use fred::types::sorted_sets::Ordering as ZOrdering;
-use fred::types::{Builder, Expiration, Key, Map, SetOptions, Value};
+use fred::types::{Builder, ClusterHash, Expiration, Key, Map, SetOptions, Value};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::mpsc;
 
@@ -152,8 +152,18 @@ pub async fn take_node_number(
         // live nodes reconnect (backoff up to 5 s) and claim their numbers
         // again within a heartbeat. Numbers are taken only after that, so
         // that a live node's number is never handed out again.
+        // On a Redis Cluster: the shard that holds the counter.
+        let counter_shard = Options {
+            cluster_hash: Some(ClusterHash::Custom(fred::util::redis_keyslot(
+                names.node_seq().as_bytes(),
+            ))),
+            ..Options::default()
+        };
         loop {
-            let info: String = client.info(Some(fred::types::InfoKind::Server)).await?;
+            let info: String = client
+                .with_options(&counter_shard)
+                .info(Some(fred::types::InfoKind::Server))
+                .await?;
             let uptime = info
                 .lines()
                 .find_map(|l| l.strip_prefix("uptime_in_seconds:"))
@@ -237,13 +247,59 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A hint when Redis's answer shows the URL names the wrong kind of
+/// server: a Redis Cluster node behind `redis://` answers `MOVED`, a
+/// single server behind `redis-cluster://` has no slots.
+pub fn kind_hint(url: &str, why: &str) -> &'static str {
+    if url.starts_with("redis://") && why.contains("MOVED") {
+        ": this is a Redis Cluster, use redis-cluster://host:port"
+    } else if url.starts_with("redis-cluster://") && why.contains("cluster support disabled") {
+        ": this is not a Redis Cluster, use redis://host:port"
+    } else {
+        ""
+    }
+}
+
 /// Whether the link works, for logging its changes once.
 struct Health {
     up: Option<bool>,
+    /// The last connection error since the link last worked.
+    last_error: Option<String>,
+    /// Whether a refused password was logged since the link last worked.
+    auth_logged: bool,
 }
 
 impl Health {
+    /// The client failed to (re)connect: kept to say why the link is down,
+    /// and logged at once if Redis refused the credentials (a password
+    /// changed on the server needs the operator, not a retry).
+    fn connection_error(&mut self, cluster: &Cluster, e: &fred::error::Error) {
+        self.last_error = Some(e.to_string());
+        if *e.kind() == fred::error::ErrorKind::Auth && !self.auth_logged {
+            self.auth_logged = true;
+            tracing::error!(
+                "cluster: Redis at {} refuses node {}'s credentials ({e}): fix the user or \
+                 password in [cluster] redis and restart; the node keeps retrying and serves \
+                 its own connections meanwhile",
+                crate::config::redact_url(&cluster.settings.redis),
+                cluster.name
+            );
+        }
+    }
+
+    /// The link is down: `why`, or the last connection error if the
+    /// client is not connected.
+    fn down(&mut self, cluster: &Cluster) {
+        let why = self
+            .last_error
+            .clone()
+            .unwrap_or_else(|| "not connected".to_owned());
+        self.failed(cluster, &why);
+    }
+
     fn ok(&mut self, cluster: &Cluster) {
+        self.last_error = None;
+        self.auth_logged = false;
         if self.up != Some(true) {
             if self.up == Some(false) {
                 tracing::info!(
@@ -263,10 +319,12 @@ impl Health {
 
     fn failed(&mut self, cluster: &Cluster, why: &dyn std::fmt::Display) {
         if self.up != Some(false) {
+            let why = why.to_string();
             tracing::warn!(
-                "cluster: degraded: Redis at {} is unreachable ({why}); local rooms and sends \
+                "cluster: degraded: Redis at {} is unreachable ({why}{}); local rooms and sends \
                  go on, deliveries to other nodes are dropped and counted until it is back",
-                crate::config::redact_url(&cluster.settings.redis)
+                crate::config::redact_url(&cluster.settings.redis),
+                kind_hint(&cluster.settings.redis, &why)
             );
             self.up = Some(false);
             Cluster::metrics()
@@ -281,10 +339,15 @@ impl Health {
 async fn writer(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>) {
     let heartbeat = cluster.settings.heartbeat;
     let mut reconnects = cluster.client.reconnect_rx();
+    let mut errors = cluster.client.error_rx();
     let mut w = Writer {
         cluster,
         seq: 0,
-        health: Health { up: None },
+        health: Health {
+            up: None,
+            last_error: None,
+            auth_logged: false,
+        },
         last_beat: None,
         last_rewrite: None,
     };
@@ -334,6 +397,11 @@ async fn writer(cluster: Arc<Cluster>, mut rx: mpsc::Receiver<Outgoing>) {
                     w.cluster.dirty.store(true, Ordering::Release);
                 }
             }
+            e = errors.recv() => {
+                if let Ok((e, _)) = e {
+                    w.health.connection_error(&w.cluster, &e);
+                }
+            }
         }
     }
 }
@@ -363,7 +431,7 @@ impl Writer {
         }
         if !ready(&c) {
             if !c.client.is_connected() {
-                self.health.failed(&c, &"not connected");
+                self.health.down(&c);
             }
             if !changes.is_empty() {
                 c.dirty.store(true, Ordering::Release);
@@ -462,12 +530,19 @@ impl Writer {
                     .spublish::<(), _, _>(c.names.node_channel(node), message)
                     .await?;
             }
-            pipeline.all::<Value>().await
+            pipeline.all::<Vec<i64>>().await
         };
         match sent.await {
-            Ok(_) => {
+            Ok(receivers) => {
                 self.health.ok(&c);
-                ClusterMetrics::count(&Cluster::metrics().published, "delivery", n);
+                // `SPUBLISH` answers how many subscribers got the message:
+                // none means the node is not listening (it is
+                // reconnecting, or has just gone), and the delivery is
+                // lost: counted as dropped, not as published.
+                let unheard = receivers.iter().filter(|&&r| r <= 0).count() as u64;
+                let m = Cluster::metrics();
+                ClusterMetrics::count(&m.published, "delivery", n - unheard.min(n));
+                ClusterMetrics::count(&m.dropped, "delivery", unheard);
             }
             Err(e) => {
                 self.health.failed(&c, &e);
@@ -565,7 +640,7 @@ impl Writer {
         self.last_beat = Some(Instant::now());
         if !ready(&c) {
             if !c.client.is_connected() {
-                self.health.failed(&c, &"not connected");
+                self.health.down(&c);
             }
             c.dirty.store(true, Ordering::Release);
             return;
@@ -795,6 +870,9 @@ impl Subscriber {
             "cluster: {n} messages from Redis were lost (the subscriber fell behind); \
              reading every node's rooms again"
         );
+        // Membership changes come back with the snapshots; deliveries
+        // among them are lost.
+        ClusterMetrics::count(&Cluster::metrics().dropped, "lagged", n);
         self.bootstrap = true;
     }
 
@@ -975,6 +1053,7 @@ impl Subscriber {
             let tx = c.client.multi();
             tx.hgetall::<(), _>(c.names.members(node)).await?;
             tx.get::<(), _>(c.names.seq(node)).await?;
+            tx.get::<(), _>(c.names.owner(node)).await?;
             tx.exec::<Value>(true).await
         };
         let v = match read.await {
@@ -988,6 +1067,15 @@ impl Subscriber {
         let mut parts = v.into_array().into_iter();
         let members = parts.next().unwrap_or(Value::Null);
         let seq = parts.next().and_then(|s| s.as_u64());
+        // The owner token is `<node_id>:<16 hex digits>`: the node's name,
+        // until its next heartbeat says it.
+        let owner = parts.next().and_then(|v| v.as_string());
+        let named = name.map(str::to_owned).or_else(|| {
+            owner
+                .as_deref()
+                .and_then(|t| t.rsplit_once(':'))
+                .map(|(n, _)| n.to_owned())
+        });
         let Some(seq) = seq else {
             // No state: the node has expired (or never wrote it).
             if let Some((name, n)) = c.replica.write().remove(node) {
@@ -1010,7 +1098,7 @@ impl Subscriber {
         }
         c.replica
             .write()
-            .snapshot(node, name, seq, list, Instant::now());
+            .snapshot(node, named.as_deref(), seq, list, Instant::now());
         self.count_nodes();
     }
 

@@ -191,10 +191,11 @@ impl Cluster {
             Err(link::Start::Unreachable(e)) => {
                 let n = (ASSIGNED_NODES | (random() % ASSIGNED_NODES)) as u32;
                 tracing::warn!(
-                    "{}: Redis at {} is unreachable at start ({e}): node {name} takes the random \
-                     node number {n} and serves on its own until Redis is back",
+                    "{}: Redis at {} is unreachable at start ({e}{}): node {name} takes the \
+                     random node number {n} and serves on its own until Redis is back",
                     settings.origin,
-                    crate::config::redact_url(&settings.redis)
+                    crate::config::redact_url(&settings.redis),
+                    link::kind_hint(&settings.redis, &e)
                 );
                 n
             }
@@ -299,6 +300,12 @@ impl Cluster {
     /// The other live nodes, as (number, `node_id`), by number.
     pub fn nodes(&self) -> Vec<(u32, String)> {
         self.replica.read().nodes()
+    }
+
+    /// Whether this node has left the cluster for good (another node holds
+    /// its number): it serves its own connections only, until restarted.
+    pub fn departed(&self) -> bool {
+        self.departed.load(Ordering::Acquire)
     }
 
     /// Whether the link to Redis works now.

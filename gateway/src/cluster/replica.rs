@@ -37,6 +37,11 @@ pub struct Replica {
     nodes: HashMap<u32, Node>,
     /// Route key ([`super::wire::route_key`]) → its rooms.
     routes: HashMap<String, Rooms>,
+    /// Node → route key → the rooms where it has members: forgetting a
+    /// node (a snapshot, an expiry) touches its own rooms only, not every
+    /// room of the cluster, so the lock is held for a time that grows with
+    /// that node's memberships.
+    rooms_of: HashMap<u32, HashMap<String, HashSet<String>>>,
 }
 
 /// What applying a message needs next.
@@ -81,14 +86,23 @@ impl Replica {
     fn apply(&mut self, node: u32, c: &Change) {
         let key = c.route.key();
         if c.join {
-            self.routes
-                .entry(key)
+            let members = self
+                .routes
+                .entry(key.clone())
                 .or_default()
                 .entry(c.room.clone())
                 .or_default()
                 .entry(node)
-                .or_default()
-                .insert(c.conn);
+                .or_default();
+            if members.is_empty() {
+                self.rooms_of
+                    .entry(node)
+                    .or_default()
+                    .entry(key)
+                    .or_default()
+                    .insert(c.room.clone());
+            }
+            members.insert(c.conn);
             return;
         }
         let Some(rooms) = self.routes.get_mut(&key) else {
@@ -101,6 +115,7 @@ impl Replica {
             members.remove(&c.conn);
             if members.is_empty() {
                 nodes.remove(&node);
+                unindex(&mut self.rooms_of, node, &key, &c.room);
             }
         }
         if nodes.is_empty() {
@@ -185,15 +200,27 @@ impl Replica {
 
     fn forget_members(&mut self, node: u32) -> usize {
         let mut count = 0;
-        self.routes.retain(|_, rooms| {
-            rooms.retain(|_, nodes| {
-                if let Some(m) = nodes.remove(&node) {
-                    count += m.len();
+        let Some(index) = self.rooms_of.remove(&node) else {
+            return 0;
+        };
+        for (key, names) in index {
+            let Some(rooms) = self.routes.get_mut(&key) else {
+                continue;
+            };
+            for name in names {
+                if let Some(nodes) = rooms.get_mut(&name) {
+                    if let Some(m) = nodes.remove(&node) {
+                        count += m.len();
+                    }
+                    if nodes.is_empty() {
+                        rooms.remove(&name);
+                    }
                 }
-                !nodes.is_empty()
-            });
-            !rooms.is_empty()
-        });
+            }
+            if rooms.is_empty() {
+                self.routes.remove(&key);
+            }
+        }
         count
     }
 
@@ -250,6 +277,27 @@ impl Replica {
     pub fn room_size(&self, key: &str, room: &str) -> usize {
         self.room(key, room)
             .map_or(0, |nodes| nodes.values().map(HashSet::len).sum())
+    }
+}
+
+/// Removes `room` of route `key` from `node`'s rooms (it has no member
+/// there any more).
+fn unindex(
+    rooms_of: &mut HashMap<u32, HashMap<String, HashSet<String>>>,
+    node: u32,
+    key: &str,
+    room: &str,
+) {
+    if let Some(routes) = rooms_of.get_mut(&node) {
+        if let Some(rooms) = routes.get_mut(key) {
+            rooms.remove(room);
+            if rooms.is_empty() {
+                routes.remove(key);
+            }
+        }
+        if routes.is_empty() {
+            rooms_of.remove(&node);
+        }
     }
 }
 
@@ -363,5 +411,31 @@ mod tests {
         assert_eq!(gone, vec![(2, "b".to_owned(), 1)]);
         assert_eq!(r.room_size(KEY, "a"), 1);
         assert!(!r.has_node(2) && r.has_node(3));
+    }
+
+    #[test]
+    fn a_snapshot_replaces_only_that_nodes_members_and_leaves_no_empty_rooms() {
+        let mut r = Replica::default();
+        let now = Instant::now();
+        let route = RouteName {
+            tenant: None,
+            path: "/chat".into(),
+        };
+        let m = |room: &str, conn| (route.clone(), room.to_owned(), conn);
+        r.snapshot(2, Some("b"), 1, vec![m("a", 1), m("x", 2), m("x", 3)], now);
+        r.snapshot(3, Some("c"), 1, vec![m("a", 9)], now);
+        assert_eq!(r.room_size(KEY, "x"), 2);
+        // Node 2 again: room x is gone, room a keeps node 3's member.
+        r.snapshot(2, Some("b"), 2, vec![m("y", 4)], now);
+        assert!(r.room(KEY, "x").is_none());
+        assert_eq!(r.room_size(KEY, "a"), 1);
+        assert_eq!(r.room_size(KEY, "y"), 1);
+        // A leave that empties a room unindexes it: forgetting the node
+        // later finds nothing to remove there.
+        assert_eq!(r.changes(2, 3, &[change(false, "y", 4)], now), Apply::Done);
+        assert!(r.room(KEY, "y").is_none());
+        assert_eq!(r.remove(2), Some(("b".to_owned(), 0)));
+        assert_eq!(r.remove(3), Some(("c".to_owned(), 1)));
+        assert!(r.routes.is_empty() && r.rooms_of.is_empty());
     }
 }

@@ -13,7 +13,10 @@
 //! - `GET /healthz`: 200 while the process runs (liveness).
 //! - `GET /readyz`: 200 once the config is loaded and the public listener
 //!   is accepting, 503 once shutdown has begun (readiness: a load balancer
-//!   stops sending new clients while the gateway drains).
+//!   stops sending new clients while the gateway drains) or once the node
+//!   has left its cluster (another node took its number: its clients would
+//!   not see the rest of the cluster). An unreachable Redis does not make
+//!   it 503: every node would be unready at once.
 //!
 //! Anything else is 404; another method on these paths is 405.
 
@@ -113,6 +116,13 @@ fn answer(shared: Arc<Shared>, req: &Request<Incoming>, started: Instant) -> Res
         _ => {
             if shared.shutting_down.load(Ordering::SeqCst) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+            } else if crate::cluster::Cluster::global().is_some_and(|c| c.departed()) {
+                // Its clients would not see the rest of the cluster: new
+                // ones should go to another node until it is restarted.
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "left the cluster (another node holds its node number): restart it\n",
+                )
             } else {
                 text(StatusCode::OK, "ready\n")
             }
@@ -130,8 +140,9 @@ fn answer(shared: Arc<Shared>, req: &Request<Incoming>, started: Instant) -> Res
 /// since start, for rates)), and `reload_errors` (the last 20 failed
 /// reloads, oldest first, each with `at` (milliseconds since the Unix
 /// epoch), `kind` and `message`), and `cluster` (`null` without
-/// `[cluster]`; else `node_id`, `node` (its number), `redis_up`, and `nodes`,
-/// the other live nodes, each with `node` and `node_id`).
+/// `[cluster]`; else `node_id`, `node` (its number), `redis_up`,
+/// `departed` (it left the cluster: another node holds its number), and
+/// `nodes`, the other live nodes, each with `node` and `node_id`).
 pub(super) fn state(shared: &Shared, started: Instant) -> serde_json::Value {
     let table = shared.router.load();
     let routes: Vec<_> = table
@@ -188,6 +199,7 @@ pub(super) fn state(shared: &Shared, started: Instant) -> serde_json::Value {
                 "node_id": c.name(),
                 "node": c.node(),
                 "redis_up": c.redis_up(),
+                "departed": c.departed(),
                 "nodes": nodes,
             })
         }),

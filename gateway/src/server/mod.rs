@@ -200,6 +200,14 @@ impl Gateway {
     /// Starts the cluster's link tasks, delivering to this gateway's
     /// routes (`[cluster]`; call after [`crate::cluster::Cluster::start`]).
     pub fn attach_cluster(&self, cluster: &Arc<crate::cluster::Cluster>) {
+        // Before the first connection is accepted: ids carry the node's
+        // number, and every membership reaches the cluster.
+        self.shared
+            .next_id
+            .store(cluster.id_base() + 1, Ordering::SeqCst);
+        for route in self.shared.router.load().routes() {
+            route.hub.link_cluster(cluster);
+        }
         cluster.attach(Arc::new(ClusterRoutes(self.shared.clone())));
     }
 
