@@ -1527,6 +1527,11 @@ impl Parser<'_> {
                 "redis" => {
                     let url =
                         self.visit(k, k_at, ValueDe(v).deserialize_any(Text("a redis:// URL")));
+                    // URL schemes are case-insensitive (RFC 3986, 3.1).
+                    let url = url.map(|u: String| match u.split_once("://") {
+                        Some((scheme, rest)) => format!("{}://{rest}", scheme.to_ascii_lowercase()),
+                        None => u,
+                    });
                     match url {
                         Some(u)
                             if u.starts_with("redis://") || u.starts_with("redis-cluster://") =>
@@ -2909,8 +2914,34 @@ fn check_redis_url(url: &str) -> Result<(), String> {
         Some((h, db)) => (h, Some(db)),
         None => (rest, None),
     };
-    let host_port = auth_host.rsplit_once('@').map_or(auth_host, |(_, h)| h);
+    let (auth, host_port) = match auth_host.rsplit_once('@') {
+        Some((auth, h)) => (Some(auth), h),
+        None => (None, auth_host),
+    };
+    if let Some(auth) = auth {
+        if !auth.contains(':') {
+            return Err("a user name without a password (`user@`): write \
+                 redis://:PASSWORD@host for a password alone, or redis://USER:PASSWORD@host"
+                .into());
+        }
+        let bytes = auth.as_bytes();
+        let bad_escape = bytes.iter().enumerate().any(|(i, &b)| {
+            b == b'%'
+                && !(bytes.get(i + 1).is_some_and(u8::is_ascii_hexdigit)
+                    && bytes.get(i + 2).is_some_and(u8::is_ascii_hexdigit))
+        });
+        if bad_escape {
+            return Err(
+                "the user or password has a `%` not followed by two hex digits: write %25 \
+                 for a `%`"
+                    .into(),
+            );
+        }
+    }
     check_host_port(host_port, false)?;
+    if cluster && !host_port.ends_with(|c: char| c.is_ascii_digit()) {
+        return Err("the port is missing: redis-cluster://host:port".into());
+    }
     match query {
         None => {}
         Some(_) if !cluster => {
@@ -2977,6 +3008,13 @@ fn check_host_port(host_port: &str, seed: bool) -> Result<(), String> {
         return Err(
             "no host: expected redis://host:port, for example \"redis://127.0.0.1:6379\"".into(),
         );
+    }
+    let v6 = host_port.starts_with('[');
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c) || (v6 && c == ':'))
+    {
+        return Err(format!("{host:?} is not a host name or IP address"));
     }
     match port {
         Some(p) => match p.parse::<u16>() {
@@ -3129,6 +3167,10 @@ mod tests {
             "redis-cluster://h:1#x",
             "redis://u:pa/ss@h:1",
             "redis://u:pa?ss@h:1",
+            "redis://:pw@bad host:1",
+            "redis-cluster://:pw@h",
+            "redis://:pw%ZZ@h:1",
+            "redis://pw@h:1",
         ] {
             assert!(check_redis_url(bad).is_err(), "{bad}");
         }
@@ -3150,6 +3192,11 @@ mod tests {
             let why = check_redis_url(url).err().unwrap_or_default();
             assert!(!why.contains("zq"), "{url}: {why}");
         }
+        // Schemes are case-insensitive.
+        let c =
+            parse("[cluster]\nredis = \"REDIS://h:1\"\n[[route]]\npath = \"/a\"\nplugin = \"a\"\n")
+                .expect("an upper-case scheme");
+        assert_eq!(c.cluster.map(|c| c.redis).as_deref(), Some("redis://h:1"));
         assert_eq!(redact_url("redis://:s3cret@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact_url("redis://u:s3cret@h"), "redis://u:***@h");
         assert_eq!(redact_url("redis://h:1"), "redis://h:1");

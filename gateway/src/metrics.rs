@@ -304,7 +304,7 @@ impl Metrics {
         );
         registry.register(
             "cluster_dropped",
-            "Messages to other nodes not published (Redis unreachable or queue full), by kind",
+            "Messages between nodes lost: not published (Redis unreachable, queue full), heard by no subscriber, received past node_timeout, or missed by a lagging subscriber (kind lagged), by kind",
             m.cluster.dropped.clone(),
         );
         registry.register(

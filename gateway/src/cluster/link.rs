@@ -106,6 +106,9 @@ pub fn client(settings: &ClusterSettings) -> Result<Client, ClusterError> {
 pub enum Start {
     /// Redis refused the credentials (fatal: a config error).
     Auth(String),
+    /// The URL's scheme names the wrong kind of server: `redis://` for a
+    /// Redis Cluster, or `redis-cluster://` for a single server (fatal).
+    WrongKind(String),
     /// Redis did not answer (the node starts alone).
     Unreachable(String),
 }
@@ -131,7 +134,11 @@ pub async fn take_node_number(
                 e = async {
                     loop {
                         match errors.recv().await {
-                            Ok((e, _)) if *e.kind() == fred::error::ErrorKind::Auth => return e,
+                            Ok((e, _)) if *e.kind() == fred::error::ErrorKind::Auth
+                                || !kind_hint(&settings.redis, &e.to_string()).is_empty() =>
+                            {
+                                return e
+                            }
                             Ok(_) => {}
                             Err(_) => std::future::pending::<()>().await,
                         }
@@ -205,7 +212,13 @@ pub async fn take_node_number(
     match tokio::time::timeout(Duration::from_secs(6) + settle_time(settings), attempt).await {
         Ok(Ok(n)) => Ok(n),
         Ok(Err(e)) if *e.kind() == fred::error::ErrorKind::Auth => Err(Start::Auth(e.to_string())),
-        Ok(Err(e)) => Err(Start::Unreachable(e.to_string())),
+        Ok(Err(e)) => {
+            let why = e.to_string();
+            match kind_hint(&settings.redis, &why) {
+                "" => Err(Start::Unreachable(why)),
+                hint => Err(Start::WrongKind(format!("{why}{hint}"))),
+            }
+        }
         Err(_) => Err(Start::Unreachable("no answer within 3 s".into())),
     }
 }
@@ -278,9 +291,9 @@ impl Health {
         if *e.kind() == fred::error::ErrorKind::Auth && !self.auth_logged {
             self.auth_logged = true;
             tracing::error!(
-                "cluster: Redis at {} refuses node {}'s credentials ({e}): fix the user or \
-                 password in [cluster] redis and restart; the node keeps retrying and serves \
-                 its own connections meanwhile",
+                "cluster: Redis at {} refuses node {}'s credentials ({e}): the password was \
+                 changed on Redis? The node keeps retrying with the credentials of [cluster] \
+                 redis (restart it with new ones) and serves its own connections meanwhile",
                 crate::config::redact_url(&cluster.settings.redis),
                 cluster.name
             );
@@ -733,12 +746,20 @@ impl Writer {
             seq: self.seq,
             sent_ms: wire::now_ms(),
         });
-        match c
-            .client
-            .spublish::<(), _, _>(c.names.membership_channel(), message)
-            .await
-        {
-            Ok(()) => ClusterMetrics::count(&Cluster::metrics().published, "heartbeat", 1),
+        let probe = wire::encode_delivery(c.node, Delivery::Probe);
+        let published = async {
+            c.client
+                .spublish::<(), _, _>(c.names.membership_channel(), message)
+                .await?;
+            c.client
+                .spublish::<(), _, _>(c.names.node_channel(c.node), probe)
+                .await
+        };
+        match published.await {
+            Ok(()) => {
+                c.beat_published_ms.store(wire::now_ms(), Ordering::Release);
+                ClusterMetrics::count(&Cluster::metrics().published, "heartbeat", 1);
+            }
             Err(e) => {
                 self.health.failed(&c, &e);
                 ClusterMetrics::count(&Cluster::metrics().dropped, "heartbeat", 1);
@@ -795,6 +816,8 @@ async fn subscriber(cluster: Arc<Cluster>, sub: SubscriberClient) {
         bootstrap: true,
         stale: HashMap::new(),
         stale_logged: false,
+        heard_own: [0; 2],
+        twin_logged: false,
     };
     loop {
         if cluster.departed.load(Ordering::Acquire) {
@@ -829,6 +852,10 @@ async fn subscriber(cluster: Arc<Cluster>, sub: SubscriberClient) {
                 if !s.subscribed && sub.is_connected() {
                     s.subscribed = s.subscribe(&sub).await;
                 }
+                if s.subscribed && sub.is_connected() && s.deaf() {
+                    s.subscribed = s.subscribe(&sub).await;
+                    s.bootstrap = true;
+                }
                 if s.subscribed && s.bootstrap {
                     s.bootstrap = !s.read_all().await;
                 }
@@ -853,16 +880,57 @@ struct Subscriber {
     stale: HashMap<u32, Option<String>>,
     /// Whether a stale delivery was reported.
     stale_logged: bool,
+    /// When this node last heard its own heartbeat (on the `members`
+    /// channel) and its own probe (on its channel), or subscribed: ms since
+    /// the Unix epoch.
+    heard_own: [u64; 2],
+    /// Whether another node with this node's `node_id` was reported.
+    twin_logged: bool,
 }
 
 impl Subscriber {
     /// Subscribes to the two channels, one command each (they are in
     /// different slots of a Redis Cluster).
-    async fn subscribe(&self, sub: &SubscriberClient) -> bool {
+    async fn subscribe(&mut self, sub: &SubscriberClient) -> bool {
         let ok = sub.ssubscribe(self.members_channel.clone()).await.is_ok()
             && sub.ssubscribe(self.own_channel.clone()).await.is_ok();
         self.cluster.listening.store(ok, Ordering::Release);
+        // Counted from now: what was published before may not arrive.
+        self.heard_own = [wire::now_ms(); 2];
         ok
+    }
+
+    /// Whether the node has stopped hearing one of its channels although
+    /// its heartbeats and probes are published: on a Redis Cluster, a
+    /// slot that moves to another shard (a failover by hand, a reshard)
+    /// ends the subscriptions to its channels there without breaking the
+    /// connection. Logged; the caller subscribes again.
+    fn deaf(&mut self) -> bool {
+        let c = &self.cluster;
+        let beat = u64::try_from(c.settings.heartbeat.as_millis()).unwrap_or(u64::MAX);
+        let published = c.beat_published_ms.load(Ordering::Acquire);
+        let now = wire::now_ms();
+        let unheard = self.heard_own.iter().position(|&heard| {
+            // Published at least twice since (so not a message in flight),
+            // and silent for three heartbeats and a second.
+            published > heard.saturating_add(beat.saturating_mul(2))
+                && now.saturating_sub(heard) > beat.saturating_mul(3) + 1000
+        });
+        let Some(which) = unheard else {
+            return false;
+        };
+        let channel = if which == 0 {
+            &self.members_channel
+        } else {
+            &self.own_channel
+        };
+        tracing::warn!(
+            "cluster: node {} no longer hears its own messages on {channel} (on a Redis \
+             Cluster its slot may have moved to another shard): subscribing again and \
+             reading every node's rooms again",
+            c.name
+        );
+        true
     }
 
     fn lagged(&mut self, n: u64) {
@@ -920,9 +988,18 @@ impl Subscriber {
                 sent_ms,
             } => {
                 if node == c.node {
+                    self.heard_own[0] = wire::now_ms();
                     return;
                 }
                 ClusterMetrics::count(&Cluster::metrics().received, "heartbeat", 1);
+                if name == c.name && !self.twin_logged {
+                    self.twin_logged = true;
+                    tracing::warn!(
+                        "cluster: node number {node} has this node's node_id {name:?} too: give \
+                         each node its own node_id (logs and the metrics labelled with it \
+                         cannot tell the two apart)"
+                    );
+                }
                 let r =
                     c.replica
                         .write()
@@ -951,6 +1028,12 @@ impl Subscriber {
             tracing::debug!("cluster: a delivery did not decode; dropped");
             return;
         };
+        if envelope.delivery == Delivery::Probe {
+            if envelope.node == self.cluster.node {
+                self.heard_own[1] = wire::now_ms();
+            }
+            return;
+        }
         ClusterMetrics::count(&Cluster::metrics().received, "delivery", 1);
         // Held up longer than a node may be silent (a publish caught by a
         // disconnection, written once Redis was back): too late to
@@ -1017,6 +1100,8 @@ impl Subscriber {
                     }
                 }
             }
+            // Handled above.
+            Delivery::Probe => {}
         }
     }
 

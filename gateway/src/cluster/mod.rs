@@ -31,7 +31,7 @@ pub mod link;
 pub mod replica;
 pub mod wire;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -151,6 +151,9 @@ pub struct Cluster {
     /// The subscriber listens on the node's channels: until then the node
     /// does not announce itself (nobody may send to it yet).
     listening: AtomicBool,
+    /// When the writer last published a heartbeat and a probe (ms since
+    /// the Unix epoch; 0: never): the subscriber expects to hear both.
+    beat_published_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -188,6 +191,13 @@ impl Cluster {
                     reason,
                 })
             }
+            Err(link::Start::WrongKind(reason)) => {
+                return Err(ClusterError::Url {
+                    origin: settings.origin.clone(),
+                    url: crate::config::redact_url(&settings.redis),
+                    reason,
+                })
+            }
             Err(link::Start::Unreachable(e)) => {
                 let n = (ASSIGNED_NODES | (random() % ASSIGNED_NODES)) as u32;
                 tracing::warn!(
@@ -219,6 +229,7 @@ impl Cluster {
             writer: Mutex::new(None),
             departed: AtomicBool::new(false),
             listening: AtomicBool::new(false),
+            beat_published_ms: AtomicU64::new(0),
         });
         let m = Self::metrics();
         m.init();

@@ -138,6 +138,11 @@ pub enum Delivery {
         /// The reason (at most 123 bytes, checked by the sender).
         reason: String,
     },
+    /// A node's message to itself, with each heartbeat: that it still
+    /// hears its own channel (a subscription lost when the channel's slot
+    /// moved to another shard of a Redis Cluster is noticed and made
+    /// again).
+    Probe,
 }
 
 /// A delivery as it travels: stamped with the sender's clock, so that one
