@@ -2939,7 +2939,11 @@ fn check_redis_url(url: &str) -> Result<(), String> {
         }
     }
     check_host_port(host_port, false)?;
-    if cluster && !host_port.ends_with(|c: char| c.is_ascii_digit()) {
+    let has_port = match host_port.strip_prefix('[') {
+        Some(v6) => v6.contains("]:"),
+        None => host_port.contains(':'),
+    };
+    if cluster && !has_port {
         return Err("the port is missing: redis-cluster://host:port".into());
     }
     match query {
@@ -3169,6 +3173,8 @@ mod tests {
             "redis://u:pa?ss@h:1",
             "redis://:pw@bad host:1",
             "redis-cluster://:pw@h",
+            "redis-cluster://127.0.0.1",
+            "redis-cluster://[::1]",
             "redis://:pw%ZZ@h:1",
             "redis://pw@h:1",
         ] {

@@ -53,7 +53,9 @@ fn report_error(e: impl std::fmt::Display) {
 /// Sends `tracing` events to stderr in `format`, filtered by RUST_LOG.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // The Redis client's own warnings repeat what the cluster link
+        // logs once, in its terms (`cluster: degraded`, ...).
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,fred=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -159,6 +159,17 @@ pub async fn take_node_number(
         // live nodes reconnect (backoff up to 5 s) and claim their numbers
         // again within a heartbeat. Numbers are taken only after that, so
         // that a live node's number is never handed out again.
+        // A Redis Cluster node behind redis:// answers MOVED only for the
+        // keys it does not hold: ask it what it is.
+        if settings.redis.starts_with("redis://") {
+            let info: String = client.info(Some(fred::types::InfoKind::Cluster)).await?;
+            if info.contains(CLUSTER_ENABLED) {
+                return Err(fred::error::Error::new(
+                    fred::error::ErrorKind::Config,
+                    format!("the server is a Redis Cluster node ({CLUSTER_ENABLED})"),
+                ));
+            }
+        }
         // On a Redis Cluster: the shard that holds the counter.
         let counter_shard = Options {
             cluster_hash: Some(ClusterHash::Custom(fred::util::redis_keyslot(
@@ -264,7 +275,7 @@ fn ms(d: Duration) -> i64 {
 /// server: a Redis Cluster node behind `redis://` answers `MOVED`, a
 /// single server behind `redis-cluster://` has no slots.
 pub fn kind_hint(url: &str, why: &str) -> &'static str {
-    if url.starts_with("redis://") && why.contains("MOVED") {
+    if url.starts_with("redis://") && (why.contains("MOVED") || why.contains(CLUSTER_ENABLED)) {
         ": this is a Redis Cluster, use redis-cluster://host:port"
     } else if url.starts_with("redis-cluster://") && why.contains("cluster support disabled") {
         ": this is not a Redis Cluster, use redis://host:port"
@@ -272,6 +283,9 @@ pub fn kind_hint(url: &str, why: &str) -> &'static str {
         ""
     }
 }
+
+/// What `INFO cluster` says on a Redis Cluster node.
+const CLUSTER_ENABLED: &str = "cluster_enabled:1";
 
 /// Whether the link works, for logging its changes once.
 struct Health {
@@ -848,13 +862,15 @@ async fn subscriber(cluster: Arc<Cluster>, sub: SubscriberClient) {
                         Err(_) => break,
                     }
                 }
-                s.expire();
-                if !s.subscribed && sub.is_connected() {
-                    s.subscribed = s.subscribe(&sub).await;
-                }
                 if s.subscribed && sub.is_connected() && s.deaf() {
                     s.subscribed = s.subscribe(&sub).await;
                     s.bootstrap = true;
+                }
+                if !(s.subscribed && s.cannot_judge()) {
+                    s.expire();
+                }
+                if !s.subscribed && sub.is_connected() {
+                    s.subscribed = s.subscribe(&sub).await;
                 }
                 if s.subscribed && s.bootstrap {
                     s.bootstrap = !s.read_all().await;
@@ -912,9 +928,9 @@ impl Subscriber {
         let now = wire::now_ms();
         let unheard = self.heard_own.iter().position(|&heard| {
             // Published at least twice since (so not a message in flight),
-            // and silent for three heartbeats and a second.
+            // and silent for two heartbeats and half a second.
             published > heard.saturating_add(beat.saturating_mul(2))
-                && now.saturating_sub(heard) > beat.saturating_mul(3) + 1000
+                && now.saturating_sub(heard) > beat.saturating_mul(2) + 500
         });
         let Some(which) = unheard else {
             return false;
@@ -930,7 +946,23 @@ impl Subscriber {
              reading every node's rooms again",
             c.name
         );
+        // The silence was this node's: the others are not to expire for it.
+        c.replica.write().heard_all(Instant::now());
         true
+    }
+
+    /// Whether this node has not heard its own heartbeat for `node_timeout`
+    /// although it published since: then it cannot tell who else is silent,
+    /// and expires nobody (it subscribes again meanwhile), for at most
+    /// three times `node_timeout`.
+    fn cannot_judge(&self) -> bool {
+        let c = &self.cluster;
+        let heard = self.heard_own[0];
+        let timeout = u64::try_from(c.settings.node_timeout.as_millis()).unwrap_or(u64::MAX);
+        let silence = wire::now_ms().saturating_sub(heard);
+        c.beat_published_ms.load(Ordering::Acquire) > heard
+            && silence >= timeout
+            && silence < timeout.saturating_mul(3)
     }
 
     fn lagged(&mut self, n: u64) {

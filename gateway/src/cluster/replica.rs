@@ -238,6 +238,14 @@ impl Replica {
             .collect()
     }
 
+    /// Counts every known node as heard from at `now` (this node's own
+    /// deafness, not theirs, kept them silent).
+    pub fn heard_all(&mut self, now: Instant) {
+        for n in self.nodes.values_mut() {
+            n.heard = now;
+        }
+    }
+
     /// How long ago (ms) node `node` sent what it stamped `sent_ms`, by
     /// its clock as far as its heartbeats tell (unknown nodes: as if the
     /// clocks agreed).
