@@ -609,16 +609,26 @@ impl Writer {
         let members = c.names.members(c.node);
         let timeout = ms(c.settings.node_timeout);
         let written = async {
+            // This node's number must still be its own: claimed (if it
+            // expired) or found held by this node, before anything of the
+            // number is written. Another node's claim is not touched. (A
+            // claim is taken only from an absent key, and this node's
+            // lives a node_timeout: between this and the MULTI, nobody
+            // can take it.)
+            let owner: Option<String> = c
+                .client
+                .set(
+                    c.names.owner(c.node),
+                    c.token.as_str(),
+                    Some(Expiration::PX(timeout)),
+                    Some(SetOptions::NX),
+                    true,
+                )
+                .await?;
+            if owner.as_deref().is_some_and(|o| o != c.token) {
+                return Ok(owner);
+            }
             let tx = c.client.multi();
-            // This node's number must still be its own.
-            tx.set::<(), _, _>(
-                c.names.owner(c.node),
-                c.token.as_str(),
-                Some(Expiration::PX(timeout)),
-                Some(SetOptions::NX),
-                true,
-            )
-            .await?;
             tx.pexpire::<(), _>(c.names.owner(c.node), timeout, None)
                 .await?;
             tx.del::<(), _>(&members).await?;
@@ -636,14 +646,12 @@ impl Writer {
                 false,
             )
             .await?;
-            let results: Value = tx.exec(true).await?;
-            let owner = results.into_array().into_iter().next();
-            Ok::<Option<Value>, fred::error::Error>(owner)
+            tx.exec::<Value>(true).await?;
+            Ok::<Option<String>, fred::error::Error>(owner)
         };
         match written.await {
             Ok(owner) => {
                 self.health.ok(&c);
-                let owner = owner.and_then(|v| v.as_string());
                 if owner.as_deref().is_some_and(|o| o != c.token) {
                     c.depart(&format!(
                         "another node ({}) holds its node number {}",
@@ -678,19 +686,24 @@ impl Writer {
         }
         let timeout = ms(c.settings.node_timeout);
         let renewed = async {
+            // The number's keys are renewed only while the claim is this
+            // node's: another node's claim (and its state) is not touched.
+            let owner: Option<String> = c.client.get(c.names.owner(c.node)).await?;
+            if owner.as_deref() != Some(c.token.as_str()) {
+                return Ok((false, owner));
+            }
             let tx = c.client.multi();
             tx.pexpire::<(), _>(c.names.members(c.node), timeout, None)
                 .await?;
             tx.pexpire::<(), _>(c.names.seq(c.node), timeout, None)
                 .await?;
-            tx.get::<(), _>(c.names.owner(c.node)).await?;
             tx.pexpire::<(), _>(c.names.owner(c.node), timeout, None)
                 .await?;
             let v: Value = tx.exec(true).await?;
             let mut parts = v.into_array().into_iter().skip(1);
             let seq_renewed = parts.next().and_then(|v| v.as_u64()) == Some(1);
-            let owner = parts.next().and_then(|v| v.as_string());
-            Ok::<(bool, Option<String>), fred::error::Error>((seq_renewed, owner))
+            let owner_renewed = parts.next().and_then(|v| v.as_u64()) == Some(1);
+            Ok::<(bool, Option<String>), fred::error::Error>((seq_renewed && owner_renewed, owner))
         };
         match renewed.await {
             Ok((true, Some(owner))) if owner == c.token => {
