@@ -2892,6 +2892,17 @@ fn check_redis_url(url: &str) -> Result<(), String> {
         Some(rest) => (true, rest),
         None => (false, url.strip_prefix("redis://").unwrap_or(url)),
     };
+    if cluster
+        && rest
+            .split_once('?')
+            .is_some_and(|(_, q)| q.contains('@') && q.contains("node="))
+    {
+        return Err(
+            "node= takes host:port only: the user and password before the first \
+             host apply to every node"
+                .into(),
+        );
+    }
     // The credentials end at the last `@`; a `/`, `?` or `#` before it
     // would end the host part early (and split the password).
     if let Some(at) = rest.rfind('@') {
@@ -3174,6 +3185,7 @@ mod tests {
             "redis://:pw@bad host:1",
             "redis-cluster://:pw@h",
             "redis-cluster://127.0.0.1",
+            "redis-cluster://u:zq@h:1?node=u:zq@h2:2",
             "redis-cluster://[::1]",
             "redis://:pw%ZZ@h:1",
             "redis://pw@h:1",

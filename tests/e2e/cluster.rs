@@ -535,7 +535,10 @@ async fn a_node_whose_number_another_node_took_leaves_the_cluster_and_serves_alo
     );
     // The other claim is left as it was: not renewed, shortened or
     // overwritten by the node that lost the number.
-    assert_eq!(redis_cli(redis.port, &["GET", &owner]).trim(), "someone-else");
+    assert_eq!(
+        redis_cli(redis.port, &["GET", &owner]).trim(),
+        "someone-else"
+    );
     assert_eq!(redis_cli(redis.port, &["TTL", &owner]).trim(), "-1");
     // Node a's members stop counting on node b; node a serves its own.
     until(&mut on_b, "size r", "ok 1", WAIT).await;
