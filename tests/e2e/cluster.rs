@@ -12,26 +12,31 @@ struct Redis {
     child: Option<Child>,
     port: u16,
     _dir: Scratch,
+    /// More arguments for redis-server (a password, cluster mode).
+    extra: Vec<String>,
 }
 
 impl Redis {
     fn start(name: &str) -> Redis {
+        Redis::start_with(name, &[])
+    }
+
+    /// Started with `extra` arguments too.
+    fn start_with(name: &str, extra: &[&str]) -> Redis {
         let mut r = Redis::reserve(name);
+        r.extra = extra.iter().map(|a| a.to_string()).collect();
         r.restart();
         r
     }
 
     /// A port and folder for a server not started yet.
     fn reserve(name: &str) -> Redis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
         let dir = scratch(name);
         Redis {
             child: None,
-            port,
+            port: free_port(),
             _dir: dir,
+            extra: Vec::new(),
         }
     }
 
@@ -50,6 +55,7 @@ impl Redis {
                 "--dir",
                 self._dir.to_str().unwrap(),
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -523,11 +529,10 @@ async fn a_node_whose_number_another_node_took_leaves_the_cluster_and_serves_alo
     // What a node that took node a's number after Redis lost it would do.
     let a_id: u64 = conn_id(&mut on_a).await.parse().unwrap();
     let owner = format!("wasmgate:{{node:{}}}:owner", a_id >> 40);
-    let set = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string(), "SET", &owner, "someone-else"])
-        .output()
-        .expect("redis-cli");
-    assert!(set.status.success());
+    assert_eq!(
+        redis_cli(redis.port, &["SET", &owner, "someone-else"]).trim(),
+        "OK"
+    );
     let line = a.wait_log("leaves the cluster");
     assert!(
         line.contains("another node (someone-else) holds its node number"),
@@ -624,50 +629,16 @@ async fn next_leaver(ws: &mut Ws) -> serde_json::Value {
 
 #[test]
 fn a_wrong_redis_password_stops_the_start_with_the_config_line() {
-    let mut redis = Redis::reserve("cluster-auth-redis");
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &redis.port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--requirepass",
-            "right",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    redis.child = Some(child);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", redis.port)).is_err() {
-        assert!(start.elapsed() < WAIT, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let dir = scratch("cluster-auth");
-    let file = dir.join("gateway.toml");
-    std::fs::write(
-        &file,
-        format!(
+    let redis = Redis::start_with("cluster-auth-redis", &["--requirepass", "right"]);
+    let (ok, _, err) = serve_output(
+        "cluster-auth",
+        &format!(
             "[cluster]\nredis = \"redis://:wrong@127.0.0.1:{}\"\n\n[[route]]\npath = \"/chat\"\nplugin = \"builtin:echo\"\n",
             redis.port
         ),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            file.to_str().unwrap(),
-        ])
-        .output()
-        .expect("wasmgate");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+        "127.0.0.1:0",
+    );
+    assert!(!ok, "{err}");
     assert!(err.contains("gateway.toml:1: [cluster]"), "{err}");
     assert!(err.contains("check the user and password"), "{err}");
     assert!(
@@ -710,38 +681,6 @@ async fn a_node_started_right_after_redis_lost_its_data_does_not_take_a_live_nod
     assert!(!a.log().contains("leaves the cluster"), "{}", a.log());
 }
 
-/// Runs `wasmgate serve` on `config` until it exits (a start that fails):
-/// whether it succeeded, its stdout and its stderr.
-fn serve_output(name: &str, config: &str) -> (bool, String, String) {
-    let dir = scratch(name);
-    let file = dir.join("gateway.toml");
-    std::fs::write(&file, config).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            file.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("wasmgate");
-    // A gateway that starts after all is stopped (and the test fails).
-    let start = Instant::now();
-    while child.try_wait().ok().flatten().is_none() && start.elapsed() < WAIT * 3 {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().expect("wasmgate's output");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// `redis-cli -p port args...` (its stdout; the test fails if it fails).
 fn redis_cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
@@ -758,28 +697,15 @@ fn a_node_that_cannot_bind_its_port_leaves_nothing_in_redis() {
     let redis = Redis::start("cluster-bind-redis");
     let taken = TcpListener::bind("127.0.0.1:0").expect("a port");
     let port = taken.local_addr().unwrap().port();
-    let dir = scratch("cluster-bind");
-    let file = dir.join("gateway.toml");
-    std::fs::write(
-        &file,
-        format!(
+    let (ok, _, err) = serve_output(
+        "cluster-bind",
+        &format!(
             "[cluster]\nredis = \"{}\"\n\n[[route]]\npath = \"/chat\"\nplugin = \"builtin:chat\"\n",
             redis.url()
         ),
-    )
-    .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--config",
-            file.to_str().unwrap(),
-        ])
-        .output()
-        .expect("wasmgate");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+        &format!("127.0.0.1:{port}"),
+    );
+    assert!(!ok, "{err}");
     assert!(
         err.contains(&port.to_string()),
         "the error names the port: {err}"
@@ -791,28 +717,7 @@ fn a_node_that_cannot_bind_its_port_leaves_nothing_in_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_password_changed_on_redis_is_logged_as_refused_credentials() {
-    let mut redis = Redis::reserve("cluster-repass-redis");
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &redis.port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--requirepass",
-            "first",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    redis.child = Some(child);
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", redis.port)).is_err() {
-        assert!(start.elapsed() < WAIT, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let redis = Redis::start_with("cluster-repass-redis", &["--requirepass", "first"]);
     let a = Gateway::start(
         "cluster-repass-a",
         &format!(
@@ -867,43 +772,20 @@ impl RedisCluster {
     fn start(name: &str) -> RedisCluster {
         let mut shards = Vec::new();
         for i in 0..3 {
-            let r = Redis::reserve(&format!("{name}-{i}"));
             // The cluster bus on a port of its own (the default, port +
             // 10000, may be past 65535 for an ephemeral port).
-            let bus = free_port();
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &r.port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
+            let bus = free_port().to_string();
+            shards.push(Redis::start_with(
+                &format!("{name}-{i}"),
+                &[
                     "--cluster-enabled",
                     "yes",
                     "--cluster-port",
-                    &bus.to_string(),
+                    &bus,
                     "--cluster-config-file",
                     "nodes.conf",
-                    "--dir",
-                    r._dir.to_str().unwrap(),
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server");
-            let mut r = r;
-            r.child = Some(child);
-            shards.push(r);
-        }
-        for r in &shards {
-            let start = Instant::now();
-            while std::net::TcpStream::connect(("127.0.0.1", r.port)).is_err() {
-                assert!(start.elapsed() < WAIT, "redis-server did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
+                ],
+            ));
         }
         let addrs: Vec<String> = shards
             .iter()
@@ -1045,6 +927,7 @@ async fn nodes_share_rooms_sends_and_broadcasts_through_a_redis_cluster() {
             "[cluster]\nredis = \"{}\"\n\n[[route]]\npath = \"/chat\"\nplugin = \"builtin:chat\"\n",
             other.url()
         ),
+        "127.0.0.1:0",
     );
     assert!(!ok, "{err}");
     assert!(err.contains("gateway.toml:1: [cluster]"), "{err}");

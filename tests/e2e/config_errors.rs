@@ -131,21 +131,12 @@ fn bad_plugins_are_reported_per_route_with_the_reason() {
 
 #[test]
 fn serve_refuses_to_start_with_a_bad_plugin() {
-    let dir = scratch("cfg-serve");
-    let file = dir.join("gateway.toml");
-    std::fs::write(&file, "[[route]]\npath = \"/x\"\nplugin = \"nope.wasm\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            file.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (ok, _, err) = serve_output(
+        "cfg-serve",
+        "[[route]]\npath = \"/x\"\nplugin = \"nope.wasm\"\n",
+        "127.0.0.1:0",
+    );
+    assert!(!ok);
     assert!(
         err.contains("route /x: plugin") && err.contains("nope.wasm"),
         "{err}"

@@ -576,6 +576,39 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// Runs `wasmgate serve --listen listen` on `config` (`{testkit}`
+/// replaced) until it exits, as a start that fails does: whether it
+/// succeeded, its stdout and its stderr. A gateway that starts after all
+/// is stopped after 30 s (and the caller's assertions fail).
+pub fn serve_output(name: &str, config: &str, listen: &str) -> (bool, String, String) {
+    let dir = scratch(name);
+    let file = dir.join("gateway.toml");
+    std::fs::write(&file, config.replace("{testkit}", &plugin("testkit"))).expect("write config");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wasmgate"))
+        .args([
+            "serve",
+            "--listen",
+            listen,
+            "--config",
+            file.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start wasmgate");
+    let start = std::time::Instant::now();
+    while child.try_wait().ok().flatten().is_none() && start.elapsed() < WAIT * 3 {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("wasmgate's output");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs `wasmgate check` on `config` (with `files` beside it): success,
 /// stdout, stderr.
 pub fn check_output(name: &str, config: &str, files: &[(&str, &[u8])]) -> (bool, String, String) {
