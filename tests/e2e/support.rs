@@ -45,8 +45,13 @@ impl AsRef<Path> for Scratch {
 impl Drop for Scratch {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            // Said again last: a long gateway log and a backtrace can push
+            // the panic message out of a truncated CI log.
+            let failure = LAST_PANIC
+                .with(|p| p.borrow_mut().take())
+                .unwrap_or_default();
             eprintln!(
-                "kept the failing test's scratch folder {}",
+                "kept the failing test's scratch folder {}; the test failed: {failure}",
                 self.0.display()
             );
         } else {
@@ -55,8 +60,28 @@ impl Drop for Scratch {
     }
 }
 
+thread_local! {
+    /// The message and place of the last panic on this thread, for
+    /// [`Scratch`] to repeat.
+    static LAST_PANIC: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Keeps each panic's message for [`Scratch`] (once per process), then
+/// reports it as the default hook does.
+fn record_panics() {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(info.to_string()));
+            default(info);
+        }));
+    });
+}
+
 /// A fresh scratch folder for one test (see [`Scratch`]).
 pub fn scratch(name: &str) -> Scratch {
+    record_panics();
     let dir = std::env::temp_dir().join(format!("wasmgate-e2e-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("create scratch dir");
@@ -199,6 +224,11 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                eprintln!("the gateway had exited before the test failed: {status}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
