@@ -27,6 +27,8 @@
 #   VICTIM_RATE=40000 bench/neighbours.sh
 #   PIN=0 bench/neighbours.sh    nothing pinned
 #   bench/neighbours.sh quick    1 round of 3 s
+#   GATEWAY=/tmp/wasmgate-old bench/neighbours.sh
+#                                another gateway binary (an A/B comparison)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=10; ROUNDS=3
@@ -73,7 +75,7 @@ TOML
 # not the attacking client competing with the victim's for a core.
 # PIN=0: no pinning, every process on every core.
 if [ "$(nproc)" -ge 2 ] && [ "${PIN:-1}" != 0 ]; then SERVER_CPU="taskset -c 0"; LOAD_CPU="taskset -c 1"; else SERVER_CPU=""; LOAD_CPU=""; fi
-RUST_LOG=warn $SERVER_CPU "$BIN/wasmgate" serve --config "$OUT/neighbours.toml" >"$OUT/neighbours.log" 2>&1 &
+RUST_LOG=warn $SERVER_CPU "${GATEWAY:-$BIN/wasmgate}" serve --config "$OUT/neighbours.toml" >"$OUT/neighbours.log" 2>&1 &
 GW=$!
 trap 'kill $GW 2>/dev/null || true' EXIT
 for _ in $(seq 1 200); do grep -q "listening on" "$OUT/neighbours.log" && break; sleep 0.05; done

@@ -53,6 +53,7 @@ pub mod protocol;
 pub mod quota;
 pub mod reload;
 pub mod routing;
+pub mod sched;
 pub mod server;
 pub mod tls;
 

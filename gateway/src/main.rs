@@ -278,15 +278,22 @@ fn serve(
         None => load_config(None)?,
     };
     let runtime = match config.server.threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
+        1 => {
+            // This thread is the runtime's only worker.
+            wasmgate::sched::serving();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .on_thread_start(wasmgate::sched::serving)
+                .build()
+        }
         0 => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
+            .on_thread_start(wasmgate::sched::serving)
             .build(),
         n => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
             .enable_all()
+            .on_thread_start(wasmgate::sched::serving)
             .build(),
     }
     .context("cannot start the async runtime")?;

@@ -202,6 +202,35 @@ async fn a_tenants_instances_together_cannot_pass_max_memory_total() {
 }
 
 #[tokio::test]
+async fn the_memory_of_a_closed_connections_instance_goes_back_to_its_tenant() {
+    let gw = Gateway::start("hostile-memory-back", ARENA);
+    let mut v = victim(&gw).await;
+    let mut a1 = attacker(&gw).await;
+    assert_eq!(
+        command(&mut a1, "grow 12").await,
+        format!("ok {}", 12 << 20)
+    );
+    a1.close(None).await.expect("close");
+    drop(a1);
+    // Within the tenant's 24 MiB only once a1's memory is given back (the
+    // server ends a1 after our close frame); each refused try closes its
+    // connection with 1011.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut a = attacker(&gw).await;
+        send(&mut a, "grow 12").await;
+        match next(&mut a).await {
+            Message::Text(t) if t.as_str() == format!("ok {}", 12 << 20) => break,
+            Message::Close(_) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("the closed connection's memory never came back: {other:?}"),
+        }
+    }
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
 async fn sending_to_itself_as_fast_as_it_can_is_held_to_max_sends_per_second() {
     let gw = Gateway::start("hostile-flood-self", ARENA);
     let mut a = attacker(&gw).await;

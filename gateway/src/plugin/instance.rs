@@ -40,7 +40,10 @@ pub struct Guest {
 /// implementation, and where a long call holds no worker.
 fn run_call<T>(off_worker: bool, call: impl FnOnce() -> T) -> T {
     if off_worker {
-        crate::plugin::deadline::blocking(call)
+        crate::plugin::deadline::blocking(|| {
+            crate::sched::long_call();
+            call()
+        })
     } else {
         call()
     }
