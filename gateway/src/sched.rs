@@ -69,7 +69,9 @@ pub fn call_ended() {
 }
 
 /// Sets the calling thread's time slice (`None`: the kernel's default),
-/// keeping its policy (`SCHED_OTHER`) and nice value.
+/// keeping its policy and nice value. Only a fair policy (`SCHED_OTHER`,
+/// `SCHED_BATCH`) has a slice: a thread an operator put under another
+/// (`SCHED_IDLE`, a real-time one, with `chrt`) is left as it is.
 #[cfg(target_os = "linux")]
 fn set_slice(slice: Option<Duration>) {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,13 +79,21 @@ fn set_slice(slice: Option<Duration>) {
     if REFUSED.load(Ordering::Relaxed) {
         return;
     }
+    // SAFETY: reads the calling thread's policy (0 names it).
+    let raw = unsafe { libc::sched_getscheduler(0) };
+    let reset_on_fork = raw >= 0 && raw & libc::SCHED_RESET_ON_FORK != 0;
+    let policy = raw & !libc::SCHED_RESET_ON_FORK;
+    if raw < 0 || (policy != libc::SCHED_OTHER && policy != libc::SCHED_BATCH) {
+        return;
+    }
     // SAFETY: getpriority reads the calling thread's nice value (which 0
     // names on Linux); -1 is also a valid value, and used as such.
     let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
     let attr = libc::sched_attr {
         size: std::mem::size_of::<libc::sched_attr>() as u32,
-        sched_policy: libc::SCHED_OTHER as u32,
-        sched_flags: 0,
+        sched_policy: policy as u32,
+        // SCHED_FLAG_RESET_ON_FORK, kept if it was set.
+        sched_flags: u64::from(reset_on_fork),
         sched_nice: nice,
         sched_priority: 0,
         sched_runtime: slice.map_or(0, |s| s.as_nanos() as u64),
@@ -91,7 +101,7 @@ fn set_slice(slice: Option<Duration>) {
         sched_period: 0,
     };
     // SAFETY: the calling thread (pid 0), a fully initialised attribute
-    // block of the size it states, no flags.
+    // block of the size it states.
     let r = unsafe {
         libc::syscall(
             libc::SYS_sched_setattr,
@@ -159,6 +169,36 @@ mod tests {
             // A call that stayed on its worker changes nothing.
             call_ended();
             assert_eq!(slice_now(), SERVING_SLICE.as_nanos() as u64);
+        })
+        .join()
+        .expect("thread");
+    }
+
+    #[test]
+    fn a_thread_under_sched_batch_keeps_its_policy_and_nice_value() {
+        if !kernel_takes_slices() {
+            eprintln!("skipped: this kernel has no per-thread slices (before 6.12)");
+            return;
+        }
+        std::thread::spawn(|| {
+            // SAFETY: the calling thread; priority 0 is the only one
+            // SCHED_BATCH takes, and raising nice needs no privilege.
+            unsafe {
+                let param = libc::sched_param { sched_priority: 0 };
+                assert_eq!(libc::sched_setscheduler(0, libc::SCHED_BATCH, &param), 0);
+                assert_eq!(libc::setpriority(libc::PRIO_PROCESS, 0, 5), 0);
+            }
+            serving();
+            assert_eq!(slice_now(), SERVING_SLICE.as_nanos() as u64);
+            // SAFETY: reads the calling thread's policy and nice value.
+            let (policy, nice) = unsafe {
+                (
+                    libc::sched_getscheduler(0),
+                    libc::getpriority(libc::PRIO_PROCESS, 0),
+                )
+            };
+            assert_eq!(policy, libc::SCHED_BATCH);
+            assert_eq!(nice, 5);
         })
         .join()
         .expect("thread");
