@@ -277,15 +277,14 @@ fn serve(
         },
         None => load_config(None)?,
     };
+    // This thread runs the runtime's main future (the accept loop; with
+    // `threads = 1`, everything): it serves like a worker.
+    wasmgate::sched::serving();
     let runtime = match config.server.threads {
-        1 => {
-            // This thread is the runtime's only worker.
-            wasmgate::sched::serving();
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .on_thread_start(wasmgate::sched::serving)
-                .build()
-        }
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .on_thread_start(wasmgate::sched::serving)
+            .build(),
         0 => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .on_thread_start(wasmgate::sched::serving)

@@ -22,14 +22,23 @@
 //!
 //! - Every thread of the gateway's async runtime asks for [`SERVING_SLICE`]
 //!   when it starts ([`serving`]).
-//! - A guest call that leaves its worker (plugin::deadline's hand-off) goes
-//!   back to the kernel's default slice for the rest of the call
-//!   ([`long_call`]), and its thread asks for the short one again when the
-//!   call ends ([`call_ended`]).
+//! - A guest call still running at its first epoch tick, handed off from
+//!   its worker (plugin::deadline), goes back to the kernel's default slice
+//!   for the rest of the call ([`long_call`]); its thread asks for the
+//!   short one again when the call ends ([`CallScope`]). Calls shorter than
+//!   a tick (nearly all) make no system call.
 //!
-//! No privileges are needed. On kernels before 6.12 the slice is ignored;
-//! where the system call is refused or missing (another OS, a seccomp
-//! filter) nothing is done and the first refusal is logged at debug level.
+//! Threads a runtime thread starts inherit its slice (Linux copies it), so
+//! with `threads = 1` the gateway's helper threads (epoch ticker, file
+//! watcher) get it too; that costs them nothing.
+//!
+//! No privileges are needed. On kernels before 6.12 the slice is ignored.
+//! Where the system call fails (another OS, a seccomp filter answering
+//! with an error) nothing is done, and the first failure is logged at
+//! debug level. A filter that kills the process on calls it does not list
+//! would kill the gateway at start: allow `sched_getscheduler`,
+//! `getpriority` and `sched_setattr` (systemd's `@system-service` set
+//! includes them, through `@resources`).
 
 use std::cell::Cell;
 use std::time::Duration;
@@ -45,7 +54,7 @@ thread_local! {
 }
 
 /// Asks for [`SERVING_SLICE`] for the calling thread (a runtime thread
-/// starting).
+/// starting, or the thread that runs the runtime's main future).
 pub fn serving() {
     set_slice(Some(SERVING_SLICE));
 }
@@ -56,6 +65,27 @@ pub fn long_call() {
     if !IN_LONG_CALL.with(Cell::get) {
         IN_LONG_CALL.with(|c| c.set(true));
         set_slice(None);
+    }
+}
+
+/// Restores the serving slice when dropped, if the guest call it was made
+/// for left it ([`call_ended`]): held around every guest call and
+/// instantiation, so that a call ending by a trap, an error or a panic
+/// leaves its thread (which tokio may later make a worker) on the right
+/// slice.
+#[derive(Debug)]
+pub struct CallScope(());
+
+impl CallScope {
+    /// A guest call starts on this thread.
+    pub fn enter() -> CallScope {
+        CallScope(())
+    }
+}
+
+impl Drop for CallScope {
+    fn drop(&mut self) {
+        call_ended();
     }
 }
 
@@ -165,6 +195,14 @@ mod tests {
             assert_eq!(slice_now(), default, "the default slice for a long call");
             long_call();
             call_ended();
+            assert_eq!(slice_now(), SERVING_SLICE.as_nanos() as u64);
+            // A call that ends by unwinding gets it back too.
+            let unwound = std::panic::catch_unwind(|| {
+                let _scope = CallScope::enter();
+                long_call();
+                panic!("a host function panicked");
+            });
+            assert!(unwound.is_err());
             assert_eq!(slice_now(), SERVING_SLICE.as_nanos() as u64);
             // A call that stayed on its worker changes nothing.
             call_ended();

@@ -40,12 +40,10 @@
 //! started does not mark its route: under load some call is running at
 //! nearly every tick, and marking every one of their routes handed off most
 //! calls of a busy gateway (connection setup fell from 7,800 to 1,100-2,700
-//! a second). Nor does a call judged by its duration when it ends (tried):
+//! a second). Nor is a call judged by its duration when it ends (tried):
 //! a neighbour's long calls preempt a normal call's thread for a
 //! millisecond often enough that the neighbour's victims were marked, and
-//! their every call paid a hand-off. A call that started handed off is not
-//! judged by its first tick either: the hand-off's own wait would count,
-//! and keep its route handed off for good.
+//! their every call paid a hand-off.
 //!
 //! Calls shorter than a tick (nearly all) pay nothing for this: the callback
 //! never runs. A current-thread runtime (`threads = 1`) has no other worker
@@ -94,8 +92,6 @@ pub struct CallClock {
     /// The call's thread was handed off: it is no longer a worker, and may
     /// sleep.
     handed_off: bool,
-    /// The call started handed off ([`LongCallHint`]).
-    started_off_worker: bool,
     /// Its place among the long calls allowed to run at once.
     permit: Option<LongCalls>,
     /// Deadline callbacks the call has seen (the epoch ticks it ran into).
@@ -168,7 +164,6 @@ impl CallClock {
         self.rest = total - first;
         self.deadline = None;
         self.handed_off = off_worker;
-        self.started_off_worker = off_worker;
         self.ticks_seen = 0;
         let clock = MeterClock::get();
         self.started = clock.raw();
@@ -182,7 +177,6 @@ impl CallClock {
     /// Returns how long the call took (wall-clock, from [`CallClock::arm`]).
     pub fn ended(&mut self, meter: Option<&CpuMeter>) -> Duration {
         self.permit = None;
-        crate::sched::call_ended();
         let clock = MeterClock::get();
         let now = clock.raw();
         if let Some(from) = self.measured_to.take() {
@@ -257,10 +251,7 @@ pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<
     // A call that has run LONG_CALL by its first tick, or reaches a second
     // tick (a full period), ran long; one the tick caught just after it
     // started did not.
-    // A call started handed off is not judged by its first tick: the
-    // hand-off's own wait (a thread to start, on a busy core perhaps
-    // milliseconds) would count, and keep the route handed off for good.
-    if state.call.ticks_seen == 1 && !state.call.started_off_worker {
+    if state.call.ticks_seen == 1 {
         let clock = MeterClock::get();
         let ran = clock.duration(MeterClock::ticks_between(state.call.started, clock.raw()));
         if ran >= LONG_CALL {
@@ -280,9 +271,11 @@ pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<
     // over may be slow to start, and the call must not keep the worker.
     if !state.call.handed_off {
         state.call.handed_off = hand_off_worker(deadline);
-        if state.call.handed_off {
-            crate::sched::long_call();
-        }
+    }
+    // Off the workers (handed off now, or started so): the default time
+    // slice until the call ends (once; a thread-local read after that).
+    if state.call.handed_off {
+        crate::sched::long_call();
     }
     // Off the workers, long calls run at most a worker's count at once:
     // the others wait here, paused, so that however many loop together

@@ -256,6 +256,7 @@ impl Runtime {
             .call
             .arm(self.call_deadline(), false, false);
         store.set_epoch_deadline(first);
+        let _slice = crate::sched::CallScope::enter();
         match pre.instantiate(&mut store) {
             Ok(_) => Ok(()),
             Err(e) => Err(match e.downcast_ref::<wasmtime::Trap>() {

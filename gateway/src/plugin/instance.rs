@@ -39,11 +39,9 @@ pub struct Guest {
 /// wasmtime-wasi's synchronous file system calls may block on their async
 /// implementation, and where a long call holds no worker.
 fn run_call<T>(off_worker: bool, call: impl FnOnce() -> T) -> T {
+    let _slice = crate::sched::CallScope::enter();
     if off_worker {
-        crate::plugin::deadline::blocking(|| {
-            crate::sched::long_call();
-            call()
-        })
+        crate::plugin::deadline::blocking(call)
     } else {
         call()
     }
@@ -250,7 +248,10 @@ impl Guest {
             // tick if it runs long.
             .arm(runtime.call_deadline(), metered, false);
         store.set_epoch_deadline(first);
-        let instantiated = plugin.instantiate(&mut store);
+        let instantiated = {
+            let _slice = crate::sched::CallScope::enter();
+            plugin.instantiate(&mut store)
+        };
         // Instantiating (start functions included) is the tenant's CPU too.
         store.data_mut().call_ended();
         let (bindings, instance, resume) = match instantiated {
