@@ -181,21 +181,30 @@ mod tests {
         (v.next().unwrap_or(0), v.next().unwrap_or(0)) >= (6, 12)
     }
 
-    #[test]
-    fn a_long_call_leaves_the_serving_slice_and_gets_it_back_when_it_ends() {
+    /// The serving slice as `sched_getattr` reports it.
+    const SERVING_NS: u64 = SERVING_SLICE.as_nanos() as u64;
+
+    /// Runs `check` on a thread of its own (whose scheduling it may
+    /// change), unless the kernel predates per-thread slices.
+    fn on_a_fresh_thread(check: impl FnOnce() + Send + 'static) {
         if !kernel_takes_slices() {
             eprintln!("skipped: this kernel has no per-thread slices (before 6.12)");
             return;
         }
-        std::thread::spawn(|| {
+        std::thread::spawn(check).join().expect("thread");
+    }
+
+    #[test]
+    fn a_long_call_leaves_the_serving_slice_and_gets_it_back_when_it_ends() {
+        on_a_fresh_thread(|| {
             let default = slice_now();
             serving();
-            assert_eq!(slice_now(), SERVING_SLICE.as_nanos() as u64);
+            assert_eq!(slice_now(), SERVING_NS);
             long_call();
             assert_eq!(slice_now(), default, "the default slice for a long call");
             long_call();
             call_ended();
-            assert_eq!(slice_now(), SERVING_SLICE.as_nanos() as u64);
+            assert_eq!(slice_now(), SERVING_NS);
             // A call that ends by unwinding gets it back too.
             let unwound = std::panic::catch_unwind(|| {
                 let _scope = CallScope::enter();
@@ -203,22 +212,16 @@ mod tests {
                 panic!("a host function panicked");
             });
             assert!(unwound.is_err());
-            assert_eq!(slice_now(), SERVING_SLICE.as_nanos() as u64);
+            assert_eq!(slice_now(), SERVING_NS);
             // A call that stayed on its worker changes nothing.
             call_ended();
-            assert_eq!(slice_now(), SERVING_SLICE.as_nanos() as u64);
-        })
-        .join()
-        .expect("thread");
+            assert_eq!(slice_now(), SERVING_NS);
+        });
     }
 
     #[test]
     fn a_thread_under_sched_batch_keeps_its_policy_and_nice_value() {
-        if !kernel_takes_slices() {
-            eprintln!("skipped: this kernel has no per-thread slices (before 6.12)");
-            return;
-        }
-        std::thread::spawn(|| {
+        on_a_fresh_thread(|| {
             // SAFETY: the calling thread; priority 0 is the only one
             // SCHED_BATCH takes, and raising nice needs no privilege.
             unsafe {
@@ -227,7 +230,7 @@ mod tests {
                 assert_eq!(libc::setpriority(libc::PRIO_PROCESS, 0, 5), 0);
             }
             serving();
-            assert_eq!(slice_now(), SERVING_SLICE.as_nanos() as u64);
+            assert_eq!(slice_now(), SERVING_NS);
             // SAFETY: reads the calling thread's policy and nice value.
             let (policy, nice) = unsafe {
                 (
@@ -237,8 +240,6 @@ mod tests {
             };
             assert_eq!(policy, libc::SCHED_BATCH);
             assert_eq!(nice, 5);
-        })
-        .join()
-        .expect("thread");
+        });
     }
 }
