@@ -81,18 +81,29 @@ fn opens_and_closes(log: &str) -> BTreeMap<u64, (usize, usize)> {
 
 /// Waits until every opened connection has closed, then asserts that each
 /// had exactly one open and one close; returns how many opened.
-async fn assert_every_open_closed_once(gw: &Gateway) -> usize {
+///
+/// The gateway's log reaches the test through a pipe and a reader thread,
+/// so the last lines can arrive after the clients are done: the answer is
+/// taken only once at least `at_least` ids are seen and the log has shown
+/// the same opens and closes for 300 ms.
+async fn assert_every_open_closed_once(gw: &Gateway, at_least: usize) -> usize {
     let start = std::time::Instant::now();
+    let mut previous = None;
     loop {
         let seen = opens_and_closes(&gw.log());
-        if seen.values().all(|&(o, c)| o == 1 && c == 1) {
+        let settled = seen.len() >= at_least && seen.values().all(|&(o, c)| o == 1 && c == 1);
+        if settled && previous.as_ref() == Some(&seen) {
             return seen.len();
         }
         if start.elapsed() > WAIT {
             let bad: Vec<_> = seen.iter().filter(|(_, &oc)| oc != (1, 1)).collect();
-            panic!("ids without exactly one open and one close (id, (opens, closes)): {bad:?}");
+            panic!(
+                "{} ids seen (expected at least {at_least}); ids without exactly one open and one close (id, (opens, closes)): {bad:?}",
+                seen.len()
+            );
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        previous = settled.then_some(seen);
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
 
@@ -106,7 +117,7 @@ async fn clients_resetting_right_after_the_request_get_on_close_for_every_on_ope
         c.await.expect("client");
     }
     // Whatever number of opens raced the resets, each one is closed once.
-    assert_every_open_closed_once(&gw).await;
+    assert_every_open_closed_once(&gw, 0).await;
     // And the gateway still serves.
     let mut ws = connect(&gw.url("/t")).await;
     assert_eq!(command(&mut ws, "echo alive").await, "ok alive");
@@ -124,7 +135,7 @@ async fn clients_resetting_after_the_101_or_a_message_get_on_close_once() {
         }
     }
     // Every one of these saw its 101, so on-open ran 50 times.
-    assert_eq!(assert_every_open_closed_once(&gw).await, 50);
+    assert_eq!(assert_every_open_closed_once(&gw, 50).await, 50);
     gw.wait_log(" 1006 ");
 }
 
