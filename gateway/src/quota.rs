@@ -166,6 +166,18 @@ impl MeterClock {
         end.saturating_sub(start)
     }
 
+    /// Raw ticks in `d` (at least 1).
+    pub fn ticks_in(&self, d: Duration) -> u64 {
+        // FLUSH_GUEST_TIME is the calibrated unit.
+        let unit = u128::from(
+            u64::try_from(FLUSH_GUEST_TIME.as_nanos())
+                .unwrap_or(1)
+                .max(1),
+        );
+        let ticks = u128::from(self.flush_ticks) * d.as_nanos() / unit;
+        u64::try_from(ticks).unwrap_or(u64::MAX).max(1)
+    }
+
     /// Whether `ticks` are worth charging now.
     pub fn due(&self, ticks: u64) -> bool {
         ticks >= self.flush_ticks

@@ -164,6 +164,66 @@ async fn twenty_handlers_looping_at_once_do_not_hold_up_other_tenants() {
 }
 
 #[tokio::test]
+async fn a_tenants_queued_long_calls_wait_without_a_thread_each_and_are_closed_at_max_call_time() {
+    // Two workers: two places for long calls, one per tenant.
+    let gw = Gateway::start(
+        "hostile-queue",
+        &format!(
+            "[server]\nthreads = 2\n{}",
+            ARENA.replace(r#"max_call_time = "2s""#, r#"max_call_time = "500ms""#)
+        ),
+    );
+    // One call that runs long marks the route: its next calls wait for a
+    // place before they start.
+    let mut first = attacker(&gw).await;
+    send(&mut first, "spin").await;
+    expect_close(&mut first, 1011).await;
+    let threads = || proc_status_kib(gw.pid(), "Threads");
+    let before = threads();
+    let mut loops = Vec::new();
+    for _ in 0..20 {
+        loops.push(attacker(&gw).await);
+    }
+    for l in &mut loops {
+        send(l, "spin").await;
+    }
+    // One loop at a time holds the tenant's place for 500 ms; the others
+    // wait their turn for as long, without a thread, and are closed. The
+    // gateway's thread count is sampled meanwhile.
+    let closes = futures_util::future::join_all(loops.iter_mut().map(|l| async move {
+        loop {
+            match tokio::time::timeout(WAIT, l.next()).await {
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+                Ok(Some(Ok(Message::Close(Some(f))))) => break u16::from(f.code).to_string(),
+                other => break format!("{other:?}"),
+            }
+        }
+    }));
+    tokio::pin!(closes);
+    let mut most = before;
+    let closes = loop {
+        tokio::select! {
+            c = &mut closes => break c,
+            _ = tokio::time::sleep(Duration::from_millis(5)) => most = most.max(threads()),
+        }
+    };
+    let wrong: Vec<_> = closes
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| *c != "1011")
+        .collect();
+    assert!(wrong.is_empty(), "loops not closed with 1011: {wrong:?}");
+    // A thread per waiting call would add about twenty.
+    assert!(
+        most <= before + 6,
+        "{before} threads before the loops, {most} at most while they waited"
+    );
+    gw.wait_log("for its turn among the tenant's long calls");
+    let mut v = victim(&gw).await;
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
 async fn a_handler_recursing_until_the_stack_overflows_closes_only_its_connection() {
     let gw = Gateway::start("hostile-recurse", ARENA);
     let mut a = attacker(&gw).await;

@@ -194,6 +194,8 @@ async fn an_upgrade_over_http_1_0_is_refused_with_505_before_the_plugin_runs() {
     // A valid upgrade after it opens: the first on-open the plugin logs.
     let mut ws = connect(&gw.url("/t")).await;
     let id = conn_id(&mut ws).await;
+    // The log comes through a pipe: wait for this open's line to arrive.
+    gw.wait_log(&format!("on-open {id} "));
     let opens = opens_and_closes(&gw.log());
     assert_eq!(
         opens.keys().copied().collect::<Vec<_>>(),

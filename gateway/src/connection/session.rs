@@ -27,6 +27,7 @@ use crate::connection::keepalive::{Due, Keepalive};
 use crate::connection::outbox::{Outbound, Outbox, Writer};
 use crate::hub::{ClosedBy, ConnHandle};
 use crate::metrics::RouteMetrics;
+use crate::plugin::deadline::LongCalls;
 use crate::plugin::host::{HostState, MAX_CLOSE_REASON};
 use crate::plugin::instance::Guest;
 use crate::plugin::request::PackedRequest;
@@ -659,8 +660,56 @@ impl Session {
                                     tokio::time::sleep_until(at).await;
                                 }
                             }
+                            // A route whose calls run long: its next call
+                            // waits for a place among long calls here, as a
+                            // task, rather than on a thread of its own once
+                            // it has started (plugin/deadline.rs). At most
+                            // max_call_time: past that the call is not run
+                            // and the connection closes with 1011, as when
+                            // a call waits for a place until its deadline.
+                            let waits = match &self.instance {
+                                Instance::Own(Some(g)) if deliver && !frame.opcode.is_control() => {
+                                    g.wants_long_call_place()
+                                }
+                                _ => None,
+                            };
+                            if let Some(tenant) = waits {
+                                let give_up = Instant::now() + self.runtime.max_call_time();
+                                let place = LongCalls::wait(tenant);
+                                tokio::pin!(place);
+                                loop {
+                                    tokio::select! {
+                                        p = &mut place => {
+                                            if let (Some(p), Instance::Own(Some(g))) = (p, &mut self.instance) {
+                                                g.give_long_call_place(p);
+                                            }
+                                            break;
+                                        }
+                                        _ = tokio::time::sleep(CLOSE_CHECK.min(give_up.saturating_duration_since(Instant::now()))) => {
+                                            if conn.close_pending() {
+                                                deliver = false;
+                                                break;
+                                            }
+                                            if Instant::now() >= give_up {
+                                                if let Instance::Own(Some(g)) = &mut self.instance {
+                                                    g.waited_too_long();
+                                                }
+                                                deliver = false;
+                                                phase = self.plugin_failed();
+                                                break;
+                                            }
+                                        }
+                                    }
+                                }
+                            }
                             if deliver {
-                                if let Some(end) = self.on_frame(frame, now, &mut phase, inbound) {
+                                let end = self.on_frame(frame, now, &mut phase, inbound);
+                                // A place not used (the frame made no call) is
+                                // given back now, not held while idle.
+                                if let Instance::Own(Some(g)) = &mut self.instance {
+                                    g.release_long_call_place();
+                                }
+                                if let Some(end) = end {
                                     return Stop::Ended(end);
                                 }
                             }

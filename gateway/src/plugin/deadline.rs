@@ -25,28 +25,43 @@
 //! 3. Off the workers, at most as many long calls run at once as there are
 //!    workers (at least two), and at most half of those for one tenant
 //!    ([`LongCalls`]);
-//!    more wait, paused, for a place: however many calls loop together, the
-//!    workers keep about half the CPU, and one tenant's loops leave places
-//!    for the others' long calls.
+//!    more wait, paused, for a place, first come first served: however
+//!    many calls loop together, the workers keep about half the CPU, and
+//!    one tenant's loops leave places for the others' long calls.
 //! 4. At `max_call_time` (wall-clock, sleeps and waits included) it traps
 //!    with [`wasmtime::Trap::Interrupt`].
 //!
 //! A call that runs long holds its worker until its first tick, up to 10
 //! ms, and the connections queued on that worker wait as long. So once a
-//! route's call has run 2 ms by its first tick, or into a second tick, the
-//! route's next calls start handed off ([`LongCallHint`]): a hand-off per
-//! call (tens of microseconds) for a route whose calls are long anyway, and
-//! no worker held. A call the first tick catches microseconds after it
-//! started does not mark its route: under load some call is running at
-//! nearly every tick, and marking every one of their routes handed off most
-//! calls of a busy gateway (connection setup fell from 7,800 to 1,100-2,700
-//! a second). Nor is a call judged by its duration when it ends (tried):
-//! a neighbour's long calls preempt a normal call's thread for a
-//! millisecond often enough that the neighbour's victims were marked, and
-//! their every call paid a hand-off.
+//! route's call has used 2 ms of CPU time by a tick, or 1 ms by the time
+//! it ends, the route's next calls start handed off ([`LongCallHint`]): a
+//! hand-off per call (tens of microseconds) for a route whose calls are
+//! long anyway, and no worker held. Such a call waits for its place among
+//! long calls before it starts, as a task ([`LongCalls::wait`]), rather
+//! than paused on a thread of its own: a tenant's queue of long calls
+//! holds no threads. One that waits `max_call_time` is not run, and its
+//! connection is closed with 1011, as a call that waited for a place until
+//! its deadline is.
 //!
-//! Calls shorter than a tick (nearly all) pay nothing for this: the callback
-//! never runs. A current-thread runtime (`threads = 1`) has no other worker
+//! Calls are judged by the CPU time their thread used, not by the wall
+//! clock ([`CpuMark`]): on a busy core the OS preempts a microsecond call
+//! for milliseconds, and judged by the wall clock a well-behaved tenant's
+//! calls were marked whenever a neighbour's long call ran beside them, and
+//! then each paid a hand-off. A call the first tick catches microseconds
+//! after it started does not mark its route either: under load some call
+//! is running at nearly every tick, and marking every one of their routes
+//! handed off most calls of a busy gateway (connection setup fell from
+//! 7,800 to 1,100-2,700 a second).
+//!
+//! The wait as a task covers a message (or fragment) from the client to a
+//! connection with its own instance; a timer event, `on-close`, and a call
+//! into a shared instance (which runs behind the instance's lock) wait, if
+//! they must, paused on their thread as before.
+//!
+//! Calls shorter than a tick (nearly all) pay next to nothing for this: the
+//! callback never runs; a call reads a thread-local mark, and a busy
+//! thread reads its CPU time at most once a millisecond. A current-thread
+//! runtime (`threads = 1`) has no other worker
 //! to hand to; there a long call holds the gateway until it ends or is
 //! interrupted (and is not put to sleep).
 
@@ -66,7 +81,7 @@ use crate::routing::tenant::Counts;
 /// 0 to 10 ms into the call.
 pub const HAND_OFF_TICKS: u64 = 1;
 
-/// How long a call must have run by its first tick to mark its route's
+/// How much CPU time a call must have used by a tick to mark its route's
 /// next calls for starting handed off ([`LongCallHint`]): well above a
 /// normal handler call (microseconds), well below the tick.
 const LONG_CALL: Duration = Duration::from_millis(2);
@@ -98,6 +113,91 @@ pub struct CallClock {
     ticks_seen: u32,
     /// When the call started, as a [`MeterClock`] reading.
     started: u64,
+    /// The call has marked its route's next calls for starting handed off.
+    marked: bool,
+}
+
+/// How much CPU time a call must have used when it ends to mark its
+/// route's next calls for starting handed off: a call of a millisecond
+/// held its worker all along (no tick came to hand it off).
+pub const LONG_CALL_AT_END: Duration = Duration::from_millis(1);
+
+/// How often (at most) a thread that makes guest calls reads its CPU time
+/// when a call starts ([`CpuMark`]).
+const CPU_MARK_EVERY: Duration = Duration::from_millis(1);
+
+/// The calling thread's CPU time (user and system), in nanoseconds; `None`
+/// where the OS does not give it.
+fn thread_cpu_ns() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid, writable timespec.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+        if rc != 0 {
+            return None;
+        }
+        let secs = u64::try_from(ts.tv_sec).ok()?;
+        let nanos = u64::try_from(ts.tv_nsec).ok()?;
+        Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// A recent reading of this thread's CPU time, taken when a call started
+/// at most [`CPU_MARK_EVERY`] after the last one (a system call per
+/// millisecond of a busy thread, not one per call): with it, a call that
+/// looks long by the wall clock can be told from one whose thread the OS
+/// preempted. Under contention on one core a neighbour's thread preempts a
+/// microsecond call for milliseconds; judged by the wall clock, such a call
+/// marked its route, and every call of a well-behaved tenant then paid a
+/// hand-off (measured: the victim of `bench/neighbours.sh` marked 8 times
+/// in 5 s beside `grow 60`, with 49 runtime threads left behind).
+#[derive(Debug, Clone, Copy)]
+struct CpuMark {
+    /// When, as a [`MeterClock`] reading.
+    at: u64,
+    /// The thread's CPU time then, in nanoseconds.
+    cpu_ns: u64,
+}
+
+thread_local! {
+    static CPU_MARK: std::cell::Cell<Option<CpuMark>> = const { std::cell::Cell::new(None) };
+}
+
+impl CpuMark {
+    /// Takes a new mark if the thread's is older than [`CPU_MARK_EVERY`]
+    /// at `now` (a [`MeterClock`] reading).
+    fn refresh(now: u64) {
+        let every = MeterClock::get().ticks_in(CPU_MARK_EVERY);
+        CPU_MARK.with(|m| {
+            if m.get()
+                .is_none_or(|mark| now.saturating_sub(mark.at) >= every)
+            {
+                m.set(thread_cpu_ns().map(|cpu_ns| CpuMark { at: now, cpu_ns }));
+            }
+        });
+    }
+
+    /// The CPU time at least used by a call that started at `started` (a
+    /// [`MeterClock`] reading) on this thread, which is still running on
+    /// it: the thread's CPU time since the mark, less the wall-clock time
+    /// from the mark to the call's start (more than the thread can have
+    /// used then). `None` where the thread's CPU time is not known.
+    fn used_since(started: u64) -> Option<Duration> {
+        let mark = CPU_MARK.with(std::cell::Cell::get)?;
+        let now = thread_cpu_ns()?;
+        let clock = MeterClock::get();
+        let before = clock.duration(MeterClock::ticks_between(mark.at, started));
+        let used = Duration::from_nanos(now.saturating_sub(mark.cpu_ns));
+        Some(used.saturating_sub(before))
+    }
 }
 
 /// A place among the long (handed-off) calls allowed to run at once: one
@@ -109,48 +209,188 @@ pub struct CallClock {
 /// the OS preempted its thread, and then needs a place too: with a single
 /// place, a looping tenant would hold it and such a call would wait until
 /// its deadline.
+///
+/// Calls wait in one first-come, first-served queue, and a freed place is
+/// handed directly to the first waiting call whose tenant is under its
+/// share: one thread is woken per place freed. (Waking every waiting call
+/// to race for the place, as a condition variable's broadcast does, woke
+/// dozens of threads at every long call's end under attack, and a victim's
+/// worker on the same core waited behind them.)
 #[derive(Debug)]
 pub struct LongCalls(Arc<Counts>);
 
-/// Places taken, and the most there are (0 until first used).
-static LONG_CALLS: parking_lot::Mutex<(usize, usize)> = parking_lot::Mutex::new((0, 0));
-static LONG_CALL_FREED: parking_lot::Condvar = parking_lot::Condvar::new();
+/// The places among long calls: how many are taken, how many there are,
+/// and the calls waiting for one, oldest first.
+#[derive(Debug)]
+struct Places {
+    taken: usize,
+    /// The most there are (0 until first used).
+    max: usize,
+    waiting: std::collections::VecDeque<Waiter>,
+    /// The number the next waiter is known by.
+    next_waiter: u64,
+}
+
+/// A call waiting for a place: its tenant, and where its place is sent.
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    tenant: Arc<Counts>,
+    place: Recipient,
+}
+
+/// Where a waiting call's place is sent.
+#[derive(Debug)]
+enum Recipient {
+    /// A call already running, paused in its epoch callback on its thread.
+    Thread(mpsc::SyncSender<LongCalls>),
+    /// A connection's task, waiting before it starts a call of a route
+    /// whose calls run long ([`LongCalls::wait`]); gone if the task was.
+    Task(tokio::sync::oneshot::Sender<LongCalls>),
+}
+
+impl Recipient {
+    /// Sends the place; a place the recipient can no longer take is
+    /// dropped (given back) here, so call this without the lock held.
+    fn send(self, place: LongCalls) {
+        match self {
+            Recipient::Thread(to) => drop(to.send(place)),
+            Recipient::Task(to) => drop(to.send(place)),
+        }
+    }
+
+    /// The task that was waiting is gone.
+    fn is_gone(&self) -> bool {
+        matches!(self, Recipient::Task(to) if to.is_closed())
+    }
+}
+
+static PLACES: parking_lot::Mutex<Places> = parking_lot::Mutex::new(Places {
+    taken: 0,
+    max: 0,
+    waiting: std::collections::VecDeque::new(),
+    next_waiter: 0,
+});
+
+impl Places {
+    /// At most half the places (at least one) for one tenant.
+    fn per_tenant(&self) -> usize {
+        (self.max / 2).max(1)
+    }
+
+    /// Whether a call of `tenant` may take a place now.
+    fn free_for(&self, tenant: &Counts) -> bool {
+        self.taken < self.max && tenant.long_calls.load(Ordering::Relaxed) < self.per_tenant()
+    }
+
+    /// Takes a place for `tenant` (the caller checked [`Places::free_for`]).
+    fn take(&mut self, tenant: &Arc<Counts>) -> LongCalls {
+        self.taken += 1;
+        tenant.long_calls.fetch_add(1, Ordering::Relaxed);
+        LongCalls(tenant.clone())
+    }
+
+    /// Hands the free places to the oldest waiting calls that may take
+    /// them; returns the places with where each is to be sent (sent once
+    /// the lock is released).
+    fn grant(&mut self) -> Vec<(LongCalls, Recipient)> {
+        let mut granted = Vec::new();
+        let mut i = 0;
+        while self.taken < self.max && i < self.waiting.len() {
+            if self.waiting[i].place.is_gone() {
+                self.waiting.remove(i);
+            } else if self.free_for(&self.waiting[i].tenant) {
+                if let Some(w) = self.waiting.remove(i) {
+                    granted.push((self.take(&w.tenant), w.place));
+                }
+            } else {
+                i += 1;
+            }
+        }
+        granted
+    }
+}
 
 impl LongCalls {
-    /// Takes a place for a call of the tenant whose counts are `tenant`,
-    /// waiting until one is free or until `deadline`.
-    fn acquire(tenant: &Arc<Counts>, deadline: Instant) -> Option<LongCalls> {
-        let mut places = LONG_CALLS.lock();
-        if places.1 == 0 {
+    /// Takes a free place for `tenant`, or queues a waiter that `place`
+    /// makes (given its number) and returns `Err` with that number.
+    fn take_or_queue(
+        tenant: &Arc<Counts>,
+        place: impl FnOnce() -> Recipient,
+    ) -> Result<LongCalls, u64> {
+        let mut places = PLACES.lock();
+        if places.max == 0 {
             // At least two, so that half of them for one tenant still
             // leaves one for the others on a one-worker runtime.
-            places.1 = Handle::try_current()
+            places.max = Handle::try_current()
                 .map(|h| h.metrics().num_workers())
                 .unwrap_or(1)
                 .max(2);
         }
-        let per_tenant = (places.1 / 2).max(1);
-        while places.0 >= places.1 || tenant.long_calls.load(Ordering::Relaxed) >= per_tenant {
-            if LONG_CALL_FREED
-                .wait_until(&mut places, deadline)
-                .timed_out()
-            {
-                return None;
+        // Every free place was given to a waiting call that could take it,
+        // so one free now is not owed to a call that came first.
+        if places.free_for(tenant) {
+            return Ok(places.take(tenant));
+        }
+        let id = places.next_waiter;
+        places.next_waiter += 1;
+        places.waiting.push_back(Waiter {
+            id,
+            tenant: tenant.clone(),
+            place: place(),
+        });
+        Err(id)
+    }
+
+    /// Waits, without holding a thread, for a place for the next call of
+    /// `tenant`, in turn behind the calls that came first: for a
+    /// connection's task before it starts a call of a route whose calls run
+    /// long, so that a queue of such calls is a queue of tasks rather than
+    /// of paused threads (each call handed off holds one). Cancelled by
+    /// dropping the future. `None` only if the place could not be sent.
+    pub async fn wait(tenant: Arc<Counts>) -> Option<LongCalls> {
+        let (place, given) = tokio::sync::oneshot::channel();
+        match LongCalls::take_or_queue(&tenant, || Recipient::Task(place)) {
+            Ok(p) => Some(p),
+            Err(_) => given.await.ok(),
+        }
+    }
+
+    /// Takes a place for a call of the tenant whose counts are `tenant`,
+    /// waiting (in turn, behind the calls that came first) until one is
+    /// given to it or until `deadline`.
+    fn acquire(tenant: &Arc<Counts>, deadline: Instant) -> Option<LongCalls> {
+        let (place, given) = mpsc::sync_channel(1);
+        let id = match LongCalls::take_or_queue(tenant, || Recipient::Thread(place)) {
+            Ok(p) => return Some(p),
+            Err(id) => id,
+        };
+        match given.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(p) => Some(p),
+            Err(_) => {
+                let mut places = PLACES.lock();
+                if let Some(i) = places.waiting.iter().position(|w| w.id == id) {
+                    places.waiting.remove(i);
+                    return None;
+                }
+                // Given a place just as the wait ended: it is on its way.
+                drop(places);
+                given.recv().ok()
             }
         }
-        places.0 += 1;
-        tenant.long_calls.fetch_add(1, Ordering::Relaxed);
-        Some(LongCalls(tenant.clone()))
     }
 }
 
 impl Drop for LongCalls {
     fn drop(&mut self) {
-        let mut places = LONG_CALLS.lock();
-        places.0 -= 1;
+        let mut places = PLACES.lock();
+        places.taken -= 1;
         self.0.long_calls.fetch_sub(1, Ordering::Relaxed);
+        let granted = places.grant();
         drop(places);
-        LONG_CALL_FREED.notify_all();
+        for (place, to) in granted {
+            to.send(place);
+        }
     }
 }
 
@@ -165,8 +405,10 @@ impl CallClock {
         self.deadline = None;
         self.handed_off = off_worker;
         self.ticks_seen = 0;
+        self.marked = false;
         let clock = MeterClock::get();
         self.started = clock.raw();
+        CpuMark::refresh(self.started);
         self.measured_to = metered.then_some(self.started);
         first
     }
@@ -186,6 +428,50 @@ impl CallClock {
             self.flush(meter);
         }
         clock.duration(MeterClock::ticks_between(self.started, now))
+    }
+
+    /// Whether the running call has run long enough to mark its route
+    /// (once per call): it has run `threshold` by the wall clock and,
+    /// where the thread's CPU time is known, used that much CPU time
+    /// (a preempted call has not).
+    pub fn ran_long(&mut self, threshold: Duration) -> bool {
+        if self.marked {
+            return false;
+        }
+        let clock = MeterClock::get();
+        let ran = clock.duration(MeterClock::ticks_between(self.started, clock.raw()));
+        if ran < threshold {
+            return false;
+        }
+        self.marked = CpuMark::used_since(self.started).is_none_or(|used| used >= threshold);
+        self.marked
+    }
+
+    /// Whether the call that just ended ([`CallClock::ended`]) used
+    /// [`LONG_CALL_AT_END`] of CPU time without being marked at a tick: it
+    /// held its worker all along.
+    pub fn ended_long(&mut self) -> bool {
+        self.ran_long(LONG_CALL_AT_END)
+    }
+
+    /// Whether the next call is to wait for a place among long calls
+    /// before it starts ([`LongCalls::wait`]): its route's calls run long
+    /// (`hint`), it holds no place yet, and the runtime hands long calls
+    /// off (a multi-thread one).
+    pub fn wants_place(&self, hint: &LongCallHint) -> bool {
+        self.permit.is_none()
+            && hint.is_marked()
+            && Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
+    }
+
+    /// Holds `place` for the next call (given back when that call ends).
+    pub fn give_place(&mut self, place: LongCalls) {
+        self.permit = Some(place);
+    }
+
+    /// Gives back a place taken for a call that did not happen.
+    pub fn release_place(&mut self) {
+        self.permit = None;
     }
 
     /// Adds the guest time since the last measurement to what is not yet
@@ -209,14 +495,13 @@ impl CallClock {
 }
 
 /// Whether a route's calls start off the worker, from the way its recent
-/// calls went. A call that had run 2 ms by its first tick, or runs into a
-/// second one, held its worker (and the connections queued on it) until
-/// that first tick;
-/// on a route whose calls run that long, the next ones are handed off before
-/// they start
-/// instead, which costs a thread hand-off per call (tens of microseconds)
-/// but never holds a worker. A route whose calls stop running long returns
-/// to running them on the worker after [`LongCallHint::CALLS`] calls.
+/// calls went. A call that used 2 ms of CPU time by a tick held its worker
+/// (and the connections queued on it) until that tick, and one that used
+/// 1 ms by its end held it all along; on a route whose calls run that
+/// long, the next ones are handed off before they start instead, which
+/// costs a thread hand-off per call (tens of microseconds) but never holds
+/// a worker. A route whose calls stop running long returns to running
+/// them on the worker after [`LongCallHint::CALLS`] calls.
 #[derive(Debug, Default)]
 pub struct LongCallHint(AtomicU32);
 
@@ -235,6 +520,11 @@ impl LongCallHint {
         true
     }
 
+    /// Whether the route's calls start off the worker now (not counted).
+    pub fn is_marked(&self) -> bool {
+        self.0.load(Ordering::Relaxed) != 0
+    }
+
     /// A call of the route ran long (see [`LongCallHint`]).
     pub fn ran_long(&self) {
         self.0.store(Self::CALLS, Ordering::Relaxed);
@@ -251,13 +541,8 @@ pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<
     // A call that has run LONG_CALL by its first tick, or reaches a second
     // tick (a full period), ran long; one the tick caught just after it
     // started did not.
-    if state.call.ticks_seen == 1 {
-        let clock = MeterClock::get();
-        let ran = clock.duration(MeterClock::ticks_between(state.call.started, clock.raw()));
-        if ran >= LONG_CALL {
-            state.scope().long_calls.ran_long();
-        }
-    } else if state.call.ticks_seen == 2 {
+    if state.call.ran_long(LONG_CALL) {
+        tracing::debug!(tenant = %state.scope().tenant.name, route = %state.scope().route, conn = state.conn_id(), ticks = state.call.ticks_seen, "a call used 2 ms of CPU time by a tick: the route's next calls start handed off");
         state.scope().long_calls.ran_long();
     }
     let deadline = *state
@@ -343,6 +628,70 @@ pub fn blocking<T>(f: impl FnOnce() -> T) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Waits (the test's thread) until `n` calls wait for a place.
+    fn until_waiting(n: usize) {
+        let give_up = Instant::now() + Duration::from_secs(10);
+        while PLACES.lock().waiting.len() != n {
+            assert!(Instant::now() < give_up, "{n} waiters expected");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_freed_long_call_place_goes_to_the_oldest_waiting_call_its_tenant_allows() {
+        // Outside a runtime there are two places, one per tenant.
+        let (a, b, c) = (
+            Arc::new(Counts::default()),
+            Arc::new(Counts::default()),
+            Arc::new(Counts::default()),
+        );
+        let far = Instant::now() + Duration::from_secs(30);
+        let a1 = LongCalls::acquire(&a, far).expect("a free place");
+        let b1 = LongCalls::acquire(&b, far).expect("the second place");
+        // Tenant a is at its share, and every place is taken.
+        assert!(LongCalls::acquire(&a, Instant::now() + Duration::from_millis(20)).is_none());
+        assert!(
+            PLACES.lock().waiting.is_empty(),
+            "a timed-out call leaves the queue"
+        );
+        let (tx, rx) = mpsc::channel();
+        let spawn_waiter = |name: &'static str, tenant: &Arc<Counts>| {
+            let (tenant, tx) = (tenant.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let place = LongCalls::acquire(&tenant, far);
+                tx.send(name).expect("report");
+                // Hold the place until the test ends.
+                std::thread::sleep(Duration::from_millis(300));
+                drop(place);
+            })
+        };
+        let waiters = [
+            spawn_waiter("a2", &a),
+            {
+                until_waiting(1);
+                spawn_waiter("c1", &c)
+            },
+            {
+                until_waiting(2);
+                spawn_waiter("c2", &c)
+            },
+        ];
+        until_waiting(3);
+        // b's place freed: a2 came first but a is at its share; c1 is next.
+        drop(b1);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("c1"));
+        // a's place freed: a2 takes it; c2 waits (c is at its share).
+        drop(a1);
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("a2"));
+        assert_eq!(PLACES.lock().waiting.len(), 1, "c2 still waits");
+        // One thread woken per place: c2 gets the place c1 gives back.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("c2"));
+        for w in waiters {
+            w.join().expect("waiter");
+        }
+        assert_eq!(PLACES.lock().taken, 0);
+    }
 
     #[test]
     fn a_route_starts_its_calls_off_the_worker_for_a_while_after_one_ran_long() {

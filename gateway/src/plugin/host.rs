@@ -169,6 +169,10 @@ impl HostState {
     /// The running call has ended: see [`crate::plugin::deadline::CallClock::ended`].
     pub(crate) fn call_ended(&mut self) {
         let took = self.call.ended(self.scope.tenant.meters.cpu.as_ref());
+        if took >= crate::plugin::deadline::LONG_CALL_AT_END && self.call.ended_long() {
+            tracing::debug!(tenant = %self.scope.tenant.name, route = %self.scope.route, conn = self.conn_id(), ?took, "a call used 1 ms of CPU time: the route's next calls start handed off");
+            self.scope.long_calls.ran_long();
+        }
         if let Some(m) = &self.scope.metrics {
             m.call_duration.observe(took);
         }

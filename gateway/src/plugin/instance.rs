@@ -63,6 +63,51 @@ impl Guest {
         off_worker
     }
 
+    /// The tenant whose place among long calls the next call is to wait
+    /// for before it starts, if it is to (see
+    /// [`crate::plugin::deadline::CallClock::wants_place`]).
+    pub(crate) fn wants_long_call_place(&self) -> Option<Arc<crate::routing::tenant::Counts>> {
+        let state = self.store.data();
+        (!self.trapped && state.call.wants_place(&state.scope().long_calls))
+            .then(|| state.scope().tenant.counts.clone())
+    }
+
+    /// Holds `place` for the next call; see [`Guest::wants_long_call_place`].
+    pub(crate) fn give_long_call_place(&mut self, place: crate::plugin::deadline::LongCalls) {
+        self.store.data_mut().call.give_place(place);
+    }
+
+    /// The next call waited `max_call_time` for a place among long calls
+    /// without getting one: it will not run, and its connection is closed
+    /// with 1011, as a call interrupted at `max_call_time` would be
+    /// (logged at most once a second per tenant, counted as interrupted).
+    pub(crate) fn waited_too_long(&mut self) {
+        let state = self.store.data();
+        crate::metrics::Metrics::global().plugin_failed(
+            &state.scope().tenant.name,
+            state.route_path(),
+            "interrupted",
+        );
+        let Some(suppressed) = state.scope().tenant.counts.turn_timeouts.admit() else {
+            return;
+        };
+        tracing::error!(
+            tenant = %state.scope().tenant.name,
+            route = %state.route_path(),
+            plugin = %state.plugin_name(),
+            version = state.scope().version,
+            suppressed,
+            conn = state.conn_id(),
+            "plugin call waited max_call_time ({:?}) for its turn among the tenant's long calls and was not run; closing its connection with 1011",
+            self.runtime.max_call_time()
+        );
+    }
+
+    /// Gives back a place held for a call that did not happen.
+    pub(crate) fn release_long_call_place(&mut self) {
+        self.store.data_mut().call.release_place();
+    }
+
     /// Checks how a call went. A trap or error is logged with the route, the
     /// plugin, the export and the connection, marks the instance dead, and
     /// yields `None`.

@@ -46,6 +46,9 @@ pub struct Counts {
     pub drop_reports: LogThrottle,
     /// Its plugins' failures (traps, interruptions): at most once a second.
     pub failures: LogThrottle,
+    /// Calls not run because they waited `max_call_time` for a place among
+    /// long calls: at most once a second.
+    pub turn_timeouts: LogThrottle,
     /// Its calls running off the workers now (plugin/deadline.rs).
     pub long_calls: AtomicUsize,
 }
