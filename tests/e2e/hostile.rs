@@ -219,6 +219,10 @@ async fn a_tenants_queued_long_calls_wait_without_a_thread_each_and_are_closed_a
         "{before} threads before the loops, {most} at most while they waited"
     );
     gw.wait_log("for its turn among the tenant's long calls");
+    // Every place came back: the route is still marked, so a short call of
+    // the attacker's needs its tenant's place, and gets it.
+    let mut again = attacker(&gw).await;
+    assert_eq!(command(&mut again, "echo back").await, "ok back");
     let mut v = victim(&gw).await;
     victim_is_served(&mut v).await;
 }

@@ -667,10 +667,17 @@ impl Session {
                             // max_call_time: past that the call is not run
                             // and the connection closes with 1011, as when
                             // a call waits for a place until its deadline.
+                            // Only for a frame that makes a call: a whole
+                            // message's last frame, or any fragment of a
+                            // route that takes fragments, on an open
+                            // connection that is not skipping a message.
+                            let makes_call = deliver
+                                && !frame.opcode.is_control()
+                                && phase.is_open()
+                                && !inbound.skipping
+                                && (frame.fin || inbound.streaming);
                             let waits = match &self.instance {
-                                Instance::Own(Some(g)) if deliver && !frame.opcode.is_control() => {
-                                    g.wants_long_call_place()
-                                }
+                                Instance::Own(Some(g)) if makes_call => g.wants_long_call_place(),
                                 _ => None,
                             };
                             if let Some(tenant) = waits {

@@ -117,9 +117,12 @@ pub struct CallClock {
     marked: bool,
 }
 
-/// How much CPU time a call must have used when it ends to mark its
-/// route's next calls for starting handed off: a call of a millisecond
-/// held its worker all along (no tick came to hand it off).
+/// How much CPU time a handler call must have used when it ends to mark
+/// its route's next calls for starting handed off: a call of a millisecond
+/// held its worker all along (no tick came to hand it off). Measured
+/// conservatively ([`CpuMark::used_since`]): a call is counted short by up
+/// to [`CPU_MARK_EVERY`], so one marks its route once it has used between
+/// 1 and 2 ms.
 pub const LONG_CALL_AT_END: Duration = Duration::from_millis(1);
 
 /// How often (at most) a thread that makes guest calls reads its CPU time
@@ -352,7 +355,11 @@ impl LongCalls {
         let (place, given) = tokio::sync::oneshot::channel();
         match LongCalls::take_or_queue(&tenant, || Recipient::Task(place)) {
             Ok(p) => Some(p),
-            Err(_) => given.await.ok(),
+            Err(id) => {
+                // Cancelled (the future dropped): out of the queue at once.
+                let _queued = Queued(id);
+                given.await.ok()
+            }
         }
     }
 
@@ -377,6 +384,20 @@ impl LongCalls {
                 drop(places);
                 given.recv().ok()
             }
+        }
+    }
+}
+
+/// A task's place in the queue of calls waiting for a place: taken out
+/// of the queue when dropped (nothing is left to take once it was given
+/// its place).
+struct Queued(u64);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        let mut places = PLACES.lock();
+        if let Some(i) = places.waiting.iter().position(|w| w.id == self.0) {
+            places.waiting.remove(i);
         }
     }
 }
@@ -538,9 +559,9 @@ pub fn on_deadline(mut ctx: StoreContextMut<'_, HostState>) -> wasmtime::Result<
     let state = ctx.data_mut();
     let now = Instant::now();
     state.call.ticks_seen = state.call.ticks_seen.saturating_add(1);
-    // A call that has run LONG_CALL by its first tick, or reaches a second
-    // tick (a full period), ran long; one the tick caught just after it
-    // started did not.
+    // A call that has used LONG_CALL of CPU time by a tick ran long; one
+    // the tick caught just after it started, or whose thread the OS
+    // preempted, did not (checked again at the next tick).
     if state.call.ran_long(LONG_CALL) {
         tracing::debug!(tenant = %state.scope().tenant.name, route = %state.scope().route, conn = state.conn_id(), ticks = state.call.ticks_seen, "a call used 2 ms of CPU time by a tick: the route's next calls start handed off");
         state.scope().long_calls.ran_long();
@@ -656,40 +677,63 @@ mod tests {
             "a timed-out call leaves the queue"
         );
         let (tx, rx) = mpsc::channel();
+        // Each waiter reports its name once it has a place, and holds the
+        // place until the test releases it.
         let spawn_waiter = |name: &'static str, tenant: &Arc<Counts>| {
             let (tenant, tx) = (tenant.clone(), tx.clone());
-            std::thread::spawn(move || {
+            let (release, released) = mpsc::channel::<()>();
+            let thread = std::thread::spawn(move || {
                 let place = LongCalls::acquire(&tenant, far);
                 tx.send(name).expect("report");
-                // Hold the place until the test ends.
-                std::thread::sleep(Duration::from_millis(300));
+                let _ = released.recv();
                 drop(place);
-            })
+            });
+            (thread, release)
         };
-        let waiters = [
-            spawn_waiter("a2", &a),
-            {
-                until_waiting(1);
-                spawn_waiter("c1", &c)
-            },
-            {
-                until_waiting(2);
-                spawn_waiter("c2", &c)
-            },
-        ];
+        let a2 = spawn_waiter("a2", &a);
+        until_waiting(1);
+        let c1 = spawn_waiter("c1", &c);
+        until_waiting(2);
+        let c2 = spawn_waiter("c2", &c);
         until_waiting(3);
+        let next = || rx.recv_timeout(Duration::from_secs(10));
         // b's place freed: a2 came first but a is at its share; c1 is next.
         drop(b1);
-        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("c1"));
+        assert_eq!(next(), Ok("c1"));
         // a's place freed: a2 takes it; c2 waits (c is at its share).
         drop(a1);
-        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("a2"));
+        assert_eq!(next(), Ok("a2"));
         assert_eq!(PLACES.lock().waiting.len(), 1, "c2 still waits");
         // One thread woken per place: c2 gets the place c1 gives back.
-        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok("c2"));
-        for w in waiters {
-            w.join().expect("waiter");
+        c1.1.send(()).expect("release c1");
+        assert_eq!(next(), Ok("c2"));
+        for (thread, release) in [a2, c1, c2] {
+            let _ = release.send(());
+            thread.join().expect("waiter");
         }
+        // A task waits in the same queue, and a cancelled wait leaves it.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let a1 = LongCalls::acquire(&a, far).expect("a free place");
+            let b1 = LongCalls::acquire(&b, far).expect("the second place");
+            let cancelled =
+                tokio::time::timeout(Duration::from_millis(20), LongCalls::wait(c.clone())).await;
+            assert!(cancelled.is_err(), "no place was free");
+            assert!(
+                PLACES.lock().waiting.is_empty(),
+                "a cancelled wait leaves the queue"
+            );
+            let waiting = tokio::spawn(LongCalls::wait(c.clone()));
+            while PLACES.lock().waiting.len() != 1 {
+                tokio::task::yield_now().await;
+            }
+            drop(a1);
+            let place = waiting.await.expect("task").expect("a place");
+            drop((place, b1));
+        });
         assert_eq!(PLACES.lock().taken, 0);
     }
 

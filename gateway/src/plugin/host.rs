@@ -167,9 +167,22 @@ impl HostState {
     }
 
     /// The running call has ended: see [`crate::plugin::deadline::CallClock::ended`].
+    /// A handler call that used [`crate::plugin::deadline::LONG_CALL_AT_END`]
+    /// of CPU time marks its route's next calls for starting handed off.
     pub(crate) fn call_ended(&mut self) {
+        self.ended(true);
+    }
+
+    /// The instantiation has ended: as [`HostState::call_ended`], except
+    /// that a slow start (a JavaScript or Python component's) does not
+    /// mark the route: its handler calls may be short.
+    pub(crate) fn instantiation_ended(&mut self) {
+        self.ended(false);
+    }
+
+    fn ended(&mut self, handler: bool) {
         let took = self.call.ended(self.scope.tenant.meters.cpu.as_ref());
-        if took >= crate::plugin::deadline::LONG_CALL_AT_END && self.call.ended_long() {
+        if handler && took >= crate::plugin::deadline::LONG_CALL_AT_END && self.call.ended_long() {
             tracing::debug!(tenant = %self.scope.tenant.name, route = %self.scope.route, conn = self.conn_id(), ?took, "a call used 1 ms of CPU time: the route's next calls start handed off");
             self.scope.long_calls.ran_long();
         }

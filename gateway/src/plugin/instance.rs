@@ -79,8 +79,9 @@ impl Guest {
 
     /// The next call waited `max_call_time` for a place among long calls
     /// without getting one: it will not run, and its connection is closed
-    /// with 1011, as a call interrupted at `max_call_time` would be
-    /// (logged at most once a second per tenant, counted as interrupted).
+    /// with 1011 (logged at most once a second per tenant, counted as
+    /// interrupted). Unlike an interrupted call's, the instance is whole:
+    /// its `on-close` runs.
     pub(crate) fn waited_too_long(&mut self) {
         let state = self.store.data();
         crate::metrics::Metrics::global().plugin_failed(
@@ -298,7 +299,7 @@ impl Guest {
             plugin.instantiate(&mut store)
         };
         // Instantiating (start functions included) is the tenant's CPU too.
-        store.data_mut().call_ended();
+        store.data_mut().instantiation_ended();
         let (bindings, instance, resume) = match instantiated {
             Ok(parts) => parts,
             Err(e) => {
