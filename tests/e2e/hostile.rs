@@ -68,6 +68,29 @@ async fn victim_is_served(v: &mut Ws) {
     }
 }
 
+/// The close code `ws` gets (pings and pongs skipped), or what it got
+/// instead of a close frame.
+async fn close_outcome(ws: &mut Ws) -> String {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(Message::Close(Some(f))))) => break u16::from(f.code).to_string(),
+            other => break format!("{other:?}"),
+        }
+    }
+}
+
+/// Asserts that every connection's outcome ([`close_outcome`]) is `code`,
+/// naming each that is not (by its place in `outcomes`) and what it got.
+fn assert_all_closed_with(outcomes: &[String], code: &str) {
+    let wrong: Vec<_> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| *c != code)
+        .collect();
+    assert!(wrong.is_empty(), "loops not closed with {code}: {wrong:?}");
+}
+
 /// How many times the testkit command `cmd` (`flood-self`, `flood-room`)
 /// succeeded before it stopped, from its log line `<cmd> <count> <error>`;
 /// the error must be `error`.
@@ -143,24 +166,13 @@ async fn twenty_handlers_looping_at_once_do_not_hold_up_other_tenants() {
     );
     // All twenty read at once, each told apart in the failure message.
     let closes = futures_util::future::join_all(spinners.iter_mut().map(|s| async move {
-        let outcome = loop {
-            match tokio::time::timeout(WAIT, s.next()).await {
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                Ok(Some(Ok(Message::Close(Some(f))))) => break u16::from(f.code).to_string(),
-                other => break format!("{other:?}"),
-            }
-        };
+        let outcome = close_outcome(s).await;
         // Our close reply; the server then ends the stream.
         let _ = tokio::time::timeout(WAIT, s.next()).await;
         outcome
     }))
     .await;
-    let wrong: Vec<_> = closes
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| *c != "1011")
-        .collect();
-    assert!(wrong.is_empty(), "loops not closed with 1011: {wrong:?}");
+    assert_all_closed_with(&closes, "1011");
 }
 
 #[tokio::test]
@@ -190,15 +202,7 @@ async fn a_tenants_queued_long_calls_wait_without_a_thread_each_and_are_closed_a
     // One loop at a time holds the tenant's place for 500 ms; the others
     // wait their turn for as long, without a thread, and are closed. The
     // gateway's thread count is sampled meanwhile.
-    let closes = futures_util::future::join_all(loops.iter_mut().map(|l| async move {
-        loop {
-            match tokio::time::timeout(WAIT, l.next()).await {
-                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
-                Ok(Some(Ok(Message::Close(Some(f))))) => break u16::from(f.code).to_string(),
-                other => break format!("{other:?}"),
-            }
-        }
-    }));
+    let closes = futures_util::future::join_all(loops.iter_mut().map(close_outcome));
     tokio::pin!(closes);
     let mut most = before;
     let closes = loop {
@@ -207,12 +211,7 @@ async fn a_tenants_queued_long_calls_wait_without_a_thread_each_and_are_closed_a
             _ = tokio::time::sleep(Duration::from_millis(5)) => most = most.max(threads()),
         }
     };
-    let wrong: Vec<_> = closes
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| *c != "1011")
-        .collect();
-    assert!(wrong.is_empty(), "loops not closed with 1011: {wrong:?}");
+    assert_all_closed_with(&closes, "1011");
     // A thread per waiting call would add about twenty.
     assert!(
         most <= before + 6,

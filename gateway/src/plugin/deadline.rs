@@ -178,7 +178,9 @@ impl CpuMark {
     /// Takes a new mark if the thread's is older than [`CPU_MARK_EVERY`]
     /// at `now` (a [`MeterClock`] reading).
     fn refresh(now: u64) {
-        let every = MeterClock::get().ticks_in(CPU_MARK_EVERY);
+        // Worked out once: this runs at the start of every call.
+        static EVERY: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let every = *EVERY.get_or_init(|| MeterClock::get().ticks_in(CPU_MARK_EVERY));
         CPU_MARK.with(|m| {
             if m.get()
                 .is_none_or(|mark| now.saturating_sub(mark.at) >= every)
