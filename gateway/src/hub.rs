@@ -283,6 +283,11 @@ impl ConnHandle {
         self.timer_events.lock().pop_front()
     }
 
+    /// Whether a fired timer's event is queued.
+    pub fn has_timer_event(&self) -> bool {
+        !self.timer_events.lock().is_empty()
+    }
+
     /// Whether a close was requested (it may not be handled yet).
     pub fn close_pending(&self) -> bool {
         self.close_requested.load(Ordering::Acquire)

@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
+use futures_util::SinkExt;
 use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::support::*;
@@ -220,6 +223,114 @@ async fn a_tenants_queued_long_calls_wait_without_a_thread_each_and_are_closed_a
     gw.wait_log("for its turn among the tenant's long calls");
     // Every place came back: the route is still marked, so a short call of
     // the attacker's needs its tenant's place, and gets it.
+    let mut again = attacker(&gw).await;
+    assert_eq!(command(&mut again, "echo back").await, "ok back");
+    let mut v = victim(&gw).await;
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn a_tenants_timer_events_queued_behind_long_calls_wait_without_a_thread_each() {
+    // Two workers: two places for long calls, one per tenant.
+    let gw = Gateway::start(
+        "hostile-timer-queue",
+        &format!(
+            "[server]\nthreads = 2\n{}",
+            ARENA.replace(r#"max_call_time = "2s""#, r#"max_call_time = "500ms""#)
+        ),
+    );
+    // Twenty connections set a timer whose event loops; the route's calls
+    // are short until then.
+    let mut loops = Vec::new();
+    for _ in 0..20 {
+        let mut l = attacker(&gw).await;
+        assert!(command(&mut l, "spin-on-timer 1200")
+            .await
+            .starts_with("ok "));
+        loops.push(l);
+    }
+    // One call that runs long marks the route: its next calls (the timer
+    // events too) wait for the tenant's place before they start.
+    let mut first = attacker(&gw).await;
+    send(&mut first, "spin").await;
+    expect_close(&mut first, 1011).await;
+    let threads = || proc_status_kib(gw.pid(), "Threads");
+    let before = threads();
+    // The timers fire together: one event at a time holds the tenant's
+    // place for 500 ms, the others wait their turn, without a thread, for
+    // as long, and their connections are closed.
+    let closes = futures_util::future::join_all(loops.iter_mut().map(close_outcome));
+    tokio::pin!(closes);
+    let mut most = before;
+    let closes = loop {
+        tokio::select! {
+            c = &mut closes => break c,
+            _ = tokio::time::sleep(Duration::from_millis(5)) => most = most.max(threads()),
+        }
+    };
+    assert_all_closed_with(&closes, "1011");
+    // A thread per waiting event would add about twenty.
+    assert!(
+        most <= before + 6,
+        "{before} threads before the timers fired, {most} at most while their events waited"
+    );
+    gw.wait_log("for its turn among the tenant's long calls");
+    let mut again = attacker(&gw).await;
+    assert_eq!(command(&mut again, "echo back").await, "ok back");
+    let mut v = victim(&gw).await;
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn on_close_calls_queued_behind_a_tenants_long_calls_wait_without_a_thread_each() {
+    // Two workers: two places for long calls, one per tenant.
+    let gw = Gateway::start(
+        "hostile-close-queue",
+        &format!(
+            "[server]\nthreads = 2\n{}",
+            ARENA.replace(r#"max_call_time = "2s""#, r#"max_call_time = "500ms""#)
+        ),
+    );
+    // Twenty connections whose on-close loops.
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let mut c = attacker(&gw).await;
+        assert_eq!(command(&mut c, "spin-on-close").await, "ok set");
+        conns.push(c);
+    }
+    // One call that runs long marks the route: its next calls (on-close
+    // too) wait for the tenant's place before they start.
+    let mut first = attacker(&gw).await;
+    send(&mut first, "spin").await;
+    expect_close(&mut first, 1011).await;
+    let threads = || proc_status_kib(gw.pid(), "Threads");
+    let before = threads();
+    // All twenty close at once: one on-close at a time holds the tenant's
+    // place for 500 ms; the others wait their turn, without a thread, for
+    // as long, and are then skipped. Each client gets its close answered.
+    for c in &mut conns {
+        c.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        })))
+        .await
+        .expect("close");
+    }
+    let closes = futures_util::future::join_all(conns.iter_mut().map(close_outcome));
+    tokio::pin!(closes);
+    let mut most = before;
+    let closes = loop {
+        tokio::select! {
+            c = &mut closes => break c,
+            _ = tokio::time::sleep(Duration::from_millis(5)) => most = most.max(threads()),
+        }
+    };
+    assert_all_closed_with(&closes, "1000");
+    assert!(
+        most <= before + 6,
+        "{before} threads before the closes, {most} at most while their on-close waited"
+    );
+    gw.wait_log("on-close is skipped");
     let mut again = attacker(&gw).await;
     assert_eq!(command(&mut again, "echo back").await, "ok back");
     let mut v = victim(&gw).await;

@@ -471,7 +471,17 @@ impl Session {
         // Nothing more is accepted; `on-close` runs; what is queued is
         // written, then the TCP connection is closed.
         this.messages = (link.inbound.messages, link.out.messages_sent());
+        // On a route whose calls run long, `on-close` too waits for its
+        // tenant's turn as this task rather than on a thread (and is not
+        // run if it waits `max_call_time`).
+        if this.stage == Stage::Accepted {
+            let conn = this.conn.clone();
+            this.long_call_turn(&conn, true).await;
+        }
         this.end(ending.code, &ending.reason, ending.by);
+        if let Instance::Own(Some(g)) = &mut this.instance {
+            g.release_long_call_place();
+        }
         drop(rd);
         let conn = this.conn.clone();
         let _ = tokio::time::timeout(
@@ -551,7 +561,7 @@ impl Session {
         // A close request or a timer may be what woke a parked connection
         // (the park consumed the wake-up): look before waiting.
         self.on_close_request(&mut phase);
-        self.on_timers(&mut phase, inbound);
+        self.on_timers_in_turn(&conn, &mut phase, inbound).await;
         // When the session must next wake with no I/O: the end of the
         // closing handshake, a keepalive deadline, or hibernation.
         let next_wake = |phase: &Phase, keepalive: &Keepalive, live: bool, last_event, now| {
@@ -632,11 +642,11 @@ impl Session {
                     self.on_close_request(&mut phase);
                 }
                 _ = tokio::time::sleep_until(throttled.unwrap_or(now)), if throttled.is_some() => {
-                    self.on_timers(&mut phase, inbound);
+                    self.on_timers_in_turn(&conn, &mut phase, inbound).await;
                 }
                 _ = &mut timer_ready, if phase.is_open() && throttled.is_none() => {
                     timer_ready.set(conn.timer_notify.notified());
-                    self.on_timers(&mut phase, inbound);
+                    self.on_timers_in_turn(&conn, &mut phase, inbound).await;
                 }
                 read = reader.read_frame(rd), if throttled.is_none() => {
                     let now = Instant::now();
@@ -660,14 +670,10 @@ impl Session {
                                     tokio::time::sleep_until(at).await;
                                 }
                             }
-                            // A route whose calls run long: its next call
-                            // waits for a place among long calls here, as a
-                            // task, rather than on a thread of its own once
-                            // it has started (plugin/deadline.rs). At most
-                            // max_call_time: past that the call is not run
-                            // and the connection closes with 1011, as when
-                            // a call waits for a place until its deadline.
-                            // Only for a frame that makes a call: a whole
+                            // A route whose calls run long: the call waits
+                            // for its tenant's turn here, as a task
+                            // (Session::long_call_turn). Only for a frame
+                            // that makes a call: a whole
                             // message's last frame, or any fragment of a
                             // route that takes fragments, on an open
                             // connection that is not skipping a message.
@@ -676,36 +682,13 @@ impl Session {
                                 && phase.is_open()
                                 && !inbound.skipping
                                 && (frame.fin || inbound.streaming);
-                            let waits = match &self.instance {
-                                Instance::Own(Some(g)) if makes_call => g.wants_long_call_place(),
-                                _ => None,
-                            };
-                            if let Some(tenant) = waits {
-                                let give_up = Instant::now() + self.runtime.max_call_time();
-                                let place = LongCalls::wait(tenant);
-                                tokio::pin!(place);
-                                loop {
-                                    tokio::select! {
-                                        p = &mut place => {
-                                            if let (Some(p), Instance::Own(Some(g))) = (p, &mut self.instance) {
-                                                g.give_long_call_place(p);
-                                            }
-                                            break;
-                                        }
-                                        _ = tokio::time::sleep(CLOSE_CHECK.min(give_up.saturating_duration_since(Instant::now()))) => {
-                                            if conn.close_pending() {
-                                                deliver = false;
-                                                break;
-                                            }
-                                            if Instant::now() >= give_up {
-                                                if let Instance::Own(Some(g)) = &mut self.instance {
-                                                    g.waited_too_long();
-                                                }
-                                                deliver = false;
-                                                phase = self.plugin_failed();
-                                                break;
-                                            }
-                                        }
+                            if makes_call {
+                                match self.long_call_turn(&conn, false).await {
+                                    Turn::Go => {}
+                                    Turn::Closing => deliver = false,
+                                    Turn::TimedOut => {
+                                        deliver = false;
+                                        phase = self.plugin_failed();
                                     }
                                 }
                             }
@@ -813,19 +796,111 @@ impl Session {
     }
 
     /// Delivers the timers that have fired, in order; a plugin failure
-    /// starts closing with 1011.
-    fn on_timers(&mut self, phase: &mut Phase, inbound: &mut Inbound) {
-        if !phase.is_open() || self.version.tenant.cpu_ready_at().is_some() {
-            return;
+    /// starts closing with 1011. Before each event of a route whose calls
+    /// run long, the connection's task waits for its tenant's turn
+    /// ([`Session::long_call_turn`]), holding no thread.
+    async fn on_timers_in_turn(
+        &mut self,
+        conn: &ConnHandle,
+        phase: &mut Phase,
+        inbound: &mut Inbound,
+    ) {
+        while self.timer_may_run(phase) {
+            match self.long_call_turn(conn, false).await {
+                Turn::Go => {}
+                // Timers are cancelled when the connection ends.
+                Turn::Closing => return,
+                Turn::TimedOut => {
+                    *phase = self.plugin_failed();
+                    return;
+                }
+            }
+            let more = self.on_next_timer(phase, inbound);
+            // A place the event did not use (its timer was cancelled
+            // meanwhile) is given back now.
+            if let Instance::Own(Some(g)) = &mut self.instance {
+                g.release_long_call_place();
+            }
+            if !more {
+                return;
+            }
         }
-        while let Some(event) = self.conn.next_timer_event() {
-            inbound.last_event = Instant::now();
-            let ok = self.call(!inbound.streamer.in_message(), |g, id| {
-                g.on_timer(id, event)
-            });
-            if !ok {
-                *phase = self.plugin_failed();
-                break;
+    }
+
+    /// Whether a queued timer event may run now: the connection is open,
+    /// its tenant within its CPU budget, and an event is queued.
+    fn timer_may_run(&self, phase: &Phase) -> bool {
+        phase.is_open()
+            && self.version.tenant.cpu_ready_at().is_none()
+            && self.conn.has_timer_event()
+    }
+
+    /// Runs the next queued timer event, if any; false when there was none
+    /// or the plugin failed (`phase` is then closing).
+    fn on_next_timer(&mut self, phase: &mut Phase, inbound: &mut Inbound) -> bool {
+        let Some(event) = self.conn.next_timer_event() else {
+            return false;
+        };
+        inbound.last_event = Instant::now();
+        let ok = self.call(!inbound.streamer.in_message(), |g, id| {
+            g.on_timer(id, event)
+        });
+        if !ok {
+            *phase = self.plugin_failed();
+        }
+        ok
+    }
+
+    /// Waits, as the connection's task, for the tenant's turn among long
+    /// calls if the instance's next call is to wait for one: its route's
+    /// recent calls ran long (plugin/deadline.rs, `LongCallHint`). A queue
+    /// of such calls is then a queue of tasks, not of threads each holding
+    /// a call paused until a place frees. The place is held by the
+    /// instance for its next call and given back when that call ends (or
+    /// by `release_long_call_place` if no call is made).
+    ///
+    /// The wait lasts at most `max_call_time`. [`Turn::TimedOut`]: the
+    /// call is not to run; the wait is logged (at most once a second per
+    /// tenant) and counted as interrupted, and the caller closes the
+    /// connection with 1011, as when a started call waits for a place
+    /// until its deadline. [`Turn::Closing`]: a close was requested
+    /// meanwhile (checked every 100 ms).
+    ///
+    /// For `on-close` (`closing`) a close request does not end the wait,
+    /// and after `max_call_time` the instance is marked done with, so that
+    /// `on-close` is not run (logged the same way): running it then would
+    /// only make it wait again, on a thread. Otherwise every accepted
+    /// connection gets its `on-close`.
+    async fn long_call_turn(&mut self, conn: &ConnHandle, closing: bool) -> Turn {
+        let tenant = match &self.instance {
+            Instance::Own(Some(g)) => g.wants_long_call_place(),
+            _ => None,
+        };
+        let Some(tenant) = tenant else {
+            return Turn::Go;
+        };
+        let give_up = Instant::now() + self.runtime.max_call_time();
+        let place = LongCalls::wait(tenant);
+        tokio::pin!(place);
+        loop {
+            tokio::select! {
+                p = &mut place => {
+                    if let (Some(p), Instance::Own(Some(g))) = (p, &mut self.instance) {
+                        g.give_long_call_place(p);
+                    }
+                    return Turn::Go;
+                }
+                _ = tokio::time::sleep(CLOSE_CHECK.min(give_up.saturating_duration_since(Instant::now()))) => {
+                    if !closing && conn.close_pending() {
+                        return Turn::Closing;
+                    }
+                    if Instant::now() >= give_up {
+                        if let Instance::Own(Some(g)) = &mut self.instance {
+                            g.waited_too_long(closing);
+                        }
+                        return Turn::TimedOut;
+                    }
+                }
             }
         }
     }
@@ -1047,6 +1122,18 @@ impl Drop for Session {
 /// While a connection waits for its tenant's CPU budget, how often it looks
 /// for a close request.
 const CLOSE_CHECK: Duration = Duration::from_millis(100);
+
+/// What came of [`Session::long_call_turn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    /// The call may start (holding a place, if it waited for one).
+    Go,
+    /// A close was requested while the call waited: it is not to run.
+    Closing,
+    /// The call waited `max_call_time` for its turn: it is not to run,
+    /// and the connection is to close with 1011.
+    TimedOut,
+}
 
 /// How many bytes a parked connection reads when the peer sends: enough for
 /// a small frame; the frame reader reads the rest.

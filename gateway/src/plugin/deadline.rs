@@ -65,6 +65,7 @@
 //! to hand to; there a long call holds the gateway until it ends or is
 //! interrupted (and is not put to sleep).
 
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -215,9 +216,9 @@ impl CpuMark {
 /// place, a looping tenant would hold it and such a call would wait until
 /// its deadline.
 ///
-/// Calls wait in one first-come, first-served queue, and a freed place is
-/// handed directly to the first waiting call whose tenant is under its
-/// share: one thread is woken per place freed. (Waking every waiting call
+/// Calls wait first come, first served (in a queue per tenant), and a
+/// freed place is handed directly to the oldest waiting call whose tenant
+/// is under its share: one waiter is woken per place freed. (Waking every waiting call
 /// to race for the place, as a condition variable's broadcast does, woke
 /// dozens of threads at every long call's end under attack, and a victim's
 /// worker on the same core waited behind them.)
@@ -225,22 +226,40 @@ impl CpuMark {
 pub struct LongCalls(Arc<Counts>);
 
 /// The places among long calls: how many are taken, how many there are,
-/// and the calls waiting for one, oldest first.
+/// and the calls waiting for one, in a queue per tenant.
+///
+/// Handing out a freed place looks at the oldest waiting call of each
+/// tenant with calls waiting, so it costs the number of such tenants (set
+/// by the config), not the number of waiting calls (up to every open
+/// connection of a tenant whose calls all run long).
 #[derive(Debug)]
 struct Places {
     taken: usize,
     /// The most there are (0 until first used).
     max: usize,
-    waiting: std::collections::VecDeque<Waiter>,
-    /// The number the next waiter is known by.
+    /// The waiting calls of each tenant (keyed by [`tenant_key`]), oldest
+    /// first; a tenant is here only while it has calls waiting.
+    queues: BTreeMap<usize, TenantQueue>,
+    /// The tenants with calls waiting, by the number of their oldest.
+    heads: BTreeMap<u64, usize>,
+    /// The number the next waiter is known by (numbers only grow, so each
+    /// tenant's queue is in order of them).
     next_waiter: u64,
 }
 
-/// A call waiting for a place: its tenant, and where its place is sent.
+/// One tenant's waiting calls.
+#[derive(Debug)]
+struct TenantQueue {
+    tenant: Arc<Counts>,
+    /// Oldest first; a cancelled wait stays (as [`Recipient::Gone`]) until
+    /// it reaches the front, so that cancelling costs a binary search.
+    waiters: VecDeque<Waiter>,
+}
+
+/// A call waiting for a place: its number, and where its place is sent.
 #[derive(Debug)]
 struct Waiter {
     id: u64,
-    tenant: Arc<Counts>,
     place: Recipient,
 }
 
@@ -252,6 +271,9 @@ enum Recipient {
     /// A connection's task, waiting before it starts a call of a route
     /// whose calls run long ([`LongCalls::wait`]); gone if the task was.
     Task(tokio::sync::oneshot::Sender<LongCalls>),
+    /// A wait that was cancelled (the call gave up or its task was
+    /// dropped): skipped.
+    Gone,
 }
 
 impl Recipient {
@@ -261,19 +283,31 @@ impl Recipient {
         match self {
             Recipient::Thread(to) => drop(to.send(place)),
             Recipient::Task(to) => drop(to.send(place)),
+            Recipient::Gone => drop(place),
         }
     }
 
-    /// The task that was waiting is gone.
+    /// The waiting call is gone (cancelled, or its task dropped).
     fn is_gone(&self) -> bool {
-        matches!(self, Recipient::Task(to) if to.is_closed())
+        match self {
+            Recipient::Thread(_) => false,
+            Recipient::Task(to) => to.is_closed(),
+            Recipient::Gone => true,
+        }
     }
+}
+
+/// The key of a tenant's queue: the address of its counts, which stay
+/// alive (held by the queue) while the tenant has calls waiting.
+fn tenant_key(tenant: &Arc<Counts>) -> usize {
+    Arc::as_ptr(tenant) as usize
 }
 
 static PLACES: parking_lot::Mutex<Places> = parking_lot::Mutex::new(Places {
     taken: 0,
     max: 0,
-    waiting: std::collections::VecDeque::new(),
+    queues: BTreeMap::new(),
+    heads: BTreeMap::new(),
     next_waiter: 0,
 });
 
@@ -295,24 +329,104 @@ impl Places {
         LongCalls(tenant.clone())
     }
 
+    /// Queues a call of `tenant` behind those that came first; returns its
+    /// number.
+    fn queue(&mut self, tenant: &Arc<Counts>, place: Recipient) -> u64 {
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        let key = tenant_key(tenant);
+        let queue = self.queues.entry(key).or_insert_with(|| TenantQueue {
+            tenant: tenant.clone(),
+            waiters: VecDeque::new(),
+        });
+        if queue.waiters.is_empty() {
+            self.heads.insert(id, key);
+        }
+        queue.waiters.push_back(Waiter { id, place });
+        id
+    }
+
+    /// Takes the wait numbered `id` of the tenant keyed `key` out of the
+    /// queue; false if it is not there (it was given its place).
+    fn cancel(&mut self, key: usize, id: u64) -> bool {
+        let Some(queue) = self.queues.get_mut(&key) else {
+            return false;
+        };
+        let Ok(i) = queue.waiters.binary_search_by_key(&id, |w| w.id) else {
+            return false;
+        };
+        if matches!(queue.waiters[i].place, Recipient::Gone) {
+            return false;
+        }
+        queue.waiters[i].place = Recipient::Gone;
+        if i == 0 {
+            self.settle(key);
+        }
+        true
+    }
+
+    /// Drops the cancelled waits at the front of a tenant's queue, and
+    /// files the tenant under its new oldest call (or not at all).
+    fn settle(&mut self, key: usize) {
+        let Some(queue) = self.queues.get_mut(&key) else {
+            return;
+        };
+        if let Some(front) = queue.waiters.front() {
+            self.heads.remove(&front.id);
+        }
+        while queue.waiters.front().is_some_and(|w| w.place.is_gone()) {
+            queue.waiters.pop_front();
+        }
+        match queue.waiters.front() {
+            Some(front) => {
+                self.heads.insert(front.id, key);
+            }
+            None => {
+                self.queues.remove(&key);
+            }
+        }
+    }
+
     /// Hands the free places to the oldest waiting calls that may take
     /// them; returns the places with where each is to be sent (sent once
     /// the lock is released).
     fn grant(&mut self) -> Vec<(LongCalls, Recipient)> {
         let mut granted = Vec::new();
-        let mut i = 0;
-        while self.taken < self.max && i < self.waiting.len() {
-            if self.waiting[i].place.is_gone() {
-                self.waiting.remove(i);
-            } else if self.free_for(&self.waiting[i].tenant) {
-                if let Some(w) = self.waiting.remove(i) {
-                    granted.push((self.take(&w.tenant), w.place));
-                }
-            } else {
-                i += 1;
+        while self.taken < self.max {
+            // The tenant of the oldest call that may take a place.
+            let next = self.heads.values().copied().find(|key| {
+                self.queues
+                    .get(key)
+                    .is_some_and(|q| self.free_for(&q.tenant))
+            });
+            let Some(key) = next else {
+                break;
+            };
+            let Some(queue) = self.queues.get_mut(&key) else {
+                break;
+            };
+            let tenant = queue.tenant.clone();
+            let waiter = queue
+                .waiters
+                .front_mut()
+                .map(|w| std::mem::replace(&mut w.place, Recipient::Gone));
+            self.settle(key);
+            match waiter {
+                Some(to) if !to.is_gone() => granted.push((self.take(&tenant), to)),
+                _ => {}
             }
         }
         granted
+    }
+
+    /// How many calls wait (cancelled ones not counted).
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
+        self.queues
+            .values()
+            .flat_map(|q| q.waiters.iter())
+            .filter(|w| !w.place.is_gone())
+            .count()
     }
 }
 
@@ -337,14 +451,7 @@ impl LongCalls {
         if places.free_for(tenant) {
             return Ok(places.take(tenant));
         }
-        let id = places.next_waiter;
-        places.next_waiter += 1;
-        places.waiting.push_back(Waiter {
-            id,
-            tenant: tenant.clone(),
-            place: place(),
-        });
-        Err(id)
+        Err(places.queue(tenant, place()))
     }
 
     /// Waits, without holding a thread, for a place for the next call of
@@ -359,7 +466,7 @@ impl LongCalls {
             Ok(p) => Some(p),
             Err(id) => {
                 // Cancelled (the future dropped): out of the queue at once.
-                let _queued = Queued(id);
+                let _queued = Queued(tenant_key(&tenant), id);
                 given.await.ok()
             }
         }
@@ -377,30 +484,24 @@ impl LongCalls {
         match given.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
             Ok(p) => Some(p),
             Err(_) => {
-                let mut places = PLACES.lock();
-                if let Some(i) = places.waiting.iter().position(|w| w.id == id) {
-                    places.waiting.remove(i);
+                if PLACES.lock().cancel(tenant_key(tenant), id) {
                     return None;
                 }
                 // Given a place just as the wait ended: it is on its way.
-                drop(places);
                 given.recv().ok()
             }
         }
     }
 }
 
-/// A task's place in the queue of calls waiting for a place: taken out
-/// of the queue when dropped (nothing is left to take once it was given
-/// its place).
-struct Queued(u64);
+/// A task's place in the queue of calls waiting for a place (its tenant's
+/// key and its number): taken out of the queue when dropped (nothing is
+/// left to take once it was given its place).
+struct Queued(usize, u64);
 
 impl Drop for Queued {
     fn drop(&mut self) {
-        let mut places = PLACES.lock();
-        if let Some(i) = places.waiting.iter().position(|w| w.id == self.0) {
-            places.waiting.remove(i);
-        }
+        PLACES.lock().cancel(self.0, self.1);
     }
 }
 
@@ -655,7 +756,7 @@ mod tests {
     /// Waits (the test's thread) until `n` calls wait for a place.
     fn until_waiting(n: usize) {
         let give_up = Instant::now() + Duration::from_secs(10);
-        while PLACES.lock().waiting.len() != n {
+        while PLACES.lock().waiting() != n {
             assert!(Instant::now() < give_up, "{n} waiters expected");
             std::thread::sleep(Duration::from_millis(1));
         }
@@ -675,7 +776,7 @@ mod tests {
         // Tenant a is at its share, and every place is taken.
         assert!(LongCalls::acquire(&a, Instant::now() + Duration::from_millis(20)).is_none());
         assert!(
-            PLACES.lock().waiting.is_empty(),
+            PLACES.lock().waiting() == 0,
             "a timed-out call leaves the queue"
         );
         let (tx, rx) = mpsc::channel();
@@ -705,7 +806,7 @@ mod tests {
         // a's place freed: a2 takes it; c2 waits (c is at its share).
         drop(a1);
         assert_eq!(next(), Ok("a2"));
-        assert_eq!(PLACES.lock().waiting.len(), 1, "c2 still waits");
+        assert_eq!(PLACES.lock().waiting(), 1, "c2 still waits");
         // One thread woken per place: c2 gets the place c1 gives back.
         c1.1.send(()).expect("release c1");
         assert_eq!(next(), Ok("c2"));
@@ -725,16 +826,51 @@ mod tests {
                 tokio::time::timeout(Duration::from_millis(20), LongCalls::wait(c.clone())).await;
             assert!(cancelled.is_err(), "no place was free");
             assert!(
-                PLACES.lock().waiting.is_empty(),
+                PLACES.lock().waiting() == 0,
                 "a cancelled wait leaves the queue"
             );
             let waiting = tokio::spawn(LongCalls::wait(c.clone()));
-            while PLACES.lock().waiting.len() != 1 {
+            while PLACES.lock().waiting() != 1 {
                 tokio::task::yield_now().await;
             }
             drop(a1);
             let place = waiting.await.expect("task").expect("a place");
             drop((place, b1));
+
+            // Several calls of one tenant wait; one in the middle of the
+            // queue is cancelled and skipped, and another tenant's call
+            // behind them gets a place its own tenant allows.
+            let a1 = LongCalls::acquire(&a, far).expect("a free place");
+            let a_over = LongCalls::acquire(&a, Instant::now() + Duration::from_millis(1));
+            assert!(a_over.is_none(), "a is at its share");
+            let b1 = LongCalls::acquire(&b, far).expect("the second place");
+            let mut c_waits = Vec::new();
+            for n in 1..=3 {
+                c_waits.push(tokio::spawn(LongCalls::wait(c.clone())));
+                while PLACES.lock().waiting() != n {
+                    tokio::task::yield_now().await;
+                }
+            }
+            let a2 = tokio::spawn(LongCalls::wait(a.clone()));
+            while PLACES.lock().waiting() != 4 {
+                tokio::task::yield_now().await;
+            }
+            c_waits[1].abort();
+            while PLACES.lock().waiting() != 3 {
+                tokio::task::yield_now().await;
+            }
+            let mut c_waits = c_waits.into_iter();
+            let (c1, _, c3) = (c_waits.next(), c_waits.next(), c_waits.next());
+            drop(b1);
+            let c1 = c1.expect("c1").await.expect("task").expect("c1's place");
+            // c is at its share now and a still is: nothing more is given.
+            assert_eq!(PLACES.lock().waiting(), 2);
+            drop(c1);
+            let c3 = c3.expect("c3").await.expect("task").expect("c3's place");
+            drop(a1);
+            let a2 = a2.await.expect("task").expect("a2's place");
+            drop((a2, c3));
+            assert!(PLACES.lock().queues.is_empty() && PLACES.lock().heads.is_empty());
         });
         assert_eq!(PLACES.lock().taken, 0);
     }

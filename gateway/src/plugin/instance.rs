@@ -27,7 +27,8 @@ pub struct Guest {
     /// The `on-resume` export, if the plugin has one.
     resume: Option<ComponentExportIndex>,
     runtime: Arc<Runtime>,
-    /// The plugin trapped: its instance may not be entered again.
+    /// The plugin trapped (or its `on-close` was given up on, see
+    /// [`Guest::waited_too_long`]): its instance may not be entered again.
     trapped: bool,
     /// The route grants directories: calls may do file I/O, which
     /// wasmtime-wasi runs by blocking on its async implementation.
@@ -78,11 +79,16 @@ impl Guest {
     }
 
     /// The next call waited `max_call_time` for a place among long calls
-    /// without getting one: it will not run, and its connection is closed
-    /// with 1011 (logged at most once a second per tenant, counted as
-    /// interrupted). Unlike an interrupted call's, the instance is whole:
-    /// its `on-close` runs.
-    pub(crate) fn waited_too_long(&mut self) {
+    /// without getting one: it will not run (logged at most once a second
+    /// per tenant, counted as interrupted). For an event (`on_close`
+    /// false) the connection is then closed with 1011, and unlike an
+    /// interrupted call's, the instance is whole: its `on-close` runs
+    /// (waiting its turn too). For `on-close` itself the instance is done
+    /// with: no call is made on it after this.
+    pub(crate) fn waited_too_long(&mut self, on_close: bool) {
+        if on_close {
+            self.trapped = true;
+        }
         let state = self.store.data();
         crate::metrics::Metrics::global().plugin_failed(
             &state.scope().tenant.name,
@@ -99,8 +105,9 @@ impl Guest {
             version = state.scope().version,
             suppressed,
             conn = state.conn_id(),
-            "plugin call waited max_call_time ({:?}) for its turn among the tenant's long calls and was not run; closing its connection with 1011",
-            self.runtime.max_call_time()
+            "plugin call waited max_call_time ({:?}) for its turn among the tenant's long calls and was not run; {}",
+            self.runtime.max_call_time(),
+            if on_close { "its connection's on-close is skipped" } else { "closing its connection with 1011" }
         );
     }
 

@@ -21,7 +21,9 @@
 //! `broadcast <room> <text>` (excluding the sender), `size <room>`,
 //! `members <room>`, `meta-set <key> <value>`, `meta-get <id> <key>`,
 //! `config <key>`, `timer <ms>` (one shot), `timer-other <id> <ms>`,
-//! `trap`, `spin` (loops forever), `grow <MiB>` (allocates and touches memory),
+//! `trap`, `spin` (loops forever), `spin-on-timer <ms>` (sets a one-shot
+//! timer whose `on-timer` loops forever), `spin-on-close` (its `on-close`
+//! will loop forever), `grow <MiB>` (allocates and touches memory),
 //! `print <text>` (writes to stdout and stderr), `sleep <ms>` (blocks).
 //!
 //! Hostile commands, for the containment tests; each that returns answers
@@ -52,6 +54,10 @@ thread_local! {
     static RESUMED: Cell<u64> = const { Cell::new(0) };
     // How many times `hits` ran on this instance.
     static HITS: Cell<u64> = const { Cell::new(0) };
+    // `on-timer` loops forever (`spin-on-timer`).
+    static SPIN_ON_TIMER: Cell<bool> = const { Cell::new(false) };
+    // `on-close` loops forever (`spin-on-close`).
+    static SPIN_ON_CLOSE: Cell<bool> = const { Cell::new(false) };
 }
 
 struct Testkit;
@@ -154,6 +160,17 @@ impl Handler for Testkit {
                 conn,
                 arg_id(a).set_timer(Duration::from_millis(b.parse().unwrap_or(1)), false),
             ),
+            "spin-on-timer" => {
+                SPIN_ON_TIMER.set(true);
+                answer(
+                    conn,
+                    conn.set_timer(Duration::from_millis(a.parse().unwrap_or(1)), false),
+                )
+            }
+            "spin-on-close" => {
+                SPIN_ON_CLOSE.set(true);
+                answer(conn, Ok("set"))
+            }
             "trap" => panic!("testkit: trap as asked"),
             "print" => {
                 println!("testkit: {b}{a} on stdout");
@@ -164,12 +181,7 @@ impl Handler for Testkit {
                 std::thread::sleep(Duration::from_millis(a.parse().unwrap_or(10)));
                 answer(conn, Ok("slept"))
             }
-            "spin" => {
-                let mut x: u64 = 0;
-                loop {
-                    x = std::hint::black_box(x.wrapping_add(1));
-                }
-            }
+            "spin" => spin(),
             "grow" => {
                 let mib: usize = a.parse().unwrap_or(1);
                 let v = vec![1u8; mib << 20];
@@ -238,6 +250,9 @@ impl Handler for Testkit {
 
     fn on_close(conn: Connection, code: u16, reason: String) {
         log::info(&format!("on-close {} {code} {reason}", conn.id()));
+        if SPIN_ON_CLOSE.get() {
+            spin();
+        }
         let _ = room("watchers").broadcast_text(&format!("closed {} {code} {reason}", conn.id()), None);
     }
 
@@ -252,12 +267,23 @@ impl Handler for Testkit {
     }
 
     fn on_timer(conn: Connection, timer: u64) {
+        if SPIN_ON_TIMER.get() {
+            spin();
+        }
         let _ = conn.send_text(&format!("timer {timer}"));
     }
 
     fn on_resume(conn: Connection, _req: &Request) {
         log::info(&format!("on-resume {}", conn.id()));
         RESUMED.set(RESUMED.get() + 1);
+    }
+}
+
+/// Loops forever.
+fn spin() -> ! {
+    let mut x: u64 = 0;
+    loop {
+        x = std::hint::black_box(x.wrapping_add(1));
     }
 }
 
