@@ -53,10 +53,13 @@
 //! handed off most calls of a busy gateway (connection setup fell from
 //! 7,800 to 1,100-2,700 a second).
 //!
-//! The wait as a task covers a message (or fragment) from the client to a
-//! connection with its own instance; a timer event, `on-close`, and a call
-//! into a shared instance (which runs behind the instance's lock) wait, if
-//! they must, paused on their thread as before.
+//! The wait as a task covers the calls into a connection's own instance: a
+//! message (or fragment) from the client, a timer event, and `on-close`
+//! (which is skipped, logged, if it waits `max_call_time`). A call into a
+//! shared instance (which runs behind the instance's lock) waits, if it
+//! must, paused on its thread. Waiting calls queue per tenant, the tenants
+//! in order of their oldest waiting call, so that giving a place back
+//! costs the number of tenants waiting rather than of calls waiting.
 //!
 //! Calls shorter than a tick (nearly all) pay next to nothing for this: the
 //! callback never runs; a call reads a thread-local mark, and a busy
