@@ -345,7 +345,7 @@ impl Metrics {
             tenant: tenant.unwrap_or(crate::config::DEFAULT_TENANT).to_owned(),
             route: route.to_owned(),
         };
-        for kind in ["trap", "interrupted"] {
+        for kind in ["trap", "interrupted", "turn_timeout"] {
             let _ = self.plugin_failures.get_or_create(&FailureLabels {
                 tenant: labels.tenant.clone(),
                 route: labels.route.clone(),

@@ -229,24 +229,33 @@ async fn a_tenants_queued_long_calls_wait_without_a_thread_each_and_are_closed_a
     victim_is_served(&mut v).await;
 }
 
-#[tokio::test]
-async fn a_tenants_timer_events_queued_behind_long_calls_wait_without_a_thread_each() {
+/// Twenty connections' timer events, queued behind a loop on a route
+/// whose calls run long, wait their tenant's turn without a thread each,
+/// and are closed with 1011 when they have waited `max_call_time`.
+/// `hibernated`: the connections hibernate before their timers fire, and
+/// every `on-timer` of the route loops (route config).
+async fn timer_events_queue_behind_long_calls(name: &str, hibernated: bool) {
     // Two workers: two places for long calls, one per tenant.
-    let gw = Gateway::start(
-        "hostile-timer-queue",
-        &format!(
-            "[server]\nthreads = 2\n{}",
-            ARENA.replace(r#"max_call_time = "2s""#, r#"max_call_time = "500ms""#)
-        ),
-    );
+    let mut arena = ARENA.replace(r#"max_call_time = "2s""#, r#"max_call_time = "500ms""#);
+    if hibernated {
+        arena = arena.replace(
+            "max_sends_per_second = 100\n",
+            "max_sends_per_second = 100\nhibernate_after = \"300ms\"\n[tenant.route.config]\nspin_on_timer = \"yes\"\n",
+        );
+        assert!(arena.contains("hibernate_after"));
+    }
+    let gw = Gateway::start(name, &format!("[server]\nthreads = 2\n{arena}"));
     // Twenty connections set a timer whose event loops; the route's calls
     // are short until then.
+    let command_for_timer = if hibernated {
+        "timer 3000"
+    } else {
+        "spin-on-timer 3000"
+    };
     let mut loops = Vec::new();
     for _ in 0..20 {
         let mut l = attacker(&gw).await;
-        assert!(command(&mut l, "spin-on-timer 1200")
-            .await
-            .starts_with("ok "));
+        assert!(command(&mut l, command_for_timer).await.starts_with("ok "));
         loops.push(l);
     }
     // One call that runs long marks the route: its next calls (the timer
@@ -254,6 +263,9 @@ async fn a_tenants_timer_events_queued_behind_long_calls_wait_without_a_thread_e
     let mut first = attacker(&gw).await;
     send(&mut first, "spin").await;
     expect_close(&mut first, 1011).await;
+    if hibernated {
+        gw.wait_log("connection hibernated");
+    }
     let threads = || proc_status_kib(gw.pid(), "Threads");
     let before = threads();
     // The timers fire together: one event at a time holds the tenant's
@@ -279,6 +291,16 @@ async fn a_tenants_timer_events_queued_behind_long_calls_wait_without_a_thread_e
     assert_eq!(command(&mut again, "echo back").await, "ok back");
     let mut v = victim(&gw).await;
     victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn a_tenants_timer_events_queued_behind_long_calls_wait_without_a_thread_each() {
+    timer_events_queue_behind_long_calls("hostile-timer-queue", false).await;
+}
+
+#[tokio::test]
+async fn hibernated_connections_timer_events_queued_behind_long_calls_wait_without_a_thread_each() {
+    timer_events_queue_behind_long_calls("hostile-timer-queue-hibernated", true).await;
 }
 
 #[tokio::test]
@@ -333,6 +355,71 @@ async fn on_close_calls_queued_behind_a_tenants_long_calls_wait_without_a_thread
     gw.wait_log("on-close is skipped");
     let mut again = attacker(&gw).await;
     assert_eq!(command(&mut again, "echo back").await, "ok back");
+    let mut v = victim(&gw).await;
+    victim_is_served(&mut v).await;
+}
+
+#[tokio::test]
+async fn events_queued_behind_a_looping_call_on_a_shared_instance_wait_without_a_thread_each() {
+    // The attacker's route shares one instance among its connections.
+    let config = format!(
+        "[server]\nthreads = 2\n{}",
+        ARENA
+            .replace(r#"max_call_time = "2s""#, r#"max_call_time = "500ms""#)
+            .replace(
+                "path = \"/t\"\nplugin = \"{testkit}\"\nmax_sends_per_second = 100",
+                "path = \"/t\"\nplugin = \"{testkit}\"\nmax_sends_per_second = 100\nisolation = \"shared\"",
+            )
+    );
+    assert!(
+        config.contains("isolation"),
+        "the attacker's route is shared"
+    );
+    let gw = Gateway::start("hostile-shared-queue", &config);
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        let mut c = attacker(&gw).await;
+        assert!(command(&mut c, "id").await.starts_with("ok "));
+        conns.push(c);
+    }
+    let threads = || proc_status_kib(gw.pid(), "Threads");
+    let before = threads();
+    // One connection's call loops on the shared instance for 500 ms; the
+    // twenty others' messages, and ten new connections' on-open, wait for
+    // the instance meanwhile.
+    let mut first = attacker(&gw).await;
+    send(&mut first, "spin").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    for c in &mut conns {
+        send(c, "echo queued").await;
+    }
+    let answers = futures_util::future::join_all(conns.iter_mut().map(|c| async move {
+        match tokio::time::timeout(WAIT, c.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
+            other => format!("{other:?}"),
+        }
+    }));
+    let opens = futures_util::future::join_all((0..10).map(|_| attacker(&gw)));
+    let both = futures_util::future::join(answers, opens);
+    tokio::pin!(both);
+    let mut most = before;
+    let (answers, mut opened) = loop {
+        tokio::select! {
+            a = &mut both => break a,
+            _ = tokio::time::sleep(Duration::from_millis(5)) => most = most.max(threads()),
+        }
+    };
+    expect_close(&mut first, 1011).await;
+    // After the loop is cut off, a fresh instance answers them all, and
+    // the new connections are open on it.
+    assert!(answers.iter().all(|a| a == "ok queued"), "{answers:?}");
+    for o in &mut opened {
+        assert!(command(o, "id").await.starts_with("ok "));
+    }
+    assert!(
+        most <= before + 6,
+        "{before} threads before, {most} at most while thirty events waited for the shared instance"
+    );
     let mut v = victim(&gw).await;
     victim_is_served(&mut v).await;
 }

@@ -7,7 +7,9 @@
 //! runs exactly once however the connection ends: the upgrade failing (the
 //! client reset during the 101), a close handshake, a protocol error, the
 //! peer vanishing, shutdown, or the session being dropped (the runtime
-//! stopping). Only a plugin that trapped is not called again.
+//! stopping). Only a plugin that trapped is not called again, and an
+//! `on-close` that waited `max_call_time` for its turn behind its tenant's
+//! long calls is skipped (logged; see [`Session::turn`]).
 //!
 //! The run loop is split into named parts: [`Keepalive`] (pings, pong and
 //! idle deadlines), [`Phase`] (open, or closing with the code that
@@ -31,7 +33,7 @@ use crate::plugin::deadline::LongCalls;
 use crate::plugin::host::{HostState, MAX_CLOSE_REASON};
 use crate::plugin::instance::Guest;
 use crate::plugin::request::PackedRequest;
-use crate::plugin::shared::{Seen, SharedInstance};
+use crate::plugin::shared::{Seen, SharedInstance, SharedTurn};
 use crate::plugin::Runtime;
 use crate::protocol::deflate::{Agreed, Inflater};
 use crate::protocol::frame::{
@@ -130,6 +132,15 @@ pub struct Session {
     sent_close: Option<(u16, String)>,
     /// permessage-deflate, when the handshake agreed on it.
     compression: Option<Agreed>,
+    /// This connection's turn at its route's shared instance, while an
+    /// event of it is being handled ([`Session::turn`]).
+    shared_turn: Option<SharedTurn>,
+    /// A place among long calls taken while hibernated, for the instance
+    /// the event resumes ([`Session::resume`] gives it to it).
+    pending_place: Option<LongCalls>,
+    /// `on-close` waited `max_call_time` for its turn and is not run
+    /// ([`Session::turn`]).
+    skip_on_close: bool,
     _slot: Slot,
 }
 
@@ -206,6 +217,9 @@ impl Session {
             messages: (0, 0),
             sent_close: None,
             compression: None,
+            shared_turn: None,
+            pending_place: None,
+            skip_on_close: false,
             _slot: slot,
         };
         let response = match &mut session.instance {
@@ -272,7 +286,7 @@ impl Session {
         // for its on-close (of the version it runs: a closing connection is
         // not migrated).
         self.conn.cancel_timers();
-        if accepted && self.prepare(false) {
+        if accepted && !self.skip_on_close && self.prepare(false) {
             self.invoke(|guest, id| {
                 guest.on_close(id, code, reason);
                 true
@@ -400,6 +414,11 @@ impl Session {
         match Guest::new(self.runtime.clone(), &self.version.plugin, state) {
             Ok(mut guest) => {
                 let ok = guest.on_resume(self.id, &self.request);
+                // A place taken while hibernated is for the event that
+                // woke the connection, which runs next.
+                if let Some(place) = self.pending_place.take() {
+                    guest.give_long_call_place(place);
+                }
                 self.instance = Instance::Own(Some(guest));
                 ok
             }
@@ -471,17 +490,17 @@ impl Session {
         // Nothing more is accepted; `on-close` runs; what is queued is
         // written, then the TCP connection is closed.
         this.messages = (link.inbound.messages, link.out.messages_sent());
-        // On a route whose calls run long, `on-close` too waits for its
-        // tenant's turn as this task rather than on a thread (and is not
-        // run if it waits `max_call_time`).
+        // `on-close` too waits its turn as this task rather than on a
+        // thread (and is not run if it waits `max_call_time`).
         if this.stage == Stage::Accepted {
+            // Nothing more is queued and no timer fires while it waits.
+            this.conn.outbox.finish();
+            this.conn.cancel_timers();
             let conn = this.conn.clone();
-            this.long_call_turn(&conn, true).await;
+            this.turn(&conn, true).await;
         }
         this.end(ending.code, &ending.reason, ending.by);
-        if let Instance::Own(Some(g)) = &mut this.instance {
-            g.release_long_call_place();
-        }
+        this.end_turn();
         drop(rd);
         let conn = this.conn.clone();
         let _ = tokio::time::timeout(
@@ -670,10 +689,10 @@ impl Session {
                                     tokio::time::sleep_until(at).await;
                                 }
                             }
-                            // A route whose calls run long: the call waits
-                            // for its tenant's turn here, as a task
-                            // (Session::long_call_turn). Only for a frame
-                            // that makes a call: a whole
+                            // The call waits its turn here, as a task
+                            // (Session::turn): a place among its tenant's
+                            // long calls, or the route's shared instance.
+                            // Only for a frame that makes a call: a whole
                             // message's last frame, or any fragment of a
                             // route that takes fragments, on an open
                             // connection that is not skipping a message.
@@ -683,8 +702,8 @@ impl Session {
                                 && !inbound.skipping
                                 && (frame.fin || inbound.streaming);
                             if makes_call {
-                                match self.long_call_turn(&conn, false).await {
-                                    Turn::Go => {}
+                                match self.turn(&conn, false).await {
+                                    Turn::Go { .. } => {}
                                     Turn::Closing => deliver = false,
                                     Turn::TimedOut => {
                                         deliver = false;
@@ -694,11 +713,10 @@ impl Session {
                             }
                             if deliver {
                                 let end = self.on_frame(frame, now, &mut phase, inbound);
-                                // A place not used (the frame made no call) is
-                                // given back now, not held while idle.
-                                if let Instance::Own(Some(g)) = &mut self.instance {
-                                    g.release_long_call_place();
-                                }
+                                // A place not used (the frame made no call), or
+                                // the turn at a shared instance, is given
+                                // back now, not held while idle.
+                                self.end_turn();
                                 if let Some(end) = end {
                                     return Stop::Ended(end);
                                 }
@@ -796,9 +814,8 @@ impl Session {
     }
 
     /// Delivers the timers that have fired, in order; a plugin failure
-    /// starts closing with 1011. Before each event of a route whose calls
-    /// run long, the connection's task waits for its tenant's turn
-    /// ([`Session::long_call_turn`]), holding no thread.
+    /// starts closing with 1011. Before each event the connection's task
+    /// waits its turn ([`Session::turn`]), holding no thread.
     async fn on_timers_in_turn(
         &mut self,
         conn: &ConnHandle,
@@ -806,22 +823,26 @@ impl Session {
         inbound: &mut Inbound,
     ) {
         while self.timer_may_run(phase) {
-            match self.long_call_turn(conn, false).await {
-                Turn::Go => {}
+            let waited = match self.turn(conn, false).await {
+                Turn::Go { waited } => waited,
                 // Timers are cancelled when the connection ends.
                 Turn::Closing => return,
                 Turn::TimedOut => {
                     *phase = self.plugin_failed();
                     return;
                 }
-            }
+            };
             let more = self.on_next_timer(phase, inbound);
             // A place the event did not use (its timer was cancelled
-            // meanwhile) is given back now.
-            if let Instance::Own(Some(g)) = &mut self.instance {
-                g.release_long_call_place();
-            }
+            // meanwhile), or the turn at a shared instance, is given back.
+            self.end_turn();
             if !more {
+                return;
+            }
+            // After a wait, the event loop runs (writes, the peer's frames,
+            // keepalive) before the next event waits in turn.
+            if waited && self.conn.has_timer_event() {
+                self.conn.timer_notify.notify_one();
                 return;
             }
         }
@@ -851,13 +872,19 @@ impl Session {
         ok
     }
 
-    /// Waits, as the connection's task, for the tenant's turn among long
-    /// calls if the instance's next call is to wait for one: its route's
-    /// recent calls ran long (plugin/deadline.rs, `LongCallHint`). A queue
-    /// of such calls is then a queue of tasks, not of threads each holding
-    /// a call paused until a place frees. The place is held by the
-    /// instance for its next call and given back when that call ends (or
-    /// by `release_long_call_place` if no call is made).
+    /// Waits, as the connection's task, for whatever the next call into
+    /// the plugin must wait for, so that a queue of calls is a queue of
+    /// tasks, not of threads:
+    /// - with its own instance, on a route whose recent calls ran long
+    ///   (plugin/deadline.rs, `LongCallHint`), a place among the tenant's
+    ///   long calls, which the instance holds for its next call and gives
+    ///   back when that call ends;
+    /// - on a shared instance, its turn to enter the instance
+    ///   (plugin/shared.rs), held until [`Session::end_turn`], behind a
+    ///   call that may run up to `max_call_time`.
+    ///
+    /// Anything else is ready at once (no timer is set). Call
+    /// [`Session::end_turn`] after the event.
     ///
     /// The wait lasts at most `max_call_time`. [`Turn::TimedOut`]: the
     /// call is not to run; the wait is logged (at most once a second per
@@ -867,39 +894,123 @@ impl Session {
     /// meanwhile (checked every 100 ms).
     ///
     /// For `on-close` (`closing`) a close request does not end the wait,
-    /// and after `max_call_time` the instance is marked done with, so that
-    /// `on-close` is not run (logged the same way): running it then would
-    /// only make it wait again, on a thread. Otherwise every accepted
-    /// connection gets its `on-close`.
-    async fn long_call_turn(&mut self, conn: &ConnHandle, closing: bool) -> Turn {
-        let tenant = match &self.instance {
-            Instance::Own(Some(g)) => g.wants_long_call_place(),
-            _ => None,
+    /// and after `max_call_time` the connection's plugin is marked done
+    /// with, so that `on-close` is not run (logged the same way): running
+    /// it then would only make it wait again, on a thread. Otherwise every
+    /// accepted connection gets its `on-close`.
+    async fn turn(&mut self, conn: &ConnHandle, closing: bool) -> Turn {
+        use futures_util::future::Either;
+        use futures_util::FutureExt;
+        let (place, shared) = match &self.instance {
+            Instance::Own(Some(g)) => (g.wants_long_call_place(), None),
+            // Hibernated: the instance the event resumes needs the place.
+            Instance::Own(None) if self.version.scope.long_calls.calls_wait_for_places() => {
+                (Some(self.version.tenant.counts.clone()), None)
+            }
+            Instance::Shared {
+                shared,
+                failed: false,
+                ..
+            } => (None, Some(shared.turn())),
+            _ => (None, None),
         };
-        let Some(tenant) = tenant else {
-            return Turn::Go;
+        let wait = match (place, shared) {
+            (Some(tenant), _) => {
+                Either::Left(async move { LongCalls::wait(tenant).await.map(Held::Place) })
+            }
+            (None, Some(turn)) => Either::Right(async move { turn.await.map(Held::Shared) }),
+            (None, None) => return Turn::Go { waited: false },
         };
+        tokio::pin!(wait);
+        // Nearly always ready at once: no timer then.
+        if let Some(held) = (&mut wait).now_or_never() {
+            self.hold(held);
+            return Turn::Go { waited: false };
+        }
         let give_up = Instant::now() + self.runtime.max_call_time();
-        let place = LongCalls::wait(tenant);
-        tokio::pin!(place);
         loop {
             tokio::select! {
-                p = &mut place => {
-                    if let (Some(p), Instance::Own(Some(g))) = (p, &mut self.instance) {
-                        g.give_long_call_place(p);
-                    }
-                    return Turn::Go;
+                held = &mut wait => {
+                    self.hold(held);
+                    return Turn::Go { waited: true };
                 }
                 _ = tokio::time::sleep(CLOSE_CHECK.min(give_up.saturating_duration_since(Instant::now()))) => {
                     if !closing && conn.close_pending() {
                         return Turn::Closing;
                     }
                     if Instant::now() >= give_up {
-                        if let Instance::Own(Some(g)) = &mut self.instance {
-                            g.waited_too_long(closing);
-                        }
+                        self.waited_too_long(closing);
                         return Turn::TimedOut;
                     }
+                }
+            }
+        }
+    }
+
+    /// Keeps what [`Session::turn`] waited for until the event's call.
+    fn hold(&mut self, held: Option<Held>) {
+        match (held, &mut self.instance) {
+            (Some(Held::Place(p)), Instance::Own(Some(g))) => g.give_long_call_place(p),
+            (Some(Held::Place(p)), Instance::Own(None)) => self.pending_place = Some(p),
+            (Some(Held::Shared(t)), _) => self.shared_turn = Some(t),
+            _ => {}
+        }
+    }
+
+    /// Gives back what [`Session::turn`] waited for, once the event it was
+    /// for has been handled (a place its call did not use, the turn at a
+    /// shared instance).
+    fn end_turn(&mut self) {
+        if let Instance::Own(Some(g)) = &mut self.instance {
+            g.release_long_call_place();
+        }
+        self.shared_turn = None;
+        self.pending_place = None;
+    }
+
+    /// The next call waited `max_call_time` in [`Session::turn`]: logged
+    /// and counted; for `on-close` (`closing`) the plugin is not called
+    /// again for this connection.
+    fn waited_too_long(&mut self, closing: bool) {
+        self.skip_on_close |= closing;
+        match &mut self.instance {
+            Instance::Own(Some(g)) => g.waited_too_long(closing),
+            // Hibernated: the instance the event would resume is not
+            // created, and there is none to log through.
+            Instance::Own(None) => {
+                let tenant = &self.version.tenant;
+                crate::metrics::Metrics::global().plugin_failed(
+                    &tenant.name,
+                    &self.route.path,
+                    "turn_timeout",
+                );
+                if let Some(suppressed) = tenant.counts.turn_timeouts.admit() {
+                    tracing::error!(
+                        tenant = %tenant.name, route = %self.route.path,
+                        plugin = %self.version.plugin.name, version = self.version.version,
+                        suppressed, conn = self.id,
+                        "plugin call waited max_call_time ({:?}) for its turn among the tenant's long calls and was not run; {}",
+                        self.runtime.max_call_time(),
+                        if closing { "its connection's on-close is skipped" } else { "closing its connection with 1011" }
+                    );
+                }
+            }
+            Instance::Shared { shared, .. } => {
+                let scope = shared.scope();
+                crate::metrics::Metrics::global().plugin_failed(
+                    &scope.tenant.name,
+                    &scope.route,
+                    "turn_timeout",
+                );
+                if let Some(suppressed) = scope.tenant.counts.turn_timeouts.admit() {
+                    tracing::error!(
+                        tenant = %scope.tenant.name, route = %scope.route,
+                        plugin = %self.version.plugin.name, version = scope.version,
+                        suppressed, conn = self.id,
+                        "plugin call waited max_call_time ({:?}) for its turn at the route's shared instance and was not run; {}",
+                        self.runtime.max_call_time(),
+                        if closing { "its connection's on-close is skipped" } else { "closing its connection with 1011" }
+                    );
                 }
             }
         }
@@ -1123,11 +1234,23 @@ impl Drop for Session {
 /// for a close request.
 const CLOSE_CHECK: Duration = Duration::from_millis(100);
 
-/// What came of [`Session::long_call_turn`].
+/// What [`Session::turn`] waited for.
+enum Held {
+    /// A place among the tenant's long calls.
+    Place(LongCalls),
+    /// The turn at a shared instance.
+    Shared(SharedTurn),
+}
+
+/// What came of [`Session::turn`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Turn {
-    /// The call may start (holding a place, if it waited for one).
-    Go,
+    /// The call may start (holding what it waited for, if anything;
+    /// `waited`: not at once).
+    Go {
+        /// The call had to wait.
+        waited: bool,
+    },
     /// A close was requested while the call waited: it is not to run.
     Closing,
     /// The call waited `max_call_time` for its turn: it is not to run,

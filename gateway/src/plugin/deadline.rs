@@ -55,9 +55,11 @@
 //!
 //! The wait as a task covers the calls into a connection's own instance: a
 //! message (or fragment) from the client, a timer event, and `on-close`
-//! (which is skipped, logged, if it waits `max_call_time`). A call into a
-//! shared instance (which runs behind the instance's lock) waits, if it
-//! must, paused on its thread. Waiting calls queue per tenant, the tenants
+//! (which is skipped, logged, if it waits `max_call_time`), also when the
+//! connection is hibernated (the place is kept for the event's call, after
+//! `on-resume`). A call into a shared instance waits for its turn at the
+//! instance the same way (plugin/shared.rs); a long call there that needs
+//! a place waits for it on its thread, one at most per instance. Waiting calls queue per tenant, the tenants
 //! in order of their oldest waiting call, so that giving a place back
 //! costs the number of tenants waiting rather than of calls waiting.
 //!
@@ -586,9 +588,7 @@ impl CallClock {
     /// (`hint`), it holds no place yet, and the runtime hands long calls
     /// off (a multi-thread one).
     pub fn wants_place(&self, hint: &LongCallHint) -> bool {
-        self.permit.is_none()
-            && hint.is_marked()
-            && Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
+        self.permit.is_none() && hint.calls_wait_for_places()
     }
 
     /// Holds `place` for the next call (given back when that call ends).
@@ -650,6 +650,14 @@ impl LongCallHint {
     /// Whether the route's calls start off the worker now (not counted).
     pub fn is_marked(&self) -> bool {
         self.0.load(Ordering::Relaxed) != 0
+    }
+
+    /// Whether the route's next call is to wait for a place among long
+    /// calls before it starts ([`LongCalls::wait`]): its calls run long,
+    /// and the runtime hands long calls off (a multi-thread one).
+    pub fn calls_wait_for_places(&self) -> bool {
+        self.is_marked()
+            && Handle::try_current().is_ok_and(|h| h.runtime_flavor() == RuntimeFlavor::MultiThread)
     }
 
     /// A call of the route ran long (see [`LongCallHint`]).

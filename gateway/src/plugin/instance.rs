@@ -27,8 +27,7 @@ pub struct Guest {
     /// The `on-resume` export, if the plugin has one.
     resume: Option<ComponentExportIndex>,
     runtime: Arc<Runtime>,
-    /// The plugin trapped (or its `on-close` was given up on, see
-    /// [`Guest::waited_too_long`]): its instance may not be entered again.
+    /// The plugin trapped: its instance may not be entered again.
     trapped: bool,
     /// The route grants directories: calls may do file I/O, which
     /// wasmtime-wasi runs by blocking on its async implementation.
@@ -80,20 +79,16 @@ impl Guest {
 
     /// The next call waited `max_call_time` for a place among long calls
     /// without getting one: it will not run (logged at most once a second
-    /// per tenant, counted as interrupted). For an event (`on_close`
+    /// per tenant, counted as a `turn_timeout` failure). For an event (`on_close`
     /// false) the connection is then closed with 1011, and unlike an
     /// interrupted call's, the instance is whole: its `on-close` runs
-    /// (waiting its turn too). For `on-close` itself the instance is done
-    /// with: no call is made on it after this.
+    /// (waiting its turn too); for `on-close` itself, the session skips it.
     pub(crate) fn waited_too_long(&mut self, on_close: bool) {
-        if on_close {
-            self.trapped = true;
-        }
         let state = self.store.data();
         crate::metrics::Metrics::global().plugin_failed(
             &state.scope().tenant.name,
             state.route_path(),
-            "interrupted",
+            "turn_timeout",
         );
         let Some(suppressed) = state.scope().tenant.counts.turn_timeouts.admit() else {
             return;

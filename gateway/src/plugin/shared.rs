@@ -8,6 +8,15 @@
 //! state is pointed at the connection whose event it handles, so replies,
 //! timers, `not-owner` checks and output lines are that connection's.
 //!
+//! Connections' tasks take turns at the instance ([`SharedInstance::turn`]),
+//! first come, first served, waiting as tasks: while one connection's call
+//! runs long (up to `max_call_time`), the events queued behind it hold no
+//! threads. The upgrade takes a turn for `on-open`, and a session for each
+//! message, timer event and `on-close`. A call made without one (a session
+//! dropped without ending, as at the end of a shutdown's drain) waits for
+//! the instance's lock on its worker for up to a millisecond, then hands
+//! the worker's other tasks to another thread and waits on.
+//!
 //! A call that traps poisons only the instance: it is dropped, the
 //! connection whose event trapped is closed with 1011 by its session, and
 //! the next event of any other connection starts a fresh instance (a new
@@ -36,7 +45,14 @@ pub struct SharedInstance {
     scope: Arc<Scope>,
     hub: Arc<Hub>,
     current: Mutex<Current>,
+    /// One permit: the turn to enter the instance (FIFO, see
+    /// [`SharedInstance::turn`]).
+    turns: Arc<tokio::sync::Semaphore>,
 }
+
+/// A connection's turn to enter a shared instance, from
+/// [`SharedInstance::turn`]; the next waiting connection's when dropped.
+pub type SharedTurn = tokio::sync::OwnedSemaphorePermit;
 
 /// The live instance, if any, and its generation.
 struct Current {
@@ -71,7 +87,24 @@ impl SharedInstance {
                 guest: None,
                 generation: 0,
             }),
+            turns: Arc::new(tokio::sync::Semaphore::new(1)),
         }
+    }
+
+    /// Waits, as the caller's task, for its turn to enter the instance,
+    /// behind the connections that asked first; hold the turn over the
+    /// call ([`SharedInstance::call`]) and drop it right after. Cancelled
+    /// by dropping the future. Ready at once when no other connection's
+    /// call is running or waiting.
+    pub fn turn(&self) -> impl std::future::Future<Output = Option<SharedTurn>> + Send + 'static {
+        let turns = self.turns.clone();
+        // The semaphore is never closed: `None` does not happen.
+        async move { turns.acquire_owned().await.ok() }
+    }
+
+    /// The tenant and route of the instance, for logs.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
     }
 
     /// Runs `call` on the instance for connection `conn`, creating the

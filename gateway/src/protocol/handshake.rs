@@ -35,6 +35,9 @@ pub enum Refusal {
     /// No plugin instance could be created (memory or the instance pool is
     /// exhausted): 503.
     NoInstance,
+    /// The route's shared instance stayed busy (another connection's call
+    /// running or queued) for the handshake timeout: 503.
+    InstanceBusy,
     /// An upgrade over HTTP/1.0: 505 (section 4.1 requires HTTP/1.1 or
     /// later).
     HttpVersion,
@@ -86,6 +89,10 @@ impl Refusal {
             Refusal::NoInstance => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no plugin instance available\n",
+            ),
+            Refusal::InstanceBusy => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the route's shared plugin instance is busy\n",
             ),
             Refusal::HttpVersion => (
                 StatusCode::HTTP_VERSION_NOT_SUPPORTED,

@@ -160,19 +160,31 @@ async fn upgrade(
         let step = std::time::Instant::now() + std::time::Duration::from_millis(100);
         tokio::time::sleep_until(at.min(step).min(give_up).into()).await;
     }
+    // A shared instance is entered by one connection at a time: `on-open`
+    // waits its turn as this task (not on a thread) behind a call that may
+    // run up to max_call_time; for at most the handshake timeout, then 503.
+    let turn = match &version.shared {
+        Some(instance) => match tokio::time::timeout_at(give_up.into(), instance.turn()).await {
+            Ok(turn) => turn,
+            Err(_) => return refuse(Refusal::InstanceBusy, remote, &route.label),
+        },
+        None => None,
+    };
     let offered = handshake::offered_subprotocols(&req, settings.subprotocols.as_deref());
     let request = Arc::new(plugin_request(&req, remote, offered));
     let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
     let internal =
         || handshake::text_response(StatusCode::INTERNAL_SERVER_ERROR, "plugin failed\n");
-    let (mut session, accept) = match Session::open(
+    let opened = Session::open(
         id,
         route.clone(),
         version.clone(),
         shared.runtime.clone(),
         slot,
         request.clone(),
-    ) {
+    );
+    drop(turn);
+    let (mut session, accept) = match opened {
         Opened::Accept(session, accept) => (session, accept),
         Opened::Failed => {
             tracing::debug!(%remote, tenant = %version.tenant.name, route = %route.path, conn = id, status = 500, "upgrade refused: on-open failed");

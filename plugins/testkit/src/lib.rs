@@ -34,6 +34,8 @@
 //! <lines>` (1 KiB lines to stdout and through `log`), `env <KEY>`, `read
 //! <path>`, `write <path> <text>`, `connect <ip:port>` (WASI the route may
 //! not grant; answers `ok <value>` or `err <why>`).
+//! With the route config `spin_on_timer = "yes"`, every `on-timer` loops
+//! forever (this survives hibernation, unlike `spin-on-timer`).
 //! Binary messages are echoed. On a `deliver = "fragments"` route, each
 //! message's final fragment is answered with
 //! `fragments <text|binary> <count> bytes <total>`.
@@ -267,7 +269,7 @@ impl Handler for Testkit {
     }
 
     fn on_timer(conn: Connection, timer: u64) {
-        if SPIN_ON_TIMER.get() {
+        if SPIN_ON_TIMER.get() || config("spin_on_timer").as_deref() == Some("yes") {
             spin();
         }
         let _ = conn.send_text(&format!("timer {timer}"));
