@@ -264,7 +264,15 @@ async fn timer_events_queue_behind_long_calls(name: &str, hibernated: bool) {
     send(&mut first, "spin").await;
     expect_close(&mut first, 1011).await;
     if hibernated {
-        gw.wait_log("connection hibernated");
+        // Every one of the twenty has released its instance.
+        let give_up = std::time::Instant::now() + WAIT;
+        while gw.log().matches("connection hibernated").count() < 20 {
+            assert!(
+                std::time::Instant::now() < give_up,
+                "not all twenty hibernated"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     let threads = || proc_status_kib(gw.pid(), "Threads");
     let before = threads();
@@ -388,15 +396,16 @@ async fn events_queued_behind_a_looping_call_on_a_shared_instance_wait_without_a
     // twenty others' messages, and ten new connections' on-open, wait for
     // the instance meanwhile.
     let mut first = attacker(&gw).await;
+    let spin_at = std::time::Instant::now();
     send(&mut first, "spin").await;
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     for c in &mut conns {
         send(c, "echo queued").await;
     }
     let answers = futures_util::future::join_all(conns.iter_mut().map(|c| async move {
         match tokio::time::timeout(WAIT, c.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
-            other => format!("{other:?}"),
+            Ok(Some(Ok(Message::Text(t)))) => (t.to_string(), spin_at.elapsed()),
+            other => (format!("{other:?}"), spin_at.elapsed()),
         }
     }));
     let opens = futures_util::future::join_all((0..10).map(|_| attacker(&gw)));
@@ -412,7 +421,14 @@ async fn events_queued_behind_a_looping_call_on_a_shared_instance_wait_without_a
     expect_close(&mut first, 1011).await;
     // After the loop is cut off, a fresh instance answers them all, and
     // the new connections are open on it.
-    assert!(answers.iter().all(|a| a == "ok queued"), "{answers:?}");
+    assert!(answers.iter().all(|(a, _)| a == "ok queued"), "{answers:?}");
+    // They waited for the loop: none was answered before it was cut off.
+    assert!(
+        answers
+            .iter()
+            .all(|(_, at)| *at >= Duration::from_millis(400)),
+        "{answers:?}"
+    );
     for o in &mut opened {
         assert!(command(o, "id").await.starts_with("ok "));
     }

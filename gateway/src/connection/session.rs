@@ -404,21 +404,23 @@ impl Session {
     /// Gives the connection a fresh instance of its own of its version and
     /// runs `on-resume`; false if that failed (logged).
     fn resume(&mut self) -> bool {
-        let state = HostState::new(
+        let mut state = HostState::new(
             self.conn.clone(),
             self.route.hub.clone(),
             self.version.scope.clone(),
             self.runtime.max_memory(),
             self.runtime.max_call_time(),
         );
+        // A place taken while hibernated: kept for the instantiation,
+        // `on-resume` and the event that woke the connection, which runs
+        // next (each may run long; none may wait for a second place while
+        // this connection holds one).
+        if let Some(place) = self.pending_place.take() {
+            state.call.give_place(place);
+        }
         match Guest::new(self.runtime.clone(), &self.version.plugin, state) {
             Ok(mut guest) => {
                 let ok = guest.on_resume(self.id, &self.request);
-                // A place taken while hibernated is for the event that
-                // woke the connection, which runs next.
-                if let Some(place) = self.pending_place.take() {
-                    guest.give_long_call_place(place);
-                }
                 self.instance = Instance::Own(Some(guest));
                 ok
             }
@@ -520,6 +522,20 @@ impl Session {
                 dropped = rates.dropped, "messages from the client dropped over its inbound rate"
             );
         }
+    }
+
+    /// Ends a session whose upgrade did not complete (the client went away
+    /// during the 101): `on-close` with 1006, after waiting its turn as a
+    /// task ([`Session::turn`]), as [`Session::run`] does.
+    pub async fn abandon(mut self: Box<Self>) {
+        if self.stage == Stage::Accepted {
+            self.conn.outbox.finish();
+            self.conn.cancel_timers();
+            let conn = self.conn.clone();
+            self.turn(&conn, true).await;
+        }
+        self.end(1006, "", ClosedBy::Abnormal);
+        self.end_turn();
     }
 
     /// Compresses and decompresses messages as `agreed` in the opening
@@ -875,32 +891,38 @@ impl Session {
     /// Waits, as the connection's task, for whatever the next call into
     /// the plugin must wait for, so that a queue of calls is a queue of
     /// tasks, not of threads:
-    /// - with its own instance, on a route whose recent calls ran long
-    ///   (plugin/deadline.rs, `LongCallHint`), a place among the tenant's
-    ///   long calls, which the instance holds for its next call and gives
-    ///   back when that call ends;
+    /// - with its own instance (or hibernated), on a route whose recent
+    ///   calls ran long (plugin/deadline.rs, `LongCallHint`), a place among
+    ///   the tenant's long calls, which the instance holds for the event's
+    ///   calls (with `on-resume`, if the event resumes it);
     /// - on a shared instance, its turn to enter the instance
-    ///   (plugin/shared.rs), held until [`Session::end_turn`], behind a
-    ///   call that may run up to `max_call_time`.
+    ///   (plugin/shared.rs), behind calls that may each run up to
+    ///   `max_call_time`.
     ///
     /// Anything else is ready at once (no timer is set). Call
-    /// [`Session::end_turn`] after the event.
+    /// [`Session::end_turn`] after the event: it gives back either.
     ///
-    /// The wait lasts at most `max_call_time`. [`Turn::TimedOut`]: the
-    /// call is not to run; the wait is logged (at most once a second per
-    /// tenant) and counted as interrupted, and the caller closes the
-    /// connection with 1011, as when a started call waits for a place
-    /// until its deadline. [`Turn::Closing`]: a close was requested
-    /// meanwhile (checked every 100 ms).
+    /// A place is waited for at most `max_call_time`. [`Turn::TimedOut`]:
+    /// the call is not to run; the wait is logged (at most once a second
+    /// per tenant) and counted as a `turn_timeout` failure, and the caller
+    /// closes the connection with 1011, as when a started call waits for a
+    /// place until its deadline. A shared instance's turn has no bound of
+    /// its own (each call ahead has one). [`Turn::Closing`]: a close was
+    /// requested meanwhile (checked every 100 ms).
     ///
     /// For `on-close` (`closing`) a close request does not end the wait,
-    /// and after `max_call_time` the connection's plugin is marked done
-    /// with, so that `on-close` is not run (logged the same way): running
-    /// it then would only make it wait again, on a thread. Otherwise every
-    /// accepted connection gets its `on-close`.
+    /// and after `max_call_time` the session skips `on-close` (logged the
+    /// same way): running it then would only make it wait again, on a
+    /// thread. Otherwise every accepted connection gets its `on-close`.
     async fn turn(&mut self, conn: &ConnHandle, closing: bool) -> Turn {
         use futures_util::future::Either;
         use futures_util::FutureExt;
+        // An event that moves the connection to a new version (once per
+        // reload) does not wait here: what it must wait for is the new
+        // version's, known only once it has moved.
+        if self.route.version_number() != self.seen_version {
+            return Turn::Go { waited: false };
+        }
         let (place, shared) = match &self.instance {
             Instance::Own(Some(g)) => (g.wants_long_call_place(), None),
             // Hibernated: the instance the event resumes needs the place.
@@ -914,6 +936,10 @@ impl Session {
             } => (None, Some(shared.turn())),
             _ => (None, None),
         };
+        // A place among long calls is waited for at most max_call_time; a
+        // shared instance's turn as long as the calls ahead take (each at
+        // most max_call_time), as the instance's lock was.
+        let bounded = place.is_some();
         let wait = match (place, shared) {
             (Some(tenant), _) => {
                 Either::Left(async move { LongCalls::wait(tenant).await.map(Held::Place) })
@@ -938,7 +964,7 @@ impl Session {
                     if !closing && conn.close_pending() {
                         return Turn::Closing;
                     }
-                    if Instant::now() >= give_up {
+                    if bounded && Instant::now() >= give_up {
                         self.waited_too_long(closing);
                         return Turn::TimedOut;
                     }

@@ -56,12 +56,14 @@
 //! The wait as a task covers the calls into a connection's own instance: a
 //! message (or fragment) from the client, a timer event, and `on-close`
 //! (which is skipped, logged, if it waits `max_call_time`), also when the
-//! connection is hibernated (the place is kept for the event's call, after
-//! `on-resume`). A call into a shared instance waits for its turn at the
-//! instance the same way (plugin/shared.rs); a long call there that needs
-//! a place waits for it on its thread, one at most per instance. Waiting calls queue per tenant, the tenants
-//! in order of their oldest waiting call, so that giving a place back
-//! costs the number of tenants waiting rather than of calls waiting.
+//! connection is hibernated (the place is kept for `on-resume` and the
+//! event's call). A call into a shared instance waits for its turn at the
+//! instance as a task (plugin/shared.rs); a long call there that needs a
+//! place waits for it on its thread, one at most per instance. An event
+//! that moves a connection to a new version (once per reload) does not
+//! wait as a task either. Waiting calls queue per tenant, the tenants in
+//! order of their oldest waiting call, so that giving a place back costs
+//! the number of tenants waiting rather than of calls waiting.
 //!
 //! Calls shorter than a tick (nearly all) pay next to nothing for this: the
 //! callback never runs; a call reads a thread-local mark, and a busy
@@ -115,6 +117,10 @@ pub struct CallClock {
     handed_off: bool,
     /// Its place among the long calls allowed to run at once.
     permit: Option<LongCalls>,
+    /// The place was given before the call ([`CallClock::give_place`]):
+    /// it is kept over the calls until [`CallClock::release_place`], not
+    /// given back when a call ends.
+    given: bool,
     /// Deadline callbacks the call has seen (the epoch ticks it ran into).
     ticks_seen: u32,
     /// When the call started, as a [`MeterClock`] reading.
@@ -547,7 +553,9 @@ impl CallClock {
     /// has one), charging what was measured once there is enough of it.
     /// Returns how long the call took (wall-clock, from [`CallClock::arm`]).
     pub fn ended(&mut self, meter: Option<&CpuMeter>) -> Duration {
-        self.permit = None;
+        if !self.given {
+            self.permit = None;
+        }
         let clock = MeterClock::get();
         let now = clock.raw();
         if let Some(from) = self.measured_to.take() {
@@ -591,14 +599,19 @@ impl CallClock {
         self.permit.is_none() && hint.calls_wait_for_places()
     }
 
-    /// Holds `place` for the next call (given back when that call ends).
+    /// Holds `place` for the next calls (an event's, and the `on-resume`
+    /// before it when the event resumes a hibernated connection), until
+    /// [`CallClock::release_place`].
     pub fn give_place(&mut self, place: LongCalls) {
         self.permit = Some(place);
+        self.given = true;
     }
 
-    /// Gives back a place taken for a call that did not happen.
+    /// Gives back a place given with [`CallClock::give_place`], once the
+    /// event it was for has been handled (or did not happen).
     pub fn release_place(&mut self) {
         self.permit = None;
+        self.given = false;
     }
 
     /// Adds the guest time since the last measurement to what is not yet

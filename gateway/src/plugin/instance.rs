@@ -72,7 +72,9 @@ impl Guest {
             .then(|| state.scope().tenant.counts.clone())
     }
 
-    /// Holds `place` for the next call; see [`Guest::wants_long_call_place`].
+    /// Holds `place` for the next calls until
+    /// [`Guest::release_long_call_place`]; see
+    /// [`Guest::wants_long_call_place`].
     pub(crate) fn give_long_call_place(&mut self, place: crate::plugin::deadline::LongCalls) {
         self.store.data_mut().call.give_place(place);
     }
@@ -106,7 +108,8 @@ impl Guest {
         );
     }
 
-    /// Gives back a place held for a call that did not happen.
+    /// Gives back a place given with [`Guest::give_long_call_place`], once
+    /// the event it was for has been handled (or did not happen).
     pub(crate) fn release_long_call_place(&mut self) {
         self.store.data_mut().call.release_place();
     }

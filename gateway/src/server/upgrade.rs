@@ -183,7 +183,6 @@ async fn upgrade(
         slot,
         request.clone(),
     );
-    drop(turn);
     let (mut session, accept) = match opened {
         Opened::Accept(session, accept) => (session, accept),
         Opened::Failed => {
@@ -251,6 +250,9 @@ async fn upgrade(
         drop(session);
         return internal();
     }
+    // The refusals above drop the session (its `on-close` runs) within the
+    // turn; from here the session waits its own turns.
+    drop(turn);
     tracing::debug!(%remote, tenant = %version.tenant.name, route = %route.path, conn = id, "connection accepted");
     route.metrics.opened.inc();
     let shared2 = shared.clone();
@@ -258,10 +260,10 @@ async fn upgrade(
         let ws = match upgrade.await {
             Ok(ws) => ws,
             Err(e) => {
-                // The client went away before the upgrade completed: the
-                // session's drop runs `on-close` with 1006.
+                // The client went away before the upgrade completed:
+                // `on-close` with 1006, in its turn.
                 tracing::debug!(%remote, conn = session.id(), "the client went away before the upgrade completed ({e})");
-                return;
+                return session.abandon().await;
             }
         };
         if shared2.shutting_down.load(Ordering::SeqCst) {
