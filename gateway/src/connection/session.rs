@@ -371,6 +371,11 @@ impl Session {
                 let from = self.version.version;
                 self.version = latest;
                 self.instance = Instance::on(&self.version);
+                // A place taken while hibernated goes to the new version's
+                // own instance (same tenant); a shared one has its turns.
+                if !matches!(self.instance, Instance::Own(_)) {
+                    self.pending_place = None;
+                }
                 if let Instance::Own(_) = self.instance {
                     if !self.resume() {
                         return false;
@@ -918,10 +923,16 @@ impl Session {
         use futures_util::future::Either;
         use futures_util::FutureExt;
         // An event that moves the connection to a new version (once per
-        // reload) does not wait here: what it must wait for is the new
-        // version's, known only once it has moved.
-        if self.route.version_number() != self.seen_version {
-            return Turn::Go { waited: false };
+        // reload, `on_reload = "migrate"`) does not wait here: what it must
+        // wait for is the new version's, known only once it has moved.
+        // (`on-close` never moves a connection.)
+        if !closing && self.route.version_number() != self.seen_version {
+            let latest = self.route.current();
+            if latest.version != self.version.version
+                && latest.settings.on_reload == OnReload::Migrate
+            {
+                return Turn::Go { waited: false };
+            }
         }
         let (place, shared) = match &self.instance {
             Instance::Own(Some(g)) => (g.wants_long_call_place(), None),
