@@ -966,12 +966,19 @@ impl Session {
         }
         let give_up = Instant::now() + self.runtime.max_call_time();
         loop {
+            // Look for a close request every CLOSE_CHECK; a bounded wait
+            // also wakes at its end (an unbounded one must not spin past it).
+            let step = if bounded {
+                CLOSE_CHECK.min(give_up.saturating_duration_since(Instant::now()))
+            } else {
+                CLOSE_CHECK
+            };
             tokio::select! {
                 held = &mut wait => {
                     self.hold(held);
                     return Turn::Go { waited: true };
                 }
-                _ = tokio::time::sleep(CLOSE_CHECK.min(give_up.saturating_duration_since(Instant::now()))) => {
+                _ = tokio::time::sleep(step) => {
                     if !closing && conn.close_pending() {
                         return Turn::Closing;
                     }
