@@ -1039,24 +1039,8 @@ impl Session {
                     );
                 }
             }
-            Instance::Shared { shared, .. } => {
-                let scope = shared.scope();
-                crate::metrics::Metrics::global().plugin_failed(
-                    &scope.tenant.name,
-                    &scope.route,
-                    "turn_timeout",
-                );
-                if let Some(suppressed) = scope.tenant.counts.turn_timeouts.admit() {
-                    tracing::error!(
-                        tenant = %scope.tenant.name, route = %scope.route,
-                        plugin = %self.version.plugin.name, version = scope.version,
-                        suppressed, conn = self.id,
-                        "plugin call waited max_call_time ({:?}) for its turn at the route's shared instance and was not run; {}",
-                        self.runtime.max_call_time(),
-                        if closing { "its connection's on-close is skipped" } else { "closing its connection with 1011" }
-                    );
-                }
-            }
+            // Not reached: a shared instance's turn has no bound of its own.
+            Instance::Shared { .. } => {}
         }
     }
 

@@ -102,11 +102,6 @@ impl SharedInstance {
         async move { turns.acquire_owned().await.ok() }
     }
 
-    /// The tenant and route of the instance, for logs.
-    pub fn scope(&self) -> &Scope {
-        &self.scope
-    }
-
     /// Runs `call` on the instance for connection `conn`, creating the
     /// instance first if there is none. If the instance generation differs
     /// from `seen` and `resume` is given, `on-resume` runs first with that
