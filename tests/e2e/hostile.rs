@@ -83,6 +83,34 @@ async fn close_outcome(ws: &mut Ws) -> String {
     }
 }
 
+/// Runs `work` while sampling the gateway's thread count every 5 ms;
+/// returns its output and the most threads seen (at least `before`).
+async fn most_threads_during<T>(
+    gw: &Gateway,
+    before: u64,
+    work: impl std::future::Future<Output = T>,
+) -> (T, u64) {
+    tokio::pin!(work);
+    let mut most = before;
+    loop {
+        tokio::select! {
+            out = &mut work => return (out, most),
+            _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                most = most.max(proc_status_kib(gw.pid(), "Threads"));
+            }
+        }
+    }
+}
+
+/// After an attack on long calls: a short call of the attacker still gets
+/// its tenant's place (every place came back), and the victim is served.
+async fn attacker_and_victim_are_served(gw: &Gateway) {
+    let mut again = attacker(gw).await;
+    assert_eq!(command(&mut again, "echo back").await, "ok back");
+    let mut v = victim(gw).await;
+    victim_is_served(&mut v).await;
+}
+
 /// Asserts that every connection's outcome ([`close_outcome`]) is `code`,
 /// naming each that is not (by its place in `outcomes`) and what it got.
 fn assert_all_closed_with(outcomes: &[String], code: &str) {
@@ -206,14 +234,7 @@ async fn a_tenants_queued_long_calls_wait_without_a_thread_each_and_are_closed_a
     // wait their turn for as long, without a thread, and are closed. The
     // gateway's thread count is sampled meanwhile.
     let closes = futures_util::future::join_all(loops.iter_mut().map(close_outcome));
-    tokio::pin!(closes);
-    let mut most = before;
-    let closes = loop {
-        tokio::select! {
-            c = &mut closes => break c,
-            _ = tokio::time::sleep(Duration::from_millis(5)) => most = most.max(threads()),
-        }
-    };
+    let (closes, most) = most_threads_during(&gw, before, closes).await;
     assert_all_closed_with(&closes, "1011");
     // A thread per waiting call would add about twenty.
     assert!(
@@ -223,10 +244,7 @@ async fn a_tenants_queued_long_calls_wait_without_a_thread_each_and_are_closed_a
     gw.wait_log("for its turn among the tenant's long calls");
     // Every place came back: the route is still marked, so a short call of
     // the attacker's needs its tenant's place, and gets it.
-    let mut again = attacker(&gw).await;
-    assert_eq!(command(&mut again, "echo back").await, "ok back");
-    let mut v = victim(&gw).await;
-    victim_is_served(&mut v).await;
+    attacker_and_victim_are_served(&gw).await;
 }
 
 /// Twenty connections' timer events, queued behind a loop on a route
@@ -280,14 +298,7 @@ async fn timer_events_queue_behind_long_calls(name: &str, hibernated: bool) {
     // place for 500 ms, the others wait their turn, without a thread, for
     // as long, and their connections are closed.
     let closes = futures_util::future::join_all(loops.iter_mut().map(close_outcome));
-    tokio::pin!(closes);
-    let mut most = before;
-    let closes = loop {
-        tokio::select! {
-            c = &mut closes => break c,
-            _ = tokio::time::sleep(Duration::from_millis(5)) => most = most.max(threads()),
-        }
-    };
+    let (closes, most) = most_threads_during(&gw, before, closes).await;
     assert_all_closed_with(&closes, "1011");
     // A thread per waiting event would add about twenty.
     assert!(
@@ -295,10 +306,7 @@ async fn timer_events_queue_behind_long_calls(name: &str, hibernated: bool) {
         "{before} threads before the timers fired, {most} at most while their events waited"
     );
     gw.wait_log("for its turn among the tenant's long calls");
-    let mut again = attacker(&gw).await;
-    assert_eq!(command(&mut again, "echo back").await, "ok back");
-    let mut v = victim(&gw).await;
-    victim_is_served(&mut v).await;
+    attacker_and_victim_are_served(&gw).await;
 }
 
 #[tokio::test]
@@ -347,24 +355,14 @@ async fn on_close_calls_queued_behind_a_tenants_long_calls_wait_without_a_thread
         .expect("close");
     }
     let closes = futures_util::future::join_all(conns.iter_mut().map(close_outcome));
-    tokio::pin!(closes);
-    let mut most = before;
-    let closes = loop {
-        tokio::select! {
-            c = &mut closes => break c,
-            _ = tokio::time::sleep(Duration::from_millis(5)) => most = most.max(threads()),
-        }
-    };
+    let (closes, most) = most_threads_during(&gw, before, closes).await;
     assert_all_closed_with(&closes, "1000");
     assert!(
         most <= before + 6,
         "{before} threads before the closes, {most} at most while their on-close waited"
     );
     gw.wait_log("on-close is skipped");
-    let mut again = attacker(&gw).await;
-    assert_eq!(command(&mut again, "echo back").await, "ok back");
-    let mut v = victim(&gw).await;
-    victim_is_served(&mut v).await;
+    attacker_and_victim_are_served(&gw).await;
 }
 
 #[tokio::test]
@@ -410,14 +408,7 @@ async fn events_queued_behind_a_looping_call_on_a_shared_instance_wait_without_a
     }));
     let opens = futures_util::future::join_all((0..10).map(|_| attacker(&gw)));
     let both = futures_util::future::join(answers, opens);
-    tokio::pin!(both);
-    let mut most = before;
-    let (answers, mut opened) = loop {
-        tokio::select! {
-            a = &mut both => break a,
-            _ = tokio::time::sleep(Duration::from_millis(5)) => most = most.max(threads()),
-        }
-    };
+    let ((answers, mut opened), most) = most_threads_during(&gw, before, both).await;
     expect_close(&mut first, 1011).await;
     // After the loop is cut off, a fresh instance answers them all, and
     // the new connections are open on it.
