@@ -697,6 +697,32 @@ dirs = [{{ host = "{}", guest = "/data", read_only = true }}]
 }
 
 #[tokio::test]
+async fn every_call_to_wasi_random_returns_fresh_bytes_on_every_connection() {
+    let gw = Gateway::start(
+        "wasi-random",
+        "[[route]]\npath = \"/kit\"\nplugin = \"{testkit}\"\n",
+    );
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..2 {
+        let mut ws = connect(&gw.url("/kit")).await;
+        for _ in 0..2 {
+            let answer = command(&mut ws, "random").await;
+            let values: Vec<&str> = answer
+                .strip_prefix("ok ")
+                .unwrap_or_else(|| panic!("random: {answer}"))
+                .split(' ')
+                .collect();
+            assert_eq!(values.len(), 2, "{answer}");
+            for v in values {
+                assert_eq!(v.len(), 32, "{answer}");
+                assert_ne!(v, "0".repeat(32), "{answer}");
+                assert!(seen.insert(v.to_string()), "{v} came twice");
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_client_flooding_empty_messages_it_never_reads_is_closed_as_a_slow_consumer() {
     let gw = Gateway::start(
         "hostile-empty-flood",

@@ -408,14 +408,17 @@ impl Plugin {
 }
 
 /// The WASI context a plugin instance sees: clocks, random, and stdout and
-/// stderr (which become log lines tagged with `tags`); no arguments, no
+/// stderr (which become log lines tagged with `tags`), random bytes from
+/// the calling thread's generator ([`ThreadRandom`]); no arguments, no
 /// stdin, no sockets or name lookups (every address is refused), and only
 /// the environment variables and directories its route grants in `scope`.
 /// A grant that cannot be honoured (a directory that cannot be opened) is
 /// logged and left out.
 pub(crate) fn wasi_ctx(tags: Tags, scope: &Scope) -> (WasiCtx, ResourceTable) {
     let mut b = WasiCtxBuilder::new();
-    b.stdout(GuestOutput::new(Stream::Stdout, tags.clone()))
+    b.secure_random(ThreadRandom)
+        .insecure_random(ThreadRandom)
+        .stdout(GuestOutput::new(Stream::Stdout, tags.clone()))
         .stderr(GuestOutput::new(Stream::Stderr, tags))
         .allow_tcp(false)
         .allow_udp(false)
@@ -448,3 +451,30 @@ pub(crate) fn wasi_ctx(tags: Tags, scope: &Scope) -> (WasiCtx, ResourceTable) {
     }
     (b.build(), ResourceTable::new())
 }
+
+/// The random source of every plugin instance's WASI context
+/// (`wasi:random/random` and `wasi:random/insecure`): the calling thread's
+/// generator, `rand::rng()` (ChaCha12, reseeded from the operating system),
+/// the one wasmtime-wasi's default seeds a new generator from. Zero-sized,
+/// where that default boxes two generators per instance (about 320 bytes
+/// held for the life of each connection, and their seeding at each
+/// instantiation). `insecure-seed` keeps wasmtime-wasi's per-instance seed.
+struct ThreadRandom;
+
+impl rand::TryRng for ThreadRandom {
+    type Error = std::convert::Infallible;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        rand::rng().try_next_u32()
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        rand::rng().try_next_u64()
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        rand::rng().try_fill_bytes(dst)
+    }
+}
+
+impl rand::TryCryptoRng for ThreadRandom {}

@@ -263,33 +263,45 @@ async fn upgrade(
                 // The client went away before the upgrade completed:
                 // `on-close` with 1006, in its turn.
                 tracing::debug!(%remote, conn = session.id(), "the client went away before the upgrade completed ({e})");
-                return session.abandon().await;
+                return Box::pin(session.abandon()).await;
             }
         };
         if shared2.shutting_down.load(Ordering::SeqCst) {
             session.request_shutdown();
         }
-        let upgraded = ws.into_inner().into_inner();
-        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                // Owned halves of a plain TCP stream: no lock per read or write.
-                let (rd, wr) = parts.io.into_inner().into_split();
-                return session.run(rd, wr, parts.read_buf).await;
-            }
-            Err(upgraded) => upgraded,
-        };
-        match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
-            Ok(parts) => {
-                let (rd, wr) = tokio::io::split(parts.io.into_inner());
-                session.run(rd, wr, parts.read_buf).await
-            }
-            Err(upgraded) => {
-                let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
-                session.run(rd, wr, Bytes::new()).await
-            }
-        }
+        // The session's future is boxed and awaited outside the match: the
+        // task then holds a pointer for the life of the connection, not room
+        // for the largest of the three stream types' futures (and the match's
+        // temporaries), about 4 KiB per connection.
+        session_over(ws.into_inner().into_inner(), session).await
     });
     resp
+}
+
+/// The event loop of `session` over the upgraded connection `upgraded`:
+/// owned halves of a plain TCP stream (no lock per read or write), or the
+/// split halves of a TLS or other stream.
+fn session_over(
+    upgraded: hyper::upgrade::Upgraded,
+    session: Box<Session>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (rd, wr) = parts.io.into_inner().into_split();
+            return Box::pin(session.run(rd, wr, parts.read_buf));
+        }
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+        Ok(parts) => {
+            let (rd, wr) = tokio::io::split(parts.io.into_inner());
+            Box::pin(session.run(rd, wr, parts.read_buf))
+        }
+        Err(upgraded) => {
+            let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+            Box::pin(session.run(rd, wr, Bytes::new()))
+        }
+    }
 }
 
 /// Answers a refused upgrade, logged at debug level with its status and

@@ -24,7 +24,9 @@
 //! `trap`, `spin` (loops forever), `spin-on-timer <ms>` (sets a one-shot
 //! timer whose `on-timer` loops forever), `spin-on-close` (its `on-close`
 //! will loop forever), `grow <MiB>` (allocates and touches memory),
-//! `print <text>` (writes to stdout and stderr), `sleep <ms>` (blocks).
+//! `print <text>` (writes to stdout and stderr), `sleep <ms>` (blocks),
+//! `random` (16 bytes each from `wasi:random/random` and
+//! `wasi:random/insecure`, as two hex strings).
 //!
 //! Hostile commands, for the containment tests; each that returns answers
 //! `ok <done> <first error or "none">`: `recurse` (until the wasm stack
@@ -229,6 +231,14 @@ impl Handler for Testkit {
                     log::info(&line);
                 }
                 answer(conn, Ok("logged"))
+            }
+            // 16 bytes from `wasi:random/random` and 16 from
+            // `wasi:random/insecure`, in hex.
+            "random" => {
+                let hex = |bytes: Vec<u8>| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+                let secure = hex(wasip2::random::random::get_random_bytes(16));
+                let insecure = hex(wasip2::random::insecure::get_insecure_random_bytes(16));
+                answer(conn, Ok(format!("{secure} {insecure}")))
             }
             "env" => match std::env::var(a) {
                 Ok(v) => answer(conn, Ok(v)),
