@@ -1,5 +1,6 @@
 //! Routes are sealed from each other: connection ids, rooms and metadata of
-//! one route are out of reach of another route's plugin.
+//! one route are out of reach of another route's plugin. Instances share no
+//! random stream either.
 
 use std::time::Duration;
 
@@ -78,4 +79,30 @@ async fn timers_fire_once_for_their_connection() {
     let timer = answer.trim_start_matches("ok ");
     assert_eq!(next_text(&mut a).await, format!("timer {timer}"));
     expect_silence(&mut a, Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn every_call_to_wasi_random_returns_fresh_bytes_on_every_connection() {
+    let gw = Gateway::start(
+        "isolation-random",
+        "[[route]]\npath = \"/kit\"\nplugin = \"{testkit}\"\n",
+    );
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..2 {
+        let mut ws = connect(&gw.url("/kit")).await;
+        for _ in 0..2 {
+            let answer = command(&mut ws, "random").await;
+            let values: Vec<&str> = answer
+                .strip_prefix("ok ")
+                .unwrap_or_else(|| panic!("random: {answer}"))
+                .split(' ')
+                .collect();
+            assert_eq!(values.len(), 2, "{answer}");
+            for v in values {
+                assert_eq!(v.len(), 32, "{answer}");
+                assert_ne!(v, "0".repeat(32), "{answer}");
+                assert!(seen.insert(v.to_string()), "{v} came twice");
+            }
+        }
+    }
 }

@@ -408,8 +408,9 @@ impl Plugin {
 }
 
 /// The WASI context a plugin instance sees: clocks, random, and stdout and
-/// stderr (which become log lines tagged with `tags`), random bytes from
-/// the calling thread's generator ([`ThreadRandom`]); no arguments, no
+/// stderr (which become log lines tagged with `tags`); random bytes from
+/// the calling thread's generator ([`ThreadRandom`]), at most
+/// [`MAX_RANDOM_BYTES`] per call; no arguments, no
 /// stdin, no sockets or name lookups (every address is refused), and only
 /// the environment variables and directories its route grants in `scope`.
 /// A grant that cannot be honoured (a directory that cannot be opened) is
@@ -418,6 +419,7 @@ pub(crate) fn wasi_ctx(tags: Tags, scope: &Scope) -> (WasiCtx, ResourceTable) {
     let mut b = WasiCtxBuilder::new();
     b.secure_random(ThreadRandom)
         .insecure_random(ThreadRandom)
+        .max_random_size(MAX_RANDOM_BYTES)
         .stdout(GuestOutput::new(Stream::Stdout, tags.clone()))
         .stderr(GuestOutput::new(Stream::Stderr, tags))
         .allow_tcp(false)
@@ -452,13 +454,24 @@ pub(crate) fn wasi_ctx(tags: Tags, scope: &Scope) -> (WasiCtx, ResourceTable) {
     (b.build(), ResourceTable::new())
 }
 
+/// The most bytes one call to `wasi:random/random.get-random-bytes` or
+/// `wasi:random/insecure.get-insecure-random-bytes` may ask for: 64 KiB, the
+/// limit of the Web Crypto API's `getRandomValues`. The host builds the
+/// bytes outside the guest's memory and its time limit (a host call is not
+/// interrupted), so wasmtime-wasi's default of 64 MiB let one call hold
+/// 64 MiB of the gateway's memory and its thread for a fraction of a second.
+/// A call asking for more fails (the plugin traps, `requested len ...
+/// exceeds limit 65536`), and its connection closes with 1011.
+pub const MAX_RANDOM_BYTES: u64 = 64 * 1024;
+
 /// The random source of every plugin instance's WASI context
 /// (`wasi:random/random` and `wasi:random/insecure`): the calling thread's
 /// generator, `rand::rng()` (ChaCha12, reseeded from the operating system),
-/// the one wasmtime-wasi's default seeds a new generator from. Zero-sized,
-/// where that default boxes two generators per instance (about 320 bytes
-/// held for the life of each connection, and their seeding at each
-/// instantiation). `insecure-seed` keeps wasmtime-wasi's per-instance seed.
+/// which is also what wasmtime-wasi's default seeds its per-instance
+/// generators from. Zero-sized, where the default boxes two generators per
+/// instance, about 320 bytes held for the life of each connection (the
+/// builder still seeds them, and drops them when this one replaces them).
+/// `insecure-seed` keeps wasmtime-wasi's per-instance seed.
 struct ThreadRandom;
 
 impl rand::TryRng for ThreadRandom {

@@ -26,7 +26,8 @@
 //! will loop forever), `grow <MiB>` (allocates and touches memory),
 //! `print <text>` (writes to stdout and stderr), `sleep <ms>` (blocks),
 //! `random` (16 bytes each from `wasi:random/random` and
-//! `wasi:random/insecure`, as two hex strings).
+//! `wasi:random/insecure`, as two hex strings), `random <n>` (n bytes from
+//! each; answers their lengths).
 //!
 //! Hostile commands, for the containment tests; each that returns answers
 //! `ok <done> <first error or "none">`: `recurse` (until the wasm stack
@@ -232,12 +233,19 @@ impl Handler for Testkit {
                 }
                 answer(conn, Ok("logged"))
             }
-            // 16 bytes from `wasi:random/random` and 16 from
-            // `wasi:random/insecure`, in hex.
-            "random" => {
+            // Without an argument: 16 bytes from `wasi:random/random` and
+            // 16 from `wasi:random/insecure`, in hex. With `<n>`: n bytes
+            // from each, answered with their lengths.
+            "random" if a.is_empty() => {
                 let hex = |bytes: Vec<u8>| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
                 let secure = hex(wasip2::random::random::get_random_bytes(16));
                 let insecure = hex(wasip2::random::insecure::get_insecure_random_bytes(16));
+                answer(conn, Ok(format!("{secure} {insecure}")))
+            }
+            "random" => {
+                let n: u64 = a.parse().unwrap_or(0);
+                let secure = wasip2::random::random::get_random_bytes(n).len();
+                let insecure = wasip2::random::insecure::get_insecure_random_bytes(n).len();
                 answer(conn, Ok(format!("{secure} {insecure}")))
             }
             "env" => match std::env::var(a) {
