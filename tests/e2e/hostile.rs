@@ -717,6 +717,26 @@ async fn a_plugin_asking_for_more_random_bytes_than_the_bound_fails_alone() {
 }
 
 #[tokio::test]
+async fn a_plugin_holding_more_wasi_handles_than_the_bound_fails_alone() {
+    let gw = Gateway::start(
+        "hostile-handles",
+        "[[route]]\npath = \"/kit\"\nplugin = \"{testkit}\"\n",
+    );
+    let mut ws = connect(&gw.url("/kit")).await;
+    // Each pollable is two handles (its deadline and the pollable). They
+    // are held across calls: 3,000 now, then 2,000 more pass the bound of
+    // 4,096 per instance.
+    assert_eq!(command(&mut ws, "handles 1500").await, "ok 1500");
+    send(&mut ws, "handles 1000").await;
+    expect_close(&mut ws, 1011).await;
+    let line = gw.wait_log("resource table has no free keys");
+    assert!(line.contains("route=/kit"), "{line}");
+    // Another connection has an instance, and a bound, of its own.
+    let mut next = connect(&gw.url("/kit")).await;
+    assert_eq!(command(&mut next, "handles 2000").await, "ok 2000");
+}
+
+#[tokio::test]
 async fn a_client_flooding_empty_messages_it_never_reads_is_closed_as_a_slow_consumer() {
     let gw = Gateway::start(
         "hostile-empty-flood",

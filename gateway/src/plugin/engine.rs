@@ -410,7 +410,8 @@ impl Plugin {
 /// The WASI context a plugin instance sees: clocks, random, and stdout and
 /// stderr (which become log lines tagged with `tags`); random bytes from
 /// the calling thread's generator ([`ThreadRandom`]), at most
-/// [`MAX_RANDOM_BYTES`] per call; no arguments, no
+/// [`MAX_RANDOM_BYTES`] per call; at most [`MAX_RESOURCES`] handles at
+/// once; no arguments, no
 /// stdin, no sockets or name lookups (every address is refused), and only
 /// the environment variables and directories its route grants in `scope`.
 /// A grant that cannot be honoured (a directory that cannot be opened) is
@@ -451,8 +452,22 @@ pub(crate) fn wasi_ctx(tags: Tags, scope: &Scope) -> (WasiCtx, ResourceTable) {
             );
         }
     }
-    (b.build(), ResourceTable::new())
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(MAX_RESOURCES);
+    (b.build(), table)
 }
+
+/// The most WASI resource handles (streams, pollables, descriptors...) one
+/// instance may hold at once: 4,096. They are host objects, outside the
+/// guest's memory and so outside `max_memory` and `max_memory_total`:
+/// measured 2026-12-02, a pollable from `subscribe-duration` is two handles
+/// and about 590 bytes of the gateway's memory, so the bound holds an
+/// instance to about 1.2 MiB. wasmtime's default, a million per table, let
+/// one instance that never drops its handles hold about 290 MiB. A call
+/// that would create one more fails (the plugin traps, `resource table has
+/// no free keys`), and its connection closes with 1011. The runtimes of the
+/// guest languages here hold a handful.
+pub const MAX_RESOURCES: usize = 4096;
 
 /// The most bytes one call to `wasi:random/random.get-random-bytes` or
 /// `wasi:random/insecure.get-insecure-random-bytes` may ask for: 64 KiB, the

@@ -27,7 +27,8 @@
 //! `print <text>` (writes to stdout and stderr), `sleep <ms>` (blocks),
 //! `random` (16 bytes each from `wasi:random/random` and
 //! `wasi:random/insecure`, as two hex strings), `random <n>` (n bytes from
-//! each; answers their lengths).
+//! each; answers their lengths), `handles <n>` (creates n WASI pollables,
+//! two handles each in the host's table, and never drops them).
 //!
 //! Hostile commands, for the containment tests; each that returns answers
 //! `ok <done> <first error or "none">`: `recurse` (until the wasm stack
@@ -247,6 +248,15 @@ impl Handler for Testkit {
                 let secure = wasip2::random::random::get_random_bytes(n).len();
                 let insecure = wasip2::random::insecure::get_insecure_random_bytes(n).len();
                 answer(conn, Ok(format!("{secure} {insecure}")))
+            }
+            // Creates n WASI pollables (one-hour deadlines) and never drops
+            // them.
+            "handles" => {
+                let n: usize = a.parse().unwrap_or(0);
+                for _ in 0..n {
+                    std::mem::forget(wasip2::clocks::monotonic_clock::subscribe_duration(3_600_000_000_000));
+                }
+                answer(conn, Ok(n))
             }
             "env" => match std::env::var(a) {
                 Ok(v) => answer(conn, Ok(v)),
