@@ -461,12 +461,16 @@ pub(crate) fn wasi_ctx(tags: Tags, scope: &Scope) -> (WasiCtx, ResourceTable) {
 /// instance may hold at once: 4,096. They are host objects, outside the
 /// guest's memory and so outside `max_memory` and `max_memory_total`:
 /// measured 2026-12-02, a pollable from `subscribe-duration` is two handles
-/// and about 590 bytes of the gateway's memory, so the bound holds an
-/// instance to about 1.2 MiB. wasmtime's default, a million per table, let
-/// one instance that never drops its handles hold about 290 MiB. A call
-/// that would create one more fails (the plugin traps, `resource table has
-/// no free keys`), and its connection closes with 1011. The runtimes of the
-/// guest languages here hold a handful.
+/// and about 590 bytes of the gateway's memory, so 4,096 handles held as
+/// pollables are about 1.2 MiB; held as stdout streams, each with a
+/// partial line of up to 4 KiB, up to about 16 MiB; on a route granting
+/// `dirs`, file descriptors also take the process's open-file limit.
+/// wasmtime's default, a million per table, let one instance that never
+/// drops its handles hold about 290 MiB as pollables. A call that would
+/// create one more fails (the plugin traps, `resource table has no free
+/// keys`), and its connection closes with 1011; on a shared instance
+/// (`isolation = "shared"`) the table, and so the bound, is the route's.
+/// The runtimes of the guest languages here hold a handful.
 pub const MAX_RESOURCES: usize = 4096;
 
 /// The most bytes one call to `wasi:random/random.get-random-bytes` or
