@@ -698,42 +698,54 @@ dirs = [{{ host = "{}", guest = "/data", read_only = true }}]
 
 #[tokio::test]
 async fn a_plugin_asking_for_more_random_bytes_than_the_bound_fails_alone() {
-    let gw = Gateway::start(
+    // Up to 64 KiB per call is served; more fails the call before the host
+    // builds the bytes.
+    past_a_wasi_bound_only_the_connection_fails(
         "hostile-random",
-        "[[route]]\npath = \"/kit\"\nplugin = \"{testkit}\"\n",
-    );
-    let mut ws = connect(&gw.url("/kit")).await;
-    // Up to 64 KiB per call is served.
-    assert_eq!(command(&mut ws, "random 65536").await, "ok 65536 65536");
-    // More fails the call: the plugin traps (the host builds no 1 MiB
-    // buffer), its connection closes with 1011, and the log says why.
-    send(&mut ws, "random 1048576").await;
-    expect_close(&mut ws, 1011).await;
-    let line = gw.wait_log("exceeds limit 65536");
-    assert!(line.contains("route=/kit"), "{line}");
-    // Nothing else is affected.
-    let mut next = connect(&gw.url("/kit")).await;
-    assert_eq!(command(&mut next, "random 16").await, "ok 16 16");
+        ("random 65536", "ok 65536 65536"),
+        "random 1048576",
+        "exceeds limit 65536",
+        ("random 16", "ok 16 16"),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn a_plugin_holding_more_wasi_handles_than_the_bound_fails_alone() {
-    let gw = Gateway::start(
-        "hostile-handles",
-        "[[route]]\npath = \"/kit\"\nplugin = \"{testkit}\"\n",
-    );
-    let mut ws = connect(&gw.url("/kit")).await;
     // Each pollable is two handles (its deadline and the pollable). They
-    // are held across calls: 3,000 now, then 2,000 more pass the bound of
-    // 4,096 per instance.
-    assert_eq!(command(&mut ws, "handles 1500").await, "ok 1500");
-    send(&mut ws, "handles 1000").await;
+    // are held across calls: 3,000 first, then 2,000 more pass the bound of
+    // 4,096 per instance. Another connection's instance has a bound of its
+    // own.
+    past_a_wasi_bound_only_the_connection_fails(
+        "hostile-handles",
+        ("handles 1500", "ok 1500"),
+        "handles 1000",
+        "resource table has no free keys",
+        ("handles 2000", "ok 2000"),
+    )
+    .await;
+}
+
+/// On a testkit route: `within` (a command and its answer) is served; then
+/// `past` makes the plugin trap, its connection closes with 1011, and the
+/// log has a line with `why` and the route; a new connection's `fresh`
+/// command is served.
+async fn past_a_wasi_bound_only_the_connection_fails(
+    name: &str,
+    within: (&str, &str),
+    past: &str,
+    why: &str,
+    fresh: (&str, &str),
+) {
+    let gw = Gateway::start(name, "[[route]]\npath = \"/kit\"\nplugin = \"{testkit}\"\n");
+    let mut ws = connect(&gw.url("/kit")).await;
+    assert_eq!(command(&mut ws, within.0).await, within.1);
+    send(&mut ws, past).await;
     expect_close(&mut ws, 1011).await;
-    let line = gw.wait_log("resource table has no free keys");
+    let line = gw.wait_log(why);
     assert!(line.contains("route=/kit"), "{line}");
-    // Another connection has an instance, and a bound, of its own.
     let mut next = connect(&gw.url("/kit")).await;
-    assert_eq!(command(&mut next, "handles 2000").await, "ok 2000");
+    assert_eq!(command(&mut next, fresh.0).await, fresh.1);
 }
 
 #[tokio::test]
