@@ -726,6 +726,45 @@ async fn a_plugin_holding_more_wasi_handles_than_the_bound_fails_alone() {
     .await;
 }
 
+#[tokio::test]
+async fn a_plugin_writing_more_to_its_output_than_check_write_allows_fails_alone() {
+    // WASI 0.2: `write` past `check-write`'s permit (64 KiB) traps.
+    past_a_wasi_bound_only_the_connection_fails(
+        "hostile-out-write",
+        ("out-write 65536", "ok 65536"),
+        "out-write 1048576",
+        "past the 65536 that check-write allows",
+        ("out-write 10", "ok 10"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_plugin_polling_a_longer_list_than_the_handle_bound_fails_alone() {
+    past_a_wasi_bound_only_the_connection_fails(
+        "hostile-poll",
+        ("poll 4096", "ok 4096"),
+        "poll 5000",
+        "may poll at most 4096 pollables at once (asked 5000)",
+        ("poll 1", "ok 1"),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_plugin_lending_more_handles_than_its_store_allows_fails_alone() {
+    // A `poll` list of 9,000 borrows passes the store's 8,192 component
+    // handles while the call's arguments are lifted, before the host runs.
+    past_a_wasi_bound_only_the_connection_fails(
+        "hostile-lends",
+        ("poll 4096", "ok 4096"),
+        "poll 9000",
+        "store handle limit exceeded",
+        ("poll 1", "ok 1"),
+    )
+    .await;
+}
+
 /// On a testkit route: `within` (a command and its answer) is served; then
 /// `past` makes the plugin trap, its connection closes with 1011, and the
 /// log has a line with `why` and the route; a new connection's `fresh`

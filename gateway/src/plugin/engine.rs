@@ -272,6 +272,7 @@ impl Runtime {
     pub(crate) fn store(&self, state: HostState) -> Store<HostState> {
         let mut store = Store::new(&self.engine, state);
         store.limiter(|s| &mut s.limits);
+        store.set_max_component_handles(MAX_COMPONENT_HANDLES);
         store.epoch_deadline_callback(crate::plugin::deadline::on_deadline);
         store
     }
@@ -472,6 +473,19 @@ pub(crate) fn wasi_ctx(tags: Tags, scope: &Scope) -> (WasiCtx, ResourceTable) {
 /// (`isolation = "shared"`) the table, and so the bound, is the route's.
 /// The runtimes of the guest languages here hold a handful.
 pub const MAX_RESOURCES: usize = 4096;
+
+/// The most component-model handles one store may hold at once: 8,192
+/// (twice [`MAX_RESOURCES`]). These are wasmtime's own tables of the
+/// handles a component holds (an `own` of a WASI stream, a resource the
+/// component defines itself, a `borrow` lent for the length of a call),
+/// host memory outside the guest's. wasmtime's default, 100,000 per store,
+/// is reached without any host call (a component creating resources of its
+/// own) or in a single one (a `poll` list naming one pollable 100,000
+/// times). An instance's WASI handles stay under [`MAX_RESOURCES`], so this
+/// leaves them, and what they lend within a call, room. Past it the call
+/// fails (the plugin traps, `store handle limit exceeded`) and its
+/// connection closes with 1011.
+pub const MAX_COMPONENT_HANDLES: usize = 2 * MAX_RESOURCES;
 
 /// The most bytes one call to `wasi:random/random.get-random-bytes` or
 /// `wasi:random/insecure.get-insecure-random-bytes` may ask for: 64 KiB, the

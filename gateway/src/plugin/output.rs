@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 
 use crate::hub::{take, ConnHandle, Hub};
 use crate::plugin::host::Scope;
@@ -26,6 +26,11 @@ use crate::plugin::host::Scope;
 /// Longest line logged, in bytes; the rest of a longer line is dropped and
 /// the line marked as cut.
 pub const MAX_LINE: usize = 4096;
+
+/// The most bytes one `output-stream.write` to stdout or stderr may carry,
+/// as `check-write` says: 64 KiB, wasmtime-wasi's figure for its own
+/// streams. A longer write traps (WASI 0.2, `wasi:io/streams`).
+pub const WRITE_PERMIT: usize = 64 << 10;
 
 /// Which of the two output streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,6 +244,17 @@ impl Pollable for LineSink {
 
 impl OutputStream for LineSink {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        // WASI 0.2's `output-stream.write` traps past the permit that
+        // `check-write` gives; wasmtime-wasi leaves that check to the
+        // stream. Unchecked, one call could hand the host megabytes of
+        // lines to split and meter, a host cost outside the call's time
+        // limit.
+        if bytes.len() > WRITE_PERMIT {
+            return Err(StreamError::trap(&format!(
+                "a plugin wrote {} bytes to its output at once, past the {WRITE_PERMIT} that check-write allows",
+                bytes.len()
+            )));
+        }
         self.push(&bytes);
         Ok(())
     }
@@ -248,7 +264,7 @@ impl OutputStream for LineSink {
     }
 
     fn check_write(&mut self) -> StreamResult<usize> {
-        Ok(64 << 10)
+        Ok(WRITE_PERMIT)
     }
 }
 

@@ -32,6 +32,7 @@ use wasmtime_wasi_io::bindings::wasi::io::streams::{
 use wasmtime_wasi_io::poll::DynPollable;
 use wasmtime_wasi_io::streams::{DynInputStream, DynOutputStream};
 
+use crate::plugin::engine::MAX_RESOURCES;
 use crate::plugin::host::HostState;
 
 /// Why a blocking WASI call was refused.
@@ -106,10 +107,14 @@ impl streams::Host for NonBlocking<'_> {
 
 impl streams::HostOutputStream for NonBlocking<'_> {
     fn drop(&mut self, stream: Resource<DynOutputStream>) -> wasmtime::Result<()> {
-        // Dropping cancels pending work; stdio has none. If a stream still
-        // had some, it is dropped with it rather than waited for.
-        let _ = now(AsyncOutput::drop(self.table, stream), None);
-        Ok(())
+        // Dropping cancels pending work; stdio has none. A file stream
+        // (routes that grant `dirs`) dropped while its write is running on
+        // the blocking pool waits for that write, as wasmtime-wasi means
+        // `cancel` to be awaited, and as any blocking call waits here: not
+        // waited for, the write would go on behind the guest's back while
+        // the guest starts the next one. Past the wait, or where nothing
+        // may wait, the call traps.
+        trap_now(self.wait, AsyncOutput::drop(self.table, stream))
     }
     fn check_write(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<u64> {
         streams::HostOutputStream::check_write(self.table, stream)
@@ -175,8 +180,8 @@ impl streams::HostOutputStream for NonBlocking<'_> {
 
 impl streams::HostInputStream for NonBlocking<'_> {
     fn drop(&mut self, stream: Resource<DynInputStream>) -> wasmtime::Result<()> {
-        let _ = now(AsyncInput::drop(self.table, stream), None);
-        Ok(())
+        // As for output streams: a file read still running is waited for.
+        trap_now(self.wait, AsyncInput::drop(self.table, stream))
     }
     fn read(&mut self, stream: Resource<DynInputStream>, len: u64) -> StreamResult<Vec<u8>> {
         streams::HostInputStream::read(self.table, stream, len)
@@ -210,6 +215,15 @@ impl streams::HostInputStream for NonBlocking<'_> {
 
 impl poll::Host for NonBlocking<'_> {
     fn poll(&mut self, pollables: Vec<Resource<DynPollable>>) -> wasmtime::Result<Vec<u32>> {
+        // The host builds a map and a ready list as long as the guest's
+        // list, with no time limit: no longer than the handles an instance
+        // can hold (the same pollable listed twice adds nothing).
+        if pollables.len() > MAX_RESOURCES {
+            return Err(wasmtime::Error::msg(format!(
+                "a wasmgate plugin may poll at most {MAX_RESOURCES} pollables at once (asked {})",
+                pollables.len()
+            )));
+        }
         trap_now(self.wait, async_poll::Host::poll(self.table, pollables))
     }
 }

@@ -28,7 +28,10 @@
 //! `random` (16 bytes each from `wasi:random/random` and
 //! `wasi:random/insecure`, as two hex strings), `random <n>` (n bytes from
 //! each; answers their lengths), `handles <n>` (creates n WASI pollables,
-//! two handles each in the host's table, and never drops them).
+//! two handles each in the host's table, and never drops them),
+//! `out-write <n>` (one `write` of n bytes to stdout, without
+//! `check-write`), `poll <n>` (one `poll` of a list naming one ready
+//! pollable n times; answers how many were ready).
 //!
 //! Hostile commands, for the containment tests; each that returns answers
 //! `ok <done> <first error or "none">`: `recurse` (until the wasm stack
@@ -67,6 +70,7 @@ thread_local! {
 }
 
 struct Testkit;
+
 
 fn answer<T: std::fmt::Display>(conn: Connection, r: Result<T, GatewayError>) {
     let text = match r {
@@ -257,6 +261,23 @@ impl Handler for Testkit {
                     std::mem::forget(wasip2::clocks::monotonic_clock::subscribe_duration(3_600_000_000_000));
                 }
                 answer(conn, Ok(n))
+            }
+            // One `output-stream.write` of n bytes to stdout, without asking
+            // `check-write` first.
+            "out-write" => {
+                let n: usize = a.parse().unwrap_or(0);
+                let out = wasip2::cli::stdout::get_stdout();
+                let done = out.write(&vec![b'x'; n]).map(|()| n);
+                answer(conn, done.map_err(|e| GatewayError::InvalidArgument(format!("{e:?}"))))
+            }
+            // One `poll` of a list naming the same ready pollable (stdout's,
+            // always ready) n times; answers how many entries were ready.
+            "poll" => {
+                let n: usize = a.parse().unwrap_or(0);
+                let out = wasip2::cli::stdout::get_stdout();
+                let ready = out.subscribe();
+                let list = vec![&ready; n];
+                answer(conn, Ok(wasip2::io::poll::poll(&list).len()))
             }
             "env" => match std::env::var(a) {
                 Ok(v) => answer(conn, Ok(v)),
