@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::time::Instant;
 
 use crate::bindings::wasmgate::plugin::types::{self, OpenResponse};
@@ -754,8 +754,8 @@ impl Session {
                     }
                 }
                 _ = &mut out_ready, if out.is_empty() => out_ready.set(outbox.ready()),
-                w = wr.write(out.pending()), if !out.is_empty() => match w {
-                    Ok(n) if n > 0 => out.advance(n),
+                w = out.write_to(wr), if !out.is_empty() => match w {
+                    Ok(n) if n > 0 => {}
                     _ => return Stop::Ended(phase.ending_on_eof()),
                 },
                 _ = &mut wake => {
