@@ -50,7 +50,10 @@ fn now<F: Future>(f: F, wait: Option<Duration>) -> Option<F::Output> {
         Poll::Pending => {
             let wait = wait?;
             let handle = tokio::runtime::Handle::try_current().ok()?;
-            handle.block_on(tokio::time::timeout(wait, f)).ok()
+            // Calls of routes with `dirs` run handed off, where this only
+            // blocks; anywhere else (an instance's start, which runs on its
+            // worker) the worker is handed off first rather than panicking.
+            tokio::task::block_in_place(|| handle.block_on(tokio::time::timeout(wait, f))).ok()
         }
     }
 }
@@ -113,7 +116,8 @@ impl streams::HostOutputStream for NonBlocking<'_> {
         // `cancel` to be awaited, and as any blocking call waits here: not
         // waited for, the write would go on behind the guest's back while
         // the guest starts the next one. Past the wait, or where nothing
-        // may wait, the call traps.
+        // may wait, the call traps; so does dropping a stream whose
+        // pollable is still alive, as in wasmtime-wasi.
         trap_now(self.wait, AsyncOutput::drop(self.table, stream))
     }
     fn check_write(&mut self, stream: Resource<DynOutputStream>) -> StreamResult<u64> {
