@@ -71,7 +71,6 @@ thread_local! {
 
 struct Testkit;
 
-
 fn answer<T: std::fmt::Display>(conn: Connection, r: Result<T, GatewayError>) {
     let text = match r {
         Ok(v) => format!("ok {v}"),
