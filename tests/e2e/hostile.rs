@@ -907,3 +907,48 @@ async fn pings_over_the_message_rate_get_no_pong_when_the_route_drops() {
         .expect("a dropped count");
     assert!((160..=180).contains(&dropped), "{dropped} dropped");
 }
+
+#[tokio::test]
+async fn a_plugin_holding_directory_listings_past_their_memory_bound_is_refused_more() {
+    use wasmgate::plugin::listing::{listing_cost, MAX_LISTING_BYTES};
+    // 300 entries with 200-byte names: each listing is held in the
+    // gateway's memory until the plugin drops it.
+    let dir = scratch("hostile-listings-data");
+    let names: Vec<String> = (0..300)
+        .map(|i| format!("{i:03}{}", "f".repeat(197)))
+        .collect();
+    for name in &names {
+        std::fs::write(dir.join(name), "").expect("write");
+    }
+    let one: usize = names.iter().map(|n| listing_cost(n.as_bytes())).sum();
+    let fit = MAX_LISTING_BYTES / one;
+    let config = format!(
+        "[[route]]\npath = \"/ls\"\nplugin = \"{{testkit}}\"\n\
+         dirs = [{{ host = \"{}\", guest = \"/data\", read_only = true }}]\n",
+        dir.display()
+    );
+    let gw = Gateway::start("hostile-listings", &config);
+    let mut a = connect(&gw.url("/ls")).await;
+    assert_eq!(command(&mut a, "list").await, "ok 300");
+    // Held listings add up to the bound; the next is refused, and the
+    // connection goes on.
+    let held = command(&mut a, "listings 100").await;
+    assert!(
+        held.starts_with(&format!("ok held {fit} stopped ")),
+        "{held}"
+    );
+    assert!(held.contains("insufficient-memory"), "{held}");
+    assert_eq!(command(&mut a, "echo still here").await, "ok still here");
+    // Another connection's instance has a bound of its own.
+    let mut b = connect(&gw.url("/ls")).await;
+    assert_eq!(
+        command(&mut b, &format!("listings {fit}")).await,
+        format!("ok held {fit} stopped none")
+    );
+    // A listing dropped gives its share back: more listings one after
+    // another than the bound holds at once.
+    let mut c = connect(&gw.url("/ls")).await;
+    for _ in 0..fit + 5 {
+        assert_eq!(command(&mut c, "list").await, "ok 300");
+    }
+}

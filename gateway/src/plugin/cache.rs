@@ -235,18 +235,34 @@ pub(crate) fn announce_compile(name: &str, len: usize) {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str) -> PathBuf {
+    /// A cache folder for one test, removed when the test ends.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn path(&self) -> PathBuf {
+            self.0.clone()
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> Scratch {
         let dir =
             std::env::temp_dir().join(format!("wasmgate-cache-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        dir
+        Scratch(dir)
     }
 
     #[test]
     fn a_component_compiled_once_is_mapped_from_the_cache_the_second_time() {
         let engine = Engine::default();
         let bytes = empty_component();
-        let cache = CompileCache::new(scratch("hit"), &engine);
+        let dir = scratch("hit");
+        let cache = CompileCache::new(dir.path(), &engine);
         assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
         assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Cached));
         // Another engine configuration has its own entries.
@@ -261,7 +277,8 @@ mod tests {
     fn a_corrupt_entry_is_ignored_and_replaced() {
         let engine = Engine::default();
         let bytes = empty_component();
-        let cache = CompileCache::new(scratch("corrupt"), &engine);
+        let dir = scratch("corrupt");
+        let cache = CompileCache::new(dir.path(), &engine);
         create_private_dir(cache.dir()).expect("dir");
         std::fs::write(cache.entry(&bytes), b"garbage").expect("write");
         assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
@@ -272,7 +289,8 @@ mod tests {
     fn a_tampered_entry_is_recompiled_not_run() {
         let engine = Engine::default();
         let bytes = empty_component();
-        let cache = CompileCache::new(scratch("tampered"), &engine);
+        let dir = scratch("tampered");
+        let cache = CompileCache::new(dir.path(), &engine);
         assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
         let entry = cache.entry(&bytes);
         let mut data = std::fs::read(&entry).expect("entry");
@@ -289,7 +307,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let engine = Engine::default();
         let bytes = empty_component();
-        let cache = CompileCache::new(scratch("open"), &engine);
+        let dir = scratch("open");
+        let cache = CompileCache::new(dir.path(), &engine);
         assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
         std::fs::set_permissions(cache.dir(), std::fs::Permissions::from_mode(0o777))
             .expect("chmod");

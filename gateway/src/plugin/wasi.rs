@@ -15,7 +15,8 @@
 //! connection's task, and has host timers for waiting. The exception is a
 //! route that grants directories: file reads and writes complete on
 //! wasmtime-wasi's blocking pool, so its calls run with the worker handed
-//! off, and a call may wait up to `max_call_time` for them.
+//! off, and a call may wait up to `max_call_time` for them. Directory
+//! listings are bounded in [`crate::plugin::listing`].
 
 use std::future::Future;
 use std::pin::pin;
@@ -99,7 +100,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     streams::add_to_linker::<HostState, NonBlockingIo>(linker, |s| s.non_blocking())?;
     poll::add_to_linker::<HostState, NonBlockingIo>(linker, |s| s.non_blocking())?;
     linker.allow_shadowing(false);
-    Ok(())
+    crate::plugin::listing::add_to_linker(linker)
 }
 
 impl streams::Host for NonBlocking<'_> {

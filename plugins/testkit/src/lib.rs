@@ -278,6 +278,49 @@ impl Handler for Testkit {
                 let list = vec![&ready; n];
                 answer(conn, Ok(wasip2::io::poll::poll(&list).len()))
             }
+            // Opens n listings of the first granted directory
+            // (`read-directory`) and keeps them; answers how many it holds
+            // and the error that stopped it, if any.
+            "listings" => {
+                let n: usize = a.parse().unwrap_or(0);
+                let dirs = wasip2::filesystem::preopens::get_directories();
+                let Some((dir, _)) = dirs.first() else {
+                    return answer::<&str>(conn, Err(GatewayError::InvalidArgument("no directory".into())));
+                };
+                let mut held = 0;
+                let mut stopped = String::from("none");
+                for _ in 0..n {
+                    match dir.read_directory() {
+                        Ok(stream) => {
+                            std::mem::forget(stream);
+                            held += 1;
+                        }
+                        Err(e) => {
+                            stopped = format!("{e:?}");
+                            break;
+                        }
+                    }
+                }
+                answer(conn, Ok(format!("held {held} stopped {stopped}")))
+            }
+            // The number of entries in one listing of the first granted
+            // directory.
+            "list" => {
+                let dirs = wasip2::filesystem::preopens::get_directories();
+                let Some((dir, _)) = dirs.first() else {
+                    return answer::<&str>(conn, Err(GatewayError::InvalidArgument("no directory".into())));
+                };
+                match dir.read_directory() {
+                    Ok(stream) => {
+                        let mut count = 0;
+                        while let Ok(Some(_)) = stream.read_directory_entry() {
+                            count += 1;
+                        }
+                        answer(conn, Ok(count))
+                    }
+                    Err(e) => answer::<&str>(conn, Err(GatewayError::InvalidArgument(format!("{e:?}")))),
+                }
+            }
             "env" => match std::env::var(a) {
                 Ok(v) => answer(conn, Ok(v)),
                 Err(e) => answer::<&str>(conn, Err(GatewayError::InvalidArgument(e.to_string()))),
