@@ -910,7 +910,7 @@ async fn pings_over_the_message_rate_get_no_pong_when_the_route_drops() {
 
 #[tokio::test]
 async fn a_plugin_holding_directory_listings_past_their_memory_bound_is_refused_more() {
-    use wasmgate::plugin::listing::{listing_cost, MAX_LISTING_BYTES};
+    use wasmgate::plugin::listing::{listing_cost, LISTING_COST, MAX_LISTING_BYTES};
     // 300 entries with 200-byte names: each listing is held in the
     // gateway's memory until the plugin drops it.
     let dir = scratch("hostile-listings-data");
@@ -920,7 +920,11 @@ async fn a_plugin_holding_directory_listings_past_their_memory_bound_is_refused_
     for name in &names {
         std::fs::write(dir.join(name), "").expect("write");
     }
-    let one: usize = names.iter().map(|n| listing_cost(n.as_bytes())).sum();
+    let one: usize = LISTING_COST
+        + names
+            .iter()
+            .map(|n| listing_cost(n.as_bytes()))
+            .sum::<usize>();
     let fit = MAX_LISTING_BYTES / one;
     let config = format!(
         "[[route]]\npath = \"/ls\"\nplugin = \"{{testkit}}\"\n\

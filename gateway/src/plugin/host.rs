@@ -164,6 +164,12 @@ impl HostState {
         crate::plugin::wasi::NonBlocking::new(&mut self.table, wait)
     }
 
+    /// The instance's WASI resources (streams, pollables, descriptors,
+    /// directory listings).
+    pub(crate) fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+
     /// The route's scope as this instance sees it.
     pub(crate) fn scope(&self) -> &Arc<Scope> {
         &self.scope

@@ -1,79 +1,81 @@
-//! A bound on the gateway memory that directory listings hold for a plugin.
+//! The gateway memory that directory listings hold for a plugin, and its
+//! bound.
 //!
 //! WASI 0.2's `descriptor.read-directory` (wasi:filesystem/types) returns a
-//! `directory-entry-stream`. wasmtime-wasi builds it by reading the whole
-//! directory into a list in the gateway's memory, with one `stat` per
-//! entry, and keeps the list until the guest drops the stream. That memory
-//! is outside the guest's `max_memory`, and the work is outside its call's
-//! time limit. Only routes that grant `dirs` can list anything.
+//! `directory-entry-stream`, read entry by entry with
+//! `read-directory-entry`. wasmtime-wasi builds the stream by reading the
+//! whole directory into a list in the gateway's memory, with a `stat` per
+//! entry, and keeps the list until the guest drops the stream: memory
+//! outside the guest's `max_memory`, once per listing held, however large
+//! the directory. Only routes that grant `dirs` can list anything.
 //!
-//! This module replaces `read-directory` and the stream's destructor in the
-//! linker. Before wasmtime-wasi reads a directory, the directory is counted
-//! here, one buffer of entries at a time ([`rustix::fs::Dir`], on a
-//! handle of its own), and the
-//! listing's cost ([`listing_cost`]) is charged to the instance. The
-//! charges of the listings an instance holds at once may not pass
-//! [`MAX_LISTING_BYTES`]: a listing that would pass it is refused with
-//! `insufficient-memory` (the guest sees `ENOMEM` through wasi-libc), and
-//! the count stops as soon as it knows. Dropping a stream gives its charge
-//! back.
+//! This module defines those two functions and the stream resource in the
+//! linker instead (over wasmtime-wasi's). A listing ([`Listing`]) is read
+//! here, one `getdents` buffer at a time ([`rustix::fs::Dir`], on a readable
+//! handle of its own), each entry's type from the directory entry itself (a
+//! `stat` only where the file system does not say). Each entry is charged
+//! to the instance as it is read ([`listing_cost`]); the listings an
+//! instance holds at once may not pass [`MAX_LISTING_BYTES`]. The listing
+//! that would pass it is refused with `insufficient-memory` (the guest sees
+//! `ENOMEM` through wasi-libc) as soon as it does, so neither the memory nor
+//! the work of one call grows with the directory. Dropping a stream gives
+//! its charge back.
 //!
-//! Entries created between the count and wasmtime-wasi's read (another
-//! connection writing into a writable directory at that moment) are not
-//! charged.
+//! Entries appear as wasmtime-wasi gives them: every name but `.` and
+//! `..`, in the order the file system returns them; a name that is not
+//! UTF-8, or an error while reading, is an `illegal-byte-sequence` or I/O error
+//! at its place in the stream (the stream ends after an I/O error).
 
+use std::os::fd::AsFd;
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use wasmtime::component::{Linker, Resource, ResourceType};
 use wasmtime::StoreContextMut;
-use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
+use wasmtime_wasi::filesystem::Descriptor;
 use wasmtime_wasi::p2::bindings::sync::filesystem::types::{
-    self as fs, DirectoryEntryStream, ErrorCode,
+    DescriptorType, DirectoryEntry, ErrorCode,
 };
-use wasmtime_wasi::p2::FsError;
 
 use crate::plugin::host::HostState;
 
 /// The most gateway memory the directory listings one instance holds open
 /// at once may take, by [`listing_cost`]: 1 MiB, about 9,000 entries with
-/// 20-byte names. On a shared instance (`isolation = "shared"`) the bound
-/// is the route's.
+/// 20-byte names. A directory with more entries than that cannot be
+/// listed. On a shared instance (`isolation = "shared"`) the bound is the
+/// route's.
 pub const MAX_LISTING_BYTES: usize = 1 << 20;
 
 /// What one entry of a listing is counted for on top of its name, in
-/// bytes. wasmtime-wasi keeps each entry as a record with its name in an
-/// allocation of its own. Measured 2026-12-02 (the gateway's RSS, 20
-/// connections each holding 100 listings of 300 entries with 200-byte
-/// names): 290 bytes per entry, so 90 beyond the name.
+/// bytes: its record in the listing (32 bytes), its name's allocation
+/// rounded up by the allocator, and the list's spare room while it grows.
+/// Measured 2026-12-02 with wasmtime-wasi's own listings (the gateway's
+/// RSS, 20 connections each holding 100 listings of 300 entries with
+/// 200-byte names): 290 bytes per entry, 90 beyond the name.
 pub const ENTRY_COST: usize = 96;
 
-/// The interface whose functions are replaced: the WASI 0.2 version
-/// wasmtime-wasi 48 defines (guests importing an older 0.2 version are
-/// linked to it).
+/// What a listing is counted for besides its entries, in bytes: the
+/// stream's own record and its handle.
+pub const LISTING_COST: usize = 128;
+
+/// The interface whose functions are defined here: the WASI 0.2 version
+/// wasmtime-wasi 48 defines, to which guests importing an older 0.2
+/// version are linked. Must follow wasmtime-wasi's (an upgrade that moves
+/// it would leave wasmtime-wasi's functions in place; the e2e test
+/// `a_plugin_holding_directory_listings_past_their_memory_bound_is_refused_more`
+/// catches that).
 const INTERFACE: &str = "wasi:filesystem/types@0.2.12";
 
-/// The listings an instance holds: each stream's handle and charge.
+/// One `directory-entry-stream`: the entries left to read, and what the
+/// listing is charged.
+pub struct Listing {
+    entries: std::vec::IntoIter<Result<DirectoryEntry, ErrorCode>>,
+    cost: usize,
+}
+
+/// Bytes charged to the directory listings an instance holds.
 #[derive(Default)]
 pub struct Listings {
     held: usize,
-    streams: Vec<(u32, usize)>,
-}
-
-impl Listings {
-    /// Bytes charged to the listings held now.
-    pub fn held(&self) -> usize {
-        self.held
-    }
-
-    fn charge(&mut self, rep: u32, cost: usize) {
-        self.held += cost;
-        self.streams.push((rep, cost));
-    }
-
-    fn release(&mut self, rep: u32) {
-        if let Some(i) = self.streams.iter().position(|(r, _)| *r == rep) {
-            let (_, cost) = self.streams.swap_remove(i);
-            self.held -= cost;
-        }
-    }
 }
 
 /// The cost of one entry named `name` (see [`ENTRY_COST`]).
@@ -81,24 +83,33 @@ pub fn listing_cost(name: &[u8]) -> usize {
     ENTRY_COST + name.len()
 }
 
-/// Replaces `read-directory` and the destructor of `directory-entry-stream`
-/// in `linker`, which must already hold wasmtime-wasi's filesystem.
+/// Defines `read-directory`, `read-directory-entry` and the
+/// `directory-entry-stream` resource in `linker`, over wasmtime-wasi's
+/// (which must be there already: the rest of the interface is its).
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
     let mut types = linker.instance(INTERFACE)?;
+    types.resource(
+        "directory-entry-stream",
+        ResourceType::host::<Listing>(),
+        |mut store, rep| {
+            let state = store.data_mut();
+            let listing = state.table().delete(Resource::<Listing>::new_own(rep))?;
+            state.listings.held -= listing.cost;
+            Ok(())
+        },
+    )?;
     types.func_wrap(
         "[method]descriptor.read-directory",
         |mut store: StoreContextMut<'_, HostState>, (fd,): (Resource<Descriptor>,)| {
             read_directory(store.data_mut(), fd).map(|r| (r,))
         },
     )?;
-    types.resource(
-        "directory-entry-stream",
-        ResourceType::host::<DirectoryEntryStream>(),
-        |mut store, rep| {
-            let state = store.data_mut();
-            state.listings.release(rep);
-            fs::HostDirectoryEntryStream::drop(&mut state.filesystem(), Resource::new_own(rep))
+    types.func_wrap(
+        "[method]directory-entry-stream.read-directory-entry",
+        |mut store: StoreContextMut<'_, HostState>, (stream,): (Resource<Listing>,)| {
+            let listing = store.data_mut().table().get_mut(&stream)?;
+            Ok((listing.entries.next().transpose(),))
         },
     )?;
     linker.allow_shadowing(false);
@@ -108,17 +119,15 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 fn read_directory(
     state: &mut HostState,
     fd: Resource<Descriptor>,
-) -> wasmtime::Result<Result<Resource<DirectoryEntryStream>, ErrorCode>> {
-    let room = MAX_LISTING_BYTES.saturating_sub(state.listings.held);
-    // A file, a closed handle: wasmtime-wasi answers those.
-    let counted = match state.filesystem().table.get(&fd) {
-        Ok(Descriptor::Dir(d)) => Some(count(&d.dir, room)),
-        _ => None,
+) -> wasmtime::Result<Result<Resource<Listing>, ErrorCode>> {
+    let dir = match state.table().get(&fd)? {
+        Descriptor::Dir(d) => d.dir.clone(),
+        Descriptor::File(_) => return Ok(Err(ErrorCode::NotDirectory)),
     };
-    let cost = match counted {
-        None => None,
-        Some(Ok(Some(cost))) => Some(cost),
-        Some(Ok(None)) => {
+    let room = MAX_LISTING_BYTES.saturating_sub(state.listings.held);
+    let listing = match read(&dir, room) {
+        Ok(Some(listing)) => listing,
+        Ok(None) => {
             tracing::debug!(
                 tenant = %state.scope().tenant.name, route = %state.scope().route,
                 conn = state.conn_id(), held = state.listings.held,
@@ -126,38 +135,36 @@ fn read_directory(
             );
             return Ok(Err(ErrorCode::InsufficientMemory));
         }
-        Some(Err(e)) => {
-            return fs::Host::convert_error_code(&mut state.filesystem(), FsError::from(e)).map(Err)
-        }
+        Err(e) => return Ok(Err(error_code(e))),
     };
-    let mut view = state.filesystem();
-    match fs::HostDescriptor::read_directory(&mut view, fd) {
-        Ok(stream) => {
-            if let Some(cost) = cost {
-                state.listings.charge(stream.rep(), cost);
-            }
-            Ok(Ok(stream))
-        }
-        Err(e) => fs::Host::convert_error_code(&mut view, e).map(Err),
-    }
+    let cost = listing.cost;
+    let stream = state.table().push(listing)?;
+    state.listings.held += cost;
+    Ok(Ok(stream))
 }
 
-/// The cost of listing `dir`, or `None` once it passes `room`. Reads the
-/// directory a buffer at a time, without `stat`: the work is bounded by
-/// `room` as much as the memory.
-fn count(dir: &std::fs::File, room: usize) -> std::io::Result<Option<usize>> {
-    let mut cost = 0usize;
-    use rustix::fs::{Mode, OFlags};
+/// Lists `dir` (a directory handle, possibly path-only), or `None` once
+/// the listing would cost more than `room`.
+pub fn read(dir: &std::fs::File, room: usize) -> std::io::Result<Option<Listing>> {
     // The handle may be a path-only one (`O_PATH`): a readable handle of
-    // its own, closed when the count ends.
+    // its own, closed when the read ends.
     let readable = rustix::fs::openat(
         dir,
         c".",
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
+    let mut cost = LISTING_COST;
+    let mut entries = Vec::new();
     for entry in rustix::fs::Dir::new(readable)? {
-        let entry = entry?;
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                // The stream ends with the error, as wasmtime-wasi's does.
+                entries.push(Err(error_code(e.into())));
+                break;
+            }
+        };
         let name = entry.file_name().to_bytes();
         if name == b"." || name == b".." {
             continue;
@@ -166,6 +173,147 @@ fn count(dir: &std::fs::File, room: usize) -> std::io::Result<Option<usize>> {
         if cost > room {
             return Ok(None);
         }
+        let kind = match entry.file_type() {
+            FileType::Unknown => {
+                match rustix::fs::statat(dir.as_fd(), entry.file_name(), AtFlags::SYMLINK_NOFOLLOW)
+                {
+                    Ok(stat) => FileType::from_raw_mode(stat.st_mode),
+                    Err(e) => {
+                        entries.push(Err(error_code(e.into())));
+                        continue;
+                    }
+                }
+            }
+            known => known,
+        };
+        entries.push(match String::from_utf8(name.to_vec()) {
+            Ok(name) => Ok(DirectoryEntry {
+                type_: descriptor_type(kind),
+                name,
+            }),
+            Err(_) => Err(ErrorCode::IllegalByteSequence),
+        });
     }
-    Ok(Some(cost))
+    entries.shrink_to_fit();
+    Ok(Some(Listing {
+        entries: entries.into_iter(),
+        cost,
+    }))
+}
+
+/// WASI's type of a file of type `kind`.
+fn descriptor_type(kind: FileType) -> DescriptorType {
+    match kind {
+        FileType::RegularFile => DescriptorType::RegularFile,
+        FileType::Directory => DescriptorType::Directory,
+        FileType::Symlink => DescriptorType::SymbolicLink,
+        FileType::Fifo => DescriptorType::Fifo,
+        FileType::Socket => DescriptorType::Socket,
+        FileType::CharacterDevice => DescriptorType::CharacterDevice,
+        FileType::BlockDevice => DescriptorType::BlockDevice,
+        FileType::Unknown => DescriptorType::Unknown,
+    }
+}
+
+/// WASI's error code for `e`, as wasmtime-wasi maps it (`io` for an error
+/// it has no code for).
+fn error_code(e: std::io::Error) -> ErrorCode {
+    match wasmtime_wasi::p2::FsError::from(e).downcast() {
+        Ok(code) => code.into(),
+        Err(_) => ErrorCode::Io,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    /// A folder for one test, removed when the test ends.
+    struct Scratch(PathBuf);
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn scratch(name: &str) -> Scratch {
+        let dir =
+            std::env::temp_dir().join(format!("wasmgate-listing-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+
+    /// A path-only handle of `dir`, as wasmtime-wasi opens directories.
+    fn path_only(dir: &Path) -> std::fs::File {
+        let fd = rustix::fs::open(
+            dir,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .expect("open O_PATH");
+        std::fs::File::from(fd)
+    }
+
+    fn entries(listing: Listing) -> Vec<(String, DescriptorType)> {
+        let mut all: Vec<_> = listing
+            .entries
+            .map(|e| {
+                let e = e.expect("entry");
+                (e.name, e.type_)
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    #[test]
+    fn a_listing_has_every_entry_but_dot_and_dotdot_with_its_type() {
+        let dir = scratch("types");
+        std::fs::write(dir.0.join("file"), "x").expect("file");
+        std::fs::create_dir(dir.0.join("sub")).expect("dir");
+        std::os::unix::fs::symlink("file", dir.0.join("link")).expect("symlink");
+        let listing = read(&path_only(&dir.0), MAX_LISTING_BYTES)
+            .expect("read")
+            .expect("within room");
+        assert_eq!(
+            entries(listing),
+            vec![
+                ("file".to_owned(), DescriptorType::RegularFile),
+                ("link".to_owned(), DescriptorType::SymbolicLink),
+                ("sub".to_owned(), DescriptorType::Directory),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_listing_needs_exactly_its_entries_cost_and_one_byte_less_is_refused() {
+        let dir = scratch("room");
+        let names: Vec<String> = (0..50).map(|i| format!("entry-{i}")).collect();
+        for name in &names {
+            std::fs::write(dir.0.join(name), "").expect("file");
+        }
+        let cost = LISTING_COST
+            + names
+                .iter()
+                .map(|n| listing_cost(n.as_bytes()))
+                .sum::<usize>();
+        let handle = path_only(&dir.0);
+        let listing = read(&handle, cost).expect("read").expect("fits exactly");
+        assert_eq!(listing.cost, cost);
+        assert_eq!(entries(listing).len(), 50);
+        assert!(read(&handle, cost - 1).expect("read").is_none());
+    }
+
+    #[test]
+    fn an_empty_directory_costs_only_its_stream() {
+        let dir = scratch("empty");
+        let listing = read(&path_only(&dir.0), MAX_LISTING_BYTES)
+            .expect("read")
+            .expect("within room");
+        assert_eq!(listing.cost, LISTING_COST);
+        assert!(entries(listing).is_empty());
+    }
 }
