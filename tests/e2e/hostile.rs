@@ -910,7 +910,7 @@ async fn pings_over_the_message_rate_get_no_pong_when_the_route_drops() {
 
 #[tokio::test]
 async fn a_plugin_holding_directory_listings_past_their_memory_bound_is_refused_more() {
-    use wasmgate::plugin::listing::{listing_cost, LISTING_COST, MAX_LISTING_BYTES};
+    use wasmgate::plugin::filesystem::{listing_cost, LISTING_COST, MAX_LISTING_BYTES};
     // 300 entries with 200-byte names: each listing is held in the
     // gateway's memory until the plugin drops it.
     let dir = scratch("hostile-listings-data");
@@ -955,4 +955,33 @@ async fn a_plugin_holding_directory_listings_past_their_memory_bound_is_refused_
     for _ in 0..fit + 5 {
         assert_eq!(command(&mut c, "list").await, "ok 300");
     }
+}
+
+#[tokio::test]
+async fn a_plugin_opening_a_fifo_in_its_granted_directory_is_refused_at_once() {
+    // open(2) of a FIFO waits for a writer, in host code no deadline
+    // interrupts: it would hold the call, the connection and a thread.
+    let dir = scratch("hostile-fifo-data");
+    let made = std::process::Command::new("mkfifo")
+        .arg(dir.join("fifo"))
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    std::fs::write(dir.join("file.txt"), "plain").expect("write");
+    std::os::unix::fs::symlink("fifo", dir.join("to-fifo")).expect("symlink");
+    let config = format!(
+        "[[route]]\npath = \"/files\"\nplugin = \"{{testkit}}\"\n\
+         dirs = [{{ host = \"{}\", guest = \"/data\", read_only = true }}]\n",
+        dir.display()
+    );
+    let gw = Gateway::start("hostile-fifo", &config);
+    let mut ws = connect(&gw.url("/files")).await;
+    for path in ["/data/fifo", "/data/to-fifo"] {
+        let answer = command(&mut ws, &format!("read {path}")).await;
+        assert!(answer.starts_with("err "), "{path}: {answer}");
+        assert!(answer.contains("not permitted"), "{path}: {answer}");
+    }
+    // Ordinary files and the listing that names the FIFO still work.
+    assert_eq!(command(&mut ws, "read /data/file.txt").await, "ok plain");
+    assert_eq!(command(&mut ws, "list").await, "ok 3");
 }

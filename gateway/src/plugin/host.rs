@@ -90,7 +90,7 @@ pub struct HostState {
     /// `[sandbox] max_call_time`: the longest a file operation may wait.
     max_call_time: Duration,
     /// The directory listings the instance holds, and their charge.
-    pub(crate) listings: crate::plugin::listing::Listings,
+    pub(crate) listings: crate::plugin::filesystem::Listings,
 }
 
 impl HostState {

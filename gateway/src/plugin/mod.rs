@@ -3,8 +3,8 @@
 //! the calls into it ([`instance`]), a call's time limit ([`deadline`]), one instance shared by a route's
 //! connections ([`shared`]), memory limits per instance and tenant
 //! ([`memory`]), the host functions plugins
-//! call back ([`host`]), the WASI they see ([`wasi`]) and the
-//! memory their directory listings may hold ([`listing`]), where their
+//! call back ([`host`]), the WASI they see ([`wasi`]), the parts of
+//! its filesystem the gateway defines itself ([`filesystem`]), where their
 //! stdout and stderr go ([`output`]) and the upgrade request a connection
 //! keeps for `on-resume` ([`request`]).
 //!
@@ -15,9 +15,9 @@
 pub mod cache;
 pub mod deadline;
 pub mod engine;
+pub mod filesystem;
 pub mod host;
 pub mod instance;
-pub mod listing;
 pub mod memory;
 pub mod output;
 pub mod request;

@@ -16,7 +16,8 @@
 //! route that grants directories: file reads and writes complete on
 //! wasmtime-wasi's blocking pool, so its calls run with the worker handed
 //! off, and a call may wait up to `max_call_time` for them. Directory
-//! listings are bounded in [`crate::plugin::listing`].
+//! listings and opening files are the gateway's own
+//! ([`crate::plugin::filesystem`]).
 
 use std::future::Future;
 use std::pin::pin;
@@ -100,7 +101,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     streams::add_to_linker::<HostState, NonBlockingIo>(linker, |s| s.non_blocking())?;
     poll::add_to_linker::<HostState, NonBlockingIo>(linker, |s| s.non_blocking())?;
     linker.allow_shadowing(false);
-    crate::plugin::listing::add_to_linker(linker)
+    crate::plugin::filesystem::add_to_linker(linker)
 }
 
 impl streams::Host for NonBlocking<'_> {

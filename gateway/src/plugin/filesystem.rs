@@ -1,39 +1,50 @@
-//! The gateway memory that directory listings hold for a plugin, and its
-//! bound.
+//! The parts of WASI's filesystem (wasi:filesystem/types) the gateway
+//! defines itself, over wasmtime-wasi's: directory listings, whose memory
+//! is bounded, and opening a file, which refuses special files. Only routes
+//! that grant `dirs` have a filesystem.
 //!
-//! WASI 0.2's `descriptor.read-directory` (wasi:filesystem/types) returns a
+//! **Listings.** `descriptor.read-directory` returns a
 //! `directory-entry-stream`, read entry by entry with
 //! `read-directory-entry`. wasmtime-wasi builds the stream by reading the
 //! whole directory into a list in the gateway's memory, with a `stat` per
 //! entry, and keeps the list until the guest drops the stream: memory
 //! outside the guest's `max_memory`, once per listing held, however large
-//! the directory. Only routes that grant `dirs` can list anything.
-//!
-//! This module defines those two functions and the stream resource in the
-//! linker instead (over wasmtime-wasi's). A listing ([`Listing`]) is read
-//! here, one `getdents` buffer at a time ([`rustix::fs::Dir`], on a readable
-//! handle of its own), each entry's type from the directory entry itself (a
-//! `stat` only where the file system does not say). Each entry is charged
-//! to the instance as it is read ([`listing_cost`]); the listings an
-//! instance holds at once may not pass [`MAX_LISTING_BYTES`]. The listing
-//! that would pass it is refused with `insufficient-memory` (the guest sees
-//! `ENOMEM` through wasi-libc) as soon as it does, so neither the memory nor
-//! the work of one call grows with the directory. Dropping a stream gives
-//! its charge back.
-//!
+//! the directory. Here a listing ([`Listing`]) is read one `getdents`
+//! buffer at a time ([`rustix::fs::Dir`], on a readable handle of its own),
+//! each entry's type from the directory entry itself (a `stat` only where
+//! the file system does not say). Each entry is charged to the instance as
+//! it is read ([`listing_cost`]); the listings an instance holds at once
+//! may not pass [`MAX_LISTING_BYTES`]. The listing that would pass it is
+//! refused with `insufficient-memory` (the guest sees `ENOMEM` through
+//! wasi-libc) as soon as it would, so the memory of one call does not grow
+//! with the directory's entries. Dropping a stream gives its charge back.
 //! Entries appear as wasmtime-wasi gives them: every name but `.` and
 //! `..`, in the order the file system returns them; a name that is not
-//! UTF-8, or an error while reading, is an `illegal-byte-sequence` or I/O error
-//! at its place in the stream (the stream ends after an I/O error).
+//! UTF-8, or an error while reading, is an `illegal-byte-sequence` or I/O
+//! error at its place in the stream (the stream ends after an I/O error).
+//!
+//! **Opening.** `descriptor.open-at` runs `open(2)` on wasmtime-wasi's
+//! blocking pool and waits for it without a time limit, and host code is
+//! not interrupted: opening a FIFO that no one writes to would hold the
+//! call, its connection and a thread until someone does, and keep the
+//! gateway from shutting down. So before wasmtime-wasi opens a path, it
+//! is looked up here without opening the file itself (`openat2` with
+//! `O_PATH` and `RESOLVE_BENEATH`, so the lookup cannot leave the granted
+//! directory either), and a FIFO, socket or device is refused with
+//! `not-permitted` ([`special_file`]). A path that cannot be looked up
+//! this way (it does not exist yet, or leaves the directory, or the kernel
+//! predates `openat2`, Linux 5.6) goes to wasmtime-wasi, which answers it.
+//! A special file put in place of a path between the lookup and the open
+//! (by another process: WASI cannot create one) is not caught.
 
 use std::os::fd::AsFd;
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use wasmtime::component::{Linker, Resource, ResourceType};
 use wasmtime::StoreContextMut;
-use wasmtime_wasi::filesystem::Descriptor;
+use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
 use wasmtime_wasi::p2::bindings::sync::filesystem::types::{
-    DescriptorType, DirectoryEntry, ErrorCode,
+    self as fs, DescriptorFlags, DescriptorType, DirectoryEntry, ErrorCode, OpenFlags, PathFlags,
 };
 
 use crate::plugin::host::HostState;
@@ -83,9 +94,10 @@ pub fn listing_cost(name: &[u8]) -> usize {
     ENTRY_COST + name.len()
 }
 
-/// Defines `read-directory`, `read-directory-entry` and the
-/// `directory-entry-stream` resource in `linker`, over wasmtime-wasi's
-/// (which must be there already: the rest of the interface is its).
+/// Defines `read-directory`, `read-directory-entry`, the
+/// `directory-entry-stream` resource and `open-at` in `linker`, over
+/// wasmtime-wasi's (which must be there already: the rest of the interface
+/// is its).
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
     let mut types = linker.instance(INTERFACE)?;
@@ -103,6 +115,35 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "[method]descriptor.read-directory",
         |mut store: StoreContextMut<'_, HostState>, (fd,): (Resource<Descriptor>,)| {
             read_directory(store.data_mut(), fd).map(|r| (r,))
+        },
+    )?;
+    types.func_wrap(
+        "[method]descriptor.open-at",
+        |mut store: StoreContextMut<'_, HostState>,
+         (fd, path_flags, path, open_flags, flags): (
+            Resource<Descriptor>,
+            PathFlags,
+            String,
+            OpenFlags,
+            DescriptorFlags,
+        )| {
+            let state = store.data_mut();
+            if let Descriptor::Dir(d) = state.table().get(&fd)? {
+                let follow = path_flags.contains(PathFlags::SYMLINK_FOLLOW);
+                if special_file(&d.dir, &path, follow) {
+                    tracing::debug!(
+                        tenant = %state.scope().tenant.name, route = %state.scope().route,
+                        conn = state.conn_id(), path,
+                        "a plugin's open of a FIFO, socket or device was refused"
+                    );
+                    return Ok((Err(ErrorCode::NotPermitted),));
+                }
+            }
+            let mut view = state.filesystem();
+            match fs::HostDescriptor::open_at(&mut view, fd, path_flags, path, open_flags, flags) {
+                Ok(file) => Ok((Ok(file),)),
+                Err(e) => fs::Host::convert_error_code(&mut view, e).map(|code| (Err(code),)),
+            }
         },
     )?;
     types.func_wrap(
@@ -199,6 +240,28 @@ pub fn read(dir: &std::fs::File, room: usize) -> std::io::Result<Option<Listing>
         entries: entries.into_iter(),
         cost,
     }))
+}
+
+/// Whether `path`, under the directory `dir` (following a last symbolic
+/// link if `follow`), names a FIFO, a socket or a device: files whose
+/// `open(2)` may wait without end. Looked up without opening the file
+/// (`O_PATH`) and without leaving `dir` (`RESOLVE_BENEATH`); `false` when
+/// the lookup fails (see the module's notes).
+pub fn special_file(dir: &std::fs::File, path: &str, follow: bool) -> bool {
+    let mut flags = OFlags::PATH | OFlags::CLOEXEC;
+    if !follow {
+        flags |= OFlags::NOFOLLOW;
+    }
+    let Ok(found) = rustix::fs::openat2(dir, path, flags, Mode::empty(), ResolveFlags::BENEATH)
+    else {
+        return false;
+    };
+    rustix::fs::fstat(&found).is_ok_and(|stat| {
+        matches!(
+            FileType::from_raw_mode(stat.st_mode),
+            FileType::Fifo | FileType::Socket | FileType::CharacterDevice | FileType::BlockDevice
+        )
+    })
 }
 
 /// WASI's type of a file of type `kind`.
@@ -305,6 +368,39 @@ mod tests {
         assert_eq!(listing.cost, cost);
         assert_eq!(entries(listing).len(), 50);
         assert!(read(&handle, cost - 1).expect("read").is_none());
+    }
+
+    #[test]
+    fn fifos_and_sockets_are_special_files_and_ordinary_files_are_not() {
+        let dir = scratch("special");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            dir.0.join("fifo"),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+        let _socket = std::os::unix::net::UnixListener::bind(dir.0.join("socket")).expect("socket");
+        std::fs::write(dir.0.join("file"), "x").expect("file");
+        std::fs::create_dir(dir.0.join("sub")).expect("dir");
+        std::os::unix::fs::symlink("fifo", dir.0.join("to-fifo")).expect("symlink");
+        std::os::unix::fs::symlink("/dev/null", dir.0.join("to-null")).expect("symlink");
+        let handle = path_only(&dir.0);
+        assert!(special_file(&handle, "fifo", false));
+        assert!(special_file(&handle, "socket", false));
+        assert!(special_file(&handle, "sub/../fifo", false));
+        // A symbolic link is the link itself unless followed.
+        assert!(special_file(&handle, "to-fifo", true));
+        assert!(!special_file(&handle, "to-fifo", false));
+        for ordinary in ["file", "sub", ".", "missing"] {
+            assert!(!special_file(&handle, ordinary, true), "{ordinary}");
+        }
+        // Paths that leave the directory are not looked up here (the open
+        // that follows refuses them).
+        assert!(!special_file(&handle, "to-null", true));
+        assert!(!special_file(&handle, "/dev/null", true));
+        assert!(!special_file(&handle, "../../../../dev/null", true));
     }
 
     #[test]
