@@ -296,7 +296,7 @@ fn serve(
             .build(),
     }
     .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let exit = runtime.block_on(async move {
         // Catch SIGHUP before the (possibly slow) plugin loading: its default
         // action would kill the gateway. Tokio keeps the handler installed;
         // the reloader listens from when it starts.
@@ -349,7 +349,12 @@ fn serve(
             cluster.leave().await;
         }
         Ok(if drained { ExitCode::SUCCESS } else { ExitCode::from(2) })
-    })
+    });
+    // Dropping the runtime would wait, without end, for work still running
+    // on its blocking pool (a plugin's file operation that does not return,
+    // on a route with `dirs`); the drain is over, so it is given a second.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    exit
 }
 
 /// Resolves on the first SIGINT or SIGTERM; a second one exits at once.
