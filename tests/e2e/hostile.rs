@@ -985,3 +985,36 @@ async fn a_plugin_opening_a_fifo_in_its_granted_directory_is_refused_at_once() {
     assert_eq!(command(&mut ws, "read /data/file.txt").await, "ok plain");
     assert_eq!(command(&mut ws, "list").await, "ok 3");
 }
+
+#[tokio::test]
+async fn a_plugin_holding_more_open_files_than_the_bound_is_refused_more() {
+    use wasmgate::plugin::filesystem::MAX_OPEN_FILES;
+    // Each open file is one of the gateway's file descriptors, which its
+    // sockets need too; a stream read from a file keeps it open after its
+    // descriptor is dropped.
+    let dir = scratch("hostile-open-files-data");
+    std::fs::write(dir.join("f.txt"), "x").expect("write");
+    let config = format!(
+        "[[route]]\npath = \"/files\"\nplugin = \"{{testkit}}\"\n\
+         dirs = [{{ host = \"{}\", guest = \"/data\", read_only = true }}]\n",
+        dir.display()
+    );
+    let gw = Gateway::start("hostile-open-files", &config);
+    let refused = format!("opened {MAX_OPEN_FILES} stopped ");
+    for how in ["opens", "opens-streamed"] {
+        let mut ws = connect(&gw.url("/files")).await;
+        let answer = command(&mut ws, &format!("{how} 100 f.txt")).await;
+        assert!(
+            answer.starts_with(&format!("ok {refused}")),
+            "{how}: {answer}"
+        );
+        assert!(answer.contains("insufficient-memory"), "{how}: {answer}");
+        assert_eq!(command(&mut ws, "echo still here").await, "ok still here");
+    }
+    // Files closed give their place back.
+    let mut ws = connect(&gw.url("/files")).await;
+    assert_eq!(
+        command(&mut ws, "opens-closed 100 f.txt").await,
+        "ok opened 100 stopped none"
+    );
+}

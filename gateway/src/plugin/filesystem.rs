@@ -1,7 +1,8 @@
 //! The parts of WASI's filesystem (wasi:filesystem/types) the gateway
 //! defines itself, over wasmtime-wasi's: directory listings, whose memory
-//! is bounded, and opening a file, which refuses special files. Only routes
-//! that grant `dirs` have a filesystem.
+//! is bounded, and opening a file, which refuses special files and holds
+//! at most [`MAX_OPEN_FILES`] of the gateway's file descriptors per
+//! instance. Only routes that grant `dirs` have a filesystem.
 //!
 //! **Listings.** `descriptor.read-directory` returns a
 //! `directory-entry-stream`, read entry by entry with
@@ -35,9 +36,13 @@
 //! this way (it does not exist yet, or leaves the directory, or the kernel
 //! predates `openat2`, Linux 5.6) goes to wasmtime-wasi, which answers it.
 //! A special file put in place of a path between the lookup and the open
-//! (by another process: WASI cannot create one) is not caught.
+//! (by another process: WASI cannot create one) is not caught. The files
+//! an instance opened are followed through weak references to the file
+//! descriptor its descriptor and streams share, so one is counted until
+//! the last of them is dropped.
 
 use std::os::fd::AsFd;
+use std::sync::{Arc, Weak};
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use wasmtime::component::{Linker, Resource, ResourceType};
@@ -83,10 +88,25 @@ pub struct Listing {
     cost: usize,
 }
 
-/// Bytes charged to the directory listings an instance holds.
+/// The most files and directories (each an open file descriptor of the
+/// gateway) one instance may hold open at once through `open-at`: 64. A
+/// descriptor is a handle like any other (4,096 per instance), but each
+/// also takes one of the process's file descriptors, which the gateway's
+/// sockets need too: a plugin opening files until its handles ran out
+/// would take 4,096 of them per connection, and a few connections would
+/// leave none for accepting others. A file stays open while its
+/// descriptor or any stream read from or written to it lives. The open past the bound fails with
+/// `insufficient-memory` (WASI has no code for "too many open files"). On a
+/// shared instance (`isolation = "shared"`) the bound is the route's.
+pub const MAX_OPEN_FILES: usize = 64;
+
+/// What an instance's filesystem holds in the gateway: the bytes charged
+/// to its directory listings, and the files it opened (each open while its
+/// descriptor or a stream of it lives).
 #[derive(Default)]
-pub struct Listings {
-    held: usize,
+pub struct Held {
+    listings: usize,
+    files: Vec<Weak<std::fs::File>>,
 }
 
 /// The cost of one entry named `name` (see [`ENTRY_COST`]).
@@ -94,10 +114,10 @@ pub fn listing_cost(name: &[u8]) -> usize {
     ENTRY_COST + name.len()
 }
 
-/// Defines `read-directory`, `read-directory-entry`, the
-/// `directory-entry-stream` resource and `open-at` in `linker`, over
-/// wasmtime-wasi's (which must be there already: the rest of the interface
-/// is its).
+/// Defines `read-directory`, `read-directory-entry`, `open-at` and the
+/// `directory-entry-stream` resource (a type of its own here) in `linker`,
+/// over wasmtime-wasi's (which must be there already: the rest of the
+/// interface is its).
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
     let mut types = linker.instance(INTERFACE)?;
@@ -107,7 +127,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut store, rep| {
             let state = store.data_mut();
             let listing = state.table().delete(Resource::<Listing>::new_own(rep))?;
-            state.listings.held -= listing.cost;
+            state.held.listings -= listing.cost;
             Ok(())
         },
     )?;
@@ -139,9 +159,27 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                     return Ok((Err(ErrorCode::NotPermitted),));
                 }
             }
+            // A file stays open while its descriptor or any stream of it
+            // lives (they share it).
+            state.held.files.retain(|file| file.strong_count() > 0);
+            if state.held.files.len() >= MAX_OPEN_FILES {
+                tracing::debug!(
+                    tenant = %state.scope().tenant.name, route = %state.scope().route,
+                    conn = state.conn_id(), path,
+                    "a plugin's open was refused: it holds {MAX_OPEN_FILES} open files"
+                );
+                return Ok((Err(ErrorCode::InsufficientMemory),));
+            }
             let mut view = state.filesystem();
             match fs::HostDescriptor::open_at(&mut view, fd, path_flags, path, open_flags, flags) {
-                Ok(file) => Ok((Ok(file),)),
+                Ok(file) => {
+                    let opened = match state.table().get(&file)? {
+                        Descriptor::File(f) => Arc::downgrade(&f.file),
+                        Descriptor::Dir(d) => Arc::downgrade(&d.dir),
+                    };
+                    state.held.files.push(opened);
+                    Ok((Ok(file),))
+                }
                 Err(e) => fs::Host::convert_error_code(&mut view, e).map(|code| (Err(code),)),
             }
         },
@@ -165,13 +203,13 @@ fn read_directory(
         Descriptor::Dir(d) => d.dir.clone(),
         Descriptor::File(_) => return Ok(Err(ErrorCode::NotDirectory)),
     };
-    let room = MAX_LISTING_BYTES.saturating_sub(state.listings.held);
+    let room = MAX_LISTING_BYTES.saturating_sub(state.held.listings);
     let listing = match read(&dir, room) {
         Ok(Some(listing)) => listing,
         Ok(None) => {
             tracing::debug!(
                 tenant = %state.scope().tenant.name, route = %state.scope().route,
-                conn = state.conn_id(), held = state.listings.held,
+                conn = state.conn_id(), held = state.held.listings,
                 "a directory listing was refused: the instance's listings would hold more than {MAX_LISTING_BYTES} bytes"
             );
             return Ok(Err(ErrorCode::InsufficientMemory));
@@ -180,7 +218,7 @@ fn read_directory(
     };
     let cost = listing.cost;
     let stream = state.table().push(listing)?;
-    state.listings.held += cost;
+    state.held.listings += cost;
     Ok(Ok(stream))
 }
 

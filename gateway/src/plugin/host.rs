@@ -89,8 +89,8 @@ pub struct HostState {
     pub(crate) call: crate::plugin::deadline::CallClock,
     /// `[sandbox] max_call_time`: the longest a file operation may wait.
     max_call_time: Duration,
-    /// The directory listings the instance holds, and their charge.
-    pub(crate) listings: crate::plugin::filesystem::Listings,
+    /// The directory listings and open files the instance holds.
+    pub(crate) held: crate::plugin::filesystem::Held,
 }
 
 impl HostState {
@@ -124,7 +124,7 @@ impl HostState {
             scope,
             call: Default::default(),
             max_call_time,
-            listings: Default::default(),
+            held: Default::default(),
         }
     }
 

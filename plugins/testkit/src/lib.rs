@@ -303,6 +303,44 @@ impl Handler for Testkit {
                 }
                 answer(conn, Ok(format!("held {held} stopped {stopped}")))
             }
+            // Opens the granted file /data/<b> n times (`open-at`) and
+            // keeps each open: as its descriptor, or (`opens-streamed`) as a
+            // stream read from it, its descriptor dropped, or (`opens-closed`)
+            // not at all. Answers how many opens succeeded and the error that
+            // stopped them, if any.
+            "opens" | "opens-streamed" | "opens-closed" => {
+                use wasip2::filesystem::types::{DescriptorFlags, OpenFlags, PathFlags};
+                let n: usize = a.parse().unwrap_or(0);
+                let dirs = wasip2::filesystem::preopens::get_directories();
+                let Some((dir, _)) = dirs.first() else {
+                    return answer::<&str>(conn, Err(GatewayError::InvalidArgument("no directory".into())));
+                };
+                let mut opened = 0;
+                let mut stopped = String::from("none");
+                for _ in 0..n {
+                    match dir.open_at(PathFlags::empty(), b, OpenFlags::empty(), DescriptorFlags::READ) {
+                        Ok(file) => {
+                            opened += 1;
+                            match cmd {
+                                "opens" => std::mem::forget(file),
+                                "opens-streamed" => match file.read_via_stream(0) {
+                                    Ok(stream) => std::mem::forget(stream),
+                                    Err(e) => {
+                                        stopped = format!("{e:?}");
+                                        break;
+                                    }
+                                },
+                                _ => drop(file),
+                            }
+                        }
+                        Err(e) => {
+                            stopped = format!("{e:?}");
+                            break;
+                        }
+                    }
+                }
+                answer(conn, Ok(format!("opened {opened} stopped {stopped}")))
+            }
             // The number of entries in one listing of the first granted
             // directory.
             "list" => {
