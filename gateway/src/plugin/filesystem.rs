@@ -19,8 +19,9 @@
 //! refused with `insufficient-memory` (the guest sees `ENOMEM` through
 //! wasi-libc) as soon as it would, so the memory of one call does not grow
 //! with the directory's entries. Dropping a stream gives its charge back.
-//! Entries appear as wasmtime-wasi gives them: every name but `.` and
-//! `..`, in the order the file system returns them; a name that is not
+//! Entries appear as wasmtime-wasi gives them (except that FIFOs and
+//! sockets have their own types, where wasmtime-wasi says `unknown`):
+//! every name but `.` and `..`, in the order the file system returns them; a name that is not
 //! UTF-8, or an error while reading, is an `illegal-byte-sequence` or I/O
 //! error at its place in the stream (the stream ends after an I/O error).
 //!
@@ -28,28 +29,33 @@
 //! blocking pool and waits for it without a time limit, and host code is
 //! not interrupted: opening a FIFO that no one writes to would hold the
 //! call, its connection and a thread until someone does, and keep the
-//! gateway from shutting down. So before wasmtime-wasi opens a path, it
-//! is looked up here without opening the file itself (`openat2` with
-//! `O_PATH` and `RESOLVE_BENEATH`, so the lookup cannot leave the granted
-//! directory either), and a FIFO, socket or device is refused with
-//! `not-permitted` ([`special_file`]). A path that cannot be looked up
-//! this way (it does not exist yet, or leaves the directory, or the kernel
-//! predates `openat2`, Linux 5.6) goes to wasmtime-wasi, which answers it.
-//! A special file put in place of a path between the lookup and the open
-//! (by another process: WASI cannot create one) is not caught. The files
-//! an instance opened are followed through weak references to the file
-//! descriptor its descriptor and streams share, so one is counted until
-//! the last of them is dropped.
+//! gateway from shutting down. So before wasmtime-wasi opens a path, the
+//! path is looked up with wasmtime-wasi's own `stat-at`, which opens
+//! nothing and resolves the path as the open will, and a FIFO, socket or
+//! device is refused with `not-permitted` (`special_file`).
+//! `set-times-at` following a last symbolic link opens the file too, and
+//! is checked the same way. A path whose lookup fails goes to
+//! wasmtime-wasi, which answers it (or creates the file).
+//! A special file renamed into place between the lookup and the open is
+//! not caught (WASI cannot create one: it must already be in a writable
+//! granted directory, or be put there by another process).
+//!
+//! **Open files.** Each file or directory opened is one of the gateway's
+//! file descriptors; an instance may hold [`MAX_OPEN_FILES`] at once. The
+//! files an instance opened are followed through weak references to the
+//! file its descriptor and streams share, so one is counted until the last
+//! of them is dropped.
 
 use std::os::fd::AsFd;
 use std::sync::{Arc, Weak};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use wasmtime::component::{Linker, Resource, ResourceType};
 use wasmtime::StoreContextMut;
 use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
 use wasmtime_wasi::p2::bindings::sync::filesystem::types::{
-    self as fs, DescriptorFlags, DescriptorType, DirectoryEntry, ErrorCode, OpenFlags, PathFlags,
+    self as fs, DescriptorFlags, DescriptorType, DirectoryEntry, ErrorCode, NewTimestamp,
+    OpenFlags, PathFlags,
 };
 
 use crate::plugin::host::HostState;
@@ -148,27 +154,22 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             DescriptorFlags,
         )| {
             let state = store.data_mut();
-            if let Descriptor::Dir(d) = state.table().get(&fd)? {
-                let follow = path_flags.contains(PathFlags::SYMLINK_FOLLOW);
-                if special_file(&d.dir, &path, follow) {
+            // On a file, wasmtime-wasi answers `not-directory`.
+            if let Descriptor::Dir(_) = state.table().get(&fd)? {
+                if special_file(state, &fd, path_flags, &path)? {
+                    return Ok((Err(refuse_special(state, &path)),));
+                }
+                // A file stays open while its descriptor or any stream of
+                // it lives (they share it).
+                state.held.files.retain(|file| file.strong_count() > 0);
+                if state.held.files.len() >= MAX_OPEN_FILES {
                     tracing::debug!(
                         tenant = %state.scope().tenant.name, route = %state.scope().route,
                         conn = state.conn_id(), path,
-                        "a plugin's open of a FIFO, socket or device was refused"
+                        "a plugin's open was refused: it holds {MAX_OPEN_FILES} open files"
                     );
-                    return Ok((Err(ErrorCode::NotPermitted),));
+                    return Ok((Err(ErrorCode::InsufficientMemory),));
                 }
-            }
-            // A file stays open while its descriptor or any stream of it
-            // lives (they share it).
-            state.held.files.retain(|file| file.strong_count() > 0);
-            if state.held.files.len() >= MAX_OPEN_FILES {
-                tracing::debug!(
-                    tenant = %state.scope().tenant.name, route = %state.scope().route,
-                    conn = state.conn_id(), path,
-                    "a plugin's open was refused: it holds {MAX_OPEN_FILES} open files"
-                );
-                return Ok((Err(ErrorCode::InsufficientMemory),));
             }
             let mut view = state.filesystem();
             match fs::HostDescriptor::open_at(&mut view, fd, path_flags, path, open_flags, flags) {
@@ -180,6 +181,33 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                     state.held.files.push(opened);
                     Ok((Ok(file),))
                 }
+                Err(e) => fs::Host::convert_error_code(&mut view, e).map(|code| (Err(code),)),
+            }
+        },
+    )?;
+    types.func_wrap(
+        "[method]descriptor.set-times-at",
+        |mut store: StoreContextMut<'_, HostState>,
+         (fd, path_flags, path, accessed, modified): (
+            Resource<Descriptor>,
+            PathFlags,
+            String,
+            NewTimestamp,
+            NewTimestamp,
+        )| {
+            let state = store.data_mut();
+            // Following a last symbolic link, wasmtime-wasi opens the file
+            // to set its times.
+            if path_flags.contains(PathFlags::SYMLINK_FOLLOW)
+                && special_file(state, &fd, path_flags, &path)?
+            {
+                return Ok((Err(refuse_special(state, &path)),));
+            }
+            let mut view = state.filesystem();
+            match fs::HostDescriptor::set_times_at(
+                &mut view, fd, path_flags, path, accessed, modified,
+            ) {
+                Ok(()) => Ok((Ok(()),)),
                 Err(e) => fs::Host::convert_error_code(&mut view, e).map(|code| (Err(code),)),
             }
         },
@@ -234,6 +262,9 @@ pub fn read(dir: &std::fs::File, room: usize) -> std::io::Result<Option<Listing>
         Mode::empty(),
     )?;
     let mut cost = LISTING_COST;
+    if cost > room {
+        return Ok(None);
+    }
     let mut entries = Vec::new();
     for entry in rustix::fs::Dir::new(readable)? {
         let entry = match entry {
@@ -280,26 +311,46 @@ pub fn read(dir: &std::fs::File, room: usize) -> std::io::Result<Option<Listing>
     }))
 }
 
-/// Whether `path`, under the directory `dir` (following a last symbolic
-/// link if `follow`), names a FIFO, a socket or a device: files whose
-/// `open(2)` may wait without end. Looked up without opening the file
-/// (`O_PATH`) and without leaving `dir` (`RESOLVE_BENEATH`); `false` when
-/// the lookup fails (see the module's notes).
-pub fn special_file(dir: &std::fs::File, path: &str, follow: bool) -> bool {
-    let mut flags = OFlags::PATH | OFlags::CLOEXEC;
-    if !follow {
-        flags |= OFlags::NOFOLLOW;
+/// Whether `path` under the directory `fd` names a FIFO, a socket or a
+/// device: files whose `open(2)` may wait without end. Looked up with
+/// wasmtime-wasi's own `stat-at` (which opens nothing), so the path is
+/// resolved exactly as the open that follows resolves it: inside the
+/// directory, following a last symbolic link as `path_flags` say, with the
+/// same retries and fallbacks. `false` when the lookup fails (the open
+/// then fails or creates the file); a trap (a bad handle) is passed on.
+fn special_file(
+    state: &mut HostState,
+    fd: &Resource<Descriptor>,
+    path_flags: PathFlags,
+    path: &str,
+) -> wasmtime::Result<bool> {
+    let mut view = state.filesystem();
+    let at = Resource::new_borrow(fd.rep());
+    match fs::HostDescriptor::stat_at(&mut view, at, path_flags, path.to_owned()) {
+        // wasmtime-wasi says `unknown` for FIFOs and sockets: on Linux,
+        // what is neither a file, a directory, a link nor a device.
+        Ok(stat) => Ok(matches!(
+            stat.type_,
+            DescriptorType::Fifo
+                | DescriptorType::Socket
+                | DescriptorType::CharacterDevice
+                | DescriptorType::BlockDevice
+                | DescriptorType::Unknown
+        )),
+        Err(e) => e
+            .downcast()
+            .map(|_: wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode| false),
     }
-    let Ok(found) = rustix::fs::openat2(dir, path, flags, Mode::empty(), ResolveFlags::BENEATH)
-    else {
-        return false;
-    };
-    rustix::fs::fstat(&found).is_ok_and(|stat| {
-        matches!(
-            FileType::from_raw_mode(stat.st_mode),
-            FileType::Fifo | FileType::Socket | FileType::CharacterDevice | FileType::BlockDevice
-        )
-    })
+}
+
+/// Logs, and answers, the refusal of a special file at `path`.
+fn refuse_special(state: &HostState, path: &str) -> ErrorCode {
+    tracing::debug!(
+        tenant = %state.scope().tenant.name, route = %state.scope().route,
+        conn = state.conn_id(), path,
+        "a plugin's open of a FIFO, socket or device was refused"
+    );
+    ErrorCode::NotPermitted
 }
 
 /// WASI's type of a file of type `kind`.
@@ -409,39 +460,6 @@ mod tests {
     }
 
     #[test]
-    fn fifos_and_sockets_are_special_files_and_ordinary_files_are_not() {
-        let dir = scratch("special");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            dir.0.join("fifo"),
-            FileType::Fifo,
-            Mode::from_raw_mode(0o600),
-            0,
-        )
-        .expect("mkfifo");
-        let _socket = std::os::unix::net::UnixListener::bind(dir.0.join("socket")).expect("socket");
-        std::fs::write(dir.0.join("file"), "x").expect("file");
-        std::fs::create_dir(dir.0.join("sub")).expect("dir");
-        std::os::unix::fs::symlink("fifo", dir.0.join("to-fifo")).expect("symlink");
-        std::os::unix::fs::symlink("/dev/null", dir.0.join("to-null")).expect("symlink");
-        let handle = path_only(&dir.0);
-        assert!(special_file(&handle, "fifo", false));
-        assert!(special_file(&handle, "socket", false));
-        assert!(special_file(&handle, "sub/../fifo", false));
-        // A symbolic link is the link itself unless followed.
-        assert!(special_file(&handle, "to-fifo", true));
-        assert!(!special_file(&handle, "to-fifo", false));
-        for ordinary in ["file", "sub", ".", "missing"] {
-            assert!(!special_file(&handle, ordinary, true), "{ordinary}");
-        }
-        // Paths that leave the directory are not looked up here (the open
-        // that follows refuses them).
-        assert!(!special_file(&handle, "to-null", true));
-        assert!(!special_file(&handle, "/dev/null", true));
-        assert!(!special_file(&handle, "../../../../dev/null", true));
-    }
-
-    #[test]
     fn an_empty_directory_costs_only_its_stream() {
         let dir = scratch("empty");
         let listing = read(&path_only(&dir.0), MAX_LISTING_BYTES)
@@ -449,5 +467,8 @@ mod tests {
             .expect("within room");
         assert_eq!(listing.cost, LISTING_COST);
         assert!(entries(listing).is_empty());
+        // Even an empty listing needs room for itself.
+        let handle = path_only(&dir.0);
+        assert!(read(&handle, LISTING_COST - 1).expect("read").is_none());
     }
 }
