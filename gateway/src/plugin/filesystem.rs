@@ -30,15 +30,19 @@
 //! not interrupted: opening a FIFO that no one writes to would hold the
 //! call, its connection and a thread until someone does, and keep the
 //! gateway from shutting down. So before wasmtime-wasi opens a path, the
-//! path is looked up with wasmtime-wasi's own `stat-at`, which opens
-//! nothing and resolves the path as the open will, and a FIFO, socket or
-//! device is refused with `not-permitted` (`special_file`).
+//! path is looked up with wasmtime-wasi's own `stat-at`, which opens it
+//! only as a path handle (`O_PATH`, which never waits) and resolves the
+//! path as the open will, and a FIFO, socket or device is refused with
+//! `not-permitted` (`special_file`).
 //! `set-times-at` following a last symbolic link opens the file too, and
 //! is checked the same way. A path whose lookup fails goes to
 //! wasmtime-wasi, which answers it (or creates the file).
 //! A special file renamed into place between the lookup and the open is
-//! not caught (WASI cannot create one: it must already be in a writable
-//! granted directory, or be put there by another process).
+//! not caught. WASI cannot create one, but where a writable granted
+//! directory already holds one (or a link to one), a plugin's other
+//! connection can rename it back and forth while this one opens, and so
+//! can another process. Closing that race needs the open itself done here
+//! (`O_NONBLOCK`, then a check of what was opened), not built.
 //!
 //! **Open files.** Each file or directory opened is one of the gateway's
 //! file descriptors; an instance may hold [`MAX_OPEN_FILES`] at once. The
@@ -120,8 +124,9 @@ pub fn listing_cost(name: &[u8]) -> usize {
     ENTRY_COST + name.len()
 }
 
-/// Defines `read-directory`, `read-directory-entry`, `open-at` and the
-/// `directory-entry-stream` resource (a type of its own here) in `linker`,
+/// Defines `read-directory`, `read-directory-entry`, `open-at`,
+/// `set-times-at` and the `directory-entry-stream` resource (a type of its
+/// own here) in `linker`,
 /// over wasmtime-wasi's (which must be there already: the rest of the
 /// interface is its).
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
@@ -253,6 +258,9 @@ fn read_directory(
 /// Lists `dir` (a directory handle, possibly path-only), or `None` once
 /// the listing would cost more than `room`.
 pub fn read(dir: &std::fs::File, room: usize) -> std::io::Result<Option<Listing>> {
+    if LISTING_COST > room {
+        return Ok(None);
+    }
     // The handle may be a path-only one (`O_PATH`): a readable handle of
     // its own, closed when the read ends.
     let readable = rustix::fs::openat(
@@ -262,9 +270,6 @@ pub fn read(dir: &std::fs::File, room: usize) -> std::io::Result<Option<Listing>
         Mode::empty(),
     )?;
     let mut cost = LISTING_COST;
-    if cost > room {
-        return Ok(None);
-    }
     let mut entries = Vec::new();
     for entry in rustix::fs::Dir::new(readable)? {
         let entry = match entry {
@@ -313,7 +318,7 @@ pub fn read(dir: &std::fs::File, room: usize) -> std::io::Result<Option<Listing>
 
 /// Whether `path` under the directory `fd` names a FIFO, a socket or a
 /// device: files whose `open(2)` may wait without end. Looked up with
-/// wasmtime-wasi's own `stat-at` (which opens nothing), so the path is
+/// wasmtime-wasi's own `stat-at` (a path handle at most), so the path is
 /// resolved exactly as the open that follows resolves it: inside the
 /// directory, following a last symbolic link as `path_flags` say, with the
 /// same retries and fallbacks. `false` when the lookup fails (the open

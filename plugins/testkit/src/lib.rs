@@ -342,14 +342,15 @@ impl Handler for Testkit {
                 answer(conn, Ok(format!("opened {opened} stopped {stopped}")))
             }
             // Sets the times of /data/<a> to now (`set-times-at`,
-            // following a last symbolic link).
+            // following a last symbolic link unless <b> is `nofollow`).
             "touch" => {
                 use wasip2::filesystem::types::{NewTimestamp, PathFlags};
                 let dirs = wasip2::filesystem::preopens::get_directories();
                 let Some((dir, _)) = dirs.first() else {
                     return answer::<&str>(conn, Err(GatewayError::InvalidArgument("no directory".into())));
                 };
-                match dir.set_times_at(PathFlags::SYMLINK_FOLLOW, a, NewTimestamp::Now, NewTimestamp::Now) {
+                let follow = if b == "nofollow" { PathFlags::empty() } else { PathFlags::SYMLINK_FOLLOW };
+                match dir.set_times_at(follow, a, NewTimestamp::Now, NewTimestamp::Now) {
                     Ok(()) => answer(conn, Ok("touched")),
                     Err(e) => answer::<&str>(conn, Err(GatewayError::InvalidArgument(format!("{e:?}")))),
                 }
