@@ -30,10 +30,11 @@
 //! not interrupted: opening a FIFO that no one writes to would hold the
 //! call, its connection and a thread until someone does, and keep the
 //! gateway from shutting down. So before wasmtime-wasi opens a path, the
-//! path is looked up with wasmtime-wasi's own `stat-at`, which opens it
-//! only as a path handle (`O_PATH`, which never waits) and resolves the
-//! path as the open will, and a FIFO, socket or device is refused with
-//! `not-permitted` (`special_file`).
+//! path is looked up as the open will resolve it, opened at most as a path
+//! handle (`O_PATH`, which never waits): with the `openat2` call
+//! wasmtime-wasi's open makes, or where that cannot answer, wasmtime-wasi's
+//! own `stat-at`. A FIFO, socket or device is refused with `not-permitted`
+//! (`special_file`).
 //! `set-times-at` following a last symbolic link opens the file too, and
 //! is checked the same way. A path whose lookup fails goes to
 //! wasmtime-wasi, which answers it (or creates the file).
@@ -53,7 +54,8 @@
 use std::os::fd::AsFd;
 use std::sync::{Arc, Weak};
 
-use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
+use rustix::io::Errno;
 use wasmtime::component::{Linker, Resource, ResourceType};
 use wasmtime::StoreContextMut;
 use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
@@ -317,18 +319,38 @@ pub fn read(dir: &std::fs::File, room: usize) -> std::io::Result<Option<Listing>
 }
 
 /// Whether `path` under the directory `fd` names a FIFO, a socket or a
-/// device: files whose `open(2)` may wait without end. Looked up with
-/// wasmtime-wasi's own `stat-at` (a path handle at most), so the path is
-/// resolved exactly as the open that follows resolves it: inside the
-/// directory, following a last symbolic link as `path_flags` say, with the
-/// same retries and fallbacks. `false` when the lookup fails (the open
-/// then fails or creates the file); a trap (a bad handle) is passed on.
+/// device: files whose `open(2)` may wait without end. The path is
+/// resolved as wasmtime-wasi's open resolves it, following a last symbolic
+/// link as `path_flags` say, and opened at most as a path handle (`O_PATH`,
+/// which never waits): first with the same `openat2` call
+/// (`RESOLVE_BENEATH`, no magic links), whose answer stands; where that
+/// call cannot answer (`EAGAIN` after a rename elsewhere on the host,
+/// `EPERM` from a seccomp filter, `ENOSYS` before Linux 5.6), with
+/// wasmtime-wasi's own `stat-at`, which falls back as its open does.
+/// `false` when the path does not resolve (the open then fails, or
+/// creates a file); a trap (a bad handle) is passed on.
 fn special_file(
     state: &mut HostState,
     fd: &Resource<Descriptor>,
     path_flags: PathFlags,
     path: &str,
 ) -> wasmtime::Result<bool> {
+    let follow = path_flags.contains(PathFlags::SYMLINK_FOLLOW);
+    if let Descriptor::Dir(d) = state.table().get(fd)? {
+        let mut flags = OFlags::PATH | OFlags::CLOEXEC;
+        if !follow {
+            flags |= OFlags::NOFOLLOW;
+        }
+        let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS;
+        match rustix::fs::openat2(&*d.dir, path, flags, Mode::empty(), resolve) {
+            Ok(found) => {
+                return Ok(rustix::fs::fstat(&found)
+                    .is_ok_and(|stat| is_special(FileType::from_raw_mode(stat.st_mode))))
+            }
+            Err(Errno::AGAIN | Errno::PERM | Errno::NOSYS) => {}
+            Err(_) => return Ok(false),
+        }
+    }
     let mut view = state.filesystem();
     let at = Resource::new_borrow(fd.rep());
     match fs::HostDescriptor::stat_at(&mut view, at, path_flags, path.to_owned()) {
@@ -346,6 +368,14 @@ fn special_file(
             .downcast()
             .map(|_: wasmtime_wasi::p2::bindings::filesystem::types::ErrorCode| false),
     }
+}
+
+/// Whether a file of type `kind` is one whose open may wait.
+fn is_special(kind: FileType) -> bool {
+    !matches!(
+        kind,
+        FileType::RegularFile | FileType::Directory | FileType::Symlink
+    )
 }
 
 /// Logs, and answers, the refusal of a special file at `path`.
