@@ -21,9 +21,10 @@
 //! with the directory's entries. Dropping a stream gives its charge back.
 //! Entries appear as wasmtime-wasi gives them (except that FIFOs and
 //! sockets have their own types, where wasmtime-wasi says `unknown`):
-//! every name but `.` and `..`, in the order the file system returns them; a name that is not
-//! UTF-8, or an error while reading, is an `illegal-byte-sequence` or I/O
-//! error at its place in the stream (the stream ends after an I/O error).
+//! every name but `.` and `..`, in the order the file system returns
+//! them; a name that is not UTF-8, or an error while reading, is an
+//! `illegal-byte-sequence` or I/O error at its place in the stream (the
+//! stream ends after an I/O error).
 //!
 //! **Opening.** `descriptor.open-at` runs `open(2)` on wasmtime-wasi's
 //! blocking pool and waits for it without a time limit, and host code is
@@ -34,10 +35,10 @@
 //! handle (`O_PATH`, which never waits): with the `openat2` call
 //! wasmtime-wasi's open makes, or where that cannot answer, wasmtime-wasi's
 //! own `stat-at`. A FIFO, socket or device is refused with `not-permitted`
-//! (`special_file`).
-//! `set-times-at` following a last symbolic link opens the file too, and
-//! is checked the same way. A path whose lookup fails goes to
-//! wasmtime-wasi, which answers it (or creates the file).
+//! (`special_file`). `set-times-at` following a last symbolic link opens
+//! the file too, and is checked the same way. A path whose lookup fails
+//! goes to wasmtime-wasi, which answers it (or creates the file).
+//!
 //! A special file renamed into place between the lookup and the open is
 //! not caught. WASI cannot create one, but where a writable granted
 //! directory already holds one (or a link to one), a plugin's other
@@ -107,9 +108,10 @@ pub struct Listing {
 /// sockets need too: a plugin opening files until its handles ran out
 /// would take 4,096 of them per connection, and a few connections would
 /// leave none for accepting others. A file stays open while its
-/// descriptor or any stream read from or written to it lives. The open past the bound fails with
-/// `insufficient-memory` (WASI has no code for "too many open files"). On a
-/// shared instance (`isolation = "shared"`) the bound is the route's.
+/// descriptor or any stream read from or written to it lives. The open
+/// past the bound fails with `insufficient-memory` (WASI has no code for
+/// "too many open files"). On a shared instance (`isolation = "shared"`)
+/// the bound is the route's.
 pub const MAX_OPEN_FILES: usize = 64;
 
 /// What an instance's filesystem holds in the gateway: the bytes charged
@@ -128,9 +130,8 @@ pub fn listing_cost(name: &[u8]) -> usize {
 
 /// Defines `read-directory`, `read-directory-entry`, `open-at`,
 /// `set-times-at` and the `directory-entry-stream` resource (a type of its
-/// own here) in `linker`,
-/// over wasmtime-wasi's (which must be there already: the rest of the
-/// interface is its).
+/// own here) in `linker`, over wasmtime-wasi's (which must be there
+/// already: the rest of the interface is its).
 pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
     let mut types = linker.instance(INTERFACE)?;
