@@ -54,6 +54,8 @@ pub mod quota;
 pub mod reload;
 pub mod routing;
 pub mod sched;
+#[cfg(test)]
+mod scratch;
 pub mod server;
 pub mod tls;
 

@@ -926,11 +926,7 @@ async fn a_plugin_holding_directory_listings_past_their_memory_bound_is_refused_
             .map(|n| listing_cost(n.as_bytes()))
             .sum::<usize>();
     let fit = MAX_LISTING_BYTES / one;
-    let config = format!(
-        "[[route]]\npath = \"/ls\"\nplugin = \"{{testkit}}\"\n\
-         dirs = [{{ host = \"{}\", guest = \"/data\", read_only = true }}]\n",
-        dir.display()
-    );
+    let config = files_route("/ls", &dir, true);
     let gw = Gateway::start("hostile-listings", &config);
     let mut a = connect(&gw.url("/ls")).await;
     assert_eq!(command(&mut a, "list").await, "ok 300");
@@ -974,11 +970,7 @@ async fn a_plugin_opening_a_fifo_in_its_granted_directory_is_refused_at_once() {
     std::os::unix::fs::symlink("fifo", dir.join("to-fifo")).expect("symlink");
     // A socket's open fails at once (ENXIO); it is refused all the same.
     let _socket = std::os::unix::net::UnixListener::bind(dir.join("socket")).expect("socket");
-    let config = format!(
-        "[[route]]\npath = \"/files\"\nplugin = \"{{testkit}}\"\n\
-         dirs = [{{ host = \"{}\", guest = \"/data\", read_only = false }}]\n",
-        dir.display()
-    );
+    let config = files_route("/files", &dir, false);
     let gw = Gateway::start("hostile-fifo", &config);
     let mut ws = connect(&gw.url("/files")).await;
     for cmd in [
@@ -1012,11 +1004,7 @@ async fn a_plugin_holding_more_open_files_than_the_bound_is_refused_more() {
     // descriptor is dropped.
     let dir = scratch("hostile-open-files-data");
     std::fs::write(dir.join("f.txt"), "x").expect("write");
-    let config = format!(
-        "[[route]]\npath = \"/files\"\nplugin = \"{{testkit}}\"\n\
-         dirs = [{{ host = \"{}\", guest = \"/data\", read_only = true }}]\n",
-        dir.display()
-    );
+    let config = files_route("/files", &dir, true);
     let gw = Gateway::start("hostile-open-files", &config);
     let refused = format!("opened {MAX_OPEN_FILES} stopped ");
     for how in ["opens", "opens-streamed"] {
@@ -1035,4 +1023,13 @@ async fn a_plugin_holding_more_open_files_than_the_bound_is_refused_more() {
         command(&mut ws, "opens-closed 100 f.txt").await,
         "ok opened 100 stopped none"
     );
+}
+
+/// A route at `path` serving the test plugin, granted `dir` as `/data`.
+fn files_route(path: &str, dir: &std::path::Path, read_only: bool) -> String {
+    format!(
+        "[[route]]\npath = \"{path}\"\nplugin = \"{{testkit}}\"\n\
+         dirs = [{{ host = \"{}\", guest = \"/data\", read_only = {read_only} }}]\n",
+        dir.display()
+    )
 }

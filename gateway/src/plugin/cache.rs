@@ -234,35 +234,14 @@ pub(crate) fn announce_compile(name: &str, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A cache folder for one test, removed when the test ends.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn path(&self) -> PathBuf {
-            self.0.clone()
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn scratch(name: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("wasmgate-cache-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        Scratch(dir)
-    }
+    use crate::scratch::Scratch;
 
     #[test]
     fn a_component_compiled_once_is_mapped_from_the_cache_the_second_time() {
         let engine = Engine::default();
         let bytes = empty_component();
-        let dir = scratch("hit");
-        let cache = CompileCache::new(dir.path(), &engine);
+        let dir = Scratch::new("cache-hit");
+        let cache = CompileCache::new(dir.path("cache"), &engine);
         assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
         assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Cached));
         // Another engine configuration has its own entries.
@@ -277,8 +256,8 @@ mod tests {
     fn a_corrupt_entry_is_ignored_and_replaced() {
         let engine = Engine::default();
         let bytes = empty_component();
-        let dir = scratch("corrupt");
-        let cache = CompileCache::new(dir.path(), &engine);
+        let dir = Scratch::new("cache-corrupt");
+        let cache = CompileCache::new(dir.path("cache"), &engine);
         create_private_dir(cache.dir()).expect("dir");
         std::fs::write(cache.entry(&bytes), b"garbage").expect("write");
         assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
@@ -289,8 +268,8 @@ mod tests {
     fn a_tampered_entry_is_recompiled_not_run() {
         let engine = Engine::default();
         let bytes = empty_component();
-        let dir = scratch("tampered");
-        let cache = CompileCache::new(dir.path(), &engine);
+        let dir = Scratch::new("cache-tampered");
+        let cache = CompileCache::new(dir.path("cache"), &engine);
         assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
         let entry = cache.entry(&bytes);
         let mut data = std::fs::read(&entry).expect("entry");
@@ -307,8 +286,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let engine = Engine::default();
         let bytes = empty_component();
-        let dir = scratch("open");
-        let cache = CompileCache::new(dir.path(), &engine);
+        let dir = Scratch::new("cache-open");
+        let cache = CompileCache::new(dir.path("cache"), &engine);
         assert_eq!(origin(&cache, &engine, &bytes), Some(Origin::Compiled));
         std::fs::set_permissions(cache.dir(), std::fs::Permissions::from_mode(0o777))
             .expect("chmod");

@@ -59,11 +59,12 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 use wasmtime::component::{Linker, Resource, ResourceType};
 use wasmtime::StoreContextMut;
-use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemView};
+use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemCtxView, WasiFilesystemView};
 use wasmtime_wasi::p2::bindings::sync::filesystem::types::{
     self as fs, DescriptorFlags, DescriptorType, DirectoryEntry, ErrorCode, NewTimestamp,
     OpenFlags, PathFlags,
 };
+use wasmtime_wasi::p2::FsResult;
 
 use crate::plugin::host::HostState;
 
@@ -180,17 +181,17 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 }
             }
             let mut view = state.filesystem();
-            match fs::HostDescriptor::open_at(&mut view, fd, path_flags, path, open_flags, flags) {
-                Ok(file) => {
-                    let opened = match state.table().get(&file)? {
-                        Descriptor::File(f) => Arc::downgrade(&f.file),
-                        Descriptor::Dir(d) => Arc::downgrade(&d.dir),
-                    };
-                    state.held.files.push(opened);
-                    Ok((Ok(file),))
-                }
-                Err(e) => fs::Host::convert_error_code(&mut view, e).map(|code| (Err(code),)),
+            let opened =
+                fs::HostDescriptor::open_at(&mut view, fd, path_flags, path, open_flags, flags);
+            let answer = answer(&mut view, opened)?;
+            if let (Ok(file),) = &answer {
+                let shared = match state.table().get(file)? {
+                    Descriptor::File(f) => Arc::downgrade(&f.file),
+                    Descriptor::Dir(d) => Arc::downgrade(&d.dir),
+                };
+                state.held.files.push(shared);
             }
+            Ok(answer)
         },
     )?;
     types.func_wrap(
@@ -212,12 +213,10 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return Ok((Err(refuse_special(state, &path)),));
             }
             let mut view = state.filesystem();
-            match fs::HostDescriptor::set_times_at(
+            let set = fs::HostDescriptor::set_times_at(
                 &mut view, fd, path_flags, path, accessed, modified,
-            ) {
-                Ok(()) => Ok((Ok(()),)),
-                Err(e) => fs::Host::convert_error_code(&mut view, e).map(|code| (Err(code),)),
-            }
+            );
+            answer(&mut view, set)
         },
     )?;
     types.func_wrap(
@@ -403,6 +402,18 @@ fn descriptor_type(kind: FileType) -> DescriptorType {
     }
 }
 
+/// wasmtime-wasi's result `r` as the guest receives it: the value, a WASI
+/// error code, or a trap.
+fn answer<T>(
+    view: &mut WasiFilesystemCtxView<'_>,
+    r: FsResult<T>,
+) -> wasmtime::Result<(Result<T, ErrorCode>,)> {
+    match r {
+        Ok(value) => Ok((Ok(value),)),
+        Err(e) => fs::Host::convert_error_code(view, e).map(|code| (Err(code),)),
+    }
+}
+
 /// WASI's error code for `e`, as wasmtime-wasi maps it (`io` for an error
 /// it has no code for).
 fn error_code(e: std::io::Error) -> ErrorCode {
@@ -415,24 +426,8 @@ fn error_code(e: std::io::Error) -> ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::{Path, PathBuf};
-
-    /// A folder for one test, removed when the test ends.
-    struct Scratch(PathBuf);
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    fn scratch(name: &str) -> Scratch {
-        let dir =
-            std::env::temp_dir().join(format!("wasmgate-listing-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
+    use crate::scratch::Scratch;
+    use std::path::Path;
 
     /// A path-only handle of `dir`, as wasmtime-wasi opens directories.
     fn path_only(dir: &Path) -> std::fs::File {
@@ -459,7 +454,7 @@ mod tests {
 
     #[test]
     fn a_listing_has_every_entry_but_dot_and_dotdot_with_its_type() {
-        let dir = scratch("types");
+        let dir = Scratch::new("listing-types");
         std::fs::write(dir.0.join("file"), "x").expect("file");
         std::fs::create_dir(dir.0.join("sub")).expect("dir");
         std::os::unix::fs::symlink("file", dir.0.join("link")).expect("symlink");
@@ -478,7 +473,7 @@ mod tests {
 
     #[test]
     fn a_listing_needs_exactly_its_entries_cost_and_one_byte_less_is_refused() {
-        let dir = scratch("room");
+        let dir = Scratch::new("listing-room");
         let names: Vec<String> = (0..50).map(|i| format!("entry-{i}")).collect();
         for name in &names {
             std::fs::write(dir.0.join(name), "").expect("file");
@@ -497,7 +492,7 @@ mod tests {
 
     #[test]
     fn an_empty_directory_costs_only_its_stream() {
-        let dir = scratch("empty");
+        let dir = Scratch::new("listing-empty");
         let listing = read(&path_only(&dir.0), MAX_LISTING_BYTES)
             .expect("read")
             .expect("within room");

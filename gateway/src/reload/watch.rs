@@ -704,39 +704,12 @@ fn triggers_of(abs: &Path) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch::Scratch;
     use std::time::SystemTime;
 
     /// Short, so the tests are quick; what must arrive gets [`ARRIVES`].
     const SETTLE: Duration = Duration::from_millis(100);
     const ARRIVES: Duration = Duration::from_secs(5);
-
-    /// A scratch folder under the system's temp folder, removed on drop.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new(name: &str) -> Self {
-            let nanos = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos();
-            let dir = std::env::temp_dir().join(format!(
-                "wasmgate-watch-{name}-{}-{nanos}",
-                std::process::id()
-            ));
-            std::fs::create_dir_all(&dir).unwrap();
-            Scratch(dir)
-        }
-
-        fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     /// A watcher on `files`, after writing `v1` to the ones that do not
     /// exist yet.

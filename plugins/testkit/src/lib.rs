@@ -79,6 +79,11 @@ fn answer<T: std::fmt::Display>(conn: Connection, r: Result<T, GatewayError>) {
     let _ = conn.send_text(&text);
 }
 
+/// The first directory the route grants (`dirs`), if any.
+fn granted_dir() -> Option<wasip2::filesystem::types::Descriptor> {
+    wasip2::filesystem::preopens::get_directories().into_iter().next().map(|(dir, _)| dir)
+}
+
 fn error_name(e: &GatewayError) -> String {
     match e {
         GatewayError::Closed => "closed".into(),
@@ -283,8 +288,7 @@ impl Handler for Testkit {
             // and the error that stopped it, if any.
             "listings" => {
                 let n: usize = a.parse().unwrap_or(0);
-                let dirs = wasip2::filesystem::preopens::get_directories();
-                let Some((dir, _)) = dirs.first() else {
+                let Some(dir) = granted_dir() else {
                     return answer::<&str>(conn, Err(GatewayError::InvalidArgument("no directory".into())));
                 };
                 let mut held = 0;
@@ -311,8 +315,7 @@ impl Handler for Testkit {
             "opens" | "opens-streamed" | "opens-closed" => {
                 use wasip2::filesystem::types::{DescriptorFlags, OpenFlags, PathFlags};
                 let n: usize = a.parse().unwrap_or(0);
-                let dirs = wasip2::filesystem::preopens::get_directories();
-                let Some((dir, _)) = dirs.first() else {
+                let Some(dir) = granted_dir() else {
                     return answer::<&str>(conn, Err(GatewayError::InvalidArgument("no directory".into())));
                 };
                 let mut opened = 0;
@@ -345,8 +348,7 @@ impl Handler for Testkit {
             // following a last symbolic link unless <b> is `nofollow`).
             "touch" => {
                 use wasip2::filesystem::types::{NewTimestamp, PathFlags};
-                let dirs = wasip2::filesystem::preopens::get_directories();
-                let Some((dir, _)) = dirs.first() else {
+                let Some(dir) = granted_dir() else {
                     return answer::<&str>(conn, Err(GatewayError::InvalidArgument("no directory".into())));
                 };
                 let follow = if b == "nofollow" { PathFlags::empty() } else { PathFlags::SYMLINK_FOLLOW };
@@ -358,8 +360,7 @@ impl Handler for Testkit {
             // The number of entries in one listing of the first granted
             // directory.
             "list" => {
-                let dirs = wasip2::filesystem::preopens::get_directories();
-                let Some((dir, _)) = dirs.first() else {
+                let Some(dir) = granted_dir() else {
                     return answer::<&str>(conn, Err(GatewayError::InvalidArgument("no directory".into())));
                 };
                 match dir.read_directory() {
