@@ -167,6 +167,10 @@ pub struct TenantQuotas {
     /// Most linear memory of all its instances together, in bytes (a grow
     /// past it fails, as if past `max_memory`).
     pub max_memory_total: Option<usize>,
+    /// Most files and directories its instances hold open at once through
+    /// WASI (routes with `dirs`; each one of the gateway's file
+    /// descriptors): the open past it fails with `insufficient-memory`.
+    pub max_open_files: Option<usize>,
     /// Guest CPU time the tenant may use per period; past it its events wait.
     pub cpu_budget: Option<CpuBudget>,
     /// Most `send` calls per second.
@@ -1105,6 +1109,7 @@ const TENANT_KEYS: &[&str] = &[
     "max_connections_per_second",
     "max_instances",
     "max_memory_total",
+    "max_open_files",
     "cpu_budget",
     "max_sends_per_second",
     "max_broadcast_deliveries_per_second",
@@ -2358,6 +2363,7 @@ impl Parser<'_> {
                 "max_memory_total" => {
                     q.max_memory_total = self.size(key, at, v, MIN_MEMORY, usize::MAX)
                 }
+                "max_open_files" => q.max_open_files = self.count(key, at, v, 1),
                 "cpu_budget" => q.cpu_budget = self.value(key, at, v),
                 "max_sends_per_second" => q.max_sends_per_second = self.rate(key, at, v).flatten(),
                 "max_broadcast_deliveries_per_second" => {
@@ -3548,7 +3554,8 @@ mod tests {
         let c = parse(
             "[[route]]\npath = \"/chat\"\nplugin = \"a.wasm\"\n\n\
              [[tenant]]\nname = \"acme\"\nhosts = [\"Chat.Acme.com\", \"*.acme.org\"]\n\
-             max_connections = 10\ncpu_budget = \"200ms/s\"\nmax_memory_total = \"64MiB\"\n\n\
+             max_connections = 10\ncpu_budget = \"200ms/s\"\nmax_memory_total = \"64MiB\"\n\
+             max_open_files = 300\n\n\
              [[tenant.route]]\npath = \"/chat\"\nplugin = \"b.wasm\"\nmax_messages_per_second = 5\n\
              env = [\"HOME\", \"MODE=prod\"]\n",
         )
@@ -3562,6 +3569,7 @@ mod tests {
         assert_eq!(t.hosts, ["chat.acme.com", "*.acme.org"]);
         assert_eq!(t.quotas.max_connections, Some(10));
         assert_eq!(t.quotas.max_memory_total, Some(64 << 20));
+        assert_eq!(t.quotas.max_open_files, Some(300));
         assert_eq!(
             t.quotas.cpu_budget,
             Some(CpuBudget {

@@ -1025,6 +1025,75 @@ async fn a_plugin_holding_more_open_files_than_the_bound_is_refused_more() {
     );
 }
 
+#[tokio::test]
+async fn a_tenants_instances_together_cannot_hold_more_than_its_max_open_files() {
+    // Each instance may hold 64 files; a tenant with many connections would
+    // hold 64 of the gateway's file descriptors per connection without
+    // max_open_files.
+    let dir = scratch("hostile-tenant-files-data");
+    std::fs::write(dir.join("f.txt"), "x").expect("write");
+    let grant = format!(
+        "dirs = [{{ host = \"{}\", guest = \"/data\", read_only = true }}]",
+        dir.display()
+    );
+    let config = format!(
+        "[[tenant]]\nname = \"attacker\"\nhosts = [\"attacker.test\"]\nmax_open_files = 50\n\n\
+         [[tenant.route]]\npath = \"/files\"\nplugin = \"{{testkit}}\"\n{grant}\n\n\
+         [[tenant]]\nname = \"victim\"\nhosts = [\"victim.test\"]\n\n\
+         [[tenant.route]]\npath = \"/files\"\nplugin = \"{{testkit}}\"\n{grant}\n"
+    );
+    let gw = Gateway::start("hostile-tenant-files", &config);
+    let url = gw.url("/files");
+    let attacker = || connect_host(&url, "attacker.test");
+    let mut a1 = attacker().await;
+    let mut a2 = attacker().await;
+    // Opens that fail give their place back: more than the tenant's bound
+    // of them first.
+    for _ in 0..60 {
+        let answer = command(&mut a1, "opens 1 missing.txt").await;
+        assert!(answer.starts_with("ok opened 0 stopped "), "{answer}");
+        assert!(!answer.ends_with("none"), "{answer}");
+    }
+    assert_eq!(
+        command(&mut a1, "opens 30 f.txt").await,
+        "ok opened 30 stopped none"
+    );
+    // The second instance is within its own 64, but the tenant has 20 left.
+    let answer = command(&mut a2, "opens 30 f.txt").await;
+    assert!(answer.starts_with("ok opened 20 stopped "), "{answer}");
+    assert!(answer.contains("insufficient-memory"), "{answer}");
+    let line = gw.wait_log("max_open_files");
+    assert!(line.contains("tenant=attacker"), "{line}");
+    assert!(line.contains("route=/files"), "{line}");
+    // Both connections still work; the other tenant, with the same path,
+    // has its own files.
+    assert!(command(&mut a1, "id").await.starts_with("ok "));
+    assert!(command(&mut a2, "id").await.starts_with("ok "));
+    let mut v = connect_host(&gw.url("/files"), "victim.test").await;
+    assert_eq!(
+        command(&mut v, "opens 64 f.txt").await,
+        "ok opened 64 stopped none"
+    );
+    // Files a connection closed without closing them go back to the tenant
+    // with its instance (the server ends a1 after our close frame).
+    a1.close(None).await.expect("close");
+    drop(a1);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let mut a = attacker().await;
+        let answer = command(&mut a, "opens 30 f.txt").await;
+        if answer == "ok opened 30 stopped none" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection's files never came back: {answer}"
+        );
+        drop(a);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A route at `path` serving the test plugin, granted `dir` as `/data`.
 fn files_route(path: &str, dir: &std::path::Path, read_only: bool) -> String {
     format!(

@@ -2,7 +2,8 @@
 //! defines itself, over wasmtime-wasi's: directory listings, whose memory
 //! is bounded, and opening a file, which refuses special files and holds
 //! at most [`MAX_OPEN_FILES`] of the gateway's file descriptors per
-//! instance. Only routes that grant `dirs` have a filesystem.
+//! instance (and a tenant's `max_open_files`). Only routes that grant
+//! `dirs` have a filesystem.
 //!
 //! **Listings.** `descriptor.read-directory` returns a
 //! `directory-entry-stream`, read entry by entry with
@@ -26,45 +27,46 @@
 //! `illegal-byte-sequence` or I/O error at its place in the stream (the
 //! stream ends after an I/O error).
 //!
-//! **Opening.** `descriptor.open-at` runs `open(2)` on wasmtime-wasi's
-//! blocking pool and waits for it without a time limit, and host code is
-//! not interrupted: opening a FIFO that no one writes to would hold the
+//! **Opening.** wasmtime-wasi's `descriptor.open-at` runs `open(2)` on
+//! its blocking pool and waits for it without a time limit, and host code
+//! is not interrupted: opening a FIFO that no one writes to would hold the
 //! call, its connection and a thread until someone does, and keep the
-//! gateway from shutting down. So before wasmtime-wasi opens a path, the
-//! path is looked up as the open will resolve it, opened at most as a path
-//! handle (`O_PATH`, which never waits): with the `openat2` call
-//! wasmtime-wasi's open makes, or where that cannot answer, wasmtime-wasi's
-//! own `stat-at`. A FIFO, socket or device is refused with `not-permitted`
-//! (`special_file`). `set-times-at` following a last symbolic link opens
-//! the file too, and is checked the same way. A path whose lookup fails
-//! goes to wasmtime-wasi, which answers it (or creates the file).
-//!
-//! A special file renamed into place between the lookup and the open is
-//! not caught. WASI cannot create one, but where a writable granted
-//! directory already holds one (or a link to one), a plugin's other
-//! connection can rename it back and forth while this one opens, and so
-//! can another process. Closing that race needs the open itself done here
-//! (`O_NONBLOCK`, then a check of what was opened), not built.
+//! gateway from shutting down. So the gateway opens files itself
+//! ([`open`]): the same checks, modes and sandboxed resolution
+//! (cap-primitives, as wasmtime-wasi), but with `O_NONBLOCK`, which a
+//! FIFO's open never waits under, and a check of what was opened: a FIFO,
+//! socket or device is closed again and refused with `not-permitted`.
+//! Before that, the path is looked up as the open will resolve it, opened
+//! at most as a path handle (`O_PATH`), so that a device is not even
+//! opened ([`special_file`]): with the `openat2` call cap-primitives
+//! makes, or where that cannot answer, wasmtime-wasi's own `stat-at`.
+//! `set-times-at` following a last symbolic link opens the file too (in
+//! wasmtime-wasi), so the gateway does that itself the same way
+//! ([`set_times_following`]).
 //!
 //! **Open files.** Each file or directory opened is one of the gateway's
 //! file descriptors; an instance may hold [`MAX_OPEN_FILES`] at once. The
 //! files an instance opened are followed through weak references to the
 //! file its descriptor and streams share, so one is counted until the last
-//! of them is dropped.
+//! of them is dropped. A tenant with `max_open_files` has its instances'
+//! files counted together the same way ([`OpenFiles`]).
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Weak};
 
+use cap_fs_ext::{FollowSymlinks, OpenOptionsFollowExt};
+use cap_primitives::fs::OpenOptionsExt;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
 use wasmtime::component::{Linker, Resource, ResourceType};
 use wasmtime::StoreContextMut;
-use wasmtime_wasi::filesystem::{Descriptor, WasiFilesystemCtxView, WasiFilesystemView};
+use wasmtime_wasi::filesystem::{Descriptor, Dir, File, WasiFilesystemCtxView, WasiFilesystemView};
 use wasmtime_wasi::p2::bindings::sync::filesystem::types::{
     self as fs, DescriptorFlags, DescriptorType, DirectoryEntry, ErrorCode, NewTimestamp,
     OpenFlags, PathFlags,
 };
 use wasmtime_wasi::p2::FsResult;
+use wasmtime_wasi::{FsPerms, OpenMode};
 
 use crate::plugin::host::HostState;
 
@@ -161,38 +163,7 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             String,
             OpenFlags,
             DescriptorFlags,
-        )| {
-            let state = store.data_mut();
-            // On a file, wasmtime-wasi answers `not-directory`.
-            if let Descriptor::Dir(_) = state.table().get(&fd)? {
-                if special_file(state, &fd, path_flags, &path)? {
-                    return Ok((Err(refuse_special(state, &path)),));
-                }
-                // A file stays open while its descriptor or any stream of
-                // it lives (they share it).
-                state.held.files.retain(|file| file.strong_count() > 0);
-                if state.held.files.len() >= MAX_OPEN_FILES {
-                    tracing::debug!(
-                        tenant = %state.scope().tenant.name, route = %state.scope().route,
-                        conn = state.conn_id(), path,
-                        "a plugin's open was refused: it holds {MAX_OPEN_FILES} open files"
-                    );
-                    return Ok((Err(ErrorCode::InsufficientMemory),));
-                }
-            }
-            let mut view = state.filesystem();
-            let opened =
-                fs::HostDescriptor::open_at(&mut view, fd, path_flags, path, open_flags, flags);
-            let answer = answer(&mut view, opened)?;
-            if let (Ok(file),) = &answer {
-                let shared = match state.table().get(file)? {
-                    Descriptor::File(f) => Arc::downgrade(&f.file),
-                    Descriptor::Dir(d) => Arc::downgrade(&d.dir),
-                };
-                state.held.files.push(shared);
-            }
-            Ok(answer)
-        },
+        )| { open_at(store.data_mut(), fd, path_flags, &path, open_flags, flags) },
     )?;
     types.func_wrap(
         "[method]descriptor.set-times-at",
@@ -205,12 +176,20 @@ pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
             NewTimestamp,
         )| {
             let state = store.data_mut();
-            // Following a last symbolic link, wasmtime-wasi opens the file
-            // to set its times.
-            if path_flags.contains(PathFlags::SYMLINK_FOLLOW)
-                && special_file(state, &fd, path_flags, &path)?
-            {
-                return Ok((Err(refuse_special(state, &path)),));
+            if path_flags.contains(PathFlags::SYMLINK_FOLLOW) {
+                if special_file(state, &fd, path_flags, &path)? {
+                    return Ok((Err(refuse_special(state, &path)),));
+                }
+                if let Descriptor::Dir(d) = state.table().get(&fd)? {
+                    let (dir, perms) = (d.dir.clone(), d.perms);
+                    return Ok((
+                        match set_times_following(&dir, perms, &path, accessed, modified) {
+                            Ok(()) => Ok(()),
+                            Err(Refused::Special) => Err(refuse_special(state, &path)),
+                            Err(Refused::Code(code)) => Err(code),
+                        },
+                    ));
+                }
             }
             let mut view = state.filesystem();
             let set = fs::HostDescriptor::set_times_at(
@@ -255,6 +234,349 @@ fn read_directory(
     let stream = state.table().push(listing)?;
     state.held.listings += cost;
     Ok(Ok(stream))
+}
+
+/// `open-at` of `path` under the descriptor `fd`: refused where `path` is a
+/// special file ([`special_file`]) or the instance or its tenant holds its
+/// bound of open files; otherwise opened by [`open`] and added to the
+/// instance's handles. A file descriptor `fd` is `not-directory`, as in
+/// wasmtime-wasi; a bad handle traps.
+fn open_at(
+    state: &mut HostState,
+    fd: Resource<Descriptor>,
+    path_flags: PathFlags,
+    path: &str,
+    open_flags: OpenFlags,
+    flags: DescriptorFlags,
+) -> wasmtime::Result<(Result<Resource<Descriptor>, ErrorCode>,)> {
+    let (dir, perms) = match state.table().get(&fd)? {
+        Descriptor::Dir(d) => (d.dir.clone(), d.perms),
+        Descriptor::File(_) => return Ok((Err(ErrorCode::NotDirectory),)),
+    };
+    // wasmtime-wasi's checks of the flags come first, as there.
+    if let Err(code) = options(perms, path_flags, open_flags, flags) {
+        return Ok((Err(code),));
+    }
+    // The look-up, so that a device is not even opened.
+    if special_file(state, &fd, path_flags, path)? {
+        return Ok((Err(refuse_special(state, path)),));
+    }
+    // A file stays open while its descriptor or any stream of it lives
+    // (they share it).
+    state.held.files.retain(|file| file.strong_count() > 0);
+    if state.held.files.len() >= MAX_OPEN_FILES {
+        tracing::debug!(
+            tenant = %state.scope().tenant.name, route = %state.scope().route,
+            conn = state.conn_id(), path,
+            "a plugin's open was refused: it holds {MAX_OPEN_FILES} open files"
+        );
+        return Ok((Err(ErrorCode::InsufficientMemory),));
+    }
+    let tenant = state.scope().tenant.clone();
+    let place = match tenant.quotas.max_open_files {
+        None => None,
+        Some(max) => match tenant.counts.files.reserve(max) {
+            Some(place) => Some(place),
+            None => {
+                if let Some(suppressed) = tenant.counts.instance_errors.admit() {
+                    tracing::warn!(
+                        tenant = %tenant.name, route = %state.scope().route,
+                        conn = state.conn_id(), path, suppressed,
+                        "a plugin's open was refused: the tenant's instances hold max_open_files ({max}) files"
+                    );
+                }
+                return Ok((Err(ErrorCode::InsufficientMemory),));
+            }
+        },
+    };
+    let opened = match open(&dir, perms, path_flags, path, open_flags, flags) {
+        Ok(opened) => opened,
+        Err(Refused::Special) => return Ok((Err(refuse_special(state, path)),)),
+        Err(Refused::Code(code)) => return Ok((Err(code),)),
+    };
+    let shared = match &opened {
+        Descriptor::File(f) => Arc::downgrade(&f.file),
+        Descriptor::Dir(d) => Arc::downgrade(&d.dir),
+    };
+    let handle = state.table().push(opened)?;
+    if let Some(place) = place {
+        place.keep(shared.clone());
+    }
+    state.held.files.push(shared);
+    Ok((Ok(handle),))
+}
+
+/// Why [`open`] did not open a file.
+#[derive(Debug)]
+pub enum Refused {
+    /// The path names a FIFO, a socket or a device (`not-permitted`).
+    Special,
+    /// The error WASI gives the guest.
+    Code(ErrorCode),
+}
+
+/// Opens `path` under the directory `dir` (granted with `perms`) as
+/// wasmtime-wasi's `open-at` does: the same checks of `open_flags`,
+/// `flags` and `perms` first, the same open modes, the same sandboxed
+/// resolution (cap-primitives: `openat2` with `RESOLVE_BENEATH` where the
+/// kernel has it, resolution component by component where not), the same
+/// error codes. Except that it never waits on a special file: the file is
+/// opened with `O_NONBLOCK` (a FIFO's open returns at once) and
+/// `O_NOCTTY`, then checked with `fstat`; anything but a regular file or a
+/// directory is closed again and [`Refused::Special`], and so is `ENXIO`
+/// (a FIFO opened for writing with no reader, a socket). `O_NONBLOCK` is
+/// then cleared, so reads and writes behave as wasmtime-wasi's. This
+/// closes the race between [`special_file`]'s look-up and the open. One
+/// difference remains: a regular file on which another process holds a
+/// lease (`F_SETLEASE`) fails at once with `would-block` where
+/// wasmtime-wasi's open would wait for the lease to be broken. Runs on
+/// the calling thread, which on routes with `dirs` is handed off.
+pub fn open(
+    dir: &std::fs::File,
+    perms: FsPerms,
+    path_flags: PathFlags,
+    path: &str,
+    open_flags: OpenFlags,
+    flags: DescriptorFlags,
+) -> Result<Descriptor, Refused> {
+    let (opts, mode) = options(perms, path_flags, open_flags, flags).map_err(Refused::Code)?;
+    let file = match cap_primitives::fs::open(dir, std::path::Path::new(path), &opts) {
+        Ok(file) => file,
+        Err(e) if Errno::from_io_error(&e) == Some(Errno::NXIO) => return Err(Refused::Special),
+        Err(e) => return Err(Refused::Code(error_code(e))),
+    };
+    let kind = match rustix::fs::fstat(&file) {
+        Ok(stat) => FileType::from_raw_mode(stat.st_mode),
+        Err(e) => return Err(Refused::Code(error_code(e.into()))),
+    };
+    if is_special(kind) {
+        return Err(Refused::Special);
+    }
+    if kind != FileType::Directory && open_flags.contains(OpenFlags::DIRECTORY) {
+        return Err(Refused::Code(ErrorCode::NotDirectory));
+    }
+    let blocking = rustix::fs::fcntl_getfl(&file)
+        .and_then(|f| rustix::fs::fcntl_setfl(&file, f - OFlags::NONBLOCK));
+    if let Err(e) = blocking {
+        return Err(Refused::Code(error_code(e.into())));
+    }
+    Ok(if kind == FileType::Directory {
+        Descriptor::Dir(Dir::new(file, perms, mode, false))
+    } else {
+        Descriptor::File(File::new(file, perms, mode, false))
+    })
+}
+
+/// What `open-at` with these flags asks of the open, as wasmtime-wasi
+/// builds it, plus `O_NONBLOCK | O_NOCTTY`; or the error wasmtime-wasi
+/// answers before opening: `unsupported` for the sync flags, `invalid`
+/// for `directory` with `create`, `exclusive` or `truncate`,
+/// `not-permitted` for a write or create under a read-only grant.
+fn options(
+    perms: FsPerms,
+    path_flags: PathFlags,
+    open_flags: OpenFlags,
+    flags: DescriptorFlags,
+) -> Result<(cap_primitives::fs::OpenOptions, OpenMode), ErrorCode> {
+    let mut opts = cap_primitives::fs::OpenOptions::new();
+    let mut mode = OpenMode::empty();
+    let create = open_flags.contains(OpenFlags::CREATE);
+    if create {
+        if open_flags.contains(OpenFlags::EXCLUSIVE) {
+            opts.create_new(true);
+        } else {
+            opts.create(true);
+        }
+        opts.write(true);
+        mode |= OpenMode::WRITE;
+    }
+    if open_flags.contains(OpenFlags::TRUNCATE) {
+        opts.truncate(true).write(true);
+        mode |= OpenMode::WRITE;
+    }
+    if flags.contains(DescriptorFlags::READ) {
+        opts.read(true);
+        mode |= OpenMode::READ;
+    }
+    if flags.contains(DescriptorFlags::WRITE) {
+        opts.write(true);
+        mode |= OpenMode::WRITE;
+    } else {
+        // As wasmtime-wasi: opened for reading at least, and its
+        // permissions enforced on later use.
+        opts.read(true);
+        mode |= OpenMode::READ;
+    }
+    opts.follow(if path_flags.contains(PathFlags::SYMLINK_FOLLOW) {
+        FollowSymlinks::Yes
+    } else {
+        FollowSymlinks::No
+    });
+    opts.custom_flags((OFlags::NONBLOCK | OFlags::NOCTTY).bits() as i32);
+    if flags.intersects(
+        DescriptorFlags::FILE_INTEGRITY_SYNC
+            | DescriptorFlags::DATA_INTEGRITY_SYNC
+            | DescriptorFlags::REQUESTED_WRITE_SYNC,
+    ) {
+        return Err(ErrorCode::Unsupported);
+    }
+    if open_flags.contains(OpenFlags::DIRECTORY)
+        && open_flags.intersects(OpenFlags::CREATE | OpenFlags::EXCLUSIVE | OpenFlags::TRUNCATE)
+    {
+        return Err(ErrorCode::Invalid);
+    }
+    if perms.write_not_permitted() && (create || mode.contains(OpenMode::WRITE)) {
+        return Err(ErrorCode::NotPermitted);
+    }
+    Ok((opts, mode))
+}
+
+/// `set-times-at` of `path` under `dir`, following a last symbolic link,
+/// as wasmtime-wasi (cap-primitives) does it: the file opened for writing,
+/// or where that is refused (`EACCES`, `EISDIR`) for reading, and its
+/// times set through the handle (`futimens`); where neither is allowed,
+/// opened as a path handle (`O_PATH`) and its times set through
+/// `/proc/self/fd`. Each open is non-blocking and checked as [`open`]'s
+/// is, so a special file renamed into place after [`special_file`]'s
+/// look-up is refused rather than waited on.
+fn set_times_following(
+    dir: &std::fs::File,
+    perms: FsPerms,
+    path: &str,
+    accessed: NewTimestamp,
+    modified: NewTimestamp,
+) -> Result<(), Refused> {
+    // wasmtime-wasi's order: the times first, then the permission.
+    let times = rustix::fs::Timestamps {
+        last_access: timespec(accessed).map_err(Refused::Code)?,
+        last_modification: timespec(modified).map_err(Refused::Code)?,
+    };
+    if perms.write_not_permitted() {
+        return Err(Refused::Code(ErrorCode::NotPermitted));
+    }
+    let code = |e: std::io::Error| Refused::Code(error_code(e));
+    let rustix_code = |e: Errno| Refused::Code(error_code(e.into()));
+    for how in [OFlags::WRONLY, OFlags::RDONLY, OFlags::PATH] {
+        let mut opts = cap_primitives::fs::OpenOptions::new();
+        if how == OFlags::WRONLY {
+            opts.write(true);
+        } else {
+            opts.read(true);
+        }
+        opts.follow(FollowSymlinks::Yes);
+        let path_only = if how == OFlags::PATH {
+            OFlags::PATH
+        } else {
+            OFlags::empty()
+        };
+        opts.custom_flags((OFlags::NONBLOCK | OFlags::NOCTTY | path_only).bits() as i32);
+        let file = match cap_primitives::fs::open(dir, std::path::Path::new(path), &opts) {
+            Ok(file) => file,
+            Err(e) => match Errno::from_io_error(&e) {
+                Some(Errno::ACCESS) if how != OFlags::PATH => continue,
+                Some(Errno::ISDIR) if how == OFlags::WRONLY => continue,
+                Some(Errno::NXIO) => return Err(Refused::Special),
+                _ => return Err(code(e)),
+            },
+        };
+        let stat = rustix::fs::fstat(&file).map_err(rustix_code)?;
+        if is_special(FileType::from_raw_mode(stat.st_mode)) {
+            return Err(Refused::Special);
+        }
+        return if how == OFlags::PATH {
+            let by_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+            rustix::fs::utimensat(rustix::fs::CWD, by_path, &times, AtFlags::empty())
+                .map_err(rustix_code)
+        } else {
+            rustix::fs::futimens(&file, &times).map_err(rustix_code)
+        };
+    }
+    // Not reached: the path-handle open returns either way.
+    Err(Refused::Code(ErrorCode::Access))
+}
+
+/// A new timestamp as `futimens` takes it: `now` read here, as
+/// wasmtime-wasi reads it; a time past what the kernel can hold is
+/// `overflow`.
+fn timespec(t: NewTimestamp) -> Result<rustix::fs::Timespec, ErrorCode> {
+    let at = match t {
+        NewTimestamp::NoChange => {
+            return Ok(rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_OMIT,
+            })
+        }
+        NewTimestamp::Now => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| ErrorCode::Overflow)?,
+        NewTimestamp::Timestamp(t) => std::time::Duration::new(
+            t.seconds
+                .checked_add(u64::from(t.nanoseconds / 1_000_000_000))
+                .ok_or(ErrorCode::Overflow)?,
+            t.nanoseconds % 1_000_000_000,
+        ),
+    };
+    Ok(rustix::fs::Timespec {
+        tv_sec: i64::try_from(at.as_secs()).map_err(|_| ErrorCode::Overflow)?,
+        tv_nsec: at.subsec_nanos().into(),
+    })
+}
+
+/// The files a tenant's instances hold open (routes with `dirs`), against
+/// its `max_open_files`: each followed through a weak reference to the
+/// file its descriptor and streams share, as an instance's are, so one is
+/// counted until the last of them is dropped, in whichever instance.
+/// Places taken for opens still under way count too, so two instances
+/// opening at once cannot both take the last place.
+#[derive(Debug, Default)]
+pub struct OpenFiles(parking_lot::Mutex<TenantFiles>);
+
+#[derive(Debug, Default)]
+struct TenantFiles {
+    files: Vec<Weak<std::fs::File>>,
+    opening: usize,
+}
+
+/// A place taken for one more open file: given back when dropped, unless
+/// [`Place::keep`] gave it the file opened.
+#[must_use]
+pub struct Place<'a>(&'a OpenFiles);
+
+impl OpenFiles {
+    /// Takes a place for one more open file, or `None` if `max` are open or
+    /// being opened. When the places seem taken, the files closed since are
+    /// let go first: a pass over the files held (at most `max`).
+    pub fn reserve(&self, max: usize) -> Option<Place<'_>> {
+        let mut held = self.0.lock();
+        if held.files.len() + held.opening >= max {
+            held.files.retain(|file| file.strong_count() > 0);
+            if held.files.len() + held.opening >= max {
+                return None;
+            }
+        }
+        held.opening += 1;
+        Some(Place(self))
+    }
+
+    /// How many files are open now.
+    pub fn count(&self) -> usize {
+        let mut held = self.0.lock();
+        held.files.retain(|file| file.strong_count() > 0);
+        held.files.len()
+    }
+}
+
+impl Place<'_> {
+    /// Fills the place with `file`, counted until it is closed.
+    pub fn keep(self, file: Weak<std::fs::File>) {
+        self.0 .0.lock().files.push(file);
+    }
+}
+
+impl Drop for Place<'_> {
+    fn drop(&mut self) {
+        self.0 .0.lock().opening -= 1;
+    }
 }
 
 /// Lists `dir` (a directory handle, possibly path-only), or `None` once
@@ -501,5 +823,297 @@ mod tests {
         // Even an empty listing needs room for itself.
         let handle = path_only(&dir.0);
         assert!(read(&handle, LISTING_COST - 1).expect("read").is_none());
+    }
+
+    /// `f()` on another thread, or a panic if it has not returned within
+    /// five seconds (an open that waits would hang the test otherwise).
+    fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the call waited")
+    }
+
+    fn fifo(path: &Path) {
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            path,
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .expect("mkfifo");
+    }
+
+    #[test]
+    fn opening_a_fifo_returns_at_once_refused_with_or_without_a_peer() {
+        // The look-up before the open would refuse it too; this is what
+        // catches one renamed into place after the look-up. Without a
+        // reader, a write open fails at once (`ENXIO`); with one, it
+        // succeeds and what was opened is checked.
+        let dir = Scratch::new("open-fifo");
+        let pipe = dir.0.join("pipe");
+        fifo(&pipe);
+        for peer in [false, true] {
+            let _reader = peer.then(|| {
+                rustix::fs::open(&pipe, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())
+                    .expect("reader")
+            });
+            for flags in [DescriptorFlags::READ, DescriptorFlags::WRITE] {
+                let handle = path_only(&dir.0);
+                let opened = within_seconds(move || {
+                    open(
+                        &handle,
+                        FsPerms::ReadWrite,
+                        PathFlags::empty(),
+                        "pipe",
+                        OpenFlags::empty(),
+                        flags,
+                    )
+                    .map(|_| "opened")
+                });
+                assert!(
+                    matches!(opened, Err(Refused::Special)),
+                    "peer {peer}, {flags:?}: {opened:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_opened_file_is_a_blocking_file_with_the_mode_asked_for() {
+        let dir = Scratch::new("open-file");
+        std::fs::write(dir.0.join("f.txt"), "x").expect("write");
+        let handle = path_only(&dir.0);
+        let opened = open(
+            &handle,
+            FsPerms::ReadWrite,
+            PathFlags::empty(),
+            "f.txt",
+            OpenFlags::empty(),
+            DescriptorFlags::READ | DescriptorFlags::WRITE,
+        );
+        let Ok(Descriptor::File(file)) = opened else {
+            panic!("not a file: {:?}", opened.map(|_| "a directory"));
+        };
+        assert_eq!(file.open_mode, OpenMode::READ | OpenMode::WRITE);
+        let flags = rustix::fs::fcntl_getfl(&*file.file).expect("getfl");
+        assert!(!flags.contains(OFlags::NONBLOCK), "{flags:?}");
+        assert!(flags.contains(OFlags::RDWR), "{flags:?}");
+    }
+
+    #[test]
+    fn open_answers_as_wasmtime_wasi_for_directories_read_only_grants_links_and_missing_files() {
+        let dir = Scratch::new("open-codes");
+        std::fs::write(dir.0.join("f.txt"), "x").expect("write");
+        std::fs::create_dir(dir.0.join("sub")).expect("dir");
+        std::os::unix::fs::symlink("f.txt", dir.0.join("link")).expect("symlink");
+        let handle = path_only(&dir.0);
+        let at = |perms, follow, path: &str, oflags, flags| {
+            open(&handle, perms, follow, path, oflags, flags)
+        };
+        let (rw, ro) = (FsPerms::ReadWrite, FsPerms::ReadOnly);
+        let (none, follow) = (PathFlags::empty(), PathFlags::SYMLINK_FOLLOW);
+        let read = DescriptorFlags::READ;
+        assert!(matches!(
+            at(rw, none, "sub", OpenFlags::DIRECTORY, read),
+            Ok(Descriptor::Dir(_))
+        ));
+        assert!(matches!(
+            at(rw, none, "f.txt", OpenFlags::DIRECTORY, read),
+            Err(Refused::Code(ErrorCode::NotDirectory))
+        ));
+        assert!(matches!(
+            at(
+                ro,
+                none,
+                "f.txt",
+                OpenFlags::empty(),
+                DescriptorFlags::WRITE
+            ),
+            Err(Refused::Code(ErrorCode::NotPermitted))
+        ));
+        assert!(matches!(
+            at(ro, none, "new.txt", OpenFlags::CREATE, read),
+            Err(Refused::Code(ErrorCode::NotPermitted))
+        ));
+        assert!(matches!(
+            at(rw, none, "missing.txt", OpenFlags::empty(), read),
+            Err(Refused::Code(ErrorCode::NoEntry))
+        ));
+        assert!(matches!(
+            at(rw, follow, "link", OpenFlags::empty(), read),
+            Ok(Descriptor::File(_))
+        ));
+        assert!(matches!(
+            at(rw, none, "link", OpenFlags::empty(), read),
+            Err(Refused::Code(ErrorCode::Loop))
+        ));
+        assert!(matches!(
+            at(rw, none, "../outside", OpenFlags::empty(), read),
+            Err(Refused::Code(ErrorCode::NotPermitted))
+        ));
+        assert!(matches!(
+            at(ro, none, "f.txt", OpenFlags::TRUNCATE, read),
+            Err(Refused::Code(ErrorCode::NotPermitted))
+        ));
+        assert!(matches!(
+            at(
+                rw,
+                none,
+                "f.txt",
+                OpenFlags::empty(),
+                DescriptorFlags::READ | DescriptorFlags::FILE_INTEGRITY_SYNC
+            ),
+            Err(Refused::Code(ErrorCode::Unsupported))
+        ));
+        assert!(matches!(
+            at(
+                rw,
+                none,
+                "sub",
+                OpenFlags::DIRECTORY | OpenFlags::TRUNCATE,
+                read
+            ),
+            Err(Refused::Code(ErrorCode::Invalid))
+        ));
+        // No flags: opened for reading, as wasmtime-wasi does.
+        let Ok(Descriptor::File(file)) = at(
+            rw,
+            none,
+            "f.txt",
+            OpenFlags::empty(),
+            DescriptorFlags::empty(),
+        ) else {
+            panic!("not a file");
+        };
+        assert_eq!(file.open_mode, OpenMode::READ);
+        let Ok(Descriptor::File(file)) = at(rw, none, "f.txt", OpenFlags::TRUNCATE, read) else {
+            panic!("not a file");
+        };
+        assert_eq!(file.open_mode, OpenMode::READ | OpenMode::WRITE);
+        assert!(matches!(
+            at(
+                rw,
+                none,
+                "new.txt",
+                OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+                read
+            ),
+            Ok(Descriptor::File(_))
+        ));
+        assert!(matches!(
+            at(
+                rw,
+                none,
+                "new.txt",
+                OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+                read
+            ),
+            Err(Refused::Code(ErrorCode::Exist))
+        ));
+    }
+
+    #[test]
+    fn setting_times_through_a_link_to_a_fifo_returns_at_once_refused_with_or_without_a_peer() {
+        let dir = Scratch::new("times-fifo");
+        let pipe = dir.0.join("pipe");
+        fifo(&pipe);
+        std::os::unix::fs::symlink("pipe", dir.0.join("link")).expect("symlink");
+        for peer in [false, true] {
+            let _reader = peer.then(|| {
+                rustix::fs::open(&pipe, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())
+                    .expect("reader")
+            });
+            let handle = path_only(&dir.0);
+            let set = within_seconds(move || {
+                set_times_following(
+                    &handle,
+                    FsPerms::ReadWrite,
+                    "link",
+                    NewTimestamp::Now,
+                    NewTimestamp::Now,
+                )
+            });
+            assert!(matches!(set, Err(Refused::Special)), "peer {peer}: {set:?}");
+        }
+    }
+
+    #[test]
+    fn setting_times_through_a_link_sets_the_targets_times_and_leaves_no_change_alone() {
+        use wasmtime_wasi::p2::bindings::sync::clocks::wall_clock::Datetime;
+        let dir = Scratch::new("times-file");
+        let target = dir.0.join("f.txt");
+        std::fs::write(&target, "x").expect("write");
+        std::os::unix::fs::symlink("f.txt", dir.0.join("link")).expect("symlink");
+        let since_epoch = |t: std::io::Result<std::time::SystemTime>| {
+            t.expect("time")
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+        };
+        let accessed_before = since_epoch(std::fs::metadata(&target).expect("stat").accessed());
+        let handle = path_only(&dir.0);
+        // Nanoseconds of a second or more carry into the seconds.
+        let at = NewTimestamp::Timestamp(Datetime {
+            seconds: 1_000_000_000,
+            nanoseconds: 1_000_000_005,
+        });
+        let set = set_times_following(
+            &handle,
+            FsPerms::ReadWrite,
+            "link",
+            NewTimestamp::NoChange,
+            at,
+        );
+        assert!(matches!(set, Ok(())), "{set:?}");
+        let meta = std::fs::metadata(&target).expect("stat");
+        assert_eq!(
+            since_epoch(meta.modified()),
+            std::time::Duration::new(1_000_000_001, 5)
+        );
+        assert_eq!(since_epoch(meta.accessed()), accessed_before);
+        let far = NewTimestamp::Timestamp(Datetime {
+            seconds: u64::MAX,
+            nanoseconds: 0,
+        });
+        let overflow = set_times_following(&handle, FsPerms::ReadWrite, "link", far, at);
+        assert!(
+            matches!(overflow, Err(Refused::Code(ErrorCode::Overflow))),
+            "{overflow:?}"
+        );
+        let refused = set_times_following(&handle, FsPerms::ReadOnly, "link", at, at);
+        assert!(matches!(
+            refused,
+            Err(Refused::Code(ErrorCode::NotPermitted))
+        ));
+    }
+
+    #[test]
+    fn a_tenants_open_files_are_counted_until_closed_and_places_being_opened_count_too() {
+        let files = OpenFiles::default();
+        let kept: Vec<Arc<std::fs::File>> = (0..2)
+            .map(|_| Arc::new(std::fs::File::open("/dev/null").expect("open")))
+            .collect();
+        for file in &kept {
+            files
+                .reserve(3)
+                .expect("a place")
+                .keep(Arc::downgrade(file));
+        }
+        // A place being opened counts: the third is taken, a fourth is not.
+        let third = files.reserve(3).expect("the third place");
+        assert!(files.reserve(3).is_none());
+        // Given back unused, the place is free again.
+        drop(third);
+        assert_eq!(files.count(), 2);
+        let again = files.reserve(3).expect("the third place, given back");
+        assert!(files.reserve(3).is_none());
+        drop(again);
+        // A closed file gives its place back.
+        drop(kept);
+        assert_eq!(files.count(), 0);
+        assert!(files.reserve(1).is_some());
     }
 }

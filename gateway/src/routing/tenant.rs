@@ -1,8 +1,8 @@
 //! A tenant as it runs: its name, the quotas of the config version that
 //! installed it, and its [`Usage`] (open connections, live instances,
-//! linear memory, CPU and host-call rates), which is shared by all its
-//! routes and kept across reloads, so that a reload never resets what a
-//! tenant is using.
+//! linear memory, open files, CPU and host-call rates), which is shared by
+//! all its routes and kept across reloads, so that a reload never resets
+//! what a tenant is using.
 //!
 //! The top-level `[[route]]`s form the default tenant, named
 //! [`DEFAULT_TENANT`], whose only caps are the server's.
@@ -36,6 +36,9 @@ pub struct Counts {
     pub instances: AtomicUsize,
     /// Linear memory of its live instances, in bytes.
     pub memory: AtomicUsize,
+    /// Files and directories its instances hold open (routes with `dirs`),
+    /// against `max_open_files`.
+    pub files: crate::plugin::filesystem::OpenFiles,
     /// Errors about its instances (refused, failed to start, memory
     /// refused): logged at most once a second.
     pub instance_errors: LogThrottle,
