@@ -328,7 +328,7 @@ pub enum Refused {
 /// then cleared, so reads and writes behave as wasmtime-wasi's. This
 /// closes the race between [`special_file`]'s look-up and the open. One
 /// difference remains: a regular file on which another process holds a
-/// lease (`F_SETLEASE`) fails at once with `would-block` where
+/// lease (`F_SETLEASE`) fails at once (a trial saw `io`) where
 /// wasmtime-wasi's open would wait for the lease to be broken. Runs on
 /// the calling thread, which on routes with `dirs` is handed off.
 pub fn open(
