@@ -1062,7 +1062,7 @@ async fn a_tenants_instances_together_cannot_hold_more_than_its_max_open_files()
     let answer = command(&mut a2, "opens 30 f.txt").await;
     assert!(answer.starts_with("ok opened 20 stopped "), "{answer}");
     assert!(answer.contains("insufficient-memory"), "{answer}");
-    let line = gw.wait_log("max_open_files");
+    let line = gw.wait_log("hold max_open_files (50) files");
     assert!(line.contains("tenant=attacker"), "{line}");
     assert!(line.contains("route=/files"), "{line}");
     // Both connections still work; the other tenant, with the same path,

@@ -330,15 +330,56 @@ async fn fragments_mode_checks_text_across_fragments() {
 
 #[test]
 fn a_gateway_whose_open_file_limit_cannot_hold_max_connections_says_so_at_start() {
+    let warning = open_file_warning(
+        "nofile",
+        "[server]\nmax_connections = 5000\n\n[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n",
+    );
+    // The soft limit (200) was raised to the hard one (600).
+    assert!(
+        warning.contains("the open-file limit (RLIMIT_NOFILE) is 600: about 344 connections fit, but max_connections is 5000"),
+        "{warning}"
+    );
+    assert!(
+        warning.contains("to 5256 or lower max_connections"),
+        "{warning}"
+    );
+}
+
+#[test]
+fn the_open_file_check_at_start_counts_the_files_of_tenants_with_dirs_routes() {
+    // 100 sockets fit in 344 alone; with the 300 files of the one tenant
+    // whose route grants `dirs` they do not. The other tenant's
+    // max_open_files does not count: it has no such route.
+    let data = scratch("nofile-dirs-data");
+    let config = format!(
+        "[server]\nmax_connections = 100\n\n\
+         [[tenant]]\nname = \"files\"\nhosts = [\"files.test\"]\nmax_open_files = 300\n\n\
+         [[tenant.route]]\npath = \"/f\"\nplugin = \"builtin:echo\"\n\
+         dirs = [{{ host = \"{}\", guest = \"/data\" }}]\n\n\
+         [[tenant]]\nname = \"plain\"\nhosts = [\"plain.test\"]\nmax_open_files = 5000\n\n\
+         [[tenant.route]]\npath = \"/f\"\nplugin = \"builtin:echo\"\n",
+        data.display()
+    );
+    let warning = open_file_warning("nofile-dirs", &config);
+    assert!(
+        warning.contains("max_connections is 100 and the plugins of routes granting `dirs` may hold 300 files open"),
+        "{warning}"
+    );
+    assert!(
+        warning.contains("to 656, lower max_connections"),
+        "{warning}"
+    );
+}
+
+/// The first log line about `RLIMIT_NOFILE` of a gateway serving `config`
+/// (written to a scratch folder named `name`) with an open-file limit of
+/// 200, hard limit 600.
+fn open_file_warning(name: &str, config: &str) -> String {
     use std::io::{BufRead, BufReader};
     use std::os::unix::process::CommandExt;
-    let dir = scratch("nofile");
+    let dir = scratch(name);
     let file = dir.join("gateway.toml");
-    std::fs::write(
-        &file,
-        "[server]\nmax_connections = 5000\n\n[[route]]\npath = \"/echo\"\nplugin = \"builtin:echo\"\n",
-    )
-    .unwrap();
+    std::fs::write(&file, config).unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wasmgate"));
     cmd.args([
         "serve",
@@ -389,13 +430,5 @@ fn a_gateway_whose_open_file_limit_cannot_hold_max_connections_says_so_at_start(
     };
     let _ = child.kill();
     let _ = child.wait();
-    // The soft limit (200) was raised to the hard one (600).
-    assert!(
-        warning.contains("the open-file limit (RLIMIT_NOFILE) is 600: about 344 connections fit, but max_connections is 5000"),
-        "{warning}"
-    );
-    assert!(
-        warning.contains("to 5256 or lower max_connections"),
-        "{warning}"
-    );
+    warning
 }

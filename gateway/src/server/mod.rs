@@ -249,7 +249,11 @@ impl Gateway {
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> bool {
         let shared = self.shared;
         check_map_count(shared.settings.max_connections);
-        check_open_files(shared.settings.max_connections);
+        let files = plugin_files(
+            shared.router.load().routes(),
+            shared.settings.max_connections,
+        );
+        check_open_files(shared.settings.max_connections, files);
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -365,13 +369,41 @@ fn check_map_count(max_connections: usize) {
 /// watched files, plugin files and directories, Redis, logs).
 const FILES_HEADROOM: u64 = 256;
 
+/// The most files the plugins of `routes` may hold open at once: for each
+/// tenant with a route that grants `dirs`, its `max_open_files`, or
+/// without one [`MAX_OPEN_FILES`](crate::plugin::filesystem::MAX_OPEN_FILES)
+/// per connection it may have (its `max_connections`, or the server's).
+fn plugin_files(routes: &[Arc<Route>], max_connections: usize) -> u64 {
+    let mut counted: Vec<&str> = Vec::new();
+    let mut files: u64 = 0;
+    let versions: Vec<_> = routes.iter().map(|r| r.current()).collect();
+    for version in &versions {
+        let tenant = &version.tenant;
+        if version.settings.dirs.is_empty() || counted.contains(&&*tenant.name) {
+            continue;
+        }
+        counted.push(&*tenant.name);
+        let bound = tenant.quotas.max_open_files.unwrap_or_else(|| {
+            let connections = tenant
+                .quotas
+                .max_connections
+                .unwrap_or(max_connections)
+                .min(max_connections);
+            connections.saturating_mul(crate::plugin::filesystem::MAX_OPEN_FILES)
+        });
+        files = files.saturating_add(bound as u64);
+    }
+    files
+}
+
 /// Raises the soft open-file limit (`RLIMIT_NOFILE`) to the hard one, as
 /// servers do (the soft default, often 1,024, would refuse connections long
 /// before `max_connections`), and warns, once at start, when even the hard
-/// limit cannot hold `max_connections` sockets: accepts past it fail and
-/// are retried until a connection closes. Says how many fit and how to
-/// raise it.
-fn check_open_files(max_connections: usize) {
+/// limit cannot hold `max_connections` sockets and the `files` plugins may
+/// hold open ([`plugin_files`]): accepts past it fail and are retried until
+/// a connection closes, and plugins' opens fail. Says how many fit and how
+/// to raise it.
+fn check_open_files(max_connections: usize, files: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -392,13 +424,28 @@ fn check_open_files(max_connections: usize) {
     }
     let limit: u64 = lim.rlim_cur;
     let fits = limit.saturating_sub(FILES_HEADROOM);
-    if (max_connections as u64) > fits {
+    let needed = (max_connections as u64).saturating_add(files);
+    if needed <= fits {
+        return;
+    }
+    let raise = "Raise the hard limit (LimitNOFILE= in a systemd unit, `ulimit -Hn` as root, \
+                 nofile in /etc/security/limits.conf)";
+    if files == 0 {
         tracing::warn!(
             "the open-file limit (RLIMIT_NOFILE) is {limit}: about {fits} connections fit, but \
              max_connections is {max_connections}; accepts past that wait until a connection \
-             closes. Raise the hard limit (LimitNOFILE= in a systemd unit, `ulimit -Hn` as \
-             root, nofile in /etc/security/limits.conf) to {} or lower max_connections",
-            max_connections as u64 + FILES_HEADROOM
+             closes. {raise} to {} or lower max_connections",
+            needed + FILES_HEADROOM
+        );
+    } else {
+        tracing::warn!(
+            "the open-file limit (RLIMIT_NOFILE) is {limit}: about {fits} descriptors are left \
+             for connections and plugins' files, but max_connections is {max_connections} and \
+             the plugins of routes granting `dirs` may hold {files} files open (64 per \
+             connection, or a tenant's max_open_files; top-level routes have no such bound); \
+             past the limit accepts wait and opens fail. {raise} to {}, lower max_connections \
+             or set the tenants' max_open_files",
+            needed.saturating_add(FILES_HEADROOM)
         );
     }
 }
