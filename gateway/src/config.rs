@@ -492,6 +492,10 @@ pub struct RouteSettings {
     pub env: Vec<EnvGrant>,
     /// Host directories the plugin sees (none by default).
     pub dirs: Vec<DirGrant>,
+    /// Most files and directories the route's instances hold open at once
+    /// through WASI (`None`: 64 per instance, within its tenant's
+    /// `max_open_files`); the open past it fails with `insufficient-memory`.
+    pub max_open_files: Option<usize>,
     /// permessage-deflate (RFC 7692) when clients offer it (`None`: off,
     /// the default).
     pub compression: Option<crate::protocol::deflate::DeflateSettings>,
@@ -1143,6 +1147,7 @@ const ROUTE_KEYS: &[&str] = &[
     "hibernate_after",
     "env",
     "dirs",
+    "max_open_files",
     "compression",
     "compression_min_size",
     "compression_level",
@@ -1316,6 +1321,7 @@ struct RawRoute {
     hibernate_after: Option<Option<Duration>>,
     env: Vec<EnvGrant>,
     dirs: Vec<DirGrant>,
+    max_open_files: Option<usize>,
     compression: Option<bool>,
     compression_min_size: Option<usize>,
     compression_level: Option<usize>,
@@ -1812,6 +1818,7 @@ impl Parser<'_> {
                 }
                 "env" => r.env = self.env(key, at, v),
                 "dirs" => r.dirs = self.dirs(key, at, v),
+                "max_open_files" => r.max_open_files = self.count(key, at, v, 1),
                 "compression" => r.compression = self.value::<OnOff>(key, at, v).map(|o| o.0),
                 "compression_min_size" => {
                     r.compression_min_size = self.size(key, at, v, 0, usize::MAX)
@@ -2095,6 +2102,7 @@ impl Parser<'_> {
             tenant: tenant.map(str::to_owned),
             env: r.env,
             dirs,
+            max_open_files: r.max_open_files,
             compression: r.compression.unwrap_or(false).then(|| {
                 crate::protocol::deflate::DeflateSettings {
                     min_size: r
@@ -3557,6 +3565,7 @@ mod tests {
              max_connections = 10\ncpu_budget = \"200ms/s\"\nmax_memory_total = \"64MiB\"\n\
              max_open_files = 300\n\n\
              [[tenant.route]]\npath = \"/chat\"\nplugin = \"b.wasm\"\nmax_messages_per_second = 5\n\
+             max_open_files = 20\n\
              env = [\"HOME\", \"MODE=prod\"]\n",
         )
         .expect("valid");
@@ -3564,6 +3573,8 @@ mod tests {
         assert_eq!(c.routes[0].tenant, None);
         assert_eq!(c.routes[1].tenant.as_deref(), Some("acme"));
         assert_eq!(c.routes[1].limits.max_messages_per_second, Some(5));
+        assert_eq!(c.routes[1].max_open_files, Some(20));
+        assert_eq!(c.routes[0].max_open_files, None);
         assert_eq!(c.routes[1].env[1].value.as_deref(), Some("prod"));
         let t = &c.tenants[0];
         assert_eq!(t.hosts, ["chat.acme.com", "*.acme.org"]);

@@ -1094,6 +1094,44 @@ async fn a_tenants_instances_together_cannot_hold_more_than_its_max_open_files()
     }
 }
 
+#[tokio::test]
+async fn a_routes_instances_together_cannot_hold_more_than_its_max_open_files() {
+    // A top-level route (no tenant quotas) bounded on its own.
+    let dir = scratch("hostile-route-files-data");
+    std::fs::write(dir.join("f.txt"), "x").expect("write");
+    let config = format!("{}max_open_files = 10\n", files_route("/files", &dir, true));
+    let gw = Gateway::start("hostile-route-files", &config);
+    let mut c1 = connect(&gw.url("/files")).await;
+    let mut c2 = connect(&gw.url("/files")).await;
+    assert_eq!(
+        command(&mut c1, "opens 6 f.txt").await,
+        "ok opened 6 stopped none"
+    );
+    let answer = command(&mut c2, "opens 6 f.txt").await;
+    assert!(answer.starts_with("ok opened 4 stopped "), "{answer}");
+    assert!(answer.contains("insufficient-memory"), "{answer}");
+    let line = gw.wait_log("the route's instances hold max_open_files (10) files");
+    assert!(line.contains("route=/files"), "{line}");
+    // Full: not even an open that closes at once gets a place...
+    let answer = command(&mut c2, "opens-closed 1 f.txt").await;
+    assert!(answer.starts_with("ok opened 0 stopped "), "{answer}");
+    // ...until the first connection's files go with its instance.
+    c1.close(None).await.expect("close");
+    drop(c1);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let answer = command(&mut c2, "opens-closed 20 f.txt").await;
+        if answer == "ok opened 20 stopped none" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the closed connection's files never came back: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A route at `path` serving the test plugin, granted `dir` as `/data`.
 fn files_route(path: &str, dir: &std::path::Path, read_only: bool) -> String {
     format!(

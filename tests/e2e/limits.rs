@@ -346,27 +346,31 @@ fn a_gateway_whose_open_file_limit_cannot_hold_max_connections_says_so_at_start(
 }
 
 #[test]
-fn the_open_file_check_at_start_counts_the_files_of_tenants_with_dirs_routes() {
-    // 100 sockets fit in 344 alone; with the 300 files of the one tenant
-    // whose route grants `dirs` they do not. The other tenant's
-    // max_open_files does not count: it has no such route.
+fn the_open_file_check_at_start_counts_the_files_routes_granting_dirs_may_hold() {
+    // 100 sockets fit in 344 alone; with the files of the routes that
+    // grant `dirs` they do not: the top-level route's 40, and the 300 of
+    // the tenant (its route alone could hold 64 for each of 100
+    // connections). The other tenant's max_open_files does not count: it
+    // has no such route.
     let data = scratch("nofile-dirs-data");
     let config = format!(
         "[server]\nmax_connections = 100\n\n\
+         [[route]]\npath = \"/top\"\nplugin = \"builtin:echo\"\nmax_open_files = 40\n\
+         dirs = [{{ host = \"{0}\", guest = \"/data\" }}]\n\n\
          [[tenant]]\nname = \"files\"\nhosts = [\"files.test\"]\nmax_open_files = 300\n\n\
          [[tenant.route]]\npath = \"/f\"\nplugin = \"builtin:echo\"\n\
-         dirs = [{{ host = \"{}\", guest = \"/data\" }}]\n\n\
+         dirs = [{{ host = \"{0}\", guest = \"/data\" }}]\n\n\
          [[tenant]]\nname = \"plain\"\nhosts = [\"plain.test\"]\nmax_open_files = 5000\n\n\
          [[tenant.route]]\npath = \"/f\"\nplugin = \"builtin:echo\"\n",
         data.display()
     );
     let warning = open_file_warning("nofile-dirs", &config);
     assert!(
-        warning.contains("max_connections is 100 and the plugins of routes granting `dirs` may hold 300 files open"),
+        warning.contains("max_connections is 100 and the plugins of routes granting `dirs` may hold 340 files open"),
         "{warning}"
     );
     assert!(
-        warning.contains("to 656, lower max_connections"),
+        warning.contains("to 696, lower max_connections"),
         "{warning}"
     );
 }

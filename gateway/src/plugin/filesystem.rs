@@ -2,8 +2,8 @@
 //! defines itself, over wasmtime-wasi's: directory listings, whose memory
 //! is bounded, and opening a file, which refuses special files and holds
 //! at most [`MAX_OPEN_FILES`] of the gateway's file descriptors per
-//! instance (and a tenant's `max_open_files`). Only routes that grant
-//! `dirs` have a filesystem.
+//! instance (and a route's or tenant's `max_open_files`). Only routes that
+//! grant `dirs` have a filesystem.
 //!
 //! **Listings.** `descriptor.read-directory` returns a
 //! `directory-entry-stream`, read entry by entry with
@@ -48,8 +48,8 @@
 //! file descriptors; an instance may hold [`MAX_OPEN_FILES`] at once. The
 //! files an instance opened are followed through weak references to the
 //! file its descriptor and streams share, so one is counted until the last
-//! of them is dropped. A tenant with `max_open_files` has its instances'
-//! files counted together the same way ([`OpenFiles`]).
+//! of them is dropped. A route or tenant with `max_open_files` has its
+//! instances' files counted together the same way ([`OpenFiles`]).
 
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::{Arc, Weak};
@@ -272,23 +272,35 @@ fn open_at(
         );
         return Ok((Err(ErrorCode::InsufficientMemory),));
     }
-    let tenant = state.scope().tenant.clone();
-    let place = match tenant.quotas.max_open_files {
-        None => None,
-        Some(max) => match tenant.counts.files.reserve(max) {
-            Some(place) => Some(place),
+    // The route's bound, then its tenant's: a place in each that has one.
+    let scope = state.scope().clone();
+    let mut places = Vec::new();
+    let bounds = [
+        scope
+            .files
+            .as_ref()
+            .map(|(files, max)| (&**files, *max, "route")),
+        scope
+            .tenant
+            .quotas
+            .max_open_files
+            .map(|max| (&scope.tenant.counts.files, max, "tenant")),
+    ];
+    for (files, max, whose) in bounds.into_iter().flatten() {
+        match files.reserve(max) {
+            Some(place) => places.push(place),
             None => {
-                if let Some(suppressed) = tenant.counts.instance_errors.admit() {
+                if let Some(suppressed) = scope.tenant.counts.instance_errors.admit() {
                     tracing::warn!(
-                        tenant = %tenant.name, route = %state.scope().route,
+                        tenant = %scope.tenant.name, route = %scope.route,
                         conn = state.conn_id(), path, suppressed,
-                        "a plugin's open was refused: the tenant's instances hold max_open_files ({max}) files"
+                        "a plugin's open was refused: the {whose}'s instances hold max_open_files ({max}) files"
                     );
                 }
                 return Ok((Err(ErrorCode::InsufficientMemory),));
             }
-        },
-    };
+        }
+    }
     let opened = match open(&dir, perms, path_flags, path, open_flags, flags) {
         Ok(opened) => opened,
         Err(Refused::Special) => return Ok((Err(refuse_special(state, path)),)),
@@ -299,7 +311,7 @@ fn open_at(
         Descriptor::Dir(d) => Arc::downgrade(&d.dir),
     };
     let handle = state.table().push(opened)?;
-    if let Some(place) = place {
+    for place in places {
         place.keep(shared.clone());
     }
     state.held.files.push(shared);
@@ -522,17 +534,17 @@ fn timespec(t: NewTimestamp) -> Result<rustix::fs::Timespec, ErrorCode> {
     })
 }
 
-/// The files a tenant's instances hold open (routes with `dirs`), against
-/// its `max_open_files`: each followed through a weak reference to the
-/// file its descriptor and streams share, as an instance's are, so one is
-/// counted until the last of them is dropped, in whichever instance.
-/// Places taken for opens still under way count too, so two instances
-/// opening at once cannot both take the last place.
+/// The files a route's or a tenant's instances hold open (routes with
+/// `dirs`), against its `max_open_files`: each followed through a weak
+/// reference to the file its descriptor and streams share, as an
+/// instance's are, so one is counted until the last of them is dropped, in
+/// whichever instance. Places taken for opens still under way count too,
+/// so two instances opening at once cannot both take the last place.
 #[derive(Debug, Default)]
-pub struct OpenFiles(parking_lot::Mutex<TenantFiles>);
+pub struct OpenFiles(parking_lot::Mutex<FilesHeld>);
 
 #[derive(Debug, Default)]
-struct TenantFiles {
+struct FilesHeld {
     files: Vec<Weak<std::fs::File>>,
     opening: usize,
 }

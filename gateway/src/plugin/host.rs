@@ -43,6 +43,9 @@ pub struct Scope {
     pub env: Vec<EnvGrant>,
     /// Host directories granted to the plugin.
     pub dirs: Vec<DirGrant>,
+    /// The files the route's instances hold open, and the route's
+    /// `max_open_files` (`None`: the route has no such bound).
+    pub files: Option<(Arc<crate::plugin::filesystem::OpenFiles>, usize)>,
     /// Whether the route's calls have been running long.
     pub long_calls: crate::plugin::deadline::LongCallHint,
     /// The route's metrics (`None` for a plugin instantiated to check it).
@@ -62,6 +65,7 @@ impl Scope {
             limits: Limits::default(),
             env: Vec::new(),
             dirs: Vec::new(),
+            files: None,
             long_calls: Default::default(),
             metrics: None,
         }

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Isolation, RouteSettings};
 use crate::hub::Hub;
+use crate::plugin::filesystem::OpenFiles;
 use crate::plugin::host::Scope;
 use crate::plugin::shared::SharedInstance;
 use crate::plugin::Plugin;
@@ -46,6 +47,9 @@ pub struct Route {
     pub label: String,
     /// Connections, rooms and metadata of this route; kept across versions.
     pub hub: Arc<Hub>,
+    /// Files its instances hold open (against a route `max_open_files`);
+    /// kept across versions.
+    pub files: Arc<OpenFiles>,
     current: ArcSwap<RouteVersion>,
     last_version: AtomicU64,
     active: AtomicUsize,
@@ -64,8 +68,12 @@ impl Route {
         };
         let hub = Arc::new(Hub::for_route(tenant_name.as_deref(), &path));
         let metrics = crate::metrics::Metrics::global().route(tenant_name.as_deref(), &path);
+        let files = Arc::new(OpenFiles::default());
         Route {
-            current: ArcSwap::from_pointee(version(settings, plugin, tenant, &hub, &metrics, 1)),
+            current: ArcSwap::from_pointee(version(
+                settings, plugin, tenant, &hub, &files, &metrics, 1,
+            )),
+            files,
             metrics,
             path,
             tenant: tenant_name,
@@ -97,6 +105,7 @@ impl Route {
             plugin,
             tenant,
             &self.hub,
+            &self.files,
             &self.metrics,
             n,
         ));
@@ -122,6 +131,7 @@ fn version(
     plugin: Arc<Plugin>,
     tenant: Arc<Tenant>,
     hub: &Arc<Hub>,
+    files: &Arc<OpenFiles>,
     metrics: &crate::metrics::RouteMetrics,
     n: u64,
 ) -> RouteVersion {
@@ -134,6 +144,7 @@ fn version(
         limits: settings.limits.clone(),
         env: settings.env.clone(),
         dirs: settings.dirs.clone(),
+        files: settings.max_open_files.map(|max| (files.clone(), max)),
         long_calls: Default::default(),
         metrics: Some(metrics.clone()),
     });

@@ -369,31 +369,37 @@ fn check_map_count(max_connections: usize) {
 /// watched files, plugin files and directories, Redis, logs).
 const FILES_HEADROOM: u64 = 256;
 
-/// The most files the plugins of `routes` may hold open at once: for each
-/// tenant with a route that grants `dirs`, its `max_open_files`, or
-/// without one [`MAX_OPEN_FILES`](crate::plugin::filesystem::MAX_OPEN_FILES)
-/// per connection it may have (its `max_connections`, or the server's).
+/// The most files the plugins of `routes` may hold open at once. Per
+/// route that grants `dirs`: its `max_open_files`, or without one
+/// [`MAX_OPEN_FILES`](crate::plugin::filesystem::MAX_OPEN_FILES) per
+/// connection it may have (the least of its, its tenant's and the server's
+/// `max_connections`); per tenant, the sum of its routes' or its own
+/// `max_open_files`, whichever is less.
 fn plugin_files(routes: &[Arc<Route>], max_connections: usize) -> u64 {
-    let mut counted: Vec<&str> = Vec::new();
-    let mut files: u64 = 0;
     let versions: Vec<_> = routes.iter().map(|r| r.current()).collect();
-    for version in &versions {
+    // (tenant name, its max_open_files, the sum of its routes' bounds)
+    let mut tenants: Vec<(&str, Option<usize>, u64)> = Vec::new();
+    for version in versions.iter().filter(|v| !v.settings.dirs.is_empty()) {
         let tenant = &version.tenant;
-        if version.settings.dirs.is_empty() || counted.contains(&&*tenant.name) {
-            continue;
-        }
-        counted.push(&*tenant.name);
-        let bound = tenant.quotas.max_open_files.unwrap_or_else(|| {
-            let connections = tenant
-                .quotas
-                .max_connections
-                .unwrap_or(max_connections)
-                .min(max_connections);
+        let route = version.settings.max_open_files.unwrap_or_else(|| {
+            let connections = [
+                version.settings.max_connections,
+                tenant.quotas.max_connections,
+            ]
+            .into_iter()
+            .flatten()
+            .fold(max_connections, usize::min);
             connections.saturating_mul(crate::plugin::filesystem::MAX_OPEN_FILES)
         });
-        files = files.saturating_add(bound as u64);
+        match tenants.iter_mut().find(|t| t.0 == &*tenant.name) {
+            Some(t) => t.2 = t.2.saturating_add(route as u64),
+            None => tenants.push((&tenant.name, tenant.quotas.max_open_files, route as u64)),
+        }
     }
-    files
+    tenants
+        .iter()
+        .map(|&(_, max, routes)| max.map_or(routes, |m| routes.min(m as u64)))
+        .fold(0, u64::saturating_add)
 }
 
 /// Raises the soft open-file limit (`RLIMIT_NOFILE`) to the hard one, as
@@ -442,9 +448,8 @@ fn check_open_files(max_connections: usize, files: u64) {
             "the open-file limit (RLIMIT_NOFILE) is {limit}: about {fits} descriptors are left \
              for connections and plugins' files, but max_connections is {max_connections} and \
              the plugins of routes granting `dirs` may hold {files} files open (64 per \
-             connection, or a tenant's max_open_files; top-level routes have no such bound); \
-             past the limit accepts wait and opens fail. {raise} to {}, lower max_connections \
-             or set the tenants' max_open_files",
+             connection, or the routes' and tenants' max_open_files); past the limit accepts \
+             wait and opens fail. {raise} to {}, lower max_connections or set max_open_files",
             needed.saturating_add(FILES_HEADROOM)
         );
     }
