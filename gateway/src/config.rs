@@ -493,8 +493,9 @@ pub struct RouteSettings {
     /// Host directories the plugin sees (none by default).
     pub dirs: Vec<DirGrant>,
     /// Most files and directories the route's instances hold open at once
-    /// through WASI (`None`: 64 per instance, within its tenant's
-    /// `max_open_files`); the open past it fails with `insufficient-memory`.
+    /// through WASI (`None`: no bound but each instance's 64 and the
+    /// tenant's `max_open_files`); the open past it fails with
+    /// `insufficient-memory`. Only with `dirs`.
     pub max_open_files: Option<usize>,
     /// permessage-deflate (RFC 7692) when clients offer it (`None`: off,
     /// the default).
@@ -1321,7 +1322,8 @@ struct RawRoute {
     hibernate_after: Option<Option<Duration>>,
     env: Vec<EnvGrant>,
     dirs: Vec<DirGrant>,
-    max_open_files: Option<usize>,
+    /// The value and the offset of its key.
+    max_open_files: Option<(usize, usize)>,
     compression: Option<bool>,
     compression_min_size: Option<usize>,
     compression_level: Option<usize>,
@@ -1818,7 +1820,7 @@ impl Parser<'_> {
                 }
                 "env" => r.env = self.env(key, at, v),
                 "dirs" => r.dirs = self.dirs(key, at, v),
-                "max_open_files" => r.max_open_files = self.count(key, at, v, 1),
+                "max_open_files" => r.max_open_files = self.count(key, at, v, 1).map(|n| (n, at)),
                 "compression" => r.compression = self.value::<OnOff>(key, at, v).map(|o| o.0),
                 "compression_min_size" => {
                     r.compression_min_size = self.size(key, at, v, 0, usize::MAX)
@@ -2053,6 +2055,14 @@ impl Parser<'_> {
                 None
             }
         };
+        if let (Some((_, key_at)), true) = (r.max_open_files, r.dirs.is_empty()) {
+            self.error(
+                key_at,
+                "max_open_files: the route grants no `dirs`, and the bound is on the files \
+                 its plugin opens in them"
+                    .to_owned(),
+            );
+        }
         if r.plugin.is_none() && !r.has_plugin {
             let route = path
                 .as_deref()
@@ -2102,7 +2112,7 @@ impl Parser<'_> {
             tenant: tenant.map(str::to_owned),
             env: r.env,
             dirs,
-            max_open_files: r.max_open_files,
+            max_open_files: r.max_open_files.map(|(n, _)| n),
             compression: r.compression.unwrap_or(false).then(|| {
                 crate::protocol::deflate::DeflateSettings {
                     min_size: r
@@ -3507,6 +3517,11 @@ mod tests {
             error(&format!("{ROUTE}max_connections = 0\n")),
             "4: max_connections: must be at least 1, found 0"
         );
+        assert_eq!(
+            error(&format!("{ROUTE}max_open_files = 5\n")),
+            "4: max_open_files: the route grants no `dirs`, and the bound is on the files its \
+             plugin opens in them"
+        );
         let c = parse(&format!(
             "[server]\nmax_header_size = \"8KiB\"\nthreads = 100000\n[sandbox]\nmax_memory = \"4GiB\"\n{ROUTE}"
         ))
@@ -3565,7 +3580,7 @@ mod tests {
              max_connections = 10\ncpu_budget = \"200ms/s\"\nmax_memory_total = \"64MiB\"\n\
              max_open_files = 300\n\n\
              [[tenant.route]]\npath = \"/chat\"\nplugin = \"b.wasm\"\nmax_messages_per_second = 5\n\
-             max_open_files = 20\n\
+             max_open_files = 20\ndirs = [{ host = \".\", guest = \"/data\" }]\n\
              env = [\"HOME\", \"MODE=prod\"]\n",
         )
         .expect("valid");

@@ -1052,7 +1052,7 @@ async fn a_tenants_instances_together_cannot_hold_more_than_its_max_open_files()
     for _ in 0..60 {
         let answer = command(&mut a1, "opens 1 missing.txt").await;
         assert!(answer.starts_with("ok opened 0 stopped "), "{answer}");
-        assert!(!answer.ends_with("none"), "{answer}");
+        assert!(answer.contains("no-entry"), "{answer}");
     }
     assert_eq!(
         command(&mut a1, "opens 30 f.txt").await,
@@ -1062,7 +1062,7 @@ async fn a_tenants_instances_together_cannot_hold_more_than_its_max_open_files()
     let answer = command(&mut a2, "opens 30 f.txt").await;
     assert!(answer.starts_with("ok opened 20 stopped "), "{answer}");
     assert!(answer.contains("insufficient-memory"), "{answer}");
-    let line = gw.wait_log("hold max_open_files (50) files");
+    let line = gw.wait_log("the tenant's instances are at its max_open_files (50)");
     assert!(line.contains("tenant=attacker"), "{line}");
     assert!(line.contains("route=/files"), "{line}");
     // Both connections still work; the other tenant, with the same path,
@@ -1110,7 +1110,7 @@ async fn a_routes_instances_together_cannot_hold_more_than_its_max_open_files() 
     let answer = command(&mut c2, "opens 6 f.txt").await;
     assert!(answer.starts_with("ok opened 4 stopped "), "{answer}");
     assert!(answer.contains("insufficient-memory"), "{answer}");
-    let line = gw.wait_log("the route's instances hold max_open_files (10) files");
+    let line = gw.wait_log("the route's instances are at its max_open_files (10)");
     assert!(line.contains("route=/files"), "{line}");
     // Full: not even an open that closes at once gets a place...
     let answer = command(&mut c2, "opens-closed 1 f.txt").await;
@@ -1130,6 +1130,30 @@ async fn a_routes_instances_together_cannot_hold_more_than_its_max_open_files() 
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn a_max_open_files_added_by_a_reload_counts_the_files_already_open() {
+    let dir = scratch("hostile-files-reload-data");
+    std::fs::write(dir.join("f.txt"), "x").expect("write");
+    let route = files_route("/files", &dir, true).replace("{testkit}", &plugin("testkit"));
+    let (gw, conf) = serve_copy("hostile-files-reload", &plugin("testkit"), &route, &[]);
+    let mut c1 = connect(&gw.url("/files")).await;
+    assert_eq!(
+        command(&mut c1, "opens 5 f.txt").await,
+        "ok opened 5 stopped none"
+    );
+    std::fs::write(
+        conf.join("gateway.toml"),
+        format!("{route}max_open_files = 6\n"),
+    )
+    .expect("write config");
+    gw.wait_log("config reloaded");
+    // The five opened while the route had no bound count against it.
+    let mut c2 = connect(&gw.url("/files")).await;
+    let answer = command(&mut c2, "opens 5 f.txt").await;
+    assert!(answer.starts_with("ok opened 1 stopped "), "{answer}");
+    assert!(answer.contains("insufficient-memory"), "{answer}");
 }
 
 /// A route at `path` serving the test plugin, granted `dir` as `/data`.

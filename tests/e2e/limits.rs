@@ -350,8 +350,9 @@ fn the_open_file_check_at_start_counts_the_files_routes_granting_dirs_may_hold()
     // 100 sockets fit in 344 alone; with the files of the routes that
     // grant `dirs` they do not: the top-level route's 40, and the 300 of
     // the tenant (its route alone could hold 64 for each of 100
-    // connections). The other tenant's max_open_files does not count: it
-    // has no such route.
+    // connections), plus each route's granted directory in each of 100
+    // instances. The other tenant's max_open_files does not count: it has
+    // no such route.
     let data = scratch("nofile-dirs-data");
     let config = format!(
         "[server]\nmax_connections = 100\n\n\
@@ -366,11 +367,11 @@ fn the_open_file_check_at_start_counts_the_files_routes_granting_dirs_may_hold()
     );
     let warning = open_file_warning("nofile-dirs", &config);
     assert!(
-        warning.contains("max_connections is 100 and the plugins of routes granting `dirs` may hold 340 files open"),
+        warning.contains("max_connections is 100 and the plugins of routes granting `dirs` may hold 540 files open"),
         "{warning}"
     );
     assert!(
-        warning.contains("to 696, lower max_connections"),
+        warning.contains("to 896, lower max_connections"),
         "{warning}"
     );
 }

@@ -237,9 +237,10 @@ fn read_directory(
 }
 
 /// `open-at` of `path` under the descriptor `fd`: refused where `path` is a
-/// special file ([`special_file`]) or the instance or its tenant holds its
-/// bound of open files; otherwise opened by [`open`] and added to the
-/// instance's handles. A file descriptor `fd` is `not-directory`, as in
+/// special file ([`special_file`]) or the instance, its route or its
+/// tenant holds its bound of open files; otherwise opened by [`open`] and
+/// added to the instance's handles, and counted by the route and the
+/// tenant. A file descriptor `fd` is `not-directory`, as in
 /// wasmtime-wasi; a bad handle traps.
 fn open_at(
     state: &mut HostState,
@@ -272,21 +273,20 @@ fn open_at(
         );
         return Ok((Err(ErrorCode::InsufficientMemory),));
     }
-    // The route's bound, then its tenant's: a place in each that has one.
+    // A place in the route's count and in its tenant's, each against its
+    // bound if it has one (counted either way: a bound a reload adds
+    // finds the files already open).
     let scope = state.scope().clone();
-    let mut places = Vec::new();
-    let bounds = [
-        scope
-            .files
-            .as_ref()
-            .map(|(files, max)| (&**files, *max, "route")),
-        scope
-            .tenant
-            .quotas
-            .max_open_files
-            .map(|max| (&scope.tenant.counts.files, max, "tenant")),
+    let mut places = Vec::with_capacity(2);
+    let counts = [
+        (&*scope.files.0, scope.files.1, "route"),
+        (
+            &scope.tenant.counts.files,
+            scope.tenant.quotas.max_open_files,
+            "tenant",
+        ),
     ];
-    for (files, max, whose) in bounds.into_iter().flatten() {
+    for (files, max, whose) in counts {
         match files.reserve(max) {
             Some(place) => places.push(place),
             None => {
@@ -294,7 +294,8 @@ fn open_at(
                     tracing::warn!(
                         tenant = %scope.tenant.name, route = %scope.route,
                         conn = state.conn_id(), path, suppressed,
-                        "a plugin's open was refused: the {whose}'s instances hold max_open_files ({max}) files"
+                        "a plugin's open was refused: the {whose}'s instances are at its max_open_files ({})",
+                        max.unwrap_or(usize::MAX)
                     );
                 }
                 return Ok((Err(ErrorCode::InsufficientMemory),));
@@ -320,7 +321,7 @@ fn open_at(
 
 /// Why [`open`] did not open a file.
 #[derive(Debug)]
-pub enum Refused {
+enum Refused {
     /// The path names a FIFO, a socket or a device (`not-permitted`).
     Special,
     /// The error WASI gives the guest.
@@ -343,7 +344,7 @@ pub enum Refused {
 /// lease (`F_SETLEASE`) fails at once (a trial saw `io`) where
 /// wasmtime-wasi's open would wait for the lease to be broken. Runs on
 /// the calling thread, which on routes with `dirs` is handed off.
-pub fn open(
+fn open(
     dir: &std::fs::File,
     perms: FsPerms,
     path_flags: PathFlags,
@@ -373,6 +374,8 @@ pub fn open(
         return Err(Refused::Code(error_code(e.into())));
     }
     Ok(if kind == FileType::Directory {
+        // `false`: the gateway's WASI contexts never allow blocking the
+        // current thread, so wasmtime-wasi would pass the same.
         Descriptor::Dir(Dir::new(file, perms, mode, false))
     } else {
         Descriptor::File(File::new(file, perms, mode, false))
@@ -539,7 +542,10 @@ fn timespec(t: NewTimestamp) -> Result<rustix::fs::Timespec, ErrorCode> {
 /// reference to the file its descriptor and streams share, as an
 /// instance's are, so one is counted until the last of them is dropped, in
 /// whichever instance. Places taken for opens still under way count too,
-/// so two instances opening at once cannot both take the last place.
+/// so two instances opening at once cannot both take the last place. An
+/// open refused at the bound first scans the list (at most the bound's
+/// length) under the lock: a plugin retrying refused opens slows only
+/// the opens of its own route or tenant.
 #[derive(Debug, Default)]
 pub struct OpenFiles(parking_lot::Mutex<FilesHeld>);
 
@@ -547,6 +553,8 @@ pub struct OpenFiles(parking_lot::Mutex<FilesHeld>);
 struct FilesHeld {
     files: Vec<Weak<std::fs::File>>,
     opening: usize,
+    /// Prune `files` when it reaches this length.
+    prune_at: usize,
 }
 
 /// A place taken for one more open file: given back when dropped, unless
@@ -555,13 +563,18 @@ struct FilesHeld {
 pub struct Place<'a>(&'a OpenFiles);
 
 impl OpenFiles {
-    /// Takes a place for one more open file, or `None` if `max` are open or
-    /// being opened. When the places seem taken, the files closed since are
-    /// let go first: a pass over the files held (at most `max`).
-    pub fn reserve(&self, max: usize) -> Option<Place<'_>> {
+    /// Takes a place for one more open file, or `None` if `max` (`None`:
+    /// no bound, but the files are counted all the same, so that a bound
+    /// added by a reload finds them) are open or being opened. The files
+    /// closed since are let go when the places seem taken, and when the
+    /// list has doubled since it was last pruned: a pass over the files
+    /// held, at most one per open on average.
+    pub fn reserve(&self, max: Option<usize>) -> Option<Place<'_>> {
+        let max = max.unwrap_or(usize::MAX);
         let mut held = self.0.lock();
-        if held.files.len() + held.opening >= max {
+        if held.files.len() + held.opening >= max || held.files.len() >= held.prune_at {
             held.files.retain(|file| file.strong_count() > 0);
+            held.prune_at = (2 * held.files.len()).max(MAX_OPEN_FILES);
             if held.files.len() + held.opening >= max {
                 return None;
             }
@@ -571,7 +584,8 @@ impl OpenFiles {
     }
 
     /// How many files are open now.
-    pub fn count(&self) -> usize {
+    #[cfg(test)]
+    fn count(&self) -> usize {
         let mut held = self.0.lock();
         held.files.retain(|file| file.strong_count() > 0);
         held.files.len()
@@ -1110,22 +1124,50 @@ mod tests {
             .collect();
         for file in &kept {
             files
-                .reserve(3)
+                .reserve(Some(3))
                 .expect("a place")
                 .keep(Arc::downgrade(file));
         }
         // A place being opened counts: the third is taken, a fourth is not.
-        let third = files.reserve(3).expect("the third place");
-        assert!(files.reserve(3).is_none());
+        let third = files.reserve(Some(3)).expect("the third place");
+        assert!(files.reserve(Some(3)).is_none());
         // Given back unused, the place is free again.
         drop(third);
         assert_eq!(files.count(), 2);
-        let again = files.reserve(3).expect("the third place, given back");
-        assert!(files.reserve(3).is_none());
+        let again = files.reserve(Some(3)).expect("the third place, given back");
+        assert!(files.reserve(Some(3)).is_none());
         drop(again);
         // A closed file gives its place back.
         drop(kept);
         assert_eq!(files.count(), 0);
-        assert!(files.reserve(1).is_some());
+        assert!(files.reserve(Some(1)).is_some());
+    }
+
+    #[test]
+    fn files_counted_without_a_bound_are_found_by_one_added_later_and_closed_ones_pruned() {
+        let files = OpenFiles::default();
+        let mut kept: Vec<Arc<std::fs::File>> = (0..5)
+            .map(|_| Arc::new(std::fs::File::open("/dev/null").expect("open")))
+            .collect();
+        for file in &kept {
+            files
+                .reserve(None)
+                .expect("no bound")
+                .keep(Arc::downgrade(file));
+        }
+        // A bound added by a reload sees the five.
+        assert!(files.reserve(Some(5)).is_none());
+        assert!(files.reserve(Some(6)).is_some());
+        // Many opens and closes without a bound keep the list short.
+        for _ in 0..10 * MAX_OPEN_FILES {
+            let file = Arc::new(std::fs::File::open("/dev/null").expect("open"));
+            files
+                .reserve(None)
+                .expect("no bound")
+                .keep(Arc::downgrade(&file));
+        }
+        assert!(files.0.lock().files.len() <= 2 * MAX_OPEN_FILES, "pruned");
+        kept.truncate(2);
+        assert_eq!(files.count(), 2);
     }
 }

@@ -44,8 +44,8 @@ pub struct Scope {
     /// Host directories granted to the plugin.
     pub dirs: Vec<DirGrant>,
     /// The files the route's instances hold open, and the route's
-    /// `max_open_files` (`None`: the route has no such bound).
-    pub files: Option<(Arc<crate::plugin::filesystem::OpenFiles>, usize)>,
+    /// `max_open_files` (`None`: no such bound).
+    pub files: (Arc<crate::plugin::filesystem::OpenFiles>, Option<usize>),
     /// Whether the route's calls have been running long.
     pub long_calls: crate::plugin::deadline::LongCallHint,
     /// The route's metrics (`None` for a plugin instantiated to check it).
@@ -65,7 +65,7 @@ impl Scope {
             limits: Limits::default(),
             env: Vec::new(),
             dirs: Vec::new(),
-            files: None,
+            files: Default::default(),
             long_calls: Default::default(),
             metrics: None,
         }

@@ -144,7 +144,7 @@ fn version(
         limits: settings.limits.clone(),
         env: settings.env.clone(),
         dirs: settings.dirs.clone(),
-        files: settings.max_open_files.map(|max| (files.clone(), max)),
+        files: (files.clone(), settings.max_open_files),
         long_calls: Default::default(),
         metrics: Some(metrics.clone()),
     });

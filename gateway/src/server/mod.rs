@@ -370,36 +370,53 @@ fn check_map_count(max_connections: usize) {
 const FILES_HEADROOM: u64 = 256;
 
 /// The most files the plugins of `routes` may hold open at once. Per
-/// route that grants `dirs`: its `max_open_files`, or without one
-/// [`MAX_OPEN_FILES`](crate::plugin::filesystem::MAX_OPEN_FILES) per
-/// connection it may have (the least of its, its tenant's and the server's
-/// `max_connections`); per tenant, the sum of its routes' or its own
-/// `max_open_files`, whichever is less.
+/// route that grants `dirs`, with as many instances as it may have (one
+/// if shared; else the least of its, its tenant's and the server's
+/// `max_connections` and its tenant's `max_instances`): each instance's
+/// granted directories, and the files it opens, at most
+/// [`MAX_OPEN_FILES`](crate::plugin::filesystem::MAX_OPEN_FILES) an
+/// instance and the route's `max_open_files`; per tenant, no more opened
+/// files than its `max_open_files`; in all, no more than the server's
+/// `max_connections` instances.
 fn plugin_files(routes: &[Arc<Route>], max_connections: usize) -> u64 {
+    use crate::plugin::filesystem::MAX_OPEN_FILES;
     let versions: Vec<_> = routes.iter().map(|r| r.current()).collect();
-    // (tenant name, its max_open_files, the sum of its routes' bounds)
+    // (tenant name, its max_open_files, files its routes may open)
     let mut tenants: Vec<(&str, Option<usize>, u64)> = Vec::new();
+    let mut granted: u64 = 0;
+    let mut most_dirs: usize = 0;
     for version in versions.iter().filter(|v| !v.settings.dirs.is_empty()) {
-        let tenant = &version.tenant;
-        let route = version.settings.max_open_files.unwrap_or_else(|| {
-            let connections = [
-                version.settings.max_connections,
+        let (settings, tenant) = (&version.settings, &version.tenant);
+        let instances = if settings.isolation == crate::config::Isolation::Shared {
+            1
+        } else {
+            [
+                settings.max_connections,
                 tenant.quotas.max_connections,
+                tenant.quotas.max_instances,
             ]
             .into_iter()
             .flatten()
-            .fold(max_connections, usize::min);
-            connections.saturating_mul(crate::plugin::filesystem::MAX_OPEN_FILES)
-        });
+            .fold(max_connections, usize::min)
+        };
+        let dirs = settings.dirs.len();
+        most_dirs = most_dirs.max(dirs);
+        granted = granted.saturating_add((instances as u64).saturating_mul(dirs as u64));
+        let per_instance = instances.saturating_mul(MAX_OPEN_FILES);
+        let opened = settings
+            .max_open_files
+            .map_or(per_instance, |m| m.min(per_instance)) as u64;
         match tenants.iter_mut().find(|t| t.0 == &*tenant.name) {
-            Some(t) => t.2 = t.2.saturating_add(route as u64),
-            None => tenants.push((&tenant.name, tenant.quotas.max_open_files, route as u64)),
+            Some(t) => t.2 = t.2.saturating_add(opened),
+            None => tenants.push((&tenant.name, tenant.quotas.max_open_files, opened)),
         }
     }
-    tenants
+    let opened = tenants
         .iter()
         .map(|&(_, max, routes)| max.map_or(routes, |m| routes.min(m as u64)))
-        .fold(0, u64::saturating_add)
+        .fold(0, u64::saturating_add);
+    let ceiling = (max_connections as u64).saturating_mul((MAX_OPEN_FILES + most_dirs) as u64);
+    opened.saturating_add(granted).min(ceiling)
 }
 
 /// Raises the soft open-file limit (`RLIMIT_NOFILE`) to the hard one, as
@@ -441,15 +458,15 @@ fn check_open_files(max_connections: usize, files: u64) {
             "the open-file limit (RLIMIT_NOFILE) is {limit}: about {fits} connections fit, but \
              max_connections is {max_connections}; accepts past that wait until a connection \
              closes. {raise} to {} or lower max_connections",
-            needed + FILES_HEADROOM
+            needed.saturating_add(FILES_HEADROOM)
         );
     } else {
         tracing::warn!(
             "the open-file limit (RLIMIT_NOFILE) is {limit}: about {fits} descriptors are left \
              for connections and plugins' files, but max_connections is {max_connections} and \
-             the plugins of routes granting `dirs` may hold {files} files open (64 per \
-             connection, or the routes' and tenants' max_open_files); past the limit accepts \
-             wait and opens fail. {raise} to {}, lower max_connections or set max_open_files",
+             the plugins of routes granting `dirs` may hold {files} files open (their granted \
+             directories, and 64 per instance or the routes' and tenants' max_open_files); \
+             past the limit accepts wait and opens fail. {raise} to {}, lower max_connections or set max_open_files",
             needed.saturating_add(FILES_HEADROOM)
         );
     }
