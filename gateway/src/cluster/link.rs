@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fred::clients::{Client, SubscriberClient};
 use fred::prelude::{
-    ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface,
+    ClientLike, EventInterface, HashesInterface, KeysInterface, LuaInterface, PubsubInterface,
     SortedSetsInterface, TransactionInterface,
 };
 use fred::types::config::{Config, Options, ReconnectPolicy};
@@ -58,6 +58,20 @@ const BATCH: usize = 1024;
 const HSET_CHUNK: usize = 1000;
 /// The member of the `node-seq` sorted set whose score is the counter.
 const COUNTER: &str = "counter";
+
+/// A heartbeat's renewal of a node's keys, run by Redis as one step:
+/// `KEYS` are the number's owner key, its members hash and its change
+/// number, `ARGV` the node's token and the node timeout in milliseconds.
+/// Only while the owner key holds the token are the three given the
+/// timeout again. Answers `{1, owner}` when the owner key and the change
+/// number were both renewed, `{0, owner}` otherwise (`owner` nil where the
+/// key is gone).
+const RENEW: &str = "local owner = redis.call('GET', KEYS[1])
+if owner ~= ARGV[1] then return {0, owner} end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+local seq = redis.call('PEXPIRE', KEYS[3], ARGV[2])
+local own = redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {seq * own, owner}";
 
 /// A client for `settings.redis`, not connected yet.
 fn builder(settings: &ClusterSettings) -> Result<Builder, ClusterError> {
@@ -688,22 +702,24 @@ impl Writer {
         let renewed = async {
             // The number's keys are renewed only while the claim is this
             // node's: another node's claim (and its state) is not touched.
-            let owner: Option<String> = c.client.get(c.names.owner(c.node)).await?;
-            if owner.as_deref() != Some(c.token.as_str()) {
-                return Ok((false, owner));
-            }
-            let tx = c.client.multi();
-            tx.pexpire::<(), _>(c.names.members(c.node), timeout, None)
+            // One script, so that a claim taken between the check and the
+            // renewal cannot be renewed as this node's.
+            let v: Value = c
+                .client
+                .eval(
+                    RENEW,
+                    vec![
+                        c.names.owner(c.node),
+                        c.names.members(c.node),
+                        c.names.seq(c.node),
+                    ],
+                    vec![c.token.to_string(), timeout.to_string()],
+                )
                 .await?;
-            tx.pexpire::<(), _>(c.names.seq(c.node), timeout, None)
-                .await?;
-            tx.pexpire::<(), _>(c.names.owner(c.node), timeout, None)
-                .await?;
-            let v: Value = tx.exec(true).await?;
-            let mut parts = v.into_array().into_iter().skip(1);
-            let seq_renewed = parts.next().and_then(|v| v.as_u64()) == Some(1);
-            let owner_renewed = parts.next().and_then(|v| v.as_u64()) == Some(1);
-            Ok::<(bool, Option<String>), fred::error::Error>((seq_renewed && owner_renewed, owner))
+            let mut parts = v.into_array().into_iter();
+            let renewed = parts.next().and_then(|v| v.as_u64()) == Some(1);
+            let owner = parts.next().and_then(|v| v.into_string());
+            Ok::<(bool, Option<String>), fred::error::Error>((renewed, owner))
         };
         match renewed.await {
             Ok((true, Some(owner))) if owner == c.token => {
