@@ -1322,6 +1322,9 @@ struct RawRoute {
     hibernate_after: Option<Option<Duration>>,
     env: Vec<EnvGrant>,
     dirs: Vec<DirGrant>,
+    /// Whether a `dirs` key is there (perhaps with a bad value, already
+    /// reported).
+    has_dirs: bool,
     /// The value and the offset of its key.
     max_open_files: Option<(usize, usize)>,
     compression: Option<bool>,
@@ -1819,7 +1822,10 @@ impl Parser<'_> {
                     r.hibernate_after = self.value::<Timeout>(key, at, v).map(|t| t.0)
                 }
                 "env" => r.env = self.env(key, at, v),
-                "dirs" => r.dirs = self.dirs(key, at, v),
+                "dirs" => {
+                    r.has_dirs = true;
+                    r.dirs = self.dirs(key, at, v);
+                }
                 "max_open_files" => r.max_open_files = self.count(key, at, v, 1).map(|n| (n, at)),
                 "compression" => r.compression = self.value::<OnOff>(key, at, v).map(|o| o.0),
                 "compression_min_size" => {
@@ -2055,7 +2061,7 @@ impl Parser<'_> {
                 None
             }
         };
-        if let (Some((_, key_at)), true) = (r.max_open_files, r.dirs.is_empty()) {
+        if let (Some((_, key_at)), false) = (r.max_open_files, r.has_dirs) {
             self.error(
                 key_at,
                 "max_open_files: the route grants no `dirs`, and the bound is on the files \

@@ -17,8 +17,9 @@
 //!   hands deliveries to the local hubs, and drops nodes silent for
 //!   `node_timeout`.
 //!
-//! Every command is slot-safe for a Redis Cluster: a `MULTI` touches one
-//! node's keys (hash tag `{node:P}`) only.
+//! Every command is slot-safe for a Redis Cluster: a `MULTI` or a script
+//! ([`CLAIM`], [`RENEW`]) touches one node's keys (hash tag `{node:P}`)
+//! only.
 //!
 //! Redis going away changes nothing local: the client reconnects with
 //! exponential backoff (100 ms to 5 s), nothing is sent while it is
@@ -59,13 +60,30 @@ const HSET_CHUNK: usize = 1000;
 /// The member of the `node-seq` sorted set whose score is the counter.
 const COUNTER: &str = "counter";
 
+/// A rewrite's claim of the node's number, run by Redis as one step:
+/// `KEYS[1]` is the number's owner key, `ARGV` the node's token and the
+/// node timeout in milliseconds. The key is set to the token where it is
+/// absent (`SET NX`), and given the whole timeout again where it holds the
+/// token, so that the writes after it, within a node timeout, cannot
+/// land on a claim another node took when this one's expired. Answers
+/// the key's value before (nil where it was absent). Replies as RESP2
+/// gives them (the client's protocol): Lua's `false` arrives as nil.
+const CLAIM: &str = "local owner = redis.call('GET', KEYS[1])
+if not owner then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+elseif owner == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return owner";
+
 /// A heartbeat's renewal of a node's keys, run by Redis as one step:
 /// `KEYS` are the number's owner key, its members hash and its change
 /// number, `ARGV` the node's token and the node timeout in milliseconds.
 /// Only while the owner key holds the token are the three given the
 /// timeout again. Answers `{1, owner}` when the owner key and the change
 /// number were both renewed, `{0, owner}` otherwise (`owner` nil where the
-/// key is gone).
+/// key is gone: RESP2, the client's protocol, turns Lua's `false` into
+/// nil).
 const RENEW: &str = "local owner = redis.call('GET', KEYS[1])
 if owner ~= ARGV[1] then return {0, owner} end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -626,17 +644,15 @@ impl Writer {
             // This node's number must still be its own: claimed (if it
             // expired) or found held by this node, before anything of the
             // number is written. Another node's claim is not touched. (A
-            // claim is taken only from an absent key, and this node's
-            // lives a node_timeout: between this and the MULTI, nobody
-            // can take it.)
+            // claim is taken only from an absent key, and this node's now
+            // lives a whole node_timeout: between this and the MULTI,
+            // nobody can take it.)
             let owner: Option<String> = c
                 .client
-                .set(
+                .eval(
+                    CLAIM,
                     c.names.owner(c.node),
-                    c.token.as_str(),
-                    Some(Expiration::PX(timeout)),
-                    Some(SetOptions::NX),
-                    true,
+                    vec![c.token.to_string(), timeout.to_string()],
                 )
                 .await?;
             if owner.as_deref().is_some_and(|o| o != c.token) {

@@ -543,9 +543,10 @@ fn timespec(t: NewTimestamp) -> Result<rustix::fs::Timespec, ErrorCode> {
 /// instance's are, so one is counted until the last of them is dropped, in
 /// whichever instance. Places taken for opens still under way count too,
 /// so two instances opening at once cannot both take the last place. An
-/// open refused at the bound first scans the list (at most the bound's
-/// length) under the lock: a plugin retrying refused opens slows only
-/// the opens of its own route or tenant.
+/// open refused at the bound first scans the list under the lock (the
+/// files open, and up to as many closed since the last pass: after a
+/// reload lowered the bound, more than the bound): a plugin retrying
+/// refused opens slows only the opens of its own route or tenant.
 #[derive(Debug, Default)]
 pub struct OpenFiles(parking_lot::Mutex<FilesHeld>);
 
